@@ -1,0 +1,3 @@
+from mtcore.cli import main
+
+main()

@@ -1,0 +1,297 @@
+"""Hugging Face checkpoints in and out: config.json <-> ModelArgs, safetensors <-> Llama.
+
+Loading builds the model on the meta device and fills it tensor by tensor from the safetensors
+files, cast on the way, so an 8B model never sits in memory twice. Saving writes what
+transformers' AutoModelForCausalLM / AutoModelForSequenceClassification and vLLM read:
+config.json, generation_config.json, model.safetensors or model-0000k-of-0000n.safetensors with
+model.safetensors.index.json, and the tokenizer files. A save is atomic: it is written to a
+sibling temp directory and renamed into place, so an interrupted save never leaves a half model.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mtcore.errors import MtcoreError
+from mtcore.model import Llama, ModelArgs
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# config.json keys that ModelArgs reads; everything else is carried through `extra` on save.
+_READ_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+              "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
+              "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "architectures",
+              "model_type", "torch_dtype", "dtype", "id2label", "label2id", "num_labels",
+              "transformers_version", "_name_or_path", "hidden_act"}
+
+
+def resolve(src: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id found in (or, online, fetched into) the HF cache."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise MtcoreError(f"{path}: is a file; give the checkpoint's directory (with config.json)")
+    name = str(src)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise MtcoreError(f"{name}: no such checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=patterns))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise MtcoreError(f"{name}: not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set); "
+                          f"run `huggingface-cli download {name}` where the hub is reachable, or pass a local directory")
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MtcoreError(f"{name}: not a local directory, not in the Hugging Face cache, and the hub gave: {reason}; "
+                          f"run `huggingface-cli download {name}` (and `huggingface-cli login` for gated models) "
+                          f"where the hub is reachable, or pass a local directory") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise MtcoreError(f"{path}: missing; a Hugging Face checkpoint directory needs it") from None
+    except json.JSONDecodeError as e:
+        raise MtcoreError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def config_to_args(cfg: dict, where: str = "config.json") -> ModelArgs:
+    """A Hugging Face Llama config (transformers 4.x or 5.x layout) -> ModelArgs."""
+    if cfg.get("model_type") != "llama":
+        raise MtcoreError(f"{where}: model_type is {cfg.get('model_type')!r}; mtcore runs Llama checkpoints only")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise MtcoreError(f"{where}: hidden_act {cfg['hidden_act']!r} is not Llama's silu")
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise MtcoreError(f"{where}: rope_type {rope_type!r} is not supported (only default and llama3)")
+    rope_scaling = None
+    if rope_type == "llama3":
+        need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in need if k not in rope]
+        if missing:
+            raise MtcoreError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
+        rope_scaling = {"rope_type": "llama3", **{k: rope[k] for k in need}}
+    try:
+        n_heads = cfg["num_attention_heads"]
+        return ModelArgs(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or 0, intermediate_size=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
+            initializer_range=cfg.get("initializer_range", 0.02), bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"),
+            extra={k: v for k, v in cfg.items() if k not in _READ_KEYS},
+        )
+    except KeyError as e:
+        raise MtcoreError(f"{where}: missing key {e.args[0]!r}") from None
+    except ValueError as e:
+        raise MtcoreError(f"{where}: {e}") from None
+
+
+def args_to_config(args: ModelArgs, kind: str, dtype: torch.dtype) -> dict:
+    """ModelArgs -> config.json, in the layout vLLM and transformers 4.x/5.x all read."""
+    cfg = dict(args.extra)
+    cfg.update(
+        model_type="llama", architectures=["LlamaForCausalLM" if kind == "policy" else "LlamaForSequenceClassification"],
+        vocab_size=args.vocab_size, hidden_size=args.dim, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+        intermediate_size=args.intermediate_size, hidden_act="silu", rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta, rope_scaling=args.rope_scaling,
+        max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_word_embeddings,
+        attention_bias=args.attention_bias, attention_dropout=0.0, mlp_bias=args.mlp_bias,
+        initializer_range=args.initializer_range, bos_token_id=args.bos_token_id,
+        eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if kind == "reward":
+        cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return cfg
+
+
+def kind_of(cfg: dict) -> str:
+    """'reward' for a LlamaForSequenceClassification config, else 'policy'."""
+    return "reward" if "LlamaForSequenceClassification" in (cfg.get("architectures") or []) else "policy"
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
+    if (path / INDEX_NAME).exists():
+        index = read_json(path / INDEX_NAME)
+        if "weight_map" not in index:
+            raise MtcoreError(f"{path / INDEX_NAME}: no weight_map")
+        files = {name: path / fname for name, fname in index["weight_map"].items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise MtcoreError(f"{path / INDEX_NAME}: names {f.name}, which is missing from {path}")
+        return files
+    singles = [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).exists() else sorted(path.glob("*.safetensors"))
+    if not singles:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise MtcoreError(f"{path}: only pickle weights (*.bin/*.pt) found; mtcore reads safetensors only — "
+                              f"convert them once with transformers' save_pretrained(safe_serialization=True)")
+        raise MtcoreError(f"{path}: no *.safetensors weights")
+    files = {}
+    for f in singles:
+        with _open_safetensors(f) as st:
+            files.update({name: f for name in st.keys()})
+    return files
+
+
+def _open_safetensors(f: Path):
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except Exception as e:
+        raise MtcoreError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
+    """A Llama policy or reward model from a Hugging Face checkpoint directory or hub id.
+
+    dtype: torch dtype or name ("bf16", "fp32", ...); default bf16 on CUDA, fp32 on CPU.
+    device: default CPU. Parameters are created straight in (dtype, device).
+    """
+    if kind not in ("policy", "reward"):
+        raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
+    path = resolve(src)
+    device = torch.device(device or "cpu")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MtcoreError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype(device)
+    args = config_to_args(read_json(path / "config.json"), str(path / "config.json"))
+    with torch.device("meta"):
+        model = Llama(args, kind)
+    wanted = {name for name in model.state_dict() if not (name == "lm_head.weight" and args.tie_word_embeddings)}
+    files = _weight_files(path)
+    missing = sorted(wanted - files.keys())
+    if missing:
+        hint = {"lm_head.weight": "it looks like a reward model; load it with kind='reward'",
+                "score.weight": "it looks like a policy, not a reward model (LlamaForSequenceClassification)"}
+        raise MtcoreError(f"{path}: checkpoint lacks {missing[0]}"
+                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                          + (f"; {hint[missing[0]]}" if missing[0] in hint else ""))
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(wanted):
+        by_file.setdefault(files[name], []).append(name)
+    for f, names in by_file.items():
+        with _open_safetensors(f) as st:
+            for name in names:
+                tensor = st.get_tensor(name)
+                expected = model.get_parameter(name).shape
+                if tensor.shape != expected:
+                    raise MtcoreError(f"{f}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                      f"{tuple(expected)}")
+                state[name] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.source = path
+    return model
+
+
+def _dtype_of(model: Llama) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` as a Hugging Face checkpoint in `dst` (replacing what is there, atomically).
+
+    The tokenizer is `tokenizer.save_pretrained`'s output when given, else the tokenizer files of the
+    checkpoint the model was loaded from. generation_config.json is copied from there too, or built
+    from the config's bos/eos ids.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_checkpoint(model, tmp, tokenizer, max_shard_bytes)
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int) -> None:
+    state = model.state_dict()
+    if model.kind == "policy" and model.args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    n = len(shards)
+    names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, str(out / fname),
+                  metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(out / "config.json", args_to_config(model.args, model.kind, _dtype_of(model)))
+    source = getattr(model, "source", None)
+    if source is not None and (source / "generation_config.json").exists():
+        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+    else:
+        gen = {"bos_token_id": model.args.bos_token_id, "eos_token_id": model.args.eos_token_id}
+        if model.args.pad_token_id is not None:
+            gen["pad_token_id"] = model.args.pad_token_id
+        write_json(out / "generation_config.json", gen)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    elif source is not None:
+        for fname in TOKENIZER_FILES:
+            if (source / fname).exists():
+                shutil.copyfile(source / fname, out / fname)

@@ -1,0 +1,69 @@
+"""The `mtcore` command: parse, then call. No logic lives here."""
+
+import functools
+import logging
+import sys
+
+import click
+
+from mtcore.errors import MtcoreError
+
+
+def user_errors(fn):
+    """Report a MtcoreError as one line on stderr and exit 2, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MtcoreError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mtcore")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose):
+    """mtcore: Mutual-Taught co-adaptation of a LLaMA-3 policy and its reward model."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("src")
+@click.option("--kind", type=click.Choice(["policy", "reward"]), default=None,
+              help="Default: from config.json's architectures.")
+@user_errors
+def info(src, kind):
+    """Load the checkpoint SRC (directory or hub id) and print its shape and size."""
+    from mtcore import checkpoint
+
+    path = checkpoint.resolve(src)
+    cfg = checkpoint.read_json(path / "config.json")
+    kind = kind or checkpoint.kind_of(cfg)
+    model = checkpoint.load_model(path, kind=kind)
+    a = model.args
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    click.echo(f"{path}: Llama {kind}, {n_params / 1e6:.2f}M parameters, {a.n_layers} layers, dim {a.dim}, "
+               f"heads {a.n_heads}/{a.n_kv_heads} (q/kv), head_dim {a.head_dim}, vocab {a.vocab_size}, "
+               f"rope {(a.rope_scaling or {}).get('rope_type', 'default')} theta {a.rope_theta:g}, "
+               f"tied {a.tie_word_embeddings}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--kind", type=click.Choice(["policy", "reward"]), default=None,
+              help="Default: from config.json's architectures.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--max-shard-gb", type=float, default=5.0, show_default=True)
+@user_errors
+def convert(src, dst, kind, dtype, max_shard_gb):
+    """Re-save the checkpoint SRC into DST (dtype, sharding) in Hugging Face format."""
+    from mtcore import checkpoint
+
+    path = checkpoint.resolve(src)
+    kind = kind or checkpoint.kind_of(checkpoint.read_json(path / "config.json"))
+    model = checkpoint.load_model(path, kind=kind, dtype=dtype)
+    checkpoint.save_model(model, dst, max_shard_bytes=int(max_shard_gb * 2**30))
+    click.echo(f"wrote {dst}")

@@ -1,0 +1,102 @@
+"""Tokenizer, chat format and the sequence rule.
+
+A sequence is the prompt's ids (the chat template with the generation prompt, e.g.
+`<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>
+<|start_header_id|>assistant<|end_header_id|>\\n\\n`), then the response's ids (the response text
+encoded without special tokens), then the end-of-turn id (`<|eot_id|>` for Llama-3). The policy
+scores the response ids and the end-of-turn id; the reward model reads the last one.
+"""
+
+import logging
+from pathlib import Path
+
+from mtcore.checkpoint import read_json, resolve
+from mtcore.errors import MtcoreError
+
+log = logging.getLogger(__name__)
+
+# Meta-Llama-3-8B-Instruct's chat template, for tokenizers that ship without one (`--chat-template llama3`).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"llama3": LLAMA3_CHAT_TEMPLATE}
+
+
+def load_tokenizer(src, chat_template: str | None = None):
+    """transformers' AutoTokenizer of a checkpoint, with a chat template.
+
+    chat_template: None (the checkpoint's own), a built-in name ("llama3"), or a Jinja file's path.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve(src)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise MtcoreError(f"{path}: no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if chat_template in BUILTIN_TEMPLATES:
+        tokenizer.chat_template = BUILTIN_TEMPLATES[chat_template]
+    elif chat_template is not None:
+        template_file = Path(chat_template)
+        if not template_file.is_file():
+            raise MtcoreError(f"--chat-template {chat_template}: neither a file nor one of "
+                              f"{', '.join(BUILTIN_TEMPLATES)}")
+        tokenizer.chat_template = template_file.read_text()
+    if not tokenizer.chat_template:
+        raise MtcoreError(f"{path}: the tokenizer has no chat template; pass --chat-template FILE "
+                          f"(a Jinja template) or --chat-template llama3")
+    return tokenizer
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The id that closes a response: <|eot_id|> where the vocabulary has it, else the eos id."""
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id and eot is not None:
+        return eot
+    if tokenizer.eos_token_id is None:
+        raise MtcoreError("the tokenizer has neither <|eot_id|> nor an eos token; cannot end a response")
+    return tokenizer.eos_token_id
+
+
+def stop_ids(tokenizer, checkpoint_dir=None) -> list[int]:
+    """Ids that end generation: the end-of-turn id, the tokenizer's eos, and generation_config's eos."""
+    ids = [end_of_turn_id(tokenizer)]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / "generation_config.json").exists():
+        eos = read_json(Path(checkpoint_dir) / "generation_config.json").get("eos_token_id")
+        ids.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return sorted(set(ids))
+
+
+def as_messages(prompt, where: str = "prompt") -> list[dict]:
+    """A prompt string or a chat message list -> a validated message list."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt):
+        return prompt
+    raise MtcoreError(f"{where}: a prompt must be a string or a non-empty list of "
+                      f'{{"role": ..., "content": ...}} messages')
+
+
+def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
+    """Prompt ids from the chat template with the generation prompt (special tokens in the template)."""
+    text = tokenizer.apply_chat_template(as_messages(prompt, where), add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_response(tokenizer, text: str) -> list[int]:
+    """Response ids: the text without special tokens, then the end-of-turn id."""
+    return tokenizer.encode(text, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+
+
+def encode_sequence(tokenizer, prompt, response: str, where: str = "prompt") -> tuple[list[int], int]:
+    """(prompt ids + response ids, number of prompt ids)."""
+    prompt_ids = encode_prompt(tokenizer, prompt, where)
+    return prompt_ids + encode_response(tokenizer, response), len(prompt_ids)

@@ -1,0 +1,362 @@
+"""LLaMA-3 by hand, in plain torch.
+
+One module serves both of Mutual-Taught's models:
+- the policy (`kind="policy"`): Transformer + `lm_head` [V, dim] (or tied to the embedding);
+- the reward model (`kind="reward"`): Transformer + `score` [1, dim], read at the last token
+  of each sequence, as transformers' LlamaForSequenceClassification with num_labels=1.
+
+Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`,
+`score.weight`), so checkpoints map one to one.
+
+`Llama.forward` returns hidden states; the loss kernels own the vocabulary projection, so the full
+[tokens, V] logits are never built in training. Two input layouts:
+- packed: tokens [N] of several sequences back to back, cu_seqlens [B+1] (int32, starts at 0),
+  positions [N] (restarting at 0 in each sequence), max_seqlen. Attention is causal within each
+  sequence and never crosses one.
+- batch: tokens [B, T], optional attention_mask [B, T] (1 = real token) and positions [B, T].
+
+Attention runs flash_attn_varlen_func / flash_attn_func when flash-attn imports and the tensors are
+fp16/bf16 on CUDA; otherwise torch's scaled_dot_product_attention.
+
+Nothing here knows of distribution, training or generation: FSDP, activation checkpointing, compile
+and the KV cache are applied from outside.
+"""
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 128256
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 0  # 0: dim // n_heads
+    intermediate_size: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # None, or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 128000
+    eos_token_id: int | list[int] | None = 128009
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # config.json keys we carry but do not use
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+
+# Named flavours: the real models' shapes, used by benchmarks and memory plans.
+FLAVOURS = {
+    "llama3-8b": ModelArgs(
+        rope_scaling=None,
+    ),
+    "llama3.1-8b": ModelArgs(
+        max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32, scale in the input dtype (as Llama's reference does).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies, with Llama-3 frequency scaling when configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = args.rope_scaling
+    if not scaling or scaling.get("rope_type", "default") == "default":
+        return inv_freq
+    # rope_type == "llama3" (checkpoint.py refuses the others): long wavelengths are slowed by
+    # `factor`, short ones kept, and the band between them interpolated smoothly.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """positions [...] -> cos, sin [..., head_dim], computed in fp32 then cast to `dtype`."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # [..., head_dim // 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [..., head_dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [..., heads, head_dim]; cos, sin [..., head_dim] (broadcast over heads). Half-split rotation."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+@functools.cache
+def _flash_attn():
+    """flash-attn's module, or None where it is not installed (it needs CUDA to build)."""
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
+
+
+@dataclass
+class AttnLayout:
+    """How the tokens of one forward are laid out; built once per forward, shared by every layer.
+
+    packed: cu_seqlens [B+1], max_seqlen, and for the SDPA fallback pad_index [B, max_seqlen] (indices
+    into the N packed tokens) with pad_valid [B, max_seqlen].
+    batch: mask [B, 1, T, T] boolean (True = may attend) or None for plain causal.
+    """
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    pad_index: torch.Tensor | None = None
+    pad_valid: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    use_flash: bool = False
+
+
+def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mask=None) -> AttnLayout:
+    use_flash = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
+    if cu_seqlens is not None:
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
+        if max_seqlen is None:
+            max_seqlen = int(lens.max())
+        layout = AttnLayout(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), use_flash=use_flash)
+        if not use_flash:
+            # Right-padded [B, max_seqlen] view of the packed tokens. With right padding, a causal
+            # mask alone keeps every real query off the padding, so SDPA runs with is_causal=True.
+            offsets = torch.arange(layout.max_seqlen, device=x.device)  # [max_seqlen]
+            layout.pad_valid = offsets[None, :] < lens[:, None]  # [B, max_seqlen]
+            layout.pad_index = torch.where(layout.pad_valid, cu_seqlens[:-1, None].long() + offsets, 0)
+        return layout
+    if attention_mask is None:
+        return AttnLayout(use_flash=use_flash)
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # [T, T]
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    # Each query also sees itself, so a padding row never softmaxes over nothing (NaN that would
+    # then leak through 0 * NaN into the real rows of the next layer).
+    eye = torch.eye(T, dtype=torch.bool, device=x.device)
+    return AttnLayout(mask=(causal & keys) | eye)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+
+    def qkv(self, x, cos, sin):
+        """x [..., dim] -> q [..., Hq, D], k and v [..., Hkv, D], rotary applied to q and k."""
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, layout: AttnLayout):
+        q, k, v = self.qkv(x, cos, sin)
+        out = attend(q, k, v, layout)  # same leading shape as x, [..., Hq, D]
+        return self.o_proj(out.flatten(-2))
+
+
+def attend(q, k, v, layout: AttnLayout):
+    """Causal grouped-query attention. Packed: q [N, Hq, D]; batch: q [B, T, Hq, D]. Returns q's shape."""
+    if layout.use_flash:
+        fa = _flash_attn()
+        if layout.cu_seqlens is not None:
+            cu = layout.cu_seqlens.to(torch.int32)
+            return fa.flash_attn_varlen_func(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
+        return fa.flash_attn_func(q, k, v, causal=True)
+    if layout.cu_seqlens is not None:
+        # [N, H, D] -> [B, H, max_seqlen, D] right-padded, attend, then back to [N, H, D].
+        q_pad, k_pad, v_pad = (t[layout.pad_index].transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)[layout.pad_valid]  # [N, Hq, D]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+    if layout.mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, enable_gqa=True)
+    return out.transpose(1, 2)  # [B, T, Hq, D]
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        bias = args.mlp_bias
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, layout):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Embedding, blocks, final norm. Returns hidden states of the input's leading shape."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self._inv_freq = {}  # device -> [head_dim // 2] fp32; kept out of state_dict and .to(dtype)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(self.args, device)
+        return self._inv_freq[key]
+
+    def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, attention_mask=None):
+        """tokens [N] packed (with cu_seqlens) or [B, T]. Returns hidden [N, dim] or [B, T, dim]."""
+        if cu_seqlens is not None:
+            if tokens.dim() != 1:
+                raise ValueError(f"packed tokens must be flat [N], got shape {tuple(tokens.shape)}")
+            if positions is None:
+                positions = packed_positions(cu_seqlens)
+        elif tokens.dim() != 2:
+            raise ValueError(f"tokens must be [B, T] (or flat [N] with cu_seqlens), got {tuple(tokens.shape)}")
+        elif positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)
+        layout = make_layout(x, cu_seqlens, max_seqlen, attention_mask)
+        for layer in self.layers:
+            x = layer(x, cos, sin, layout)
+        return self.norm(x)
+
+
+def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens [B+1] -> positions [N], restarting at 0 at each sequence start."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [B]
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)  # [N]
+    return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] mask -> [B] index of the last real token of each row (right or left padding)."""
+    T = attention_mask.shape[1]
+    idx = torch.arange(T, device=attention_mask.device)
+    return (idx * attention_mask.to(idx.dtype)).argmax(-1)
+
+
+class Llama(nn.Module):
+    """A policy (language-model head) or a reward model (scalar `score` head) over one Transformer."""
+
+    def __init__(self, args: ModelArgs, kind: str = "policy"):
+        super().__init__()
+        if kind not in ("policy", "reward"):
+            raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
+        self.args, self.kind = args, kind
+        self.model = Transformer(args)
+        if kind == "policy":
+            self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.tie_weights()
+        else:
+            self.score = nn.Linear(args.dim, 1, bias=False)
+
+    def tie_weights(self):
+        """Point lm_head at the embedding when the config ties them (again after loading)."""
+        if self.kind == "policy" and self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection: [V, dim] for a policy, [1, dim] for a reward model."""
+        return self.lm_head.weight if self.kind == "policy" else self.score.weight
+
+    def forward(self, tokens, positions=None, cu_seqlens=None, max_seqlen=None, attention_mask=None):
+        return self.model(tokens, positions, cu_seqlens, max_seqlen, attention_mask)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Random init for models built from scratch (checkpoints overwrite everything)."""
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                w = torch.randn(module.weight.shape, generator=gen) * self.args.initializer_range
+                module.weight.copy_(w)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        return self
+
+    def logits(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """tokens [B, T] -> [B, T, V]. For evaluation only: training never builds full logits."""
+        if self.kind != "policy":
+            raise TypeError("logits() needs a policy model; this is a reward model")
+        return self.lm_head(self(tokens, attention_mask=attention_mask))
+
+    def rewards(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """tokens [B, T] -> [B] fp32 rewards, read at the last real token of each row."""
+        if self.kind != "reward":
+            raise TypeError("rewards() needs a reward model; this is a policy")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(tokens)
+        hidden = self(tokens, attention_mask=attention_mask)  # [B, T, dim]
+        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), last_token_index(attention_mask)]
+        return self.score(last).squeeze(-1).float()
+
+    def packed_rewards(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Packed hidden [N, dim] -> [B] fp32 rewards at each sequence's last token."""
+        return self.score(hidden[cu_seqlens[1:].long() - 1]).squeeze(-1).float()

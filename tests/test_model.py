@@ -1,0 +1,148 @@
+"""mtcore's hand-written Llama against transformers' LlamaForCausalLM / LlamaForSequenceClassification."""
+
+import pytest
+import torch
+
+from conftest import LLAMA3_SCALING, make_hf_model, save_hf
+from mtcore import load_model
+from mtcore.model import Llama, ModelArgs, packed_positions, rope_inv_freq
+
+CONFIGS = {
+    "gqa": dict(),
+    "gqa-llama3-rope": dict(rope_scaling=LLAMA3_SCALING),
+    "mha-tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "mqa-tied-llama3-rope": dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_SCALING),
+    "odd-head-dim": dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=3, head_dim=10,
+                         intermediate_size=47, vocab_size=101, pad_token_id=100),
+}
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    hf = make_hf_model("policy", seed=1, **CONFIGS[name])
+    ours = load_model(save_hf(hf, tmp_path / "m"), kind="policy")
+    torch.manual_seed(2)
+    tokens = torch.randint(0, hf.config.vocab_size, (3, 40))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = ours.logits(tokens)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert max_err(got, expected) <= 1e-4, f"max abs diff {max_err(got, expected):.3g}"
+
+
+def test_llama3_rope_scaling_changes_logits(tmp_path):
+    """The scaled config must not be a no-op at these lengths, or the test above proves nothing."""
+    hf = make_hf_model("policy", seed=1, rope_scaling=LLAMA3_SCALING)
+    scaled = load_model(save_hf(hf, tmp_path / "m"))
+    plain = load_model(tmp_path / "m")
+    plain.args.rope_scaling = None
+    plain.model._inv_freq.clear()
+    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # 10x the 1e-4 tolerance of the match test: ignoring the scaling would fail it.
+        assert max_err(scaled.logits(tokens), plain.logits(tokens)) > 1e-3
+    # And every band is exercised: kept (high frequency), interpolated, and divided by `factor`.
+    ratio = rope_inv_freq(scaled.args) / rope_inv_freq(plain.args)
+    assert (ratio == 1).any() and (ratio == 1 / 8).any() and ((ratio < 1) & (ratio > 1 / 8)).any()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_logits_match_transformers(tmp_path, side):
+    hf = make_hf_model("policy", seed=3, rope_scaling=LLAMA3_SCALING)
+    ours = load_model(save_hf(hf, tmp_path / "m"))
+    lens = [30, 7, 1, 19]
+    T = max(lens)
+    tokens = torch.randint(0, 96, (len(lens), T), generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        if side == "right":
+            mask[b, :n] = 1
+        else:
+            mask[b, T - n:] = 1
+    with torch.no_grad():
+        expected = hf(tokens, attention_mask=mask).logits
+        got = ours.logits(tokens, attention_mask=mask)
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert max_err(got[real], expected[real]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["gqa", "mqa-tied-llama3-rope", "odd-head-dim"])
+def test_rewards_match_sequence_classification(tmp_path, name):
+    hf = make_hf_model("reward", seed=5, **CONFIGS[name])
+    ours = load_model(save_hf(hf, tmp_path / "rm"), kind="reward")
+    pad = hf.config.pad_token_id
+    lens = [12, 3, 25, 1, 25]
+    T = max(lens)
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.full((len(lens), T), pad)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        tokens[b, :n] = torch.randint(0, pad, (n,), generator=gen)  # real tokens never equal pad
+        mask[b, :n] = 1
+    with torch.no_grad():
+        expected = hf(tokens, attention_mask=mask).logits.squeeze(-1)
+        got = ours.rewards(tokens, mask)
+    assert got.shape == (len(lens),) and got.dtype == torch.float32
+    assert max_err(got, expected) <= 1e-4, f"max abs diff {max_err(got, expected):.3g}"
+    # The reward is read at each row's last real token: a row alone gives the same number.
+    with torch.no_grad():
+        alone = ours.rewards(tokens[1:2, :lens[1]])
+    assert max_err(alone, got[1:2]) <= 1e-5
+
+
+@pytest.mark.parametrize("lens", [[5, 1, 17, 9], [8, 8], [1]])
+def test_packed_equals_per_sequence(lens):
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
+                     rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING))
+    model = Llama(args).init_weights(seed=0).eval()
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 64, (n,), generator=gen) for n in lens]
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(seqs), cu_seqlens=cu_seqlens, max_seqlen=max(lens))  # [N, dim]
+        for i, seq in enumerate(seqs):
+            alone = model(seq[None])[0]  # [n, dim]
+            part = packed[cu_seqlens[i]:cu_seqlens[i + 1]]
+            assert max_err(part, alone) <= 1e-5, f"sequence {i}: {max_err(part, alone):.3g}"
+
+
+def test_packed_attention_never_crosses_sequences():
+    """Changing one sequence's tokens leaves every other packed sequence's hidden states unchanged."""
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=48)
+    model = Llama(args).init_weights(seed=0).eval()
+    tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(2))
+    cu_seqlens = torch.tensor([0, 6, 13, 20], dtype=torch.int32)
+    changed = tokens.clone()
+    changed[6:13] = (changed[6:13] + 1) % 64
+    with torch.no_grad():
+        a = model(tokens, cu_seqlens=cu_seqlens)
+        b = model(changed, cu_seqlens=cu_seqlens)
+    assert torch.equal(a[:6], b[:6]) and torch.equal(a[13:], b[13:])
+    assert not torch.allclose(a[6:13], b[6:13])
+
+
+def test_packed_positions():
+    cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    assert packed_positions(cu).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+
+
+def test_packed_gradients_match_per_sequence():
+    """Backward through the packed layout gives the per-sequence parameter gradients."""
+    args = ModelArgs(vocab_size=50, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=40)
+    lens = [4, 9, 2]
+    seqs = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    packed_model = Llama(args).init_weights(seed=3)
+    packed_model(torch.cat(seqs), cu_seqlens=cu_seqlens).pow(2).sum().backward()
+    ref_model = Llama(args).init_weights(seed=3)
+    sum(ref_model(s[None]).pow(2).sum() for s in seqs).backward()
+    for (name, p), q in zip(packed_model.named_parameters(), ref_model.parameters()):
+        if name == "lm_head.weight":  # forward returns hidden states: the head is the caller's
+            assert p.grad is None and q.grad is None
+            continue
+        assert max_err(p.grad, q.grad) <= 1e-4 * max(1.0, q.grad.abs().max().item()), name
