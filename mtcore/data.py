@@ -92,8 +92,13 @@ def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
 
 
 def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids: the text without special tokens, then the end-of-turn id."""
-    return tokenizer.encode(text, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+    """Response ids: the text without special tokens, then the end-of-turn id.
+
+    Special-token spellings inside the text ("<|eot_id|>") are split into ordinary tokens, so a
+    response can end only at the end-of-turn id we append.
+    """
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + [end_of_turn_id(tokenizer)]
 
 
 def encode_sequence(tokenizer, prompt, response: str, where: str = "prompt") -> tuple[list[int], int]:

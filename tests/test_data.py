@@ -1,0 +1,65 @@
+"""The chat format and sequence rule, on the real Llama-3 tokenizer (skipped where it is not installed)."""
+
+import json
+
+import pytest
+
+from mtcore import MtcoreError
+from mtcore.data import encode_prompt, encode_response, encode_sequence, load_tokenizer, stop_ids
+
+BEGIN, START_HEADER, END_HEADER, EOT, END_OF_TEXT = 128000, 128006, 128007, 128009, 128001
+
+
+def test_sequence_rule(llama3_tokenizer_path):
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    ids, n_prompt = encode_sequence(tok, "What is 2+2?", "4, of course.")
+    prompt, response = ids[:n_prompt], ids[n_prompt:]
+    assert prompt[0] == BEGIN and prompt.count(BEGIN) == 1  # the template's bos only, never doubled
+    assert prompt[-4:] == [START_HEADER] + tok.encode("assistant", add_special_tokens=False) + [END_HEADER] + \
+        tok.encode("\n\n", add_special_tokens=False)
+    assert response == tok.encode("4, of course.", add_special_tokens=False) + [EOT]
+    assert tok.decode(response) == "4, of course.<|eot_id|>"
+    assert tok.decode(prompt) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?"
+                                  "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_messages_prompt_equals_string_prompt(llama3_tokenizer_path):
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    assert encode_prompt(tok, "hi") == encode_prompt(tok, [{"role": "user", "content": "hi"}])
+    multi = encode_prompt(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert multi.count(EOT) == 2 and multi[0] == BEGIN
+
+
+def test_special_tokens_in_response_text_are_not_special(llama3_tokenizer_path):
+    """A response that spells '<|eot_id|>' must not end early: text is encoded without special tokens."""
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    ids = encode_response(tok, "a <|eot_id|> b")
+    assert ids.count(EOT) == 1 and ids[-1] == EOT
+    assert tok.decode(ids[:-1]) == "a <|eot_id|> b"
+
+
+def test_stop_ids(llama3_tokenizer_path, tmp_path):
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    assert EOT in stop_ids(tok) and END_OF_TEXT in stop_ids(tok)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [END_OF_TEXT, EOT, 5]}))
+    assert stop_ids(tok, tmp_path) == sorted({EOT, END_OF_TEXT, 5})
+
+
+def test_chat_template_from_file(llama3_tokenizer_path, tmp_path):
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template=str(tmp_path / "t.jinja"))
+    assert tok.decode(encode_prompt(tok, "x")) == "[x]"
+
+
+def test_no_chat_template_is_a_clear_error(llama3_tokenizer_path):
+    with pytest.raises(MtcoreError, match="no chat template; pass --chat-template"):
+        load_tokenizer(llama3_tokenizer_path)
+    with pytest.raises(MtcoreError, match="neither a file nor one of llama3"):
+        load_tokenizer(llama3_tokenizer_path, chat_template="/no/such/template.jinja")
+
+
+@pytest.mark.parametrize("bad", [[], [{"role": "user"}], 3, [{"role": "user", "content": 1}]])
+def test_malformed_prompt(llama3_tokenizer_path, bad):
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    with pytest.raises(MtcoreError, match="prompts.jsonl:7: a prompt must be"):
+        encode_prompt(tok, bad, where="prompts.jsonl:7")
