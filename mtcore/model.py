@@ -152,8 +152,12 @@ class AttnLayout:
     use_flash: bool = False
 
 
+def flash_attn_usable(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
+
+
 def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mask=None) -> AttnLayout:
-    use_flash = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
+    use_flash = flash_attn_usable(x)
     if cu_seqlens is not None:
         lens = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
         if max_seqlen is None:
@@ -168,6 +172,7 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
         return layout
     if attention_mask is None:
         return AttnLayout(use_flash=use_flash)
+    # A padding mask takes SDPA with an explicit mask (flash-attn's padded path would need unpadding).
     T = attention_mask.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # [T, T]
     keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]

@@ -24,7 +24,7 @@ def tiny_config(**overrides):
 
 
 def make_hf_model(kind="policy", seed=0, **overrides):
-    """A random fp32 transformers Llama (norm weights perturbed too, so they are exercised)."""
+    """A random fp32 transformers Llama (norm weights and biases perturbed too, so they are exercised)."""
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def make_hf_model(kind="policy", seed=0, **overrides):
         model = LlamaForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model.float().eval()
 

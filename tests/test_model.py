@@ -14,6 +14,7 @@ CONFIGS = {
     "mqa-tied-llama3-rope": dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3_SCALING),
     "odd-head-dim": dict(hidden_size=36, num_attention_heads=6, num_key_value_heads=3, head_dim=10,
                          intermediate_size=47, vocab_size=101, pad_token_id=100),
+    "biases-theta": dict(attention_bias=True, mlp_bias=True, rope_theta=500000.0, rms_norm_eps=1e-6),
 }
 
 
@@ -146,3 +147,55 @@ def test_packed_gradients_match_per_sequence():
             assert p.grad is None and q.grad is None
             continue
         assert max_err(p.grad, q.grad) <= 1e-4 * max(1.0, q.grad.abs().max().item()), name
+
+
+class FakeFlashAttn:
+    """Stands in for flash-attn on CPU with flash-attn's calling convention and an independent float64
+    attention, so the wiring (layouts, cu_seqlens dtype, GQA head counts, causal flag) is checked here."""
+
+    calls = []
+
+    @staticmethod
+    def _attend(q, k, v):  # [T, Hq, D], [T, Hkv, D] -> [T, Hq, D], causal
+        T, Hq, D = q.shape
+        rep = Hq // k.shape[1]
+        k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+        scores = torch.einsum("thd,shd->hts", q.double(), k) / D ** 0.5
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        return torch.einsum("hts,shd->thd", scores.softmax(-1), v).to(q.dtype)
+
+    @classmethod
+    def flash_attn_varlen_func(cls, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                               causal=False):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k and causal
+        assert q.dim() == 3 and k.shape[1] <= q.shape[1]
+        cls.calls.append("varlen")
+        cu = cu_q.tolist()
+        return torch.cat([cls._attend(q[a:b], k[a:b], v[a:b]) for a, b in zip(cu[:-1], cu[1:])])
+
+    @classmethod
+    def flash_attn_func(cls, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        assert causal and q.dim() == 4
+        cls.calls.append("dense")
+        return torch.stack([cls._attend(q[b], k[b], v[b]) for b in range(q.shape[0])])
+
+
+def test_flash_attn_wiring(monkeypatch):
+    import mtcore.model as m
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48)
+    model = Llama(args).init_weights(seed=0).eval()
+    lens = [5, 1, 11]
+    tokens = torch.randint(0, 64, (sum(lens),), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    batch = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sdpa_packed = model(tokens, cu_seqlens=cu_seqlens)
+        sdpa_batch = model(batch)
+        monkeypatch.setattr(m, "flash_attn_usable", lambda x: True)
+        monkeypatch.setattr(m, "_flash_attn", lambda: FakeFlashAttn)
+        FakeFlashAttn.calls.clear()
+        flash_packed = model(tokens, cu_seqlens=cu_seqlens)
+        flash_batch = model(batch)
+    assert FakeFlashAttn.calls == ["varlen"] * 2 + ["dense"] * 2
+    assert max_err(flash_packed, sdpa_packed) <= 1e-5 and max_err(flash_batch, sdpa_batch) <= 1e-5
