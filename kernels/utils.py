@@ -1,0 +1,35 @@
+"""What every kernel file shares: the dispatch rule, and triton where it is installed.
+
+Dispatch: Triton runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (read at call
+time; triton itself reads it when the kernels are decorated, so set it before importing mtcore).
+Otherwise CPU tensors take the torch implementation of the same algorithm.
+
+triton has no wheels for macOS or Windows: there the kernels are stubs that are never launched.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a laptop without triton: the torch paths serve every CPU call
+    triton = SimpleNamespace(jit=lambda fn=None, **kwargs: fn, next_power_of_2=None)
+    tl = SimpleNamespace(constexpr=None)
+    HAS_TRITON = False
+else:
+    HAS_TRITON = True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if x.is_cuda:
+        if not HAS_TRITON:
+            raise RuntimeError("CUDA tensors need triton; pip install triton")
+        return True
+    return HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()

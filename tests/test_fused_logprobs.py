@@ -1,0 +1,136 @@
+"""fused_logprobs on both CPU paths (Triton interpreter, torch) against float64 and same-dtype references."""
+
+import pytest
+import torch
+
+from mtcore.kernels.fused_logprobs import (CHUNKS, IGNORE_INDEX, fused_logprobs, fused_logprobs_ref,
+                                           sequence_logps)
+
+
+def make_inputs(N, H, V, dtype, seed=0, masked=()):
+    """float64 tensors holding values exactly representable in `dtype`, so the float64 reference and
+    the path under test see the same inputs and only arithmetic error is measured."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=gen, dtype=torch.float64).to(dtype).double()
+    weight = (torch.randn(V, H, generator=gen, dtype=torch.float64) / H ** 0.5 * 2).to(dtype).double()
+    labels = torch.randint(0, V, (N,), generator=gen)
+    for sl in masked:
+        labels[sl] = IGNORE_INDEX
+    grad = torch.randn(N, generator=gen, dtype=torch.float64)
+    return hidden, weight, labels, grad
+
+
+def run(fn, hidden, weight, labels, grad, dtype):
+    h = hidden.to(dtype).detach().requires_grad_()
+    w = weight.to(dtype).detach().requires_grad_()
+    out = fn(h, w, labels)
+    (out.double() * grad).sum().backward()
+    return out, h.grad, w.grad
+
+
+def errors(got, ref):
+    return [(g.double() - r.double()).abs().max().item() for g, r in zip(got, ref)]
+
+
+SHAPES = {
+    "round": (64, 32, 512),
+    "odd": (47, 31, 123),
+    "single-token": (1, 16, 1000),
+    "v-not-multiple-of-block": (5, 47, 5003),
+}
+# (chunk_tokens, vocab_tile): the device default, and small tiles so several chunks and vocabulary
+# tiles (with a ragged last one) are folded together.
+TILES = {"default": (None, None), "small": (7, 97)}
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(kernel_path, shape, tiles, dtype):
+    N, H, V = SHAPES[shape]
+    hidden, weight, labels, grad = make_inputs(N, H, V, dtype, masked=[slice(1, 3)] if N > 3 else [])
+    chunk_tokens, vocab_tile = TILES[tiles]
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+    got = run(lambda h, w, y: fused_logprobs(h, w, y, chunk_tokens, vocab_tile), hidden, weight, labels, grad, dtype)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    assert (got[0][labels == IGNORE_INDEX] == 0).all()
+    err = errors(got, ref64)
+    if dtype == torch.float32:
+        scales = [max(1.0, r.abs().max().item()) for r in ref64]
+        for name, e, s in zip(("logps", "d hidden", "d weight"), err, scales):
+            assert e <= 1e-5 * s, f"{name}: max err {e:.3g} (scale {s:.3g})"
+    else:
+        base = errors(run(fused_logprobs_ref, hidden, weight, labels, grad, dtype), ref64)
+        for name, e, b in zip(("logps", "d hidden", "d weight"), err, base):
+            assert e <= 2 * b + 1e-6, f"{name}: max err {e:.3g}, same-dtype torch reference {b:.3g}"
+
+
+def test_fully_masked(kernel_path):
+    hidden, weight, labels, grad = make_inputs(9, 16, 300, torch.float32, masked=[slice(None)])
+    logps, dh, dw = run(fused_logprobs, hidden, weight, labels, grad, torch.float32)
+    assert torch.equal(logps, torch.zeros(9)) and torch.equal(dh, torch.zeros_like(dh))
+    assert torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_masked_block_longer_than_a_chunk(kernel_path):
+    """Unscored tokens are dropped before chunking: a masked run longer than a chunk costs nothing."""
+    hidden, weight, labels, grad = make_inputs(40, 16, 300, torch.float32, masked=[slice(3, 30)])
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+    got = run(lambda h, w, y: fused_logprobs(h, w, y, 4, 128), hidden, weight, labels, grad, torch.float32)
+    assert max(errors(got, ref64)) <= 1e-5 * max(1.0, ref64[2].abs().max().item())
+
+
+def test_never_more_than_one_tile_of_logits(kernel_path, monkeypatch):
+    """Every GEMM that produces logits is at most [chunk_tokens, vocab_tile]; unscored rows never enter."""
+    sizes = []
+    real_mm = torch.mm
+
+    def spy(a, b, **kwargs):
+        out = real_mm(a, b, **kwargs)
+        sizes.append(out.shape)
+        return out
+
+    monkeypatch.setattr(torch, "mm", spy)
+    hidden, weight, labels, grad = make_inputs(30, 8, 1000, torch.float32, masked=[slice(0, 10)])
+    run(lambda h, w, y: fused_logprobs(h, w, y, 8, 256), hidden, weight, labels, grad, torch.float32)
+    logit_tiles = [s for s in sizes if s[1] != 8]  # outputs that are not [*, H]
+    assert logit_tiles and max(s[0] * s[1] for s in logit_tiles) <= 8 * 256
+    assert sum(s[0] for s in logit_tiles if s[1] == 256) == 2 * 20 * 3  # 20 scored rows, 4 tiles (3 full)
+
+
+def test_bad_labels():
+    hidden, weight, labels, _ = make_inputs(4, 8, 50, torch.float32)
+    labels[2] = 50
+    with pytest.raises(ValueError, match=r"labels must be -100 or in \[0, 50\)"):
+        fused_logprobs(hidden.float(), weight.float(), labels)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fused_logprobs(hidden.float(), weight.float()[:, :4], labels)
+
+
+def test_sequence_logps():
+    logps = torch.tensor([0.0, -1.0, -2.0, 0.0, -3.0, -0.5], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([IGNORE_INDEX, 5, 6, IGNORE_INDEX, 7, 8])
+    cu_seqlens = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
+    sums, counts = sequence_logps(logps, cu_seqlens, labels)
+    assert sums.tolist() == [-3.0, 0.0, -3.5] and counts.tolist() == [2, 0, 2]
+    sums.sum().backward()
+    assert logps.grad.tolist() == [1.0] * 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama3_vocabulary(kernel_path, dtype):
+    """V = 128,256 with the device's default tiles (CPU: 16 vocabulary tiles, the last one ragged)."""
+    V = 128256
+    assert V % CHUNKS["cpu"][1]
+    hidden, weight, labels, grad = make_inputs(6, 32, V, dtype, masked=[slice(2, 3)])
+    labels[0], labels[1] = 0, V - 1  # the first and last vocabulary rows
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+    got = run(fused_logprobs, hidden, weight, labels, grad, dtype)
+    err = errors(got, ref64)
+    if dtype == torch.float32:
+        for e, r in zip(err, ref64):
+            assert e <= 1e-5 * max(1.0, r.abs().max().item())
+    else:
+        base = errors(run(fused_logprobs_ref, hidden, weight, labels, grad, dtype), ref64)
+        assert all(e <= 2 * b + 1e-6 for e, b in zip(err, base)), (err, base)
