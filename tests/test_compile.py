@@ -24,12 +24,15 @@ POWERS = [2 ** k for k in range(25)]
 jobs = []
 for block_v, num_warps in sorted({fl.launch_config(n) for n in POWERS}):
     for dt in ("fp32", "bf16", "fp16"):
-        common = {"logits_ptr": f"*{dt}", "stride_logits_row": "i32", "labels_ptr": "*i64"}
+        # stride_logits_col is 1 on CUDA (row-major tiles), which triton specialises to a constant
+        common = {"logits_ptr": f"*{dt}", "stride_logits_row": "i32", "stride_logits_col": "constexpr",
+                  "labels_ptr": "*i64"}
         jobs.append(("lse_update", fl._lse_update_kernel, {**common, "max_ptr": "*fp32", "sumexp_ptr": "*fp32",
                      "label_logit_ptr": "*fp32", "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr"},
-                     {"BLOCK_V": block_v}, num_warps, dt))
+                     {"BLOCK_V": block_v, "stride_logits_col": 1}, num_warps, dt))
         jobs.append(("logit_grad", fl._logit_grad_kernel, {**common, "lse_ptr": "*fp32", "grad_ptr": "*fp32",
-                     "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr"}, {"BLOCK_V": block_v}, num_warps, dt))
+                     "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr"}, {"BLOCK_V": block_v, "stride_logits_col": 1},
+                     num_warps, dt))
 for block in sorted({dpo_loss.launch_config(n) for n in POWERS}):
     for loss_type in range(len(dpo_loss.LOSS_TYPES)):
         sig = {n: "*fp32" for n in ("pc_ptr", "pr_ptr", "rc_ptr", "rr_ptr", "loss_ptr", "dldm_ptr",

@@ -1,0 +1,156 @@
+"""What every benchmark shares: the header, one measurement per provider in its own process, the table.
+
+Each provider runs in a fresh subprocess (the script re-invoked with --worker), so its peak memory
+is its own: on CUDA torch.cuda.max_memory_allocated, on CPU the peak RSS (VmHWM, reset through
+/proc/self/clear_refs before the measured call). "peak MiB" is the peak during one call minus what
+was allocated before it (inputs included there, so it is the op's extra memory). Every provider is
+called once to warm up (compilation, autotuning, allocator), then measured, then timed `repeats`
+times; the table shows the median.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def header(title: str, device: str, dtype: str, shapes: str) -> str:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return (f"# {title}\n"
+            f"device: {device_name(device)} | torch {torch.__version__} | triton {triton_version} | "
+            f"commit {commit()} | dtype {dtype} | {shapes}")
+
+
+# ---- worker side ----
+
+def _rss_mib() -> tuple[float, float]:
+    """(current RSS, peak RSS since the last reset) in MiB, from /proc/self/status."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0]) / 1024
+    return values["VmRSS"], values["VmHWM"]
+
+
+def _reset_peak(device: str) -> float:
+    """Reset the peak counter; return the memory in use now (MiB)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_mib()[0]
+
+
+def _peak(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _rss_mib()[1]
+
+
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(fn, device: str, repeats: int) -> dict:
+    """Warm up, then one call for peak memory, then `repeats` timed calls. fn frees what it allocates
+    (gradients included) before returning, so each call starts from the same memory."""
+    fn()
+    before = _reset_peak(device)
+    times = [_timed(fn, device)]
+    peak = _peak(device) - before
+    times += [_timed(fn, device) for _ in range(repeats - 1)]
+    return {"ms": statistics.median(times), "peak_mib": peak}
+
+
+def worker_main(build, argv):
+    """Run one provider and print its measurement as a JSON line. build(args) -> (fn, device)."""
+    args = json.loads(argv[argv.index("--worker") + 1])
+    try:
+        fn, device = build(args)
+        result = measure(fn, device, args["repeats"])
+    except Exception as e:  # a provider that cannot run here gets a row saying why
+        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]}
+    print(json.dumps(result))
+
+
+# ---- parent side ----
+
+def run_provider(script: str, args: dict) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(args)], capture_output=True, text=True,
+                          env=env)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["crashed"])[-1][:160]}
+    return json.loads(lines[-1])
+
+
+def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s") -> str:
+    """rows: {provider, mode, ms, peak_mib, work, (error)}; work is FLOPs (or bytes) for the rate column."""
+    lines = [f"| provider | mode | ms | peak MiB | {rate_unit} | time vs {baseline} | memory vs {baseline} |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    base = {r["mode"]: r for r in rows if r["provider"] == baseline and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['provider']} | {r['mode']} | — | — | — | — | not run: {r['error']} |")
+            continue
+        b = base.get(r["mode"])
+        rate = r["work"] / (r["ms"] * 1e-3) / 1e12
+        t_ratio = f"{r['ms'] / b['ms']:.2f}x" if b else "—"
+        m_ratio = f"{r['peak_mib'] / b['peak_mib']:.3f}x" if b and b["peak_mib"] > 0 else "—"
+        lines.append(f"| {r['provider']} | {r['mode']} | {r['ms']:.1f} | {r['peak_mib']:.0f} | {rate:.3f} | "
+                     f"{t_ratio} | {m_ratio} |")
+    return "\n".join(lines)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
