@@ -10,6 +10,7 @@ sibling temp directory and renamed into place, so an interrupted save never leav
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -57,13 +58,13 @@ def resolve(src: str | os.PathLike) -> Path:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise MtcoreError(f"{name}: not a local directory and not in the Hugging Face cache (HF_HUB_OFFLINE is set); "
-                          f"run `huggingface-cli download {name}` where the hub is reachable, or pass a local directory")
+                          f"run `hf download {name}` where the hub is reachable, or pass a local directory")
     try:
         return Path(snapshot_download(name, allow_patterns=patterns))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MtcoreError(f"{name}: not a local directory, not in the Hugging Face cache, and the hub gave: {reason}; "
-                          f"run `huggingface-cli download {name}` (and `huggingface-cli login` for gated models) "
+                          f"run `hf download {name}` (after `hf auth login` for gated models) "
                           f"where the hub is reachable, or pass a local directory") from None
 
 
@@ -85,40 +86,65 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _field(cfg: dict, key: str, where: str, kind=int, default=None, positive=True):
+    """cfg[key] checked to be a `kind` (positive, for ints); `default` when absent (None: required)."""
+    if key not in cfg or cfg[key] is None:
+        if default is None:
+            raise MtcoreError(f"{where}: missing key {key!r}")
+        return default
+    value = cfg[key]
+    ok = isinstance(value, bool) if kind is bool else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+        isinstance(value, int) and not isinstance(value, bool))
+    if not ok or (positive and kind is not bool and value <= 0):
+        raise MtcoreError(f"{where}: {key} must be a {'positive ' if positive and kind is not bool else ''}"
+                          f"{kind.__name__}, got {value!r}")
+    return value
+
+
 def config_to_args(cfg: dict, where: str = "config.json") -> ModelArgs:
     """A Hugging Face Llama config (transformers 4.x or 5.x layout) -> ModelArgs."""
+    if not isinstance(cfg, dict):
+        raise MtcoreError(f"{where}: must hold a JSON object, got {type(cfg).__name__}")
     if cfg.get("model_type") != "llama":
         raise MtcoreError(f"{where}: model_type is {cfg.get('model_type')!r}; mtcore runs Llama checkpoints only")
     if cfg.get("hidden_act", "silu") != "silu":
         raise MtcoreError(f"{where}: hidden_act {cfg['hidden_act']!r} is not Llama's silu")
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise MtcoreError(f"{where}: rope_parameters / rope_scaling must be an object, got {rope!r}")
+    rope = dict(rope)
+    rope_theta = _field({"rope_theta": rope.pop("rope_theta", cfg.get("rope_theta"))}, "rope_theta", where,
+                        float, 10000.0)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise MtcoreError(f"{where}: rope_type {rope_type!r} is not supported (only default and llama3)")
     rope_scaling = None
     if rope_type == "llama3":
         need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in need if k not in rope]
-        if missing:
-            raise MtcoreError(f"{where}: llama3 rope scaling lacks {', '.join(missing)}")
-        rope_scaling = {"rope_type": "llama3", **{k: rope[k] for k in need}}
+        rope_scaling = {"rope_type": "llama3", **{k: _field(rope, k, f"{where}: llama3 rope scaling", float)
+                                                  for k in need}}
+        if rope_scaling["high_freq_factor"] <= rope_scaling["low_freq_factor"]:
+            raise MtcoreError(f"{where}: llama3 rope scaling needs high_freq_factor > low_freq_factor")
+    n_heads = _field(cfg, "num_attention_heads", where)
     try:
-        n_heads = cfg["num_attention_heads"]
         return ModelArgs(
-            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or 0, intermediate_size=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False), mlp_bias=cfg.get("mlp_bias", False),
-            initializer_range=cfg.get("initializer_range", 0.02), bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"),
+            vocab_size=_field(cfg, "vocab_size", where), dim=_field(cfg, "hidden_size", where),
+            n_layers=_field(cfg, "num_hidden_layers", where), n_heads=n_heads,
+            n_kv_heads=_field(cfg, "num_key_value_heads", where, default=n_heads),
+            head_dim=_field(cfg, "head_dim", where, default=0) or 0,
+            intermediate_size=_field(cfg, "intermediate_size", where),
+            norm_eps=_field(cfg, "rms_norm_eps", where, float, 1e-6), rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=_field(cfg, "max_position_embeddings", where, default=2048),
+            tie_word_embeddings=_field(cfg, "tie_word_embeddings", where, bool, False),
+            attention_bias=_field(cfg, "attention_bias", where, bool, False),
+            mlp_bias=_field(cfg, "mlp_bias", where, bool, False),
+            initializer_range=_field(cfg, "initializer_range", where, float, 0.02),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
             extra={k: v for k, v in cfg.items() if k not in _READ_KEYS},
         )
-    except KeyError as e:
-        raise MtcoreError(f"{where}: missing key {e.args[0]!r}") from None
     except ValueError as e:
         raise MtcoreError(f"{where}: {e}") from None
 
@@ -152,8 +178,8 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it."""
     if (path / INDEX_NAME).exists():
         index = read_json(path / INDEX_NAME)
-        if "weight_map" not in index:
-            raise MtcoreError(f"{path / INDEX_NAME}: no weight_map")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise MtcoreError(f"{path / INDEX_NAME}: no weight_map object")
         files = {name: path / fname for name, fname in index["weight_map"].items()}
         for f in set(files.values()):
             if not f.exists():
@@ -170,6 +196,25 @@ def _weight_files(path: Path) -> dict[str, Path]:
         with _open_safetensors(f) as st:
             files.update({name: f for name in st.keys()})
     return files
+
+
+def inspect_checkpoint(src) -> tuple[Path, ModelArgs, str, int, set[str]]:
+    """(path, args, kind, parameter count, stored dtypes) from config.json and the safetensors
+    headers alone: no tensor is read."""
+    path = resolve(src)
+    cfg = read_json(path / "config.json")
+    args = config_to_args(cfg, str(path / "config.json"))
+    n_params, dtypes = 0, set()
+    by_file: dict[Path, list[str]] = {}
+    for name, f in _weight_files(path).items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        with _open_safetensors(f) as st:
+            for name in names:
+                tensor_slice = st.get_slice(name)
+                n_params += math.prod(tensor_slice.get_shape())
+                dtypes.add(tensor_slice.get_dtype())
+    return path, args, kind_of(cfg), n_params, dtypes
 
 
 def _open_safetensors(f: Path):
@@ -203,20 +248,35 @@ def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
         model = Llama(args, kind)
     wanted = {name for name in model.state_dict() if not (name == "lm_head.weight" and args.tie_word_embeddings)}
     files = _weight_files(path)
+    hint = {"lm_head.weight": "it looks like a reward model; load it with kind='reward'",
+            "score.weight": "it looks like a policy, not a reward model (LlamaForSequenceClassification)"}
     missing = sorted(wanted - files.keys())
     if missing:
-        hint = {"lm_head.weight": "it looks like a reward model; load it with kind='reward'",
-                "score.weight": "it looks like a policy, not a reward model (LlamaForSequenceClassification)"}
         raise MtcoreError(f"{path}: checkpoint lacks {missing[0]}"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                           + (f"; {hint[missing[0]]}" if missing[0] in hint else ""))
+    # A tied head may still be stored; old checkpoints carry rotary buffers. Anything else is a
+    # sign that config.json and the weights disagree (more layers, the other head).
+    unexpected = sorted(n for n in files.keys() - wanted
+                        if n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq"))
+    if "lm_head.weight" in files and kind == "reward":
+        unexpected.insert(0, "lm_head.weight")
+    if unexpected:
+        other = {"lm_head.weight": "score.weight", "score.weight": "lm_head.weight"}.get(unexpected[0])
+        raise MtcoreError(f"{path}: checkpoint has {unexpected[0]}"
+                          + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+                          + f", which config.json's {kind} model does not use"
+                          + (f"; {hint[other]}" if other in hint else ""))
     state = {}
     by_file: dict[Path, list[str]] = {}
     for name in sorted(wanted):
         by_file.setdefault(files[name], []).append(name)
     for f, names in by_file.items():
         with _open_safetensors(f) as st:
+            stored = set(st.keys())
             for name in names:
+                if name not in stored:
+                    raise MtcoreError(f"{f}: lacks {name}, which {INDEX_NAME} places there")
                 tensor = st.get_tensor(name)
                 expected = model.get_parameter(name).shape
                 if tensor.shape != expected:
@@ -241,10 +301,15 @@ def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**
     from the config's bos/eos ids.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and not dst.is_dir():
+        raise MtcoreError(f"{dst}: exists and is not a directory; choose another output path")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise MtcoreError(f"{dst}: cannot write there ({e.strerror or e})") from None
     try:
         _write_checkpoint(model, tmp, tokenizer, max_shard_bytes)
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -252,6 +317,8 @@ def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**
             os.replace(dst, old)
         os.replace(tmp, dst)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # disk full, permissions: dst keeps what it had
+        raise MtcoreError(f"{dst}: cannot write the checkpoint ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst

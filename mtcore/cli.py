@@ -31,23 +31,16 @@ def main(verbose):
 
 @main.command()
 @click.argument("src")
-@click.option("--kind", type=click.Choice(["policy", "reward"]), default=None,
-              help="Default: from config.json's architectures.")
 @user_errors
-def info(src, kind):
-    """Load the checkpoint SRC (directory or hub id) and print its shape and size."""
+def info(src):
+    """Describe the checkpoint SRC (directory or hub id) from its config and weight headers."""
     from mtcore import checkpoint
 
-    path = checkpoint.resolve(src)
-    cfg = checkpoint.read_json(path / "config.json")
-    kind = kind or checkpoint.kind_of(cfg)
-    model = checkpoint.load_model(path, kind=kind)
-    a = model.args
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    click.echo(f"{path}: Llama {kind}, {n_params / 1e6:.2f}M parameters, {a.n_layers} layers, dim {a.dim}, "
-               f"heads {a.n_heads}/{a.n_kv_heads} (q/kv), head_dim {a.head_dim}, vocab {a.vocab_size}, "
-               f"rope {(a.rope_scaling or {}).get('rope_type', 'default')} theta {a.rope_theta:g}, "
-               f"tied {a.tie_word_embeddings}")
+    path, a, kind, n_params, dtypes = checkpoint.inspect_checkpoint(src)
+    click.echo(f"{path}: Llama {kind}, {n_params / 1e6:.2f}M parameters ({', '.join(sorted(dtypes))}), "
+               f"{a.n_layers} layers, dim {a.dim}, heads {a.n_heads}/{a.n_kv_heads} (q/kv), head_dim {a.head_dim}, "
+               f"vocab {a.vocab_size}, rope {(a.rope_scaling or {}).get('rope_type', 'default')} "
+               f"theta {a.rope_theta:g}, tied {a.tie_word_embeddings}")
 
 
 @main.command()

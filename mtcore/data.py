@@ -49,6 +49,11 @@ def load_tokenizer(src, chat_template: str | None = None):
     if not tokenizer.chat_template:
         raise MtcoreError(f"{path}: the tokenizer has no chat template; pass --chat-template FILE "
                           f"(a Jinja template) or --chat-template llama3")
+    try:  # a broken template fails here, once, not at the first prompt of a long run
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise MtcoreError(f"{chat_template or path}: the chat template does not render a user message "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return tokenizer
 
 
@@ -87,7 +92,13 @@ def as_messages(prompt, where: str = "prompt") -> list[dict]:
 
 def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
     """Prompt ids from the chat template with the generation prompt (special tokens in the template)."""
-    text = tokenizer.apply_chat_template(as_messages(prompt, where), add_generation_prompt=True, tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template(as_messages(prompt, where), add_generation_prompt=True, tokenize=False)
+    except MtcoreError:
+        raise
+    except Exception as e:  # the template's own raise_exception, e.g. roles that do not alternate
+        raise MtcoreError(f"{where}: the chat template rejects this prompt "
+                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

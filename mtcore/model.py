@@ -160,8 +160,11 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
     use_flash = flash_attn_usable(x)
     if cu_seqlens is not None:
         lens = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
+        longest = int(lens.max())
         if max_seqlen is None:
-            max_seqlen = int(lens.max())
+            max_seqlen = longest
+        elif max_seqlen < longest:  # flash-attn would silently attend to a truncated window
+            raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed sequence ({longest})")
         layout = AttnLayout(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), use_flash=use_flash)
         if not use_flash:
             # Right-padded [B, max_seqlen] view of the packed tokens. With right padding, a causal
@@ -353,11 +356,17 @@ class Llama(nn.Module):
         return self.lm_head(self(tokens, attention_mask=attention_mask))
 
     def rewards(self, tokens: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """tokens [B, T] -> [B] fp32 rewards, read at the last real token of each row."""
+        """tokens [B, T] -> [B] fp32 rewards, read at the last real token of each row.
+
+        The real tokens are those of attention_mask; without one, those that are not the config's
+        pad_token_id (as transformers does), or all. With a mask, a real token equal to the pad id
+        (Llama-3 fine-tunes often pad with <|eot_id|>, the token the reward is read at) still counts.
+        """
         if self.kind != "reward":
             raise TypeError("rewards() needs a reward model; this is a policy")
         if attention_mask is None:
-            attention_mask = torch.ones_like(tokens)
+            pad = self.args.pad_token_id
+            attention_mask = torch.ones_like(tokens) if pad is None else (tokens != pad).long()
         hidden = self(tokens, attention_mask=attention_mask)  # [B, T, dim]
         last = hidden[torch.arange(tokens.shape[0], device=tokens.device), last_token_index(attention_mask)]
         return self.score(last).squeeze(-1).float()

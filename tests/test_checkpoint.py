@@ -128,28 +128,32 @@ def test_missing_directory(tmp_path):
         load_model(tmp_path / "nope")
 
 
-def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
+def isolate_hub_cache(monkeypatch, cache):
+    """Point huggingface_hub at an empty cache and offline mode (its constants are read at import)."""
+    import huggingface_hub.constants as hc
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+
+def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
+    isolate_hub_cache(monkeypatch, tmp_path / "hub")
     with pytest.raises(MtcoreError) as e:
         load_model("meta-llama/Meta-Llama-3-8B-Instruct")
     msg = str(e.value)
-    assert "meta-llama/Meta-Llama-3-8B-Instruct" in msg and "huggingface-cli download" in msg
+    assert "meta-llama/Meta-Llama-3-8B-Instruct" in msg and "hf download" in msg, msg
     assert "\n" not in msg
 
 
 def test_hub_id_found_in_cache(tmp_path, monkeypatch):
     """A hub id resolves through huggingface_hub's cache layout (models--org--name/snapshots/rev)."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    isolate_hub_cache(monkeypatch, tmp_path / "hub")
     repo = tmp_path / "hub" / "models--acme--tiny-llama"
     save_hf(make_hf_model("policy", seed=8), repo / "snapshots" / "abc123")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     model = load_model("acme/tiny-llama")
     assert model.args.vocab_size == 97
 
@@ -232,9 +236,79 @@ def test_cli_info_and_convert(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["info", str(tmp_path / "rm")])
     assert result.exit_code == 0, result.output
-    assert "Llama reward" in result.output and "2 layers" in result.output
+    assert "Llama reward" in result.output and "2 layers" in result.output, result.output
+    n_params = sum(p.numel() for p in make_hf_model("reward", seed=14).parameters())
+    assert f"{n_params / 1e6:.2f}M parameters (F32)" in result.output
     result = runner.invoke(main, ["convert", str(tmp_path / "rm"), str(tmp_path / "rm16"), "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
-    model = load_model(tmp_path / "rm16", kind="reward")
-    assert model.score.weight.dtype == torch.float32  # loaded as asked (fp32 on CPU) from a bf16 file
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "rm16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     assert json.loads((tmp_path / "rm16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = load_model(tmp_path / "rm16", kind="reward")
+    assert model.score.weight.dtype == torch.float32  # fp32 on CPU unless asked otherwise
+
+
+GOOD_CONFIG = {"model_type": "llama", "vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 1,
+               "num_attention_heads": 4, "intermediate_size": 8}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([1, 2], "must hold a JSON object"),
+    (GOOD_CONFIG | {"vocab_size": "97"}, "vocab_size must be a positive int"),
+    (GOOD_CONFIG | {"rope_parameters": 5}, "must be an object"),
+    (GOOD_CONFIG | {"num_attention_heads": 0}, "num_attention_heads must be a positive int"),
+    (GOOD_CONFIG | {"tie_word_embeddings": "yes"}, "tie_word_embeddings must be a bool"),
+    ({k: v for k, v in GOOD_CONFIG.items() if k != "hidden_size"}, "missing key 'hidden_size'"),
+])
+def test_malformed_config_values(tmp_path, bad, message):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(MtcoreError, match=message):
+        load_model(tmp_path / "m")
+
+
+def test_weights_the_config_does_not_use(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    three = save_hf(make_hf_model("policy", seed=15, num_hidden_layers=3), tmp_path / "three")
+    cfg = json.loads((three / "config.json").read_text())
+    cfg["num_hidden_layers"] = 2
+    (three / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MtcoreError, match="checkpoint has model.layers.2"):
+        load_model(three)
+    torch.manual_seed(0)
+    from conftest import tiny_config
+
+    config = tiny_config(tie_word_embeddings=True)
+    config.num_labels = 1
+    tied_rm = save_hf(LlamaForSequenceClassification(config), tmp_path / "tied_rm")
+    with pytest.raises(MtcoreError, match="score.weight.*load it with kind='reward'"):
+        load_model(tied_rm, kind="policy")
+
+
+def test_index_names_a_tensor_its_shard_lacks(tmp_path):
+    path = save_hf(make_hf_model("policy", seed=16), tmp_path / "m")
+    save_model(load_model(path), tmp_path / "sharded", max_shard_bytes=20_000)
+    index_file = tmp_path / "sharded" / INDEX_NAME
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][name] = shards[1]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(MtcoreError, match=f"lacks {name}"):
+        load_model(tmp_path / "sharded")
+    index_file.write_text('{"weight_map": [1]}')
+    with pytest.raises(MtcoreError, match="no weight_map object"):
+        load_model(tmp_path / "sharded")
+
+
+def test_save_to_an_unwritable_place(tmp_path):
+    model = load_model(save_hf(make_hf_model("policy", seed=17), tmp_path / "m"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MtcoreError, match="exists and is not a directory"):
+        save_model(model, tmp_path / "file")
+    with pytest.raises(MtcoreError, match="cannot write"):
+        save_model(model, tmp_path / "file" / "sub")
+    assert (tmp_path / "file").read_text() == "x"

@@ -63,3 +63,15 @@ def test_malformed_prompt(llama3_tokenizer_path, bad):
     tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
     with pytest.raises(MtcoreError, match="prompts.jsonl:7: a prompt must be"):
         encode_prompt(tok, bad, where="prompts.jsonl:7")
+
+
+def test_broken_chat_template_is_a_clear_error(llama3_tokenizer_path, tmp_path):
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(MtcoreError, match="broken.jinja: the chat template does not render"):
+        load_tokenizer(llama3_tokenizer_path, chat_template=str(tmp_path / "broken.jinja"))
+    (tmp_path / "strict.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}")
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template=str(tmp_path / "strict.jinja"))
+    with pytest.raises(MtcoreError, match="prompts.jsonl:3: the chat template rejects this prompt"):
+        encode_prompt(tok, [{"role": "system", "content": "x"}], where="prompts.jsonl:3")

@@ -199,3 +199,36 @@ def test_flash_attn_wiring(monkeypatch):
         flash_batch = model(batch)
     assert FakeFlashAttn.calls == ["varlen"] * 2 + ["dense"] * 2
     assert max_err(flash_packed, sdpa_packed) <= 1e-5 and max_err(flash_batch, sdpa_batch) <= 1e-5
+
+
+def test_rewards_without_mask_skip_pad_tokens(tmp_path):
+    """No mask: like transformers, the reward is read at the last token that is not pad_token_id."""
+    hf = make_hf_model("reward", seed=7)
+    ours = load_model(save_hf(hf, tmp_path / "rm"), kind="reward")
+    pad = hf.config.pad_token_id
+    tokens = torch.randint(0, pad, (3, 10), generator=torch.Generator().manual_seed(8))
+    tokens[0, 6:] = pad
+    tokens[2, 1:] = pad
+    with torch.no_grad():
+        expected = hf(tokens).logits.squeeze(-1)
+        got = ours.rewards(tokens)
+    assert max_err(got, expected) <= 1e-4, f"max abs diff {max_err(got, expected):.3g}"
+
+
+def test_packed_rewards_equal_batch_rewards(tmp_path):
+    hf = make_hf_model("reward", seed=9)
+    ours = load_model(save_hf(hf, tmp_path / "rm"), kind="reward")
+    lens = [4, 11, 1]
+    seqs = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in lens]
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    with torch.no_grad():
+        packed = ours.packed_rewards(ours(torch.cat(seqs), cu_seqlens=cu_seqlens), cu_seqlens)
+        alone = torch.cat([ours.rewards(s[None]) for s in seqs])
+    assert max_err(packed, alone) <= 1e-5, f"max abs diff {max_err(packed, alone):.3g}"
+
+
+def test_max_seqlen_shorter_than_a_sequence_is_refused():
+    model = Llama(ModelArgs(vocab_size=16, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=16))
+    with pytest.raises(ValueError, match="max_seqlen 4 is shorter"):
+        model(torch.zeros(12, dtype=torch.long), cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32),
+              max_seqlen=4)
