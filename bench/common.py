@@ -134,7 +134,25 @@ def run_provider(script: str, args: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s") -> str:
+def run_rounds(script: str, jobs: list[dict], rounds: int) -> list[dict]:
+    """Run every job `rounds` times, interleaved (A B C A B C), so that drift in the machine's speed
+    falls on every provider alike. Per job: the median of its rounds' times, the largest peak."""
+    results = [[] for _ in jobs]
+    for _ in range(rounds):
+        for job, out in zip(jobs, results):
+            out.append(run_provider(script, job))
+            print(f"  {job['provider']} {job.get('mode', '')}: {out[-1]}", file=sys.stderr, flush=True)
+    merged = []
+    for out in results:
+        ok = [r for r in out if "error" not in r]
+        if not ok:
+            merged.append(out[0])
+            continue
+        merged.append({"ms": statistics.median(r["ms"] for r in ok), "peak_mib": max(r["peak_mib"] for r in ok)})
+    return merged
+
+
+def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s", rate_scale: float = 1e12) -> str:
     """rows: {provider, mode, ms, peak_mib, work, (error)}; work is FLOPs (or bytes) for the rate column."""
     lines = [f"| provider | mode | ms | peak MiB | {rate_unit} | time vs {baseline} | memory vs {baseline} |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -144,7 +162,7 @@ def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s")
             lines.append(f"| {r['provider']} | {r['mode']} | — | — | — | — | not run: {r['error']} |")
             continue
         b = base.get(r["mode"])
-        rate = r["work"] / (r["ms"] * 1e-3) / 1e12
+        rate = r["work"] / (r["ms"] * 1e-3) / rate_scale
         t_ratio = f"{r['ms'] / b['ms']:.2f}x" if b else "—"
         m_ratio = f"{r['peak_mib'] / b['peak_mib']:.3f}x" if b and b["peak_mib"] > 0 else "—"
         lines.append(f"| {r['provider']} | {r['mode']} | {r['ms']:.1f} | {r['peak_mib']:.0f} | {rate:.3f} | "

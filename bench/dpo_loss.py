@@ -13,6 +13,7 @@ FLOPs counted: reference forward 2NHV + policy forward+backward 6NHV, N = 2BT.
 
     python bench/dpo_loss.py              # Llama-3-8B head on CUDA: B=4 pairs, T=2048, H=4096, V=128256
     python bench/dpo_loss.py --small      # CPU target: B=4, T=512, H=256, V=128256, fp32
+    python bench/dpo_loss.py --loss-only  # the loss kernel alone on [B] log-probs, B=65536 (GB/s)
 """
 
 import argparse
@@ -58,7 +59,27 @@ def mtcore_dpo(weight, hidden, labels, ref_hidden, ref_weight):
     return dpo_loss(pol[:B], pol[B:], ref[:B], ref[B:], beta=BETA).loss
 
 
+def build_loss_only(args):
+    """The loss kernel alone on [B] sequence log-probs: naive = dpo_loss_ref under autograd."""
+    from mtcore.kernels.dpo_loss import dpo_loss, dpo_loss_ref
+
+    device, B = args["device"], args["B"]
+    gen = torch.Generator().manual_seed(0)
+    pc, pr = (torch.randn(B, generator=gen).to(device).requires_grad_() for _ in range(2))
+    rc, rr = (torch.randn(B, generator=gen).to(device) for _ in range(2))
+    op = {"naive": dpo_loss_ref, "compiled": torch.compile(dpo_loss_ref), "mtcore": dpo_loss}.get(args["provider"])
+    if op is None:
+        raise RuntimeError(f"no {args['provider']} provider for the loss alone")
+
+    def fn():
+        op(pc, pr, rc, rr, beta=BETA).loss.backward()
+        pc.grad = pr.grad = None
+    return fn, device
+
+
 def build(args):
+    if args.get("loss_only"):
+        return build_loss_only(args)
     device, dtype = args["device"], DTYPES[args["dtype"]]
     B, T, H, V = args["B"], args["T"], args["H"], args["V"]
     gen = torch.Generator().manual_seed(0)
@@ -102,22 +123,31 @@ def main():
     parser.add_argument("--V", type=int, default=128256)
     parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss-only", action="store_true", help="the loss on [B] log-probs; B defaults to 65536")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
     parser.add_argument("--device", default=common.default_device())
     args = parser.parse_args()
+    if args.loss_only:
+        B = 65536 if args.B == 4 else args.B
+        print(common.header("DPO loss alone (sigmoid, beta 0.1), forward+backward", args.device, "fp32", f"B={B}"))
+        jobs = [dict(provider=p, device=args.device, B=B, loss_only=True, repeats=args.repeats)
+                for p in args.providers.split(",") if p != "liger"]
+        # bytes: read 4 [B] inputs, write loss terms, rewards and the saved gradient; backward reads 1, writes 2
+        rows = [{"provider": j["provider"], "mode": "fwdbwd", "work": 4 * B * 11, **r}
+                for j, r in zip(jobs, common.run_rounds(__file__, jobs, args.rounds))]
+        print(common.table(rows, rate_unit="GB/s", rate_scale=1e9))
+        return
     T = args.T or (512 if args.small else 2048)
     H = args.H or (256 if args.small else 4096)
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     print(common.header("DPO loss over the LM head (sigmoid, beta 0.1), reference log-probs included",
                         args.device, dtype, f"B={args.B} pairs, T={T}, H={H}, V={args.V}"))
     N = 2 * args.B * T
-    rows = []
-    for provider in args.providers.split(","):
-        job = dict(provider=provider, device=args.device, dtype=dtype, B=args.B, T=T, H=H, V=args.V,
-                   repeats=args.repeats)
-        result = common.run_provider(__file__, job)
-        rows.append({"provider": provider, "mode": "fwdbwd", "work": 8 * N * H * args.V, **result})
-        print(f"  {provider}: {result}", file=sys.stderr, flush=True)
+    jobs = [dict(provider=p, device=args.device, dtype=dtype, B=args.B, T=T, H=H, V=args.V, repeats=args.repeats)
+            for p in args.providers.split(",")]
+    rows = [{"provider": j["provider"], "mode": "fwdbwd", "work": 8 * N * H * args.V, **r}
+            for j, r in zip(jobs, common.run_rounds(__file__, jobs, args.rounds))]
     print(common.table(rows))
 
 

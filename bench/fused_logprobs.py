@@ -74,7 +74,8 @@ def main():
     parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--modes", default="fwd,fwdbwd")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
     parser.add_argument("--device", default=common.default_device())
     args = parser.parse_args()
     N = args.N or (2048 if args.small else 8192)
@@ -82,15 +83,11 @@ def main():
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     print(common.header("fused_logprobs: log p(label | hidden) over the LM head", args.device, dtype,
                         f"N={N} H={H} V={args.V}"))
-    rows = []
-    for mode in args.modes.split(","):
-        for provider in args.providers.split(","):
-            job = dict(provider=provider, mode=mode, device=args.device, dtype=dtype, N=N, H=H, V=args.V,
-                       repeats=args.repeats)
-            result = common.run_provider(__file__, job)
-            work = (2 if mode == "fwd" else 6) * N * H * args.V
-            rows.append({"provider": provider, "mode": mode, "work": work, **result})
-            print(f"  {provider} {mode}: {result}", file=sys.stderr, flush=True)
+    jobs = [dict(provider=provider, mode=mode, device=args.device, dtype=dtype, N=N, H=H, V=args.V,
+                 repeats=args.repeats) for mode in args.modes.split(",") for provider in args.providers.split(",")]
+    results = common.run_rounds(__file__, jobs, args.rounds)
+    rows = [{"provider": j["provider"], "mode": j["mode"], "work": (2 if j["mode"] == "fwd" else 6) * N * H * args.V,
+             **r} for j, r in zip(jobs, results)]
     print(common.table(rows))
 
 
