@@ -27,6 +27,8 @@ The fused passes are `_lse_update_kernel` and `_logit_grad_kernel` (Triton) and
 the chunking, the GEMMs and the fp32 accumulators.
 """
 
+import functools
+
 import torch
 
 from mtcore.kernels.utils import next_power_of_2, tl, triton, use_triton
@@ -34,9 +36,10 @@ from mtcore.kernels.utils import next_power_of_2, tl, triton, use_triton
 IGNORE_INDEX = -100
 MAX_BLOCK_V = 4096
 # (tokens per chunk, vocabulary tile) by device. CPU: an [256, 8192] fp32 tile is 8 MiB and stays in
-# L3; measured fastest of 128..1024 x 4096..16384 at N=2048, H=256, V=128256. CUDA: big GEMMs
-# ([4096, H] @ [H, 32768]), 256 MiB of bf16 logits per tile.
-CHUNKS = {"cpu": (256, 8192), "cuda": (4096, 32768)}
+# L3; measured fastest or tied of 128..1024 x 2048..16384 at N=2048, H=256, V=128256. CUDA (not
+# measured: no GPU yet): GEMMs of [4096, H] @ [H, 16384], a 128 MiB bf16 logits tile and a 256 MiB
+# fp32 partial weight gradient at H=4096.
+CHUNKS = {"cpu": (256, 8192), "cuda": (4096, 16384)}
 
 
 @triton.jit
@@ -123,14 +126,24 @@ def _logit_grad_torch(z, labels, lse, grad, v_start):
     z.scatter_add_(1, local, torch.where(in_tile, grad, 0.0).unsqueeze(1))
 
 
+@functools.cache
+def _mm_has_out_dtype() -> bool:
+    """torch.mm(..., out_dtype=) exists for CUDA in recent torch (checked on meta tensors)."""
+    try:
+        a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
 def _add_mm(acc, a, b):
     """acc += a @ b into an fp32 acc, with no rounding of the partial product to a's dtype: on CUDA a
     bf16 GEMM with fp32 output (cuBLAS accumulates in fp32), on CPU an fp32 GEMM of the upcast tiles."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda:
+    elif a.is_cuda and _mm_has_out_dtype():
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:
+    else:  # CPU (the interpreter's bf16 tests), or an older torch on CUDA
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
