@@ -1,0 +1,257 @@
+"""The KV-cache batch sampler: continuous batching over a fixed set of cache slots.
+
+- KVCache: per layer K and V of [slots, max_len, n_kv_heads, head_dim], preallocated; each slot
+  holds one sequence and its own length. Nothing ever attends past a slot's length, so padding is
+  never seen.
+- prefill: the prompts of the requests that just got slots, packed (cu_seqlens) through the model;
+  each prompt's K/V are written once into every slot that samples from it (n samples of a prompt
+  share one prefill).
+- decode_step: one token for every slot, each at its own position, attending to its own prefix.
+- sample: greedy (temperature 0), temperature, top-k, top-p.
+- generate: the scheduler. Requests (prompt, sample) wait in a queue far longer than the slot count;
+  when a sequence stops (a stop id or max_new_tokens) its slot takes the next request.
+
+The model's modules are reused as they are (embedding, norms, Attention.qkv, o_proj, MLP, head);
+model.py knows nothing of caches. Greedy results do not depend on the slot count or queue order
+beyond floating-point noise; sampled results are reproducible for a given seed and slot count.
+"""
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mtcore.errors import MtcoreError
+from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    logprobs: bool = False  # also return each sampled token's log-prob under the model (temperature 1)
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise MtcoreError(f"n and max_new_tokens must be >= 1, got {self.n} and {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise MtcoreError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, "
+                              f"{self.top_p}, {self.top_k}")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (a stop id, included in token_ids) or "length"
+    logprobs: list[float] | None = None
+
+
+class KVCache:
+    def __init__(self, model: Llama, slots: int, max_len: int):
+        a = model.args
+        p = next(model.parameters())
+        shape = (a.n_layers, slots, max_len, a.n_kv_heads, a.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.lens = torch.zeros(slots, dtype=torch.long, device=p.device)  # tokens held per slot
+        self.slots, self.max_len = slots, max_len
+
+    @staticmethod
+    def size_for(model: Llama, budget_tokens: int, max_len: int) -> int:
+        """How many slots of max_len tokens a budget of cached tokens holds."""
+        return max(1, budget_tokens // max_len)
+
+
+@torch.no_grad()
+def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
+    """Run prompts (packed) through the model, write each prompt's K/V into all of its slots.
+
+    prompts[p]: token ids; slots[p]: the cache slots that sample from prompt p.
+    Returns the last-position logits, [len(prompts), V] fp32.
+    """
+    device = cache.k.device
+    lens = [len(p) for p in prompts]
+    cu_seqlens = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)  # [P+1]
+    tokens = torch.tensor([t for p in prompts for t in p], device=device)  # [N]
+    positions = packed_positions(cu_seqlens)  # [N]
+    # Where each token's K/V goes: (slot, position) for every slot of its prompt.
+    src, dst_slot = [], []
+    for p, (start, n) in enumerate(zip(cu_seqlens[:-1].tolist(), lens)):
+        for s in slots[p]:
+            src.extend(range(start, start + n))
+            dst_slot.extend([s] * n)
+    src = torch.tensor(src, device=device)
+    dst_slot = torch.tensor(dst_slot, device=device)
+    dst_pos = positions[src]
+
+    body = model.model
+    x = body.embed_tokens(tokens)  # [N, dim]
+    cos, sin = rope_cos_sin(body.inv_freq(device), positions, x.dtype)
+    layout = make_layout(x, cu_seqlens, max(lens))
+    for i, layer in enumerate(body.layers):
+        attn = layer.self_attn
+        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # [N, H, D]
+        cache.k[i, dst_slot, dst_pos] = k[src]
+        cache.v[i, dst_slot, dst_pos] = v[src]
+        x = x + attn.o_proj(attend(q, k, v, layout).flatten(-2))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    for p, n in enumerate(lens):
+        cache.lens[slots[p]] = n
+    last = body.norm(x[cu_seqlens[1:].long() - 1])  # [P, dim]
+    return model.lm_head(last).float()
+
+
+@torch.no_grad()
+def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """One token for every slot: tokens [S] at position cache.lens. Returns logits [S, V] fp32.
+
+    Inactive slots run too (static shapes) but write at position 0 and are never read."""
+    S = cache.slots
+    pos = torch.where(active, cache.lens, 0)  # [S]
+    if int(pos.max()) >= cache.max_len:
+        raise RuntimeError("KV cache overflow: a slot is full")  # generate() sizes the cache so it cannot
+    kv_len = int(pos.max()) + 1
+    body = model.model
+    x = body.embed_tokens(tokens[:, None])  # [S, 1, dim]
+    cos, sin = rope_cos_sin(body.inv_freq(x.device), pos[:, None], x.dtype)  # [S, 1, D]
+    mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # [S, 1, 1, kv_len]
+    rows = torch.arange(S, device=x.device)
+    for i, layer in enumerate(body.layers):
+        attn = layer.self_attn
+        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # [S, 1, H, D]
+        cache.k[i, rows, pos] = k[:, 0]
+        cache.v[i, rows, pos] = v[:, 0]
+        keys = cache.k[i, :, :kv_len].transpose(1, 2)  # [S, Hkv, kv_len, D]
+        values = cache.v[i, :, :kv_len].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
+        x = x + attn.o_proj(out.transpose(1, 2).flatten(-2))  # [S, 1, dim]
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    cache.lens += active.long()
+    return model.lm_head(body.norm(x[:, 0])).float()
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits [R, V] fp32 -> token ids [R]. Order as transformers: temperature, top-k, top-p."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # [R, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already hold top_p of the mass (the first always stays)
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu() if probs.is_cuda and generator.device.type == "cpu" else probs, 1,
+                             generator=generator).squeeze(-1).to(logits.device)
+
+
+@dataclass
+class _Slot:
+    request: int = -1  # index into the request list; -1 = free
+    tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+
+
+def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
+             max_len: int | None = None, on_overlong: str = "error", progress=None) -> list[list[Completion] | None]:
+    """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
+    Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
+
+    slots: concurrent sequences (default: all requests, at most 64). max_len: tokens per slot
+    (default: longest prompt + max_new_tokens, capped at the model's max_position_embeddings).
+    progress: called with the number of requests finished at each step (for a progress bar).
+    """
+    if on_overlong not in ("error", "skip"):
+        raise ValueError("on_overlong must be 'error' or 'skip'")
+    limit = model.args.max_position_embeddings
+    if max_len is None:
+        longest = max((len(p) for p in prompts), default=1)
+        max_len = min(longest + params.max_new_tokens, limit)
+    keep = []
+    for i, p in enumerate(prompts):
+        if not p:
+            raise MtcoreError(f"prompt {i}: empty")
+        if len(p) >= max_len:  # room for at least one generated token
+            if on_overlong == "error":
+                raise MtcoreError(f"prompt {i}: {len(p)} tokens leave no room in a {max_len}-token cache slot; "
+                                  f"shorten it, raise the limit, or skip over-long prompts")
+            log.warning("prompt %d: %d tokens, too long for a %d-token slot; skipped", i, len(p), max_len)
+            continue
+        keep.append(i)
+    requests = [(i, j) for i in keep for j in range(params.n)]
+    results: list[list[Completion] | None] = [None] * len(prompts)
+    for i in keep:
+        results[i] = [None] * params.n
+    if not requests:
+        return results
+    n_slots = min(slots or 64, len(requests))
+    cache = KVCache(model, n_slots, max_len)
+    device = cache.k.device
+    generator = torch.Generator(device="cpu").manual_seed(params.seed)
+    stop = set(params.stop_ids)
+    queue = deque(range(len(requests)))
+    state = [_Slot() for _ in range(n_slots)]
+    last = torch.zeros(n_slots, dtype=torch.long, device=device)
+    active = torch.zeros(n_slots, dtype=torch.bool, device=device)
+
+    def accept(slot_ids: list[int], logits: torch.Tensor) -> int:
+        """Sample one token for each slot from its logits row; finish the slots that stop."""
+        tokens = sample(logits, params, generator)
+        logps = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1) if params.logprobs else None
+        done = 0
+        for row, s in enumerate(slot_ids):
+            st, token = state[s], int(tokens[row])
+            st.tokens.append(token)
+            if logps is not None:
+                st.logprobs.append(float(logps[row]))
+            prompt_len = len(prompts[requests[st.request][0]])
+            reason = "stop" if token in stop else (
+                "length" if len(st.tokens) >= params.max_new_tokens or prompt_len + len(st.tokens) >= max_len
+                else None)
+            if reason:
+                i, j = requests[st.request]
+                results[i][j] = Completion(st.tokens, reason, st.logprobs if params.logprobs else None)
+                state[s] = _Slot()
+                active[s] = False
+                done += 1
+            else:
+                last[s] = token
+        return done
+
+    while queue or bool(active.any()):
+        free = [s for s in range(n_slots) if state[s].request < 0]
+        if free and queue:
+            groups: dict[int, list[int]] = {}  # prompt -> newly assigned slots
+            for s in free[:len(queue)]:
+                r = queue.popleft()
+                state[s].request = r
+                groups.setdefault(requests[r][0], []).append(s)
+            order = list(groups)
+            logits = prefill(model, cache, [prompts[i] for i in order], [groups[i] for i in order])
+            slot_ids = [s for i in order for s in groups[i]]
+            rows = torch.tensor([k for k, i in enumerate(order) for _ in groups[i]], device=device)
+            active[slot_ids] = True
+            finished = accept(slot_ids, logits[rows])
+            if progress and finished:
+                progress(finished)
+            continue  # refill the slots that finished at once, before the next decode step
+        slot_ids = active.nonzero().squeeze(1).tolist()
+        logits = decode_step(model, cache, last, active)
+        finished = accept(slot_ids, logits[slot_ids])
+        if progress and finished:
+            progress(finished)
+    return results
