@@ -60,3 +60,37 @@ def convert(src, dst, kind, dtype, max_shard_gb):
     model = checkpoint.load_model(path, kind=kind, dtype=dtype)
     checkpoint.save_model(model, dst, max_shard_bytes=int(max_shard_gb * 2**30))
     click.echo(f"wrote {dst}")
+
+
+@main.command()
+@click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL: {"prompt": ...} or {"messages": [...]}, extra fields kept.')
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Output JSONL.")
+@click.option("--n", default=1, show_default=True, help="Samples per prompt.")
+@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0 = off.")
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--slots", default=None, type=int, help="Concurrent sequences in the KV cache (default: up to 64).")
+@click.option("--max-len", default=None, type=int, help="Tokens per cache slot (default: longest prompt + new).")
+@click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")
+@click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
+@click.option("--logprobs", is_flag=True, help="Also write each sampled token's log-prob.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@user_errors
+def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, max_len,
+             skip_overlong, chat_template, logprobs, device):
+    """Sample responses for PROMPTS with the KV-cache batch sampler."""
+    import torch
+
+    from mtcore.sampler import SamplingParams, generate_jsonl
+
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                            seed=seed, logprobs=logprobs)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    counts = generate_jsonl(policy, prompts_file, out_file, params, slots=slots, chat_template=chat_template,
+                            skip_overlong=skip_overlong, max_len=max_len, device=device)
+    click.echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
+               + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))

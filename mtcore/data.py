@@ -116,3 +116,53 @@ def encode_sequence(tokenizer, prompt, response: str, where: str = "prompt") -> 
     """(prompt ids + response ids, number of prompt ids)."""
     prompt_ids = encode_prompt(tokenizer, prompt, where)
     return prompt_ids + encode_response(tokenizer, response), len(prompt_ids)
+
+
+def read_jsonl(path) -> list[dict]:
+    """JSON objects, one per line (blank lines skipped); a malformed line is an error naming it."""
+    import json
+
+    rows = []
+    try:
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise MtcoreError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise MtcoreError(f"{path}:{lineno}: each line must be a JSON object")
+                row["_line"] = lineno
+                rows.append(row)
+    except OSError as e:
+        raise MtcoreError(f"{path}: cannot read ({e.strerror or e})") from None
+    return rows
+
+
+def write_jsonl(path, rows) -> None:
+    """Write rows atomically: a temp file beside `path`, then a rename."""
+    import json
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps({k: v for k, v in row.items() if k != "_line"}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def prompt_of(row: dict, where: str):
+    """The prompt of a JSONL row: "prompt" (a string or messages) or "messages"."""
+    if "prompt" in row:
+        return as_messages(row["prompt"], where)
+    if "messages" in row:
+        return as_messages(row["messages"], where)
+    raise MtcoreError(f'{where}: needs a "prompt" or a "messages" field')

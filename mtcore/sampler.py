@@ -166,6 +166,12 @@ class _Slot:
     logprobs: list = field(default_factory=list)
 
 
+def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> int:
+    """Default tokens per cache slot: the longest prompt plus max_new_tokens, within the model's context."""
+    longest = max((len(p) for p in prompts), default=1)
+    return min(longest + params.max_new_tokens, model.args.max_position_embeddings)
+
+
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
              max_len: int | None = None, on_overlong: str = "error", progress=None) -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
@@ -177,10 +183,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     """
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
-    limit = model.args.max_position_embeddings
-    if max_len is None:
-        longest = max((len(p) for p in prompts), default=1)
-        max_len = min(longest + params.max_new_tokens, limit)
+    max_len = max_len or slot_len(model, prompts, params)
     keep = []
     for i, p in enumerate(prompts):
         if not p:
@@ -255,3 +258,50 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         if progress and finished:
             progress(finished)
     return results
+
+
+def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
+                   chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
+                   device=None, dtype=None) -> dict:
+    """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts."""
+    from tqdm import tqdm
+
+    from mtcore.checkpoint import load_model, resolve
+    from mtcore.data import encode_prompt, load_tokenizer, prompt_of, read_jsonl, stop_ids, write_jsonl
+
+    rows = read_jsonl(prompts_file)
+    if not rows:
+        raise MtcoreError(f"{prompts_file}: no prompts")
+    path = resolve(policy)
+    tokenizer = load_tokenizer(path, chat_template)
+    prompts = [encode_prompt(tokenizer, prompt_of(r, f"{prompts_file}:{r['_line']}"), f"{prompts_file}:{r['_line']}")
+               for r in rows]
+    if not params.stop_ids:
+        params.stop_ids = tuple(stop_ids(tokenizer, path))
+    model = load_model(path, kind="policy", device=device, dtype=dtype).eval()
+    max_len = max_len or slot_len(model, prompts, params)
+    if not skip_overlong:  # name the file line before any work is done
+        for row, p in zip(rows, prompts):
+            if len(p) >= max_len:
+                raise MtcoreError(f"{prompts_file}:{row['_line']}: the prompt has {len(p)} tokens, no room in a "
+                                  f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
+    with tqdm(total=len(prompts) * params.n, desc="generate", unit="seq", disable=None) as bar:
+        results = generate(model, prompts, params, slots=slots, max_len=max_len,
+                           on_overlong="skip" if skip_overlong else "error", progress=bar.update)
+    stops = set(params.stop_ids)
+    skipped = 0
+    for row, completions in zip(rows, results):
+        if completions is None:
+            row["responses"], row["skipped"] = [], "prompt too long"
+            skipped += 1
+            continue
+        row["responses"] = []
+        for c in completions:
+            text_ids = c.token_ids[:-1] if c.finish_reason == "stop" and c.token_ids[-1] in stops else c.token_ids
+            response = {"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason}
+            if c.logprobs is not None:
+                response["logprobs"] = c.logprobs
+            row["responses"].append(response)
+    write_jsonl(out_file, rows)
+    return {"prompts": len(rows), "skipped": skipped, "responses": (len(rows) - skipped) * params.n}

