@@ -91,6 +91,25 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
     assert len(set(tokens.flatten().tolist())) > 1  # it does sample
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.8), (3, 1.0), (4, 0.7)])
+def test_sampling_distribution(top_k, top_p):
+    """Frequencies over many draws match the sort-based top-k / top-p distribution of transformers."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.3, -0.5, -1.0]]).repeat(40000, 1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = sample(logits, SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p), gen)
+    freq = torch.bincount(tokens, minlength=6).double() / tokens.numel()
+    ref = logits[:1] / 0.9
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    expected = ref.softmax(-1)[0].double()
+    assert (freq - expected).abs().max() < 0.01, (freq, expected)  # 40000 draws: std of a frequency < 0.0025
+    assert freq[expected == 0].sum() == 0
+
+
 def test_overlong_prompts(models):
     _, ours = models
     prompts = [[5] * 10, [6] * 200, [7] * 4]
