@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mtcore.errors import MtcoreError
-from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
+from mtcore.model import Llama, _flash_attn, attend, flash_attn_usable, make_layout, packed_positions, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """One token for every slot: tokens [S] at position cache.lens. Returns logits [S, V] fp32.
 
-    Inactive slots run too (static shapes) but write at position 0 and are never read."""
+    Inactive slots run too (static shapes) but write at position 0 and are never read. On CUDA with
+    flash-attn, flash_attn_with_kvcache appends the new K/V and attends in one call; otherwise the
+    cache is written here and SDPA attends under a per-slot length mask."""
     S = cache.slots
     pos = torch.where(active, cache.lens, 0)  # [S]
     if int(pos.max()) >= cache.max_len:
@@ -125,15 +127,22 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, active: torc
     cos, sin = rope_cos_sin(body.inv_freq(x.device), pos[:, None], x.dtype)  # [S, 1, D]
     mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # [S, 1, 1, kv_len]
     rows = torch.arange(S, device=x.device)
+    flash = _flash_attn() if flash_attn_usable(x) else None
+    seqlens = pos.to(torch.int32)
     for i, layer in enumerate(body.layers):
         attn = layer.self_attn
         q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # [S, 1, H, D]
-        cache.k[i, rows, pos] = k[:, 0]
-        cache.v[i, rows, pos] = v[:, 0]
-        keys = cache.k[i, :, :kv_len].transpose(1, 2)  # [S, Hkv, kv_len, D]
-        values = cache.v[i, :, :kv_len].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True)
-        x = x + attn.o_proj(out.transpose(1, 2).flatten(-2))  # [S, 1, dim]
+        if flash is not None:  # writes k, v at seqlens into the cache in place, attends to [0, seqlens]
+            out = flash.flash_attn_with_kvcache(q, cache.k[i], cache.v[i], k=k, v=v, cache_seqlens=seqlens,
+                                                causal=True)  # [S, 1, Hq, D]
+        else:
+            cache.k[i, rows, pos] = k[:, 0]
+            cache.v[i, rows, pos] = v[:, 0]
+            keys = cache.k[i, :, :kv_len].transpose(1, 2)  # [S, Hkv, kv_len, D]
+            values = cache.v[i, :, :kv_len].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                 enable_gqa=True).transpose(1, 2)  # [S, 1, Hq, D]
+        x = x + attn.o_proj(out.flatten(-2))  # [S, 1, dim]
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     cache.lens += active.long()
     return model.lm_head(body.norm(x[:, 0])).float()

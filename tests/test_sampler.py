@@ -192,3 +192,39 @@ def test_cli_generate_bad_input(llama3_policy, tmp_path):
     r = subprocess.run(base + ["--prompts", str(tmp_path / "long.jsonl"), "--max-len", "64", "--skip-overlong"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "1 skipped as too long" in r.stdout, r.stderr
+
+
+def test_flash_attn_kv_cache_wiring(models, monkeypatch):
+    """flash-attn's calling convention, stood in for by a float64 attention on CPU: prefill through
+    flash_attn_varlen_func, decode through flash_attn_with_kvcache (which writes the cache itself)."""
+    import mtcore.model as m
+    import mtcore.sampler as smp
+    from test_model import FakeFlashAttn
+
+    class FakeWithKVCache(FakeFlashAttn):
+        @classmethod
+        def flash_attn_with_kvcache(cls, q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False):
+            assert cache_seqlens.dtype == torch.int32 and causal and q.shape[1] == 1
+            cls.calls.append("kvcache")
+            outs = []
+            for b, n in enumerate(cache_seqlens.tolist()):
+                k_cache[b, n], v_cache[b, n] = k[b, 0], v[b, 0]
+                keys, values = k_cache[b, :n + 1].double(), v_cache[b, :n + 1].double()  # [n+1, Hkv, D]
+                rep = q.shape[2] // keys.shape[1]
+                keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+                scores = torch.einsum("hd,shd->hs", q[b, 0].double(), keys) / q.shape[-1] ** 0.5
+                outs.append(torch.einsum("hs,shd->hd", scores.softmax(-1), values)[None].to(q.dtype))
+            return torch.stack(outs)  # [S, 1, Hq, D]
+
+    _, ours = models
+    prompts = ragged_prompts(5, seed=7)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=8)
+    expected = generate(ours, prompts, params, slots=3)
+    FakeWithKVCache.calls = []
+    monkeypatch.setattr(m, "flash_attn_usable", lambda x: True)
+    monkeypatch.setattr(smp, "flash_attn_usable", lambda x: True)
+    monkeypatch.setattr(smp, "_flash_attn", lambda: FakeWithKVCache)
+    monkeypatch.setattr(m, "_flash_attn", lambda: FakeWithKVCache)
+    got = generate(ours, prompts, params, slots=3)
+    assert {"varlen", "kvcache"} <= set(FakeWithKVCache.calls)
+    assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in expected]
