@@ -73,15 +73,16 @@ def convert(src, dst, kind, dtype, max_shard_gb):
 @click.option("--top-k", default=0, show_default=True, help="0 = off.")
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--slots", default=None, type=int, help="Concurrent sequences in the KV cache (default: up to 64).")
+@click.option("--slots", default=None, type=int, help="Concurrent sequences (default: what --kv-cache-gb holds).")
+@click.option("--kv-cache-gb", default=2.0, show_default=True, help="K/V cache budget that sizes the slots.")
 @click.option("--max-len", default=None, type=int, help="Tokens per cache slot (default: longest prompt + new).")
 @click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")
 @click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
 @click.option("--logprobs", is_flag=True, help="Also write each sampled token's log-prob.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
 @user_errors
-def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, max_len,
-             skip_overlong, chat_template, logprobs, device):
+def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
+             max_len, skip_overlong, chat_template, logprobs, device):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
     import torch
 
@@ -91,6 +92,7 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
                             seed=seed, logprobs=logprobs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     counts = generate_jsonl(policy, prompts_file, out_file, params, slots=slots, chat_template=chat_template,
-                            skip_overlong=skip_overlong, max_len=max_len, device=device)
+                            skip_overlong=skip_overlong, max_len=max_len, device=device,
+                            kv_budget_bytes=int(kv_cache_gb * 2**30))
     click.echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
                + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))

@@ -66,9 +66,11 @@ class KVCache:
         self.slots, self.max_len = slots, max_len
 
     @staticmethod
-    def size_for(model: Llama, budget_tokens: int, max_len: int) -> int:
-        """How many slots of max_len tokens a budget of cached tokens holds."""
-        return max(1, budget_tokens // max_len)
+    def slots_for(model: Llama, budget_bytes: int, max_len: int) -> int:
+        """How many slots of max_len tokens fit a K+V budget in bytes (at least one)."""
+        a = model.args
+        per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * next(model.parameters()).element_size()
+        return max(1, budget_bytes // (max_len * per_token))
 
 
 @torch.no_grad()
@@ -199,11 +201,13 @@ def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> 
 
 
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
-             max_len: int | None = None, on_overlong: str = "error", progress=None) -> list[list[Completion] | None]:
+             max_len: int | None = None, on_overlong: str = "error", progress=None,
+             kv_budget_bytes: int = 2 * 2**30) -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
 
-    slots: concurrent sequences (default: all requests, at most 64). max_len: tokens per slot
+    slots: concurrent sequences (default: as many as kv_budget_bytes of K/V cache holds, at most one
+    per request). max_len: tokens per slot
     (default: longest prompt + max_new_tokens, capped at the model's max_position_embeddings).
     progress: called with the number of requests finished at each step (for a progress bar).
     """
@@ -227,7 +231,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         results[i] = [None] * params.n
     if not requests:
         return results
-    n_slots = min(slots or 64, len(requests))
+    n_slots = min(slots or KVCache.slots_for(model, kv_budget_bytes, max_len), len(requests))
     cache = KVCache(model, n_slots, max_len)
     device = cache.k.device
     generator = torch.Generator(device="cpu").manual_seed(params.seed)
@@ -288,7 +292,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
 
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
-                   device=None, dtype=None) -> dict:
+                   device=None, dtype=None, kv_budget_bytes: int = 2 * 2**30) -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts."""
     from tqdm import tqdm
 
@@ -313,7 +317,8 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
                                   f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
     with tqdm(total=len(prompts) * params.n, desc="generate", unit="seq", disable=None) as bar:
         results = generate(model, prompts, params, slots=slots, max_len=max_len,
-                           on_overlong="skip" if skip_overlong else "error", progress=bar.update)
+                           on_overlong="skip" if skip_overlong else "error", progress=bar.update,
+                           kv_budget_bytes=kv_budget_bytes)
     stops = set(params.stop_ids)
     skipped = 0
     for row, completions in zip(rows, results):

@@ -120,6 +120,16 @@ def test_overlong_prompts(models):
     assert results[1] is None and len(results[0][0].token_ids) == 5 and len(results[2][0].token_ids) == 5
 
 
+def test_slots_sized_from_the_budget(models):
+    from mtcore.sampler import KVCache
+
+    _, ours = models
+    a = ours.args
+    per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4
+    assert KVCache.slots_for(ours, 10 * 40 * per_token, 40) == 10
+    assert KVCache.slots_for(ours, 1, 40) == 1
+
+
 def test_length_capped_by_the_cache(models):
     _, ours = models
     results = generate(ours, [[5] * 10], SamplingParams(temperature=0, max_new_tokens=50), max_len=16)
