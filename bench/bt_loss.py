@@ -7,7 +7,6 @@ reads 2, writes 2). B defaults to 65536 pairs; the paper's RM batch is 512.
     python bench/bt_loss.py [--B 512]
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -37,12 +36,8 @@ def build(args):
 def main():
     if "--worker" in sys.argv:
         return common.worker_main(build, sys.argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.arg_parser(__doc__, PROVIDERS, repeats=20)
     parser.add_argument("--B", type=int, default=65536, help="pairs")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per worker")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
-    parser.add_argument("--device", default=common.default_device())
     args = parser.parse_args()
     print(common.header("Bradley-Terry loss (margin, center_coef 0.01), forward+backward", args.device, "fp32",
                         f"B={args.B}"))

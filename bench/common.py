@@ -172,3 +172,15 @@ def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s",
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def arg_parser(doc: str, providers: list[str], repeats: int = 3):
+    """The options every benchmark takes: --providers, --repeats, --rounds, --device."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--providers", default=",".join(providers))
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls per worker")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
+    parser.add_argument("--device", default=default_device())
+    return parser

@@ -16,7 +16,6 @@ FLOPs counted: reference forward 2NHV + policy forward+backward 6NHV, N = 2BT.
     python bench/dpo_loss.py --loss-only  # the loss kernel alone on [B] log-probs, B=65536 (GB/s)
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -115,18 +114,14 @@ def build(args):
 def main():
     if "--worker" in sys.argv:
         return common.worker_main(build, sys.argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.arg_parser(__doc__, PROVIDERS)
     parser.add_argument("--small", action="store_true", help="CPU shapes: B=4, T=512, H=256 (V stays 128256), fp32")
     parser.add_argument("--B", type=int, default=4, help="pairs")
     parser.add_argument("--T", type=int)
     parser.add_argument("--H", type=int)
     parser.add_argument("--V", type=int, default=128256)
     parser.add_argument("--dtype", choices=DTYPES)
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--loss-only", action="store_true", help="the loss on [B] log-probs; B defaults to 65536")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
-    parser.add_argument("--device", default=common.default_device())
     args = parser.parse_args()
     if args.loss_only:
         B = 65536 if args.B == 4 else args.B

@@ -9,7 +9,6 @@ backward recomputes the logits, 8NHV done; the rate column counts only the 6NHV 
     python bench/fused_logprobs.py --small           # CPU target: N=2048, H=256, V=128256, fp32
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -66,17 +65,13 @@ def build(args):
 def main():
     if "--worker" in sys.argv:
         return common.worker_main(build, sys.argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.arg_parser(__doc__, PROVIDERS)
     parser.add_argument("--small", action="store_true", help="CPU shapes: N=2048, H=256 (V stays 128256), fp32")
     parser.add_argument("--N", type=int)
     parser.add_argument("--H", type=int)
     parser.add_argument("--V", type=int, default=128256)
     parser.add_argument("--dtype", choices=DTYPES)
     parser.add_argument("--modes", default="fwd,fwdbwd")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per worker")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
-    parser.add_argument("--device", default=common.default_device())
     args = parser.parse_args()
     N = args.N or (2048 if args.small else 8192)
     H = args.H or (256 if args.small else 4096)
