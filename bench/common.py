@@ -126,6 +126,9 @@ def worker_main(build, argv):
 def run_provider(script: str, args: dict) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    # glibc returns freed memory to the OS at once, so memory kept from the warm-up call cannot hide
+    # in the "before" RSS of the measured call
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run([sys.executable, script, "--worker", json.dumps(args)], capture_output=True, text=True,
                           env=env)
     lines = proc.stdout.strip().splitlines()
@@ -172,6 +175,22 @@ def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s",
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_peak_tflops(device: str, dtype=torch.bfloat16, n: int = 8192) -> float | None:
+    """This device's measured dense matmul rate (TFLOP/s), the yardstick for "% of peak" on GPU."""
+    if device != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * 10 / (time.perf_counter() - start) / 1e12
 
 
 def arg_parser(doc: str, providers: list[str], repeats: int = 3):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mtcore.kernels.utils import next_power_of_2, tl, triton, use_triton
+from mtcore.kernels.utils import device_guard, next_power_of_2, tl, triton, use_triton
 
 MAX_BLOCK = 1024
 
@@ -58,8 +58,9 @@ def _bt_forward_triton(chosen, rejected, margin, center_coef):
     B = chosen.shape[0]
     out = [torch.empty(B, dtype=torch.float32, device=chosen.device) for _ in range(3)]
     block = launch_config(B)
-    _bt_fwd_kernel[(triton.cdiv(B, block),)](chosen, rejected, chosen if margin is None else margin, *out, B,
-                                             float(center_coef), HAS_MARGIN=margin is not None, BLOCK=block)
+    with device_guard(chosen):
+        _bt_fwd_kernel[(triton.cdiv(B, block),)](chosen, rejected, chosen if margin is None else margin, *out, B,
+                                                 float(center_coef), HAS_MARGIN=margin is not None, BLOCK=block)
     return out  # losses, d/dchosen, d/drejected (per pair, before the 1/B of the mean)
 
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mtcore.kernels.utils import next_power_of_2, tl, triton, use_triton
+from mtcore.kernels.utils import device_guard, next_power_of_2, tl, triton, use_triton
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 MAX_BLOCK = 1024
@@ -79,8 +79,9 @@ def _dpo_forward_triton(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     B = pc.shape[0]
     out = [torch.empty(B, dtype=torch.float32, device=pc.device) for _ in range(4)]
     block = launch_config(B)
-    _dpo_fwd_kernel[(triton.cdiv(B, block),)](pc, pr, rc, rr, *out, B, float(beta), float(label_smoothing),
-                                              LOSS_TYPE=LOSS_TYPES.index(loss_type), BLOCK=block)
+    with device_guard(pc):
+        _dpo_fwd_kernel[(triton.cdiv(B, block),)](pc, pr, rc, rr, *out, B, float(beta), float(label_smoothing),
+                                                  LOSS_TYPE=LOSS_TYPES.index(loss_type), BLOCK=block)
     return out  # losses, dldm, chosen_rewards, rejected_rewards
 
 

@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from mtcore.kernels.utils import next_power_of_2, tl, triton, use_triton
+from mtcore.kernels.utils import device_guard, next_power_of_2, tl, triton, use_triton
 
 IGNORE_INDEX = -100
 MAX_BLOCK_V = 4096
@@ -70,8 +70,12 @@ def _lse_update_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_
 
 @triton.jit
 def _logit_grad_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_ptr, lse_ptr, grad_ptr, v_start, n_cols,
-                       BLOCK_V: tl.constexpr):
-    """One row of a [C, VT] logits tile, overwritten in place by dz = g * (onehot(label) - softmax)."""
+                       BLOCK_V: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """One row of a [C, VT] logits tile, overwritten in place by dz = g * (onehot(label) - softmax).
+
+    EMULATE_RNE (interpreter only): the interpreter truncates fp32 -> bf16 stores where the GPU
+    rounds to nearest even (the sm_90 PTX has cvt.rn.bf16.f32, checked in tests/test_compile.py);
+    rounding the bits by hand first makes the interpreter store what the GPU stores."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
     lse = tl.load(lse_ptr + row)
@@ -82,6 +86,10 @@ def _logit_grad_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_
         mask = cols < n_cols
         z = tl.load(row_ptr + cols * stride_logits_col, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(cols == local, g, 0.0) - g * tl.exp(z - lse)
+        if EMULATE_RNE:
+            bits = dz.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            dz = bits.to(tl.float32, bitcast=True)
         tl.store(row_ptr + cols * stride_logits_col, dz.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,14 +101,17 @@ def launch_config(n_cols: int) -> tuple[int, int]:
 
 def _lse_update_triton(z, labels, run_max, run_sum, label_logit, v_start):
     block_v, num_warps = launch_config(z.shape[1])
-    _lse_update_kernel[(z.shape[0],)](z, z.stride(0), z.stride(1), labels, run_max, run_sum, label_logit, v_start, z.shape[1],
-                                      BLOCK_V=block_v, num_warps=num_warps)
+    with device_guard(z):
+        _lse_update_kernel[(z.shape[0],)](z, z.stride(0), z.stride(1), labels, run_max, run_sum, label_logit,
+                                          v_start, z.shape[1], BLOCK_V=block_v, num_warps=num_warps)
 
 
 def _logit_grad_triton(z, labels, lse, grad, v_start):
     block_v, num_warps = launch_config(z.shape[1])
-    _logit_grad_kernel[(z.shape[0],)](z, z.stride(0), z.stride(1), labels, lse, grad, v_start, z.shape[1],
-                                      BLOCK_V=block_v, num_warps=num_warps)
+    with device_guard(z):
+        _logit_grad_kernel[(z.shape[0],)](z, z.stride(0), z.stride(1), labels, lse, grad, v_start, z.shape[1],
+                                          BLOCK_V=block_v, EMULATE_RNE=not z.is_cuda and z.dtype == torch.bfloat16,
+                                          num_warps=num_warps)
 
 
 def _label_in_tile(labels, v_start, n_cols):
@@ -147,12 +158,12 @@ def _add_mm(acc, a, b):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _logits_tile(h_c, w_t):
-    """[c, H] x [vt, H] -> z [c, vt]. On CPU z is a view of a contiguous [vt, c] product: oneDNN runs
-    that layout ~15% faster for all three GEMMs of these shapes (measured at c=256, H=256, vt=8192:
-    171/170/178 GFLOP/s against 145/163/167), and the fused passes take any strides. On CUDA z is
-    row-major, so the Triton passes read each token's logits contiguously."""
-    if h_c.is_cuda:
+def _logits_tile(h_c, w_t, triton_path):
+    """[c, H] x [vt, H] -> z [c, vt]. On the torch CPU path z is a view of a contiguous [vt, c]
+    product: oneDNN runs that layout ~15% faster for all three GEMMs of these shapes (measured at
+    c=256, H=256, vt=8192: 171/170/178 GFLOP/s against 145/163/167). On the Triton path z is
+    row-major, so each token's logits are read contiguously; the interpreter tests see that layout."""
+    if triton_path:
         return torch.mm(h_c, w_t.T)
     return torch.mm(w_t, h_c.T).T
 
@@ -174,8 +185,9 @@ def _check(hidden, weight, labels):
     if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
                          f"labels {tuple(labels.shape)}")
-    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
-        raise ValueError(f"hidden and weight must share a float dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden and weight must share one of fp32, bf16, fp16; got {hidden.dtype} and "
+                         f"{weight.dtype}")
     if labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"labels must be int32 or int64, got {labels.dtype}")
     if hidden.device != weight.device or hidden.device != labels.device:
@@ -203,42 +215,57 @@ def fused_logprobs_forward(hidden, weight, labels, chunk_tokens=None, vocab_tile
         run_sum = torch.zeros(h_c.shape[0], device=hidden.device)
         label_logit = torch.zeros(h_c.shape[0], device=hidden.device)
         for v in range(0, V, VT):
-            z = _logits_tile(h_c, weight[v:v + VT].to(dtype))  # [c, vt]: the one live tile of logits
+            z = _logits_tile(h_c, weight[v:v + VT].to(dtype), triton_path)  # [c, vt]: the one live tile
             update(z, y_c, run_max, run_sum, label_logit, v)
         lse[s:s + C] = run_max + run_sum.log()
         logps[scored[s:s + C]] = label_logit - lse[s:s + C]
     return logps, lse, scored
 
 
-def fused_logprobs_backward(grad_logps, hidden, weight, labels, lse, scored, chunk_tokens=None, vocab_tile=None):
-    """-> (d hidden [N, H] in hidden's dtype, d weight [V, H] in weight's dtype, accumulated in fp32)."""
+def fused_logprobs_backward(grad_logps, hidden, weight, labels, lse, scored, chunk_tokens=None, vocab_tile=None,
+                            need_hidden=True, need_weight=True):
+    """-> (d hidden [N, H] in hidden's dtype or None, d weight [V, H] in weight's dtype or None).
+
+    Vocabulary tiles outside, token chunks inside: each tile's weight gradient is accumulated in fp32
+    over all chunks, then written once in the weight's dtype, so no fp32 [V, H] copy exists beside
+    the gradient itself. d hidden is accumulated in fp32 over the tiles ([Ns, H])."""
     V = weight.shape[0]
     triton_path = use_triton(hidden)
     grad_pass = _logit_grad_triton if triton_path else _logit_grad_torch
     C, VT = _chunks(hidden.device, chunk_tokens, vocab_tile)
     dtype = _gemm_dtype(hidden, triton_path)
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     g = grad_logps.float()[scored]  # [Ns]
     y = labels[scored].long()
-    for s in range(0, scored.numel(), C):
-        idx = scored[s:s + C]
-        h_c = hidden[idx].to(dtype)  # [c, H]
-        gh_c = torch.zeros(h_c.shape, dtype=torch.float32, device=hidden.device)
-        for v in range(0, V, VT):
-            w_t = weight[v:v + VT].to(dtype)  # [vt, H]
-            z = _logits_tile(h_c, w_t)  # [c, vt], recomputed
+    grad_scored = torch.zeros(scored.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    for v in range(0, V, VT):
+        w_t = weight[v:v + VT].to(dtype)  # [vt, H]
+        acc_w = None
+        if need_weight:  # fp32 weights accumulate in place; others in an fp32 tile
+            acc_w = grad_weight[v:v + VT] if weight.dtype == torch.float32 else torch.zeros(
+                w_t.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, scored.numel(), C):
+            h_c = hidden[scored[s:s + C]].to(dtype)  # [c, H]
+            z = _logits_tile(h_c, w_t, triton_path)  # [c, vt], recomputed
             grad_pass(z, y[s:s + C], lse[s:s + C], g[s:s + C], v)  # z := dz
-            _add_mm(gh_c, z, w_t)
-            _add_mm(grad_weight[v:v + VT], z.T, h_c)
-        grad_hidden[idx] = gh_c
-    return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
+            if need_hidden:
+                _add_mm(grad_scored[s:s + C], z, w_t)
+            if need_weight:
+                _add_mm(acc_w, z.T, h_c)
+        if need_weight and acc_w.data_ptr() != grad_weight[v:v + VT].data_ptr():
+            grad_weight[v:v + VT] = acc_w
+    grad_hidden = None
+    if need_hidden:
+        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden[scored] = grad_scored.to(hidden.dtype)
+    return grad_hidden, grad_weight
 
 
 class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, vocab_tile):
-        logps, lse, scored = fused_logprobs_forward(hidden, weight, labels, chunk_tokens, vocab_tile)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logps, lse, scored = fused_logprobs_forward(hidden, weight, labels, chunk_tokens, vocab_tile)
         ctx.save_for_backward(hidden, weight, labels, lse, scored)
         ctx.chunks = (chunk_tokens, vocab_tile)
         return logps
@@ -246,14 +273,23 @@ class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, labels, lse, scored = ctx.saved_tensors
-        grad_hidden, grad_weight = fused_logprobs_backward(grad_logps, hidden, weight, labels, lse, scored,
-                                                           *ctx.chunks)
+        with torch.autocast(hidden.device.type, enabled=False):
+            grad_hidden, grad_weight = fused_logprobs_backward(
+                grad_logps, hidden, weight, labels, lse, scored, *ctx.chunks,
+                need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1])
         return grad_hidden, grad_weight, None, None, None
 
 
 def fused_logprobs(hidden, weight, labels, chunk_tokens=None, vocab_tile=None):
     """log p(label | hidden) per token, [N] fp32, 0 where the label is -100. Differentiable in hidden
-    and weight. chunk_tokens / vocab_tile override the per-device tile shape."""
+    and weight. chunk_tokens / vocab_tile override the per-device tile shape.
+
+    Under torch.autocast both inputs are cast to the autocast dtype first (as a matmul would be), and
+    the forward and the backward then run with autocast off, so both see the same logits."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     return FusedLogprobs.apply(hidden, weight, labels, chunk_tokens, vocab_tile)
 
 
@@ -272,7 +308,11 @@ def sequence_logps(logps, cu_seqlens, labels):
 
     Differentiable in logps. Length-normalised variants divide the sums by the counts.
     """
+    if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != logps.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to N={logps.shape[0]}, got {cu_seqlens.tolist()}")
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # [B]
+    if (lens < 0).any():
+        raise ValueError(f"cu_seqlens must not decrease, got {cu_seqlens.tolist()}")
     seq_ids = torch.repeat_interleave(torch.arange(lens.numel(), device=logps.device), lens)  # [N]
     sums = torch.zeros(lens.numel(), dtype=logps.dtype, device=logps.device).index_add(0, seq_ids, logps)
     counts = torch.zeros(lens.numel(), dtype=torch.long, device=logps.device).index_add_(

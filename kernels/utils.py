@@ -7,6 +7,7 @@ Otherwise CPU tensors take the torch implementation of the same algorithm.
 triton has no wheels for macOS or Windows: there the kernels are stubs that are never launched.
 """
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -33,3 +34,8 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on x's GPU, whichever is current (triton launches on the current device)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

@@ -77,5 +77,8 @@ def llama3_tokenizer_path():
 @pytest.fixture(params=["triton", "torch"])
 def kernel_path(request, monkeypatch):
     """Run a kernel test on both CPU paths: the Triton interpreter and the torch implementation."""
+    from mtcore.kernels.utils import use_triton
+
     monkeypatch.setenv("TRITON_INTERPRET", "1" if request.param == "triton" else "0")
+    assert use_triton(torch.empty(0)) == (request.param == "triton"), "triton is not importable here"
     return request.param

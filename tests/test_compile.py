@@ -31,8 +31,8 @@ for block_v, num_warps in sorted({fl.launch_config(n) for n in POWERS}):
                      "label_logit_ptr": "*fp32", "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr"},
                      {"BLOCK_V": block_v, "stride_logits_col": 1}, num_warps, dt))
         jobs.append(("logit_grad", fl._logit_grad_kernel, {**common, "lse_ptr": "*fp32", "grad_ptr": "*fp32",
-                     "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr"}, {"BLOCK_V": block_v, "stride_logits_col": 1},
-                     num_warps, dt))
+                     "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr", "EMULATE_RNE": "constexpr"},
+                     {"BLOCK_V": block_v, "stride_logits_col": 1, "EMULATE_RNE": False}, num_warps, dt))
 for block in sorted({dpo_loss.launch_config(n) for n in POWERS}):
     for loss_type in range(len(dpo_loss.LOSS_TYPES)):
         sig = {n: "*fp32" for n in ("pc_ptr", "pr_ptr", "rc_ptr", "rr_ptr", "loss_ptr", "dldm_ptr",

@@ -43,12 +43,16 @@ SHAPES = {
 TILES = {"default": (None, None), "small": (7, 97)}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_reference(kernel_path, shape, tiles, dtype):
+def test_matches_reference(kernel_path, shape, tiles, dtype, seed):
     N, H, V = SHAPES[shape]
-    hidden, weight, labels, grad = make_inputs(N, H, V, dtype, masked=[slice(1, 3)] if N > 3 else [])
+    hidden, weight, labels, grad = make_inputs(N, H, V, dtype, seed=seed, masked=[slice(1, 3)] if N > 3 else [])
+    labels[0] = V - 1  # the last vocabulary row, in the last (ragged) tile
+    if N > 3:
+        labels[3] = 0
     chunk_tokens, vocab_tile = TILES[tiles]
     ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
     got = run(lambda h, w, y: fused_logprobs(h, w, y, chunk_tokens, vocab_tile), hidden, weight, labels, grad, dtype)
@@ -98,6 +102,47 @@ def test_never_more_than_one_tile_of_logits(kernel_path, monkeypatch):
     assert sum(logit_tiles) == 2 * 20 * 1000  # forward + backward recompute, 20 scored tokens, V = 1000
 
 
+def test_autocast_forward_and_backward_agree(kernel_path):
+    """Under autocast both passes see the same bf16 logits: no worse than twice torch's own autocast error."""
+    hidden, weight, labels, grad = make_inputs(16, 32, 3000, torch.float32, seed=3)
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+
+    def under_autocast(fn):
+        def wrapped(h, w, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h, w, y)
+        return wrapped
+
+    base = errors(run(under_autocast(fused_logprobs_ref), hidden, weight, labels, grad, torch.float32), ref64)
+    got = run(under_autocast(fused_logprobs), hidden, weight, labels, grad, torch.float32)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for name, e, b in zip(("logps", "d hidden", "d weight"), errors(got, ref64), base):
+        assert e <= 2 * b + 1e-6, f"{name}: max err {e:.3g}, torch autocast reference {b:.3g}"
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_one_gradient_only(kernel_path, which):
+    hidden, weight, labels, grad = make_inputs(20, 16, 700, torch.float32, seed=4)
+    h = hidden.float().requires_grad_(which == "hidden")
+    w = weight.float().requires_grad_(which == "weight")
+    (fused_logprobs(h, w, labels, 6, 256) * grad.float()).sum().backward()
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+    got, ref = (h.grad, ref64[1]) if which == "hidden" else (w.grad, ref64[2])
+    assert (h.grad is None) == (which == "weight") and (w.grad is None) == (which == "hidden")
+    assert (got.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_strided_inputs_and_int32_labels(kernel_path):
+    hidden, weight, labels, grad = make_inputs(12, 24, 500, torch.float32, seed=5, masked=[slice(4, 6)])
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+    h = hidden.float().T.contiguous().T.detach().requires_grad_()  # column-major [N, H]
+    w = weight.float().T.contiguous().T.detach().requires_grad_()
+    out = fused_logprobs(h, w, labels.to(torch.int32)[:, None].expand(12, 2)[:, 0], 5, 128)
+    (out * grad.float()).sum().backward()
+    for got, ref in zip((out, h.grad, w.grad), ref64):
+        assert (got.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
 def test_bad_labels():
     hidden, weight, labels, _ = make_inputs(4, 8, 50, torch.float32)
     labels[2] = 50
@@ -105,6 +150,8 @@ def test_bad_labels():
         fused_logprobs(hidden.float(), weight.float(), labels)
     with pytest.raises(ValueError, match="shape mismatch"):
         fused_logprobs(hidden.float(), weight.float()[:, :4], labels)
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        fused_logprobs(hidden, weight, labels.clamp(max=49))  # float64 is not a kernel dtype
 
 
 def test_sequence_logps():
@@ -115,6 +162,9 @@ def test_sequence_logps():
     assert sums.tolist() == [-3.0, 0.0, -3.5] and counts.tolist() == [2, 0, 2]
     sums.sum().backward()
     assert logps.grad.tolist() == [1.0] * 6
+    for bad in ([1, 3, 6], [0, 3, 5], [0, 4, 3, 6]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            sequence_logps(logps, torch.tensor(bad, dtype=torch.int32), labels)
 
 
 @pytest.mark.slow

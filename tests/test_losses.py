@@ -41,12 +41,13 @@ DPO_CASES = [("sigmoid", 0.1, 0.0), ("sigmoid", 0.1, 0.2), ("sigmoid", 0.01, 0.0
              ("hinge", 0.1, 0.0)]
 
 
+@pytest.mark.parametrize("scale", [30.0, 0.3])  # sums of hundreds of tokens, and of a few
 @pytest.mark.parametrize("B", SIZES)
 @pytest.mark.parametrize("case", DPO_CASES, ids=lambda c: f"{c[0]}-beta{c[1]}-ls{c[2]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dpo_matches_reference(kernel_path, B, case, dtype):
+def test_dpo_matches_reference(kernel_path, B, case, dtype, scale):
     loss_type, beta, ls = case
-    inputs = dpo_inputs(B, seed=B)
+    inputs = dpo_inputs(B, seed=B, scale=scale)
     kw = dict(beta=beta, loss_type=loss_type, label_smoothing=ls)
     got, g_pc, g_pr = run_dpo(dpo_loss, inputs, dtype, **kw)
     ref, r_pc, r_pr = run_dpo(dpo_loss_ref, [t.to(dtype).double() for t in inputs], torch.float64, **kw)
