@@ -2,12 +2,14 @@
 
 Each provider runs in a fresh subprocess (the script re-invoked with --worker), so its peak memory
 is its own: on CUDA torch.cuda.max_memory_allocated, on CPU the peak RSS (VmHWM, reset through
-/proc/self/clear_refs before the measured call). "peak MiB" is the peak during one call minus what
-was allocated before it (inputs included there, so it is the op's extra memory). Every provider is
-called once to warm up (compilation, autotuning, allocator), then measured, then timed `repeats`
-times; the table shows the median.
+/proc/self/clear_refs before the measured call, with glibc set to return freed memory at once).
+"peak MiB" is the peak during one call minus what was allocated before it (inputs included there,
+so it is the op's extra memory). Every provider is called once to warm up (compilation,
+autotuning, allocator), then timed `repeats` times (the table shows the median), then measured
+for memory.
 """
 
+import ctypes
 import json
 import os
 import platform
@@ -99,14 +101,30 @@ def _timed(fn, device: str) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def _release_freed_memory_at_once():
+    """Make glibc hand freed memory back to the OS at once (and now), so that memory it kept from
+    earlier calls cannot hide in the "before" RSS of the memory call. Slower allocation, so this is
+    done only after the timed calls."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 65536)
+    libc.mallopt(M_TRIM_THRESHOLD, 0)
+    libc.malloc_trim(0)
+
+
 def measure(fn, device: str, repeats: int) -> dict:
-    """Warm up, then one call for peak memory, then `repeats` timed calls. fn frees what it allocates
+    """Warm up, then `repeats` timed calls, then one call for peak memory. fn frees what it allocates
     (gradients included) before returning, so each call starts from the same memory."""
     fn()
+    times = [_timed(fn, device) for _ in range(repeats)]
+    if device != "cuda":
+        _release_freed_memory_at_once()
     before = _reset_peak(device)
-    times = [_timed(fn, device)]
+    fn()
     peak = _peak(device) - before
-    times += [_timed(fn, device) for _ in range(repeats - 1)]
     return {"ms": statistics.median(times), "peak_mib": peak}
 
 
@@ -126,9 +144,6 @@ def worker_main(build, argv):
 def run_provider(script: str, args: dict) -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    # glibc returns freed memory to the OS at once, so memory kept from the warm-up call cannot hide
-    # in the "before" RSS of the measured call
-    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run([sys.executable, script, "--worker", json.dumps(args)], capture_output=True, text=True,
                           env=env)
     lines = proc.stdout.strip().splitlines()
