@@ -242,15 +242,17 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     active = torch.zeros(n_slots, dtype=torch.bool, device=device)
 
     def accept(slot_ids: list[int], logits: torch.Tensor) -> int:
-        """Sample one token for each slot from its logits row; finish the slots that stop."""
+        """Sample one token for each slot from its logits row; finish the slots that stop. One
+        device-to-host copy of the tokens, one write of `last` and one of `active` per step."""
         tokens = sample(logits, params, generator)
-        logps = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1) if params.logprobs else None
-        done = 0
-        for row, s in enumerate(slot_ids):
-            st, token = state[s], int(tokens[row])
+        last[slot_ids] = tokens
+        logps = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1).tolist() if params.logprobs else None
+        finished = []
+        for row, (s, token) in enumerate(zip(slot_ids, tokens.tolist())):
+            st = state[s]
             st.tokens.append(token)
             if logps is not None:
-                st.logprobs.append(float(logps[row]))
+                st.logprobs.append(logps[row])
             prompt_len = len(prompts[requests[st.request][0]])
             reason = "stop" if token in stop else (
                 "length" if len(st.tokens) >= params.max_new_tokens or prompt_len + len(st.tokens) >= max_len
@@ -259,11 +261,10 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
                 i, j = requests[st.request]
                 results[i][j] = Completion(st.tokens, reason, st.logprobs if params.logprobs else None)
                 state[s] = _Slot()
-                active[s] = False
-                done += 1
-            else:
-                last[s] = token
-        return done
+                finished.append(s)
+        if finished:
+            active[finished] = False
+        return len(finished)
 
     while queue or bool(active.any()):
         free = [s for s in range(n_slots) if state[s].request < 0]
