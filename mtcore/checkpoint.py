@@ -9,7 +9,6 @@ sibling temp directory and renamed into place, so an interrupted save never leav
 """
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -22,7 +21,6 @@ from safetensors.torch import save_file
 from mtcore.errors import MtcoreError
 from mtcore.model import Llama, ModelArgs
 
-log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -7,13 +7,11 @@ encoded without special tokens), then the end-of-turn id (`<|eot_id|>` for Llama
 scores the response ids and the end-of-turn id; the reward model reads the last one.
 """
 
-import logging
 from pathlib import Path
 
 from mtcore.checkpoint import read_json, resolve
 from mtcore.errors import MtcoreError
 
-log = logging.getLogger(__name__)
 
 # Meta-Llama-3-8B-Instruct's chat template, for tokenizers that ship without one (`--chat-template llama3`).
 LLAMA3_CHAT_TEMPLATE = (
@@ -37,7 +35,8 @@ def load_tokenizer(src, chat_template: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        raise MtcoreError(f"{path}: no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        raise MtcoreError(
+            f"{path}: no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if chat_template in BUILTIN_TEMPLATES:
         tokenizer.chat_template = BUILTIN_TEMPLATES[chat_template]
     elif chat_template is not None:
