@@ -13,14 +13,16 @@ the vocabulary in tiles of VT; one [C, VT] tile of logits exists at a time.
 - forward: for each tile, z = h_c @ W_tile.T (a torch GEMM: cuBLAS on GPU), then one fused pass over
   the tile folds it into a running (max, sum-of-exp) per row and picks out the label's logit.
   Only lse [N] fp32 is kept for backward.
-- backward: for each tile, recompute z, turn it in place into dz in one fused pass, then two GEMMs
-  add dz @ W_tile into d hidden and dz.T @ h_c into the fp32 weight gradient.
+- backward (vocabulary tiles outside, chunks inside): recompute z, turn it in place into dz in one
+  fused pass, then two GEMMs add dz @ W_tile into d hidden (fp32, [Ns, H]) and dz.T @ h_c into the
+  tile's fp32 weight-gradient accumulator, written once per tile in the weight's dtype.
 
-Why the GEMMs stay in torch: they are >90% of the FLOPs (6 N H V of the 8 N H V done, the other
-2 N H V being the backward's recompute), and cuBLAS/oneDNN already run them near peak (measured on
-this repo's CPU: 150 GFLOP/s for these shapes against 194 for a square GEMM). What torch cannot do is
-the softmax, gather and logit gradient without materialising [N, V] several times; that is the part
-Triton fuses, a memory-bound pass over each tile read once (forward) and read+written once (backward).
+Why the GEMMs stay in torch: they are all of the O(N H V) work (8 N H V FLOPs: forward, recompute
+and two gradients), and cuBLAS/oneDNN already run them near peak (measured on this repo's CPU:
+150-178 GFLOP/s for these shapes against 194 for a square GEMM; 88% of fwd+bwd time is in them).
+What torch cannot do is the softmax, gather and logit gradient without materialising [N, V] several
+times; that O(N V) memory-bound work is what Triton fuses, each tile read once (forward) and read
+and written once (backward).
 
 The fused passes are `_lse_update_kernel` and `_logit_grad_kernel` (Triton) and
 `_lse_update_torch` / `_logit_grad_torch` (the same pass in torch for CPU tensors). Both paths share
