@@ -76,12 +76,21 @@ def read_json(path: Path) -> dict:
         raise MtcoreError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def write_json(path: Path, obj) -> None:
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, then rename it over `path`: never half a file."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _field(cfg: dict, key: str, where: str, kind=int, default=None, positive=True):
@@ -203,16 +212,22 @@ def inspect_checkpoint(src) -> tuple[Path, ModelArgs, str, int, set[str]]:
     cfg = read_json(path / "config.json")
     args = config_to_args(cfg, str(path / "config.json"))
     n_params, dtypes = 0, set()
-    by_file: dict[Path, list[str]] = {}
-    for name, f in _weight_files(path).items():
-        by_file.setdefault(f, []).append(name)
-    for f, names in by_file.items():
+    files = _weight_files(path)
+    for f, names in _by_file(files, files).items():
         with _open_safetensors(f) as st:
             for name in names:
                 tensor_slice = st.get_slice(name)
                 n_params += math.prod(tensor_slice.get_shape())
                 dtypes.add(tensor_slice.get_dtype())
     return path, args, kind_of(cfg), n_params, dtypes
+
+
+def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
+    """Group tensor names by the safetensors file that holds them, so each file is opened once."""
+    grouped: dict[Path, list[str]] = {}
+    for name in names:
+        grouped.setdefault(files[name], []).append(name)
+    return grouped
 
 
 def _open_safetensors(f: Path):
@@ -266,10 +281,7 @@ def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
                           + f", which config.json's {kind} model does not use"
                           + (f"; {hint[other]}" if other in hint else ""))
     state = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in sorted(wanted):
-        by_file.setdefault(files[name], []).append(name)
-    for f, names in by_file.items():
+    for f, names in _by_file(files, sorted(wanted)).items():
         with _open_safetensors(f) as st:
             stored = set(st.keys())
             for name in names:

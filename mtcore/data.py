@@ -141,21 +141,13 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path, rows) -> None:
-    """Write rows atomically: a temp file beside `path`, then a rename."""
+    """Write rows atomically (checkpoint.write_text_atomic), dropping the "_line" bookkeeping field."""
     import json
-    import os
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps({k: v for k, v in row.items() if k != "_line"}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
+    from mtcore.checkpoint import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({k: v for k, v in row.items() if k != "_line"}, ensure_ascii=False)
+                                    + "\n" for row in rows))
 
 
 def prompt_of(row: dict, where: str):

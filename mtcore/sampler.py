@@ -73,6 +73,15 @@ class KVCache:
         return max(1, budget_bytes // (max_len * per_token))
 
 
+def _block(layer, x, cos, sin, cache_and_attend):
+    """One transformer block as Block.forward computes it, with attention replaced by a function of
+    (q, k, v) that also writes the K/V cache."""
+    attn = layer.self_attn
+    q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
+    x = x + attn.o_proj(cache_and_attend(q, k, v).flatten(-2))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 @torch.no_grad()
 def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
     """Run prompts (packed) through the model, write each prompt's K/V into all of its slots.
@@ -100,12 +109,11 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
     cos, sin = rope_cos_sin(body.inv_freq(device), positions, x.dtype)
     layout = make_layout(x, cu_seqlens, max(lens))
     for i, layer in enumerate(body.layers):
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # [N, H, D]
-        cache.k[i, dst_slot, dst_pos] = k[src]
-        cache.v[i, dst_slot, dst_pos] = v[src]
-        x = x + attn.o_proj(attend(q, k, v, layout).flatten(-2))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        def cache_and_attend(q, k, v, i=i):  # q [N, H, D]; called within this iteration
+            cache.k[i, dst_slot, dst_pos] = k[src]
+            cache.v[i, dst_slot, dst_pos] = v[src]
+            return attend(q, k, v, layout)
+        x = _block(layer, x, cos, sin, cache_and_attend)
     for p, n in enumerate(lens):
         cache.lens[slots[p]] = n
     last = body.norm(x[cu_seqlens[1:].long() - 1])  # [P, dim]
@@ -132,20 +140,17 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, active: torc
     flash = _flash_attn() if flash_attn_usable(x) else None
     seqlens = pos.to(torch.int32)
     for i, layer in enumerate(body.layers):
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # [S, 1, H, D]
-        if flash is not None:  # writes k, v at seqlens into the cache in place, attends to [0, seqlens]
-            out = flash.flash_attn_with_kvcache(q, cache.k[i], cache.v[i], k=k, v=v, cache_seqlens=seqlens,
-                                                causal=True)  # [S, 1, Hq, D]
-        else:
+        def cache_and_attend(q, k, v, i=i):  # q [S, 1, Hq, D] -> [S, 1, Hq, D]
+            if flash is not None:  # writes k, v at seqlens into the cache in place, attends to [0, seqlens]
+                return flash.flash_attn_with_kvcache(q, cache.k[i], cache.v[i], k=k, v=v, cache_seqlens=seqlens,
+                                                     causal=True)
             cache.k[i, rows, pos] = k[:, 0]
             cache.v[i, rows, pos] = v[:, 0]
             keys = cache.k[i, :, :kv_len].transpose(1, 2)  # [S, Hkv, kv_len, D]
             values = cache.v[i, :, :kv_len].transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                 enable_gqa=True).transpose(1, 2)  # [S, 1, Hq, D]
-        x = x + attn.o_proj(out.flatten(-2))  # [S, 1, dim]
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                  enable_gqa=True).transpose(1, 2)
+        x = _block(layer, x, cos, sin, cache_and_attend)  # [S, 1, dim]
     cache.lens += active.long()
     return model.lm_head(body.norm(x[:, 0])).float()
 
