@@ -96,3 +96,103 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
                             kv_budget_bytes=int(kv_cache_gb * 2**30))
     click.echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
                + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
+
+
+def training_options(lr, batch_size):
+    """The options every trainer command shares; lr and batch size default to the paper's per command."""
+    def decorate(fn):
+        options = [
+            click.option("--out", required=True, type=click.Path(file_okay=False),
+                         help="Output directory: the trained model (Hugging Face format), metrics.jsonl, summary.json."),
+            click.option("--lr", default=lr, show_default=True, type=float),
+            click.option("--batch-size", default=batch_size, show_default=True,
+                         help="Examples (pairs) per optimizer step; micro-batches accumulate to it."),
+            click.option("--micro-batch-tokens", default=8192, show_default=True,
+                         help="Token budget of one packed forward/backward."),
+            click.option("--epochs", default=1, show_default=True),
+            click.option("--warmup-ratio", default=0.1, show_default=True),
+            click.option("--weight-decay", default=0.0, show_default=True),
+            click.option("--max-grad-norm", default=1.0, show_default=True, help="0 = no clipping."),
+            click.option("--max-length", default=2048, show_default=True,
+                         help="Tokens per sequence: responses are cut at the end to fit; a prompt that alone "
+                              "fills it drops the example (counted)."),
+            click.option("--seed", default=0, show_default=True),
+            click.option("--grad-checkpointing", is_flag=True, help="Recompute each block's activations in backward."),
+            click.option("--padded", is_flag=True, help="Right-padded batches instead of packed (for comparison)."),
+            click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none."),
+            click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _train_config(kw):
+    from mtcore.train import TrainConfig
+
+    names = ("lr", "batch_size", "micro_batch_tokens", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm",
+             "seed", "grad_checkpointing", "padded")
+    return TrainConfig(**{k: kw.pop(k) for k in names})
+
+
+def _report(out, history):
+    last = history[-1]
+    click.echo(f"wrote {out}: {len(history)} steps, final loss {last['loss']:.4f}"
+               + (f", accuracy {last['accuracy']:.3f}" if "accuracy" in last else "")
+               + f", {sum(r['tokens'] for r in history) / sum(r['seconds'] for r in history):.0f} tokens/s")
+
+
+@main.command()
+@click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL: {"prompt": str | messages, "chosen": str, "rejected": str}.')
+@click.option("--ref", default=None, help="Reference model (default: the policy as given).")
+@click.option("--beta", default=0.01, show_default=True)
+@click.option("--loss-type", type=click.Choice(["sigmoid", "ipo", "hinge"]), default="sigmoid", show_default=True)
+@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--length-normalize", is_flag=True, help="Mean instead of sum of the response tokens' log-probs.")
+@training_options(lr=7e-7, batch_size=128)
+@user_errors
+def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, **kw):
+    """DPO of a policy on preference pairs, with reference log-probs computed once (cached beside PAIRS)."""
+    from mtcore.train import run_dpo
+
+    cfg = _train_config(kw)
+    history = run_dpo(policy, pairs_file, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
+                      label_smoothing=label_smoothing, length_normalize=length_normalize,
+                      max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"])
+    _report(kw["out"], history)
+
+
+@main.command()
+@click.option("--reward", required=True, help="Reward model checkpoint to start from: directory or hub id.")
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL: {"prompt", "chosen", "rejected", "margin"?: float}.')
+@click.option("--center-coef", default=0.0, show_default=True, help="Weight of the reward-centering term.")
+@training_options(lr=2e-6, batch_size=512)
+@user_errors
+def rm(reward, pairs_file, center_coef, **kw):
+    """Bradley-Terry training of a reward model on preference pairs."""
+    from mtcore.train import run_rm
+
+    cfg = _train_config(kw)
+    history = run_rm(reward, pairs_file, kw["out"], cfg, center_coef=center_coef, max_length=kw["max_length"],
+                     chat_template=kw["chat_template"], device=kw["device"])
+    _report(kw["out"], history)
+
+
+@main.command()
+@click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL: {"prompt": str | messages, "response": str}.')
+@training_options(lr=1e-5, batch_size=64)
+@user_errors
+def sft(policy, data_file, **kw):
+    """Supervised fine-tuning: the mean NLL of the response tokens."""
+    from mtcore.train import run_sft
+
+    cfg = _train_config(kw)
+    history = run_sft(policy, data_file, kw["out"], cfg, max_length=kw["max_length"],
+                      chat_template=kw["chat_template"], device=kw["device"])
+    _report(kw["out"], history)

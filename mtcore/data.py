@@ -7,7 +7,10 @@ encoded without special tokens), then the end-of-turn id (`<|eot_id|>` for Llama
 scores the response ids and the end-of-turn id; the reward model reads the last one.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from mtcore.checkpoint import read_json, resolve
 from mtcore.errors import MtcoreError
@@ -157,3 +160,164 @@ def prompt_of(row: dict, where: str):
     if "messages" in row:
         return as_messages(row["messages"], where)
     raise MtcoreError(f'{where}: needs a "prompt" or a "messages" field')
+
+
+# ---------------------------------------------------------------------------------------------
+# Training examples and packing.
+#
+# An example is one or more sequences that must share a micro-batch: a preference pair is
+# (chosen, rejected), an SFT demonstration is (sequence,). Each sequence is (ids, n_prompt): the
+# prompt's ids are context, the rest are scored. Micro-batches hold whole examples, placed by
+# first-fit decreasing into token budgets; the tensors of a batch are built once, on the CPU.
+# ---------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    seqs: tuple[tuple[list[int], int], ...]  # ((ids, n_prompt), ...): chosen then rejected for a pair
+    line: int = 0  # the JSONL line it came from (0: built in code)
+    margin: float | None = None  # a pair's Bradley-Terry margin, from the row's "margin" field
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self.seqs)
+
+
+def _fit(ids: list[int], n_prompt: int, max_length: int) -> list[int] | None:
+    """The length rule: the prompt is never cut; a response is cut at its end to fit max_length
+    (losing its end-of-turn id); a prompt that leaves no room for one response token drops the example."""
+    if n_prompt >= max_length:
+        return None
+    return ids[:max_length]
+
+
+def fit_examples(examples: list[Example], max_length: int) -> tuple[list[Example], dict]:
+    """Apply the length rule to every sequence. Returns (kept examples, {"kept", "truncated", "dropped"})."""
+    kept, truncated = [], 0
+    for ex in examples:
+        fitted = [_fit(ids, n_prompt, max_length) for ids, n_prompt in ex.seqs]
+        if any(f is None for f in fitted):
+            continue
+        if any(len(f) < len(ids) for f, (ids, _) in zip(fitted, ex.seqs)):
+            truncated += 1
+        kept.append(Example(tuple((f, n_prompt) for f, (_, n_prompt) in zip(fitted, ex.seqs)), ex.line, ex.margin))
+    return kept, {"kept": len(kept), "truncated": truncated, "dropped": len(examples) - len(kept)}
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    if not isinstance(row.get(key), str):
+        raise MtcoreError(f'{where}: needs a "{key}" string field')
+    return row[key]
+
+
+def read_pairs(path, tokenizer) -> list[Example]:
+    """Preference pairs from JSONL rows {"prompt": str | messages, "chosen": str, "rejected": str,
+    "margin"?: float}, each tokenised by the sequence rule; a malformed row is an error naming its line."""
+    examples = []
+    for row in read_jsonl(path):
+        where = f"{path}:{row['_line']}"
+        prompt = prompt_of(row, where)
+        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+        margin = row.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+            raise MtcoreError(f'{where}: "margin" must be a number, got {margin!r}')
+        prompt_ids = encode_prompt(tokenizer, prompt, where)
+        n = len(prompt_ids)
+        examples.append(Example(((prompt_ids + encode_response(tokenizer, chosen), n),
+                                 (prompt_ids + encode_response(tokenizer, rejected), n)), row["_line"], margin))
+    if not examples:
+        raise MtcoreError(f"{path}: no pairs")
+    return examples
+
+
+def read_demonstrations(path, tokenizer) -> list[Example]:
+    """SFT demonstrations from JSONL rows {"prompt": str | messages, "response": str}."""
+    examples = []
+    for row in read_jsonl(path):
+        where = f"{path}:{row['_line']}"
+        ids, n = encode_sequence(tokenizer, prompt_of(row, where), _text(row, "response", where), where)
+        examples.append(Example(((ids, n),), row["_line"]))
+    if not examples:
+        raise MtcoreError(f"{path}: no demonstrations")
+    return examples
+
+
+def pack(sizes: list[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: item indices grouped into bins of at most `budget` tokens each.
+    Within a bin, items keep their input order (so the packing never changes what is computed)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[i] > budget:
+            raise ValueError(f"an item of {sizes[i]} tokens does not fit a {budget}-token micro-batch")
+        for b, r in enumerate(room):
+            if sizes[i] <= r:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - sizes[i])
+    return [sorted(b) for b in bins]
+
+
+@dataclass
+class Batch:
+    """The tensors of one micro-batch, S sequences (a pair's chosen at 2j, rejected at 2j + 1).
+
+    packed: tokens [N] back to back, cu_seqlens [S+1] int32, positions [N], max_seqlen;
+    padded: tokens [S, T] right-padded with attention_mask [S, T] (for comparisons and benchmarks).
+    Either way labels [N'] (N' = N or S*T, flat) hold the next token where it is scored and -100
+    elsewhere; seq_bounds [S+1] cut the flat tokens into sequences and last_index [S] is each
+    sequence's last real token in the flat order (where a reward is read).
+    """
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    seq_bounds: torch.Tensor
+    last_index: torch.Tensor
+    index: list[int]  # which examples (by position in the dataset) this batch holds
+    n_tokens: int  # real tokens
+    margins: torch.Tensor | None = None  # [pairs] fp32, for Bradley-Terry
+    cu_seqlens: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    max_seqlen: int = 0
+    attention_mask: torch.Tensor | None = None
+
+    def to(self, device) -> "Batch":
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
+
+def _labels(ids: list[int], n_prompt: int) -> list[int]:
+    """Position i predicts token i + 1; only response tokens are scored."""
+    return [IGNORE_INDEX] * (n_prompt - 1) + ids[n_prompt:] + [IGNORE_INDEX]
+
+
+def make_batch(examples: list[Example], index: list[int], padded: bool = False) -> Batch:
+    """Build the tensors of the micro-batch holding examples[i] for i in index."""
+    seqs = [s for i in index for s in examples[i].seqs]
+    lens = [len(ids) for ids, _ in seqs]
+    margins = None
+    if len(examples[index[0]].seqs) == 2:
+        margins = torch.tensor([examples[i].margin or 0.0 for i in index], dtype=torch.float32)
+    common = dict(index=list(index), n_tokens=sum(lens), margins=margins)
+    if not padded:
+        cu = torch.tensor([0] + lens).cumsum(0)  # [S+1]
+        return Batch(tokens=torch.tensor([t for ids, _ in seqs for t in ids]),
+                     labels=torch.tensor([t for ids, n in seqs for t in _labels(ids, n)]),
+                     seq_bounds=cu, last_index=cu[1:] - 1, cu_seqlens=cu.to(torch.int32),
+                     positions=torch.cat([torch.arange(n) for n in lens]), max_seqlen=max(lens), **common)
+    T = max(lens)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for s, (ids, n) in enumerate(seqs):
+        tokens[s, :len(ids)] = torch.tensor(ids)
+        labels[s, :len(ids)] = torch.tensor(_labels(ids, n))
+        mask[s, :len(ids)] = 1
+    bounds = torch.arange(len(seqs) + 1) * T  # [S+1]
+    return Batch(tokens=tokens, labels=labels.flatten(), seq_bounds=bounds,
+                 last_index=bounds[:-1] + torch.tensor(lens) - 1, attention_mask=mask, **common)

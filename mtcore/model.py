@@ -261,7 +261,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        # As transformers' LlamaModel: the pad id's row gets no gradient (padding_idx), so training
+        # matches a transformers-based trainer even where the pad token occurs in the text.
+        pad = args.pad_token_id if isinstance(args.pad_token_id, int) and 0 <= args.pad_token_id < args.vocab_size \
+            else None
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, padding_idx=pad)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self._inv_freq = {}  # device -> [head_dim // 2] fp32; kept out of state_dict and .to(dtype)

@@ -1,0 +1,63 @@
+"""What a step or a stage costs: model FLOPs, the device's matmul peak, peak memory.
+
+The peak is looked up by GPU name (dense bf16 tensor-core figures from the vendors' data sheets), or
+measured with a square matmul where the name is unknown and on the CPU (fp32), once per process.
+"""
+
+import functools
+import resource
+import time
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name.
+GPU_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
+                   "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "RTX 4090": 165.0}
+
+
+def matmul_flops(args, seq_lens: list[int], with_head: bool = True) -> float:
+    """Forward FLOPs of a Llama over sequences of the given lengths (2 per multiply-add): the
+    projections and MLP per token, causal attention per sequence, and the LM head if asked."""
+    d, hd = args.dim, args.head_dim
+    per_layer = 2 * d * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + 2 * 3 * d * args.intermediate_size
+    per_token = args.n_layers * per_layer + (2 * d * args.vocab_size if with_head else 0)
+    # QK^T and PV: 2 * 2 * heads * head_dim per (query, key) pair; causal halves the pairs.
+    attention = sum(args.n_layers * 4 * args.n_heads * hd * n * (n + 1) / 2 for n in seq_lens)
+    return per_token * sum(seq_lens) + attention
+
+
+@functools.cache
+def peak_flops(device: str) -> tuple[float, str]:
+    """(FLOP/s, how it was found) for bf16 on a GPU, fp32 on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for key, tflops in GPU_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} data sheet, bf16 dense"
+        return _measure_matmul(dev, torch.bfloat16), f"{name} measured bf16 matmul"
+    return _measure_matmul(dev, torch.float32), "measured fp32 matmul"
+
+
+def _measure_matmul(device, dtype, n: int = 1024, reps: int = 8) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device) -> float:
+    """Peak memory so far: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

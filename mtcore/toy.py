@@ -1,0 +1,225 @@
+"""The toy world: Mutual-Taught in miniature, on a task whose truth a program knows.
+
+The task is sorting digits. A prompt is the word "sort" and digits separated by single spaces
+(`sort 3 9 1 4`, 4 to 8 digits by default, repeats allowed); the perfect response is the sorted
+digits, `1 3 4 9`. `gold_score` grades any response in [0, 1]: the fraction of positions that hold
+the right digit, over max(len(target), len(response)). A wrong order earns partial credit, while a
+missing digit, a duplicated digit or rambling on past the answer are penalised through the
+denominator (and, for a dropped or inserted digit, through the shift of every later position).
+
+Why a fixed reward model becomes exploitable here. The initial policy is fine-tuned on imperfect
+demonstrations (`demonstration`: the answer with an adjacent swap, a dropped or a duplicated digit),
+so its samples are roughly the right length and differ mostly in order. A Bradley-Terry RM trained on
+pairs of those samples learns order well and length only weakly: it rarely sees an answer much longer
+than its prompt. As DPO moves the policy, its samples drift toward what the RM cannot tell apart
+(repeated digits, answers that run on), the RM's preferences stop tracking the gold judge there, and
+the policy can raise its RM reward while its gold score falls. Retraining the RM on the current
+policy's samples (the M-step) is what should close that gap, and the gold judge measures whether it
+does: RM accuracy on held-out pairs and the policy's gold score are both exact here.
+
+`make_splits` draws the disjoint prompt sets of one run; `build_tokenizer` writes a small byte-level
+BPE tokenizer with Llama-3's special tokens and chat template, so the real code paths run unchanged.
+"""
+
+import logging
+import random
+import re
+from pathlib import Path
+
+from mtcore.data import LLAMA3_CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+TASK_WORD = "sort"
+MIN_DIGITS, MAX_DIGITS = 4, 8
+_PROMPT_RE = re.compile(rf"{TASK_WORD}(?: [0-9])+")
+
+# Prompts per split. "policy" is the size of each E-step split policy_1 .. policy_<iters>.
+SPLIT_SIZES = {"sft": 4096, "rm_base": 512, "policy": 160, "rm": 160, "selection": 64, "test": 128,
+               "heldout_rm": 128}
+# Drawn in this order, each from its own seeded stream: evaluation sets first, so they do not change
+# when a training split is resized, and the E-step splits last, so iters=3 gives a prefix of iters=5.
+_FIXED_SPLITS = ("test", "heldout_rm", "selection", "rm", "rm_base", "sft")
+
+# Llama-3's spellings, in Llama-3's relative order, placed after the BPE ids as Llama-3 places them.
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
+START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, START_HEADER, END_HEADER, EOT)
+_BPE_VOCAB_LIMIT = 512  # a ceiling the trainer never reaches: it stops once every corpus word is one token
+_CORPUS_PROMPTS, _CORPUS_SEED = 1024, 0
+
+
+# --- the task and its gold judge ---
+
+def parse_prompt(prompt: str) -> list[str]:
+    """The digits of a task prompt ("sort 3 9 1 4" -> ["3", "9", "1", "4"]); ValueError if it is not one."""
+    if not isinstance(prompt, str) or not _PROMPT_RE.fullmatch(prompt):
+        raise ValueError(f"not a toy prompt (\"{TASK_WORD}\" then digits separated by single spaces): {prompt!r}")
+    return prompt.split()[1:]
+
+
+def solve(prompt: str) -> str:
+    """The perfect response: the prompt's digits sorted, separated by single spaces."""
+    return " ".join(sorted(parse_prompt(prompt)))
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """Positions holding the right digit / max(len(target), len(response tokens)), in [0, 1].
+
+    The response is split on whitespace; a token that is not the target's digit at its position (a
+    wrong digit, "12", "x", anything past the target's end) scores nothing there.
+    """
+    target = solve(prompt).split()
+    tokens = response.split()
+    hits = sum(t == r for t, r in zip(target, tokens))
+    return hits / max(len(target), len(tokens))
+
+
+# --- prompts and demonstrations ---
+
+def _draw_prompts(rng: random.Random, n: int, taken: set[str], min_len: int = MIN_DIGITS,
+                  max_len: int = MAX_DIGITS) -> list[str]:
+    """n new prompts (none in `taken`, none repeated), each of a uniform length then uniform digits.
+
+    Adds them to `taken`. Rejecting repeats skews lengths slightly toward the longer (rarer to
+    collide) prompts once a split holds a sizeable share of the 10**min_len shortest ones.
+    """
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    capacity = sum(10 ** k for k in range(min_len, max_len + 1))
+    if n < 0 or n + len(taken) > capacity:
+        raise ValueError(f"cannot draw {n} new prompts of {min_len} to {max_len} digits "
+                         f"({capacity} exist, {len(taken)} already taken)")
+    prompts = []
+    while len(prompts) < n:
+        digits = [str(rng.randrange(10)) for _ in range(rng.randint(min_len, max_len))]
+        prompt = " ".join([TASK_WORD] + digits)
+        if prompt not in taken:
+            taken.add(prompt)
+            prompts.append(prompt)
+    return prompts
+
+
+def make_prompts(n: int, seed: int, min_len: int = MIN_DIGITS, max_len: int = MAX_DIGITS) -> list[str]:
+    """n distinct prompts of min_len to max_len digits, the same for the same arguments."""
+    return _draw_prompts(random.Random(seed), n, set(), min_len, max_len)
+
+
+def _swap_adjacent(digits: list[str], rng: random.Random) -> list[str]:
+    if len(digits) < 2:
+        return digits
+    i = rng.randrange(len(digits) - 1)
+    return digits[:i] + [digits[i + 1], digits[i]] + digits[i + 2:]
+
+
+def _drop_digit(digits: list[str], rng: random.Random) -> list[str]:
+    i = rng.randrange(len(digits))
+    return digits[:i] + digits[i + 1:]
+
+
+def _duplicate_digit(digits: list[str], rng: random.Random) -> list[str]:
+    i = rng.randrange(len(digits))
+    return digits[:i + 1] + digits[i:]
+
+
+CORRUPTIONS = (_swap_adjacent, _drop_digit, _duplicate_digit)
+
+
+def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5) -> str:
+    """An imperfect demonstration: with probability 1 - p_error the perfect answer, else one that is wrong.
+
+    A wrong one is the sorted digits after one or two corruptions (an adjacent swap, a dropped digit,
+    a duplicated digit), redrawn until it differs from the perfect answer (swapping equal digits, or
+    duplicating then dropping the copy, would not), so exactly a p_error share of demonstrations are
+    wrong in expectation.
+    """
+    if not 0.0 <= p_error <= 1.0:
+        raise ValueError(f"p_error must be in [0, 1], got {p_error}")
+    digits = sorted(parse_prompt(prompt))
+    if rng.random() >= p_error:
+        return " ".join(digits)
+    while True:
+        noisy = digits
+        for _ in range(rng.randint(1, 2)):
+            if noisy:  # a one-digit answer can be dropped to nothing
+                noisy = rng.choice(CORRUPTIONS)(noisy, rng)
+        if noisy != digits:
+            return " ".join(noisy)
+
+
+# --- the prompt splits of a run ---
+
+def _split_rng(seed: int, name: str) -> random.Random:
+    return random.Random(f"mtcore.toy:{seed}:{name}")  # a str seed is hashed with SHA-512: stable across runs
+
+
+def make_splits(seed: int, iters: int, sizes: dict | None = None) -> dict[str, list[str]]:
+    """Disjoint prompt lists: the fixed splits of SPLIT_SIZES and policy_1 .. policy_<iters>.
+
+    sizes overrides some entries of SPLIT_SIZES ("policy" sizes each E-step split). The same seed and
+    sizes give the same lists, and the policy_k of a shorter run equal those of a longer one.
+    """
+    unknown = set(sizes or {}) - set(SPLIT_SIZES)
+    if unknown:
+        raise ValueError(f"unknown split sizes {sorted(unknown)}; the splits are {sorted(SPLIT_SIZES)}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    sizes = {**SPLIT_SIZES, **(sizes or {})}
+    taken: set[str] = set()
+    splits = {name: _draw_prompts(_split_rng(seed, name), sizes[name], taken) for name in _FIXED_SPLITS}
+    for k in range(1, iters + 1):
+        splits[f"policy_{k}"] = _draw_prompts(_split_rng(seed, f"policy_{k}"), sizes["policy"], taken)
+    log.debug("toy splits (seed %d): %s", seed, {name: len(p) for name, p in splits.items()})
+    return splits
+
+
+# --- the tokenizer ---
+
+def _tokenizer_corpus() -> list[str]:
+    """The text between special tokens that encoding chat-formatted toy data meets, one piece a string.
+
+    A prompt's text is `...user<|end_header_id|>\\n\\n{prompt}<|eot_id|>...assistant<|end_header_id|>\\n\\n`
+    (pieces "user", "\\n\\n" + prompt, "assistant", "\\n\\n"); a response is encoded on its own.
+    """
+    pieces = ["system", "user", "assistant", "\n\n"]
+    for prompt in make_prompts(_CORPUS_PROMPTS, _CORPUS_SEED):
+        pieces += ["\n\n" + prompt, solve(prompt)]
+    return pieces
+
+
+def _train_bpe():
+    """A byte-level BPE trained on the toy corpus, then the special tokens appended (ids after the BPE's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    # GPT-2's split, no prefix space: " 3" is one word, so each digit (with its leading space) becomes one token.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=_BPE_VOCAB_LIMIT, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    bos_id = tokenizer.token_to_id(BOS)
+    # Llama-3's post-processor: bos before each text when special tokens are asked for (mtcore never asks).
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1",
+                                      special_tokens=[(BOS, bos_id)]),
+    ])
+    return tokenizer
+
+
+def build_tokenizer(out_dir) -> Path:
+    """Write the toy tokenizer (tokenizer.json, tokenizer_config.json, the chat template) to out_dir.
+
+    The same bytes on every build; `mtcore.data.load_tokenizer(out_dir)` reads it with no extra argument.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(), bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                        clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(str(out_dir))
+    log.info("toy tokenizer: %d ids (%d special, last) -> %s", len(tokenizer), len(SPECIAL_TOKENS), out_dir)
+    return out_dir

@@ -1,0 +1,441 @@
+"""One optimisation loop and the step functions of Mutual-Taught's two updates.
+
+- DPO (the E-step's policy update): per-sequence log-prob sums of the response tokens from the fused
+  log-prob kernel over packed batches, against reference sums computed once per dataset with one
+  no-grad pass (so no reference model is in memory while training), into the DPO loss kernel.
+- Bradley-Terry (the M-step's reward-model fit): the reward head read at each sequence's last token,
+  into the BT loss kernel.
+- SFT (to build the toy world's initial policy): the mean NLL of the response tokens.
+
+The loop (`fit`): the examples are shuffled each epoch (seeded) and cut into global batches of
+`batch_size` examples; each global batch is packed into micro-batches of at most
+`micro_batch_tokens` tokens (first-fit decreasing, a pair's two sequences together), and every
+micro-batch's loss is its examples' loss sum over the global batch's count, so one optimizer step
+computes the mean over the global batch whatever the micro-batching. AdamW, cosine schedule with
+linear warm-up, gradient clipping on the total L2 norm. A NaN or inf loss stops before the optimizer
+step that would use it, so the model in memory is still the last good one.
+"""
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mtcore import profile
+from mtcore.checkpoint import load_model, resolve
+from mtcore.data import Batch, Example, make_batch, pack, read_demonstrations, read_pairs
+from mtcore.errors import MtcoreError
+from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
+from mtcore.kernels import sequence_logps
+from mtcore.model import Llama
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 7e-7
+    epochs: int = 1
+    batch_size: int = 128  # examples (pairs) per optimizer step
+    micro_batch_tokens: int = 8192  # token budget of one packed forward/backward
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still measured)
+    seed: int = 0
+    grad_checkpointing: bool = False
+    padded: bool = False  # right-padded [B, T] batches instead of packed ones (for comparisons)
+    reference_ops: bool = False  # the plain-torch *_ref kernels instead of the fused ones
+
+    def __post_init__(self):
+        if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.micro_batch_tokens >= 1
+                and 0 <= self.warmup_ratio < 1 and self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise MtcoreError(f"invalid training config: {self}")
+
+
+class NonFiniteLoss(MtcoreError):
+    """The loss or gradient norm of an optimizer step is NaN or inf; the model is the last good one."""
+
+
+def hidden_states(model: Llama, batch: Batch) -> torch.Tensor:
+    """Flat hidden states [N', dim], in the order of batch.labels."""
+    if batch.attention_mask is None:
+        return model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)  # [N, dim]
+    return model(batch.tokens, attention_mask=batch.attention_mask).flatten(0, 1)  # [S, T, dim] -> [S*T, dim]
+
+
+def response_logps(model: Llama, batch: Batch, reference_ops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [S] fp32 of the scored tokens' log-probs per sequence, scored-token counts [S])."""
+    hidden = hidden_states(model, batch)
+    logprobs = fused_logprobs_ref if reference_ops else fused_logprobs
+    logps = logprobs(hidden, model.head_weight, batch.labels)  # [N'] fp32, 0 where unscored
+    return sequence_logps(logps, batch.seq_bounds, batch.labels)
+
+
+def sequence_rewards(model: Llama, batch: Batch) -> torch.Tensor:
+    """[S] fp32 rewards at each sequence's last token."""
+    hidden = hidden_states(model, batch)
+    return model.score(hidden[batch.last_index]).squeeze(-1).float()
+
+
+@dataclass
+class DPO:
+    """The DPO objective, against reference sums ref_logps [n_examples, 2] (chosen, rejected)."""
+    ref_logps: torch.Tensor
+    ref_counts: torch.Tensor
+    beta: float = 0.01
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    length_normalize: bool = False  # mean instead of sum of the response tokens' log-probs
+
+    def __call__(self, model, batch, reference_ops=False):
+        sums, counts = response_logps(model, batch, reference_ops)  # [2P]
+        idx = torch.tensor(batch.index)
+        ref, ref_counts = self.ref_logps[idx].to(sums.device), self.ref_counts[idx].to(sums.device)  # [P, 2]
+        policy = sums.view(-1, 2)  # [2P] -> [P, 2]: chosen, rejected
+        if self.length_normalize:
+            policy = policy / counts.view(-1, 2).clamp(min=1)
+            ref = ref / ref_counts.clamp(min=1)
+        loss_fn = dpo_loss_ref if reference_ops else dpo_loss
+        out = loss_fn(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], beta=self.beta, loss_type=self.loss_type,
+                      label_smoothing=self.label_smoothing)
+        P = policy.shape[0]
+        return out.loss * P, {"accuracy": (out.margins > 0).sum(), "chosen_reward": out.chosen_rewards.sum(),
+                              "rejected_reward": out.rejected_rewards.sum(), "margin": out.margins.sum()}
+
+    @staticmethod
+    def units(examples: list[Example], index: list[int]) -> int:
+        return len(index)
+
+
+@dataclass
+class BradleyTerry:
+    """-log sigmoid(r(chosen) - r(rejected) - margin) (+ centering), margin per pair from the data."""
+    center_coef: float = 0.0
+
+    def __call__(self, model, batch, reference_ops=False):
+        rewards = sequence_rewards(model, batch).view(-1, 2)  # [2P] -> [P, 2]
+        loss_fn = bt_loss_ref if reference_ops else bt_loss
+        out = loss_fn(rewards[:, 0], rewards[:, 1], margin=batch.margins.to(rewards.device),
+                      center_coef=self.center_coef)
+        P = rewards.shape[0]
+        return out.loss * P, {"accuracy": (out.margins > 0).sum(), "chosen_reward": rewards[:, 0].detach().sum(),
+                              "rejected_reward": rewards[:, 1].detach().sum(), "margin": out.margins.sum()}
+
+    @staticmethod
+    def units(examples: list[Example], index: list[int]) -> int:
+        return len(index)
+
+
+class SFT:
+    """The mean negative log-likelihood of the response tokens of the global batch."""
+
+    def __call__(self, model, batch, reference_ops=False):
+        sums, counts = response_logps(model, batch, reference_ops)
+        return -sums.sum(), {"nll": -sums.detach().sum()}
+
+    @staticmethod
+    def units(examples: list[Example], index: list[int]) -> int:
+        return sum(len(ids) - n for i in index for ids, n in examples[i].seqs)
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at optimizer step `step` (0-based): linear warm-up from 1/warmup to 1,
+    then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def global_batches(examples: list[Example], cfg: TrainConfig) -> list[list[int]]:
+    """Every optimizer step's example indices, over all epochs: reshuffled each epoch (seeded)."""
+    steps = []
+    for epoch in range(cfg.epochs):
+        order = list(range(len(examples)))
+        random.Random(cfg.seed * 1000003 + epoch).shuffle(order)
+        steps.extend(order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size))
+    return steps
+
+
+def micro_batches(examples: list[Example], index: list[int], cfg: TrainConfig) -> list[list[int]]:
+    """A global batch's example indices packed into micro-batches (first-fit decreasing on tokens)."""
+    bins = pack([examples[i].n_tokens for i in index], cfg.micro_batch_tokens)
+    return [[index[j] for j in b] for b in bins]
+
+
+def check_fits(examples: list[Example], cfg: TrainConfig, where: str) -> None:
+    """Every example must fit one micro-batch: say which does not, and what to change."""
+    for ex in examples:
+        if ex.n_tokens > cfg.micro_batch_tokens:
+            raise MtcoreError(f"{where}:{ex.line}: {ex.n_tokens} tokens ({'+'.join(str(len(s)) for s, _ in ex.seqs)}) "
+                              f"do not fit --micro-batch-tokens {cfg.micro_batch_tokens}; raise it to at least twice "
+                              f"--max-length, or lower --max-length")
+
+
+def checkpoint_blocks(model: Llama) -> None:
+    """Activation checkpointing per transformer block, applied from outside the model: each block's
+    forward is recomputed in backward instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.__class__.forward.__get__(block), use_reentrant=False)
+
+
+def _autocast(device: torch.device):
+    """bf16 mixed precision on CUDA (fp32 master weights); plain fp32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+
+
+def make_optimizer(model: Llama, cfg: TrainConfig, total_steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = params[0].is_cuda
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total_steps, warmup))
+    return optimizer, scheduler
+
+
+def accumulate_gradients(model: Llama, examples: list[Example], index: list[int], objective, cfg: TrainConfig,
+                         step: int = 0):
+    """Forward and backward every micro-batch of one global batch (example indices `index`), leaving
+    the gradient of the global batch's mean loss in .grad. Returns (loss sum, units, stat sums,
+    real tokens, sequence lengths)."""
+    device = next(model.parameters()).device
+    units = objective.units(examples, index)
+    totals: dict[str, float] = {}
+    loss_sum, n_tokens, seq_lens = 0.0, 0, []
+    for micro in micro_batches(examples, index, cfg):
+        batch = make_batch(examples, micro, padded=cfg.padded).to(device)
+        with _autocast(device):
+            loss, stats = objective(model, batch, cfg.reference_ops)
+        value = loss.item()
+        if not math.isfinite(value):
+            model.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"step {step}: the loss is {value} (examples at lines "
+                                f"{sorted(examples[i].line for i in micro)[:5]})")
+        (loss / units).backward()
+        loss_sum += value
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n_tokens += batch.n_tokens
+        seq_lens += [len(ids) for i in micro for ids, _ in examples[i].seqs]
+    return loss_sum, units, totals, n_tokens, seq_lens
+
+
+def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metrics_file=None,
+        desc: str = "train") -> list[dict]:
+    """Train `model` in place on `examples` with `objective`. Returns one metrics dict per optimizer
+    step (also written, atomically after each step, to metrics_file as JSONL when given).
+
+    Raises NonFiniteLoss at a NaN/inf loss or gradient norm, before the optimizer step that would
+    apply it: the model is then as it was after the last good step."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    if cfg.grad_checkpointing:
+        checkpoint_blocks(model)
+    steps = global_batches(examples, cfg)
+    optimizer, scheduler = make_optimizer(model, cfg, len(steps))
+    peak = profile.peak_flops(str(device))[0] if device.type == "cuda" else 0.0
+    model.train()
+    history = []
+    with tqdm(steps, desc=desc, unit="step", disable=None) as bar:
+        for step, index in enumerate(bar, 1):
+            start = time.perf_counter()
+            loss_sum, units, totals, n_tokens, seq_lens = accumulate_gradients(model, examples, index, objective,
+                                                                               cfg, step)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+            if not math.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"step {step}: the gradient norm is {grad_norm}")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            profile.sync(device)
+            seconds = time.perf_counter() - start
+            row = {"step": step, "loss": loss_sum / units, "grad_norm": grad_norm, "lr": lr}
+            n_examples = len(index)
+            row.update({k: v / (units if k == "nll" else n_examples) for k, v in totals.items()})
+            row.update(examples=n_examples, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
+                       peak_memory_mib=profile.peak_memory_mib(device))
+            if peak:  # fwd + bwd = 3x the forward's model FLOPs
+                row["mfu"] = 3 * profile.matmul_flops(model.args, seq_lens, model.kind == "policy") / seconds / peak
+            history.append(row)
+            if metrics_file is not None:
+                write_metrics(metrics_file, history)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row
+                                                          else {}))
+    model.eval()
+    return history
+
+
+def write_metrics(path, rows: list[dict]) -> None:
+    from mtcore.checkpoint import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@torch.no_grad()
+def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: int, padded: bool = False,
+                    desc: str = "reference log-probs") -> tuple[torch.Tensor, torch.Tensor]:
+    """One no-grad pass: (sums [n, k] fp32, counts [n, k]) of every example's sequences' response log-probs."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    k = len(examples[0].seqs)
+    sums = torch.zeros(len(examples), k)
+    counts = torch.zeros(len(examples), k, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    bins = pack([ex.n_tokens for ex in examples], micro_batch_tokens)
+    with tqdm(total=len(examples), desc=desc, unit="ex", disable=None) as bar:
+        for index in bins:
+            batch = make_batch(examples, index, padded=padded).to(device)
+            with _autocast(device):
+                s, c = response_logps(model, batch)
+            sums[index] = s.view(-1, k).float().cpu()
+            counts[index] = c.view(-1, k).cpu()
+            bar.update(len(index))
+    model.train(was_training)
+    return sums, counts
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """A hash of the token ids and prompt lengths of every example (tokenizer, template and length
+    rule included, since they decide the ids)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for ids, n in ex.seqs:
+            h.update(json.dumps([n, ids], separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def model_digest(src: Path, dtype: torch.dtype, device: torch.device) -> str:
+    """What decides a checkpoint's outputs, cheaply: its config and each weight file's name, size and
+    modification time (hashing 16 GB of weights would cost more than the pass it saves), the dtype
+    and the device type."""
+    h = hashlib.sha256(f"{dtype}|{device.type}".encode())
+    for f in sorted(src.iterdir()):
+        if f.suffix in (".safetensors", ".json"):
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cached_reference_logps(model: Llama, examples: list[Example], cache_file: Path, micro_batch_tokens: int):
+    """reference_logps, read from cache_file when present, else computed and written there (atomically).
+    A cache that cannot be written is a warning, not an error: training goes on without it."""
+    from safetensors.torch import load_file, save_file
+
+    if cache_file.exists():
+        try:
+            cached = load_file(str(cache_file))
+            if cached["sums"].shape[0] == len(examples):
+                log.info("reference log-probs from %s", cache_file)
+                return cached["sums"], cached["counts"]
+        except Exception as e:  # a damaged cache is recomputed, never trusted
+            log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
+    sums, counts = reference_logps(model, examples, micro_batch_tokens)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    try:
+        save_file({"sums": sums.contiguous(), "counts": counts.contiguous()}, str(tmp))
+        os.replace(tmp, cache_file)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.warning("%s: cannot cache the reference log-probs (%s)", cache_file, e.strerror or e)
+    return sums, counts
+
+
+def _load(src, kind, device, chat_template):
+    from mtcore.data import load_tokenizer
+
+    path = resolve(src)
+    tokenizer = load_tokenizer(path, chat_template)
+    # fp32 master weights everywhere; CUDA computes in bf16 under autocast.
+    return path, tokenizer, load_model(path, kind=kind, dtype=torch.float32, device=device)
+
+
+def _read(read_fn, data_file, tokenizer, max_length, cfg):
+    from mtcore.data import fit_examples
+
+    examples, report = fit_examples(read_fn(data_file, tokenizer), max_length)
+    if report["truncated"] or report["dropped"]:
+        log.warning("%s: %d examples cut to --max-length %d, %d dropped (prompt alone >= --max-length)",
+                    data_file, report["truncated"], max_length, report["dropped"])
+    if not examples:
+        raise MtcoreError(f"{data_file}: every example was dropped: each prompt alone is >= --max-length {max_length}")
+    check_fits(examples, cfg, str(data_file))
+    return examples, report
+
+
+def _fit_and_save(model, tokenizer, examples, objective, cfg, out, summary):
+    """fit, then save the model and summary.json into out; at a NaN/inf, save the last good model in
+    out/last_good and report it."""
+    from mtcore.checkpoint import save_model, write_json
+
+    out = Path(out)
+    metrics_file = out / "metrics.jsonl"
+    try:
+        history = fit(model, examples, objective, cfg, metrics_file, desc=summary["command"])
+    except NonFiniteLoss as e:
+        save_model(model, out / "last_good", tokenizer=tokenizer)
+        raise NonFiniteLoss(f"{e}; training stopped, the model before that step is in {out / 'last_good'} "
+                            f"(metrics of the good steps in {metrics_file}); lower --lr or check the data") from None
+    save_model(model, out, tokenizer=tokenizer)
+    write_metrics(metrics_file, history)  # save_model replaced the directory
+    summary.update(config=asdict(cfg), steps=len(history), final=history[-1] if history else None)
+    write_json(out / "summary.json", summary)
+    return history
+
+
+def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss_type="sigmoid",
+            label_smoothing=0.0, length_normalize=False, max_length=2048, chat_template=None, device=None):
+    """`mtcore dpo`: read and pack the pairs, reference log-probs (cached beside the data), DPO, save."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path, tokenizer, model = _load(policy, "policy", device, chat_template)
+    examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
+    ref_path = path if ref is None else resolve(ref)
+    ref_model = model if ref is None else load_model(ref_path, kind="policy", dtype=torch.float32, device=device)
+    key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
+    cache = Path(pairs_file).with_name(f"{Path(pairs_file).name}.ref-{key.hexdigest()[:16]}.safetensors")
+    ref_sums, ref_counts = cached_reference_logps(ref_model, examples, cache, cfg.micro_batch_tokens)
+    del ref_model
+    objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                    length_normalize=length_normalize)
+    summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),
+               "data": report, "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
+               "length_normalize": length_normalize, "max_length": max_length, "ref_cache": str(cache)}
+    return _fit_and_save(model, tokenizer, examples, objective, cfg, out, summary)
+
+
+def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_length=2048, chat_template=None,
+           device=None):
+    """`mtcore rm`: Bradley-Terry training of a reward model on preference pairs, from `reward`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path, tokenizer, model = _load(reward, "reward", device, chat_template)
+    examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
+    summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
+               "center_coef": center_coef, "max_length": max_length}
+    return _fit_and_save(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary)
+
+
+def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None):
+    """`mtcore sft`: supervised fine-tuning on {"prompt", "response"} demonstrations."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path, tokenizer, model = _load(policy, "policy", device, chat_template)
+    examples, report = _read(read_demonstrations, data_file, tokenizer, max_length, cfg)
+    summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
+               "max_length": max_length}
+    return _fit_and_save(model, tokenizer, examples, SFT(), cfg, out, summary)

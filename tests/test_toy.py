@@ -1,0 +1,192 @@
+"""The toy world: the gold judge on hand-computed cases, demonstrations, prompt splits, the tokenizer."""
+
+import random
+import re
+
+import pytest
+
+from mtcore.data import encode_prompt, encode_response, encode_sequence, end_of_turn_id, load_tokenizer
+from mtcore.toy import (SPECIAL_TOKENS, SPLIT_SIZES, build_tokenizer, demonstration, gold_score, make_prompts,
+                        make_splits, parse_prompt, solve)
+
+ANSWER_RE = re.compile(r"[0-9]( [0-9])*")  # digits separated by single spaces
+
+
+# --- the gold judge ---
+
+@pytest.mark.parametrize("response, expected", [
+    ("1 2 3 4 5", 1.0),                        # perfect
+    ("2 1 3 4 5", 3 / 5),                      # one adjacent swap
+    ("1 2 3 5 4", 3 / 5),
+    ("1 2 4 5", 2 / 5),                        # a dropped digit shifts every later position
+    ("1 2 3 4", 4 / 5),                        # the last digit dropped
+    ("1 2 2 3 4 5", 2 / 6),                    # a duplicated digit: shift and a longer answer
+    ("1 2 3 4 5 5", 5 / 6),
+    ("1 2 x 4 5", 4 / 5),                      # junk in one position
+    ("1 2 33 4 5", 4 / 5),                     # two digits in one token
+    ("1,2,3,4,5", 0.0),                        # one token, not a digit
+    ("", 0.0),
+    ("   \n", 0.0),
+    ("1 2 3 4 5 and now that is sorted", 5 / 10),  # rambling past the answer
+    ("  1\n2\t3 4  5 ", 1.0),                  # any whitespace separates
+    ("5 4 3 2 1", 1 / 5),
+])
+def test_gold_score_hand_cases(response, expected):
+    assert gold_score("sort 3 1 5 2 4", response) == pytest.approx(expected, abs=1e-12)
+
+
+def test_gold_score_repeated_digits():
+    assert solve("sort 7 0 7 0") == "0 0 7 7"
+    assert gold_score("sort 7 0 7 0", "0 0 7 7") == 1.0
+    assert gold_score("sort 7 0 7 0", "0 7 7") == pytest.approx(2 / 4)  # a dropped 0: "7 7" shifted by one
+    assert gold_score("sort 7 0 7 0", "0 7 0 7") == pytest.approx(2 / 4)
+
+
+@pytest.mark.parametrize("prompt", ["sort", "sort ", "sort 1 2 ", " sort 1 2", "sort 12 3", "sort 1  2",
+                                    "Sort 1 2", "order 1 2", "sort a b", "sort 1,2", "sort\n1 2", "", "1 2 3"])
+def test_invalid_prompt_raises(prompt):
+    with pytest.raises(ValueError, match="not a toy prompt"):
+        gold_score(prompt, "1 2")
+    with pytest.raises(ValueError, match="not a toy prompt"):
+        demonstration(prompt, random.Random(0))
+
+
+def test_parse_and_solve():
+    assert parse_prompt("sort 3 9 1 4") == ["3", "9", "1", "4"]
+    assert solve("sort 3 9 1 4") == "1 3 4 9"
+    assert solve("sort 9 8 7 6 5 4 3 2") == "2 3 4 5 6 7 8 9"
+
+
+# --- prompts and demonstrations ---
+
+def test_make_prompts():
+    prompts = make_prompts(500, seed=3)
+    assert prompts == make_prompts(500, seed=3)
+    assert prompts != make_prompts(500, seed=4)
+    assert len(set(prompts)) == 500
+    lengths = [len(parse_prompt(p)) for p in prompts]
+    assert min(lengths) == 4 and max(lengths) == 8
+    assert {len(parse_prompt(p)) for p in make_prompts(50, seed=0, min_len=2, max_len=3)} == {2, 3}
+    assert sorted(make_prompts(10, seed=0, min_len=1, max_len=1)) == [f"sort {d}" for d in range(10)]
+    with pytest.raises(ValueError, match="cannot draw 11 new prompts"):
+        make_prompts(11, seed=0, min_len=1, max_len=1)
+
+
+@pytest.mark.parametrize("p_error", [0.0, 0.3, 0.5, 1.0])
+def test_demonstration_error_rate(p_error):
+    prompts = make_prompts(3000, seed=1)
+    rng = random.Random(7)
+    demos = [demonstration(p, rng, p_error) for p in prompts]
+    assert all(ANSWER_RE.fullmatch(d) for d in demos), [d for d in demos if not ANSWER_RE.fullmatch(d)][:5]
+    wrong = [gold_score(p, d) < 1.0 for p, d in zip(prompts, demos)]
+    rate = sum(wrong) / len(wrong)
+    assert abs(rate - p_error) < 0.03, f"error rate {rate:.3f} for p_error={p_error}"  # 3 std at p=0.5 is 0.027
+    rng = random.Random(7)
+    assert [demonstration(p, rng, p_error) for p in prompts] == demos  # seeded
+
+
+def test_demonstration_errors_are_small_and_varied():
+    """One or two swaps, drops or duplications: length within 2, only the prompt's digits, all kinds seen."""
+    prompts = make_prompts(2000, seed=2)
+    rng = random.Random(0)
+    shorter = longer = reordered = 0
+    for prompt in prompts:
+        demo = demonstration(prompt, rng, p_error=1.0).split()
+        answer = solve(prompt).split()
+        assert demo != answer and abs(len(demo) - len(answer)) <= 2 and set(demo) <= set(answer), (prompt, demo)
+        shorter += len(demo) < len(answer)
+        longer += len(demo) > len(answer)
+        reordered += len(demo) == len(answer) and sorted(demo) == answer
+    assert min(shorter, longer, reordered) > 200, (shorter, longer, reordered)
+
+
+def test_demonstration_rejects_bad_p_error():
+    with pytest.raises(ValueError, match="p_error"):
+        demonstration("sort 1 2 3 4", random.Random(0), p_error=1.5)
+
+
+# --- splits ---
+
+def test_splits_sizes_disjoint_deterministic():
+    splits = make_splits(seed=0, iters=3)
+    expected = {name: size for name, size in SPLIT_SIZES.items() if name != "policy"}
+    expected.update({f"policy_{k}": SPLIT_SIZES["policy"] for k in (1, 2, 3)})
+    assert {name: len(prompts) for name, prompts in splits.items()} == expected
+    all_prompts = [p for prompts in splits.values() for p in prompts]
+    assert len(set(all_prompts)) == len(all_prompts)  # disjoint across splits and unique within each
+    assert all(4 <= len(parse_prompt(p)) <= 8 for p in all_prompts)
+    assert make_splits(seed=0, iters=3) == splits
+    assert make_splits(seed=1, iters=3)["test"] != splits["test"]
+
+
+def test_splits_prefix_across_iters():
+    three, five = make_splits(seed=5, iters=3), make_splits(seed=5, iters=5)
+    assert set(five) - set(three) == {"policy_4", "policy_5"}
+    assert all(three[name] == five[name] for name in three)
+
+
+def test_splits_size_overrides():
+    base = make_splits(seed=0, iters=2)
+    small = make_splits(seed=0, iters=2, sizes={"sft": 100, "policy": 8})
+    assert len(small["sft"]) == 100 and len(small["policy_1"]) == len(small["policy_2"]) == 8
+    assert small["sft"] == base["sft"][:100]  # each split draws from its own stream
+    for name in ("test", "heldout_rm", "selection", "rm", "rm_base"):  # drawn before sft: unchanged
+        assert small[name] == base[name], name
+    with pytest.raises(ValueError, match="unknown split sizes"):
+        make_splits(seed=0, iters=1, sizes={"train": 3})
+
+
+# --- the tokenizer ---
+
+@pytest.fixture(scope="module")
+def toy_tokenizer_dir(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("toy_tokenizer"))
+
+
+def test_tokenizer_build_is_deterministic(toy_tokenizer_dir, tmp_path):
+    again = build_tokenizer(tmp_path / "again")
+    files = sorted(p.name for p in toy_tokenizer_dir.iterdir())
+    assert "tokenizer.json" in files and files == sorted(p.name for p in again.iterdir())
+    for name in files:
+        assert (toy_tokenizer_dir / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_tokenizer_special_tokens_last(toy_tokenizer_dir):
+    tok = load_tokenizer(toy_tokenizer_dir)  # no chat_template argument: the saved one is used
+    V = len(tok)
+    assert 256 < V <= 512
+    special_ids = [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
+    assert sorted(special_ids) == list(range(V - len(SPECIAL_TOKENS), V))
+    assert tok.bos_token == "<|begin_of_text|>" and tok.eos_token == "<|end_of_text|>"
+    assert tok.pad_token == "<|finetune_right_pad_id|>"
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|eot_id|>") != tok.eos_token_id
+    assert tok("1 2")["input_ids"][0] == tok.bos_token_id  # like Llama-3, bos when special tokens are asked for
+
+
+@pytest.mark.parametrize("text", ["sort 3 9 1 4", "1 3 4 9", "0", " 1 2", "1 2 3\n\n", "1 1 1 1 1 1 1 1 1",
+                                  "the answer is 1 2 3", "1,2 x\t9", "é 中 <|eot_id|>"])
+def test_tokenizer_round_trip(toy_tokenizer_dir, text):
+    tok = load_tokenizer(toy_tokenizer_dir)
+    ids = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+    assert tok.decode(ids) == text
+    assert tok.decode(encode_response(tok, text)[:-1]) == text
+
+
+def test_tokenizer_with_the_sequence_rule(toy_tokenizer_dir):
+    tok = load_tokenizer(toy_tokenizer_dir)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    ids, n_prompt = encode_sequence(tok, "sort 3 1 2", "1 2 3")
+    assert ids[-1] == eot and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    assert tok.decode(ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nsort 3 1 2<|eot_id|>"
+                               "<|start_header_id|>assistant<|end_header_id|>\n\n1 2 3<|eot_id|>")
+    assert tok.decode(ids[n_prompt:]) == "1 2 3<|eot_id|>"
+
+
+def test_tokenizer_one_token_per_digit(toy_tokenizer_dir):
+    """Every digit of an answer is one token (no merges across digits), so sequences stay short."""
+    tok = load_tokenizer(toy_tokenizer_dir)
+    prompt = "sort 9 0 8 1 7 2 6 3"
+    assert len(encode_response(tok, solve(prompt))) == 8 + 1
+    assert len(encode_response(tok, "1 1 1 1 1 1 1 1 1 1 1 1")) == 12 + 1
+    # bos, start, "user", end, "\n", "\n", "sort", 8 digits, eot, start, "assistant", end, "\n\n"
+    assert len(encode_prompt(tok, prompt)) == 20
