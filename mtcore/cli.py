@@ -196,3 +196,73 @@ def sft(policy, data_file, **kw):
     history = run_sft(policy, data_file, kw["out"], cfg, max_length=kw["max_length"],
                       chat_template=kw["chat_template"], device=kw["device"])
     _report(kw["out"], history)
+
+
+def loop_options(fn):
+    """One option per LoopConfig field (default None: the config file's value, then the defaults)."""
+    import dataclasses
+
+    from mtcore.loop import LoopConfig
+
+    for f in reversed(dataclasses.fields(LoopConfig)):
+        name = f.name.replace("_", "-")
+        if f.type is bool:
+            option = click.option(f"--{name}/--no-{name}", f.name, default=None,
+                                  help=f"[paper default: {f.default}]")
+        else:
+            option = click.option(f"--{name}", f.name, type=f.type, default=None,
+                                  help=f"[paper default: {f.default!r}]")
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.option("--out", default="runs/mtcore", show_default=True, type=click.Path(file_okay=False),
+              help="Run directory; re-running the same command there resumes it.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="TOML file of the options below (keys with underscores).")
+@loop_options
+@user_errors
+def train(out, config_file, **options):
+    """The Mutual-Taught iteration. With no --policy/--reward/--prompts: the built-in toy world.
+
+    --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
+    from mtcore import loop
+
+    cfg = loop.resolve_config(loop.read_config_file(config_file) if config_file else {}, options)
+    run = loop.Run(out, cfg)
+    click.echo(f"run directory {out} ({'toy world' if run.toy else cfg.policy}; "
+               f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
+    metrics = loop.train(run, echo=click.echo)
+    click.echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
+               f"metrics in {out}/metrics.json")
+
+
+@main.command(name="build-toy")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Where to write the assets (default: the package's toy_assets).")
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def build_toy(out, seed):
+    """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed."""
+    from mtcore import toy
+
+    click.echo(f"wrote {toy.build_assets(out or toy.ASSETS, seed)}")
+
+
+@main.command()
+@click.option("--reward", required=True, help="Reward model: directory or hub id.")
+@click.option("--prompts-with-responses", "in_file", required=True, type=click.Path(dir_okay=False),
+              help='JSONL rows {"prompt": ..., "responses": [str | {"text": ...}, ...]} (mtcore generate\'s output).')
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
+@click.option("--max-length", default=2048, show_default=True)
+@click.option("--micro-batch-tokens", default=8192, show_default=True)
+@click.option("--device", default=None)
+@user_errors
+def score(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device):
+    """Score every response with a reward model: the same rows plus "rewards"."""
+    from mtcore.loop import score_jsonl
+
+    n = score_jsonl(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device)
+    click.echo(f"wrote {out_file}: {n} responses scored")

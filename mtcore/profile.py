@@ -39,16 +39,20 @@ def peak_flops(device: str) -> tuple[float, str]:
     return _measure_matmul(dev, torch.float32), "measured fp32 matmul"
 
 
-def _measure_matmul(device, dtype, n: int = 1024, reps: int = 8) -> float:
+def _measure_matmul(device, dtype, n: int = 1024, reps: int = 4, trials: int = 5) -> float:
+    """The best of a few timed trials of an n x n matmul (the best, since a busy machine only slows it)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def sync(device) -> None:
@@ -56,8 +60,55 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device) -> None:
+    """Start a new peak: the CUDA allocator's statistics, or the kernel's VmHWM (Linux /proc/self/clear_refs)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak stays the process's lifetime peak
+
+
 def peak_memory_mib(device) -> float:
-    """Peak memory so far: torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on the CPU."""
+    """Peak memory since the last reset: torch.cuda.max_memory_allocated on a GPU, peak RSS (VmHWM) on the CPU."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Stage:
+    """Times a stage and collects what it processed: `with Stage(device) as s: ...; s.add(tokens, flops)`.
+    s.record() -> {seconds, tokens, tokens_per_s, mfu, peak_memory_mib} (mfu against peak_flops)."""
+
+    def __init__(self, device):
+        self.device, self.tokens, self.flops = str(device), 0, 0.0
+
+    def __enter__(self):
+        reset_peak_memory(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+    def add(self, tokens: int, flops: float = 0.0) -> None:
+        self.tokens += tokens
+        self.flops += flops
+
+    def record(self) -> dict:
+        peak, source = peak_flops(self.device)
+        return {"seconds": round(self.seconds, 3), "tokens": self.tokens,
+                "tokens_per_s": round(self.tokens / max(self.seconds, 1e-9), 1),
+                "mfu": round(self.flops / max(self.seconds, 1e-9) / peak, 5) if self.flops else None,
+                "peak_memory_mib": round(peak_memory_mib(self.device), 1), "peak_flops_source": source}

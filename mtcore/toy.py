@@ -223,3 +223,213 @@ def build_tokenizer(out_dir) -> Path:
     tokenizer.save_pretrained(str(out_dir))
     log.info("toy tokenizer: %d ids (%d special, last) -> %s", len(tokenizer), len(SPECIAL_TOKENS), out_dir)
     return out_dir
+
+
+# --- the assets: tokenizer, SFT policy, base RM, held-out RM pairs ---
+
+ASSET_SEED = 0
+ASSETS = Path(__file__).parent / "toy_assets"
+# 0.8M parameters: the shape the feasibility run used (hidden 128, 4 layers, GQA 4/2).
+MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=344, max_position_embeddings=128,
+                   rope_theta=10000.0)
+SFT_TRAINING = dict(lr=1e-3, epochs=4, batch_size=64, micro_batch_tokens=4096, warmup_ratio=0.05)
+RM_TRAINING = dict(lr=3e-4, epochs=3, batch_size=32, micro_batch_tokens=4096, warmup_ratio=0.05)
+BASE_SAMPLES = 5  # initial-policy samples per rm_base prompt, of which one gold-differing pair is kept
+
+
+def asset(name: str) -> Path:
+    """A built-in asset directory (policy, reward, tokenizer) or file (heldout_pairs.jsonl)."""
+    path = ASSETS / name
+    if not path.exists():
+        from mtcore.errors import MtcoreError
+        raise MtcoreError(f"{path}: the toy world's assets are missing; build them with `mtcore build-toy`")
+    return path
+
+
+def _sample_texts(model, tokenizer, prompts, n, seed, temperature=1.0):
+    from mtcore.data import encode_prompt, stop_ids
+    from mtcore.sampler import SamplingParams, generate
+
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    stops = stop_ids(tokenizer)
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=20, seed=seed, stop_ids=tuple(stops))
+    out = []
+    for completions in generate(model, ids, params):
+        out.append([tokenizer.decode([t for t in c.token_ids if t not in stops], skip_special_tokens=True)
+                    for c in completions])
+    return out
+
+
+def _gold_pairs(prompts, samples, rng, per_prompt=1):
+    """Up to per_prompt pairs per prompt of samples whose gold scores differ, the better one chosen."""
+    rows = []
+    for prompt, texts in zip(prompts, samples):
+        scored = [(gold_score(prompt, t), t) for t in texts]
+        options = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1:] if a[0] != b[0]]
+        for a, b in rng.sample(options, min(per_prompt, len(options))):
+            (hi, lo) = (a, b) if a[0] > b[0] else (b, a)
+            rows.append({"prompt": prompt, "chosen": hi[1], "rejected": lo[1], "gold": [hi[0], lo[0]]})
+    return rows
+
+
+def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
+    """Build every toy asset from `seed`, deterministically (CPU, fp32):
+    1. the tokenizer; 2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations
+    of the "sft" prompts (half carry an error); 3. a reward model, initialised from that policy with a
+    fresh score head, Bradley-Terry-trained on one gold-labelled pair per "rm_base" prompt, drawn from
+    the initial policy's samples (the stand-in for human preference data; no gold label is used after
+    it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts."""
+    import torch
+
+    from mtcore.checkpoint import save_model, write_json
+    from mtcore.data import Example, encode_sequence, load_tokenizer, write_jsonl
+    from mtcore.model import Llama, ModelArgs
+    from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(build_tokenizer(out / "tokenizer"))
+    splits = make_splits(seed, 0)
+    rng = random.Random(seed)
+    args = ModelArgs(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.convert_tokens_to_ids(EOT), pad_token_id=tokenizer.pad_token_id,
+                     **MODEL_SHAPE)
+    policy = Llama(args, "policy").init_weights(seed)
+    demos = []
+    for p in splits["sft"]:
+        ids, n = encode_sequence(tokenizer, p, demonstration(p, rng))
+        demos.append(Example(((ids, n),)))
+    sft_log = fit(policy, demos, SFT(), TrainConfig(seed=seed, **SFT_TRAINING), desc="toy sft")
+    save_model(policy, out / "policy", tokenizer=tokenizer)
+
+    samples = _sample_texts(policy.eval(), tokenizer, splits["rm_base"], BASE_SAMPLES, seed)
+    base_pairs = _gold_pairs(splits["rm_base"], samples, rng)
+    heldout = _gold_pairs(splits["heldout_rm"], _sample_texts(policy, tokenizer, splits["heldout_rm"], BASE_SAMPLES,
+                                                              seed + 1), rng)
+    write_jsonl(out / "heldout_pairs.jsonl", heldout)
+    reward = Llama(args, "reward").init_weights(seed)
+    reward.model.load_state_dict(policy.model.state_dict())
+    examples = []
+    for row in base_pairs:
+        (c, n), (r, _) = (encode_sequence(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected"))
+        examples.append(Example(((c, n), (r, n))))
+    rm_log = fit(reward, examples, BradleyTerry(), TrainConfig(seed=seed, **RM_TRAINING), desc="toy rm")
+    save_model(reward, out / "reward", tokenizer=tokenizer)
+    flat = [gold_score(p, t) for p, ts in zip(splits["rm_base"], samples) for t in ts]
+    write_json(out / "build.json", {
+        "seed": seed, "model": MODEL_SHAPE, "sft": SFT_TRAINING, "rm": RM_TRAINING,
+        "sft_final_nll": sft_log[-1]["nll"], "rm_final_loss": rm_log[-1]["loss"],
+        "rm_train_accuracy": rm_log[-1]["accuracy"], "base_pairs": len(base_pairs), "heldout_pairs": len(heldout),
+        "initial_gold_mean": sum(flat) / len(flat), "initial_perfect": sum(f == 1.0 for f in flat) / len(flat)})
+    return out
+
+
+# --- evaluation, after every iteration of `mtcore train` on the toy world ---
+
+def _pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
+    """Share of gold-ordered pairs the RM orders the same way; an RM tie counts half."""
+    hits = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    return hits / max(1, len(chosen))
+
+
+def _rm_accuracy(run, reward_dir, pairs: list[dict], stage=None) -> float:
+    from mtcore.loop import score_responses
+
+    if not pairs:
+        return float("nan")
+    scores = score_responses(run.cfg, run.device, reward_dir, [p["prompt"] for p in pairs],
+                             [[p["chosen"], p["rejected"]] for p in pairs], stage)
+    return _pairwise_accuracy([s[0] for s in scores], [s[1] for s in scores])
+
+
+def _test_answers(run, policy_dir, seed, stage=None) -> list[list[str]]:
+    from mtcore.loop import sample_responses
+
+    prompts = run.splits["test"]
+    return [[r["text"] for r in rs] for rs in sample_responses(run.cfg, run.device, policy_dir, prompts, run.cfg.eval_samples, seed,
+                                                               stage)]
+
+
+def _policy_pairs(prompts, answers) -> list[dict]:
+    """Every gold-ordered pair among each prompt's answers (pairs of equal gold are skipped)."""
+    rows = []
+    for prompt, texts in zip(prompts, answers):
+        golds = [gold_score(prompt, t) for t in texts]
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                if golds[i] != golds[j]:
+                    hi, lo = (i, j) if golds[i] > golds[j] else (j, i)
+                    rows.append({"prompt": prompt, "chosen": texts[hi], "rejected": texts[lo]})
+    return rows
+
+
+def evaluate_initial(run) -> dict:
+    """The initial policy's test answers (kept for the win rates) and the base RM's accuracies."""
+    from mtcore.checkpoint import write_json
+    from mtcore.data import read_jsonl, write_jsonl
+    from mtcore.profile import Stage
+
+    with Stage(run.device) as stage:
+        answers = _test_answers(run, run.policy(0), run.seed(0, "eval"), stage)
+        prompts = run.splits["test"]
+        write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
+        heldout = read_jsonl(asset("heldout_pairs.jsonl"))
+        result = {"gold_score": _mean([gold_score(p, t) for p, ts in zip(prompts, answers) for t in ts]),
+                  "gold_win_rate_vs_initial": 0.5,
+                  "rm_accuracy_current_policy": _rm_accuracy(run, run.reward(0), _policy_pairs(prompts, answers), stage),
+                  "rm_accuracy_heldout": _rm_accuracy(run, run.reward(0), heldout, stage)}
+    result["profile"] = stage.record()
+    write_json(run.dir / "initial.json", result)
+    run.mark_done("initial/eval")
+    return result
+
+
+def evaluate(run, t: int, stage) -> dict:
+    """Iteration t's gold-judged numbers: the policy pi_t against the initial policy on the test
+    prompts (ties half), its mean gold score, and r_t's accuracy on gold-ordered pairs of pi_t's own
+    answers and on the fixed held-out pairs of the initial policy's answers. A run stopped early at t
+    evaluates pi_{t-1}, which it kept."""
+    from mtcore.data import read_jsonl
+
+    policy = run.policy(t) if run.policy(t).exists() else run.policy(t - 1)
+    prompts = run.splits["test"]
+    answers = _test_answers(run, policy, run.seed(t, "eval"), stage)
+    initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
+    mine = [gold_score(p, a) for p, ts in zip(prompts, answers) for a in ts]
+    theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
+    reward = run.reward(t) if run.reward(t).exists() else run.reward(t - 1)
+    return {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
+            "rm_accuracy_current_policy": _rm_accuracy(run, reward, _policy_pairs(prompts, answers), stage),
+            "rm_accuracy_heldout": _rm_accuracy(run, reward, read_jsonl(asset("heldout_pairs.jsonl")), stage)}
+
+
+def _mean(xs) -> float:
+    return sum(xs) / max(1, len(xs))
+
+
+METRIC_KEYS = ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout")
+
+
+def plot(path, metrics: dict) -> None:
+    """A PNG of the four gold-judged metrics across iterations (iteration 0: the initial models)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = ([metrics["initial"]] if "initial" in metrics else []) + [e for e in metrics["iterations"] if
+                                                                        "gold_score" in e]
+    xs = ([0] if "initial" in metrics else []) + [e["iteration"] for e in metrics["iterations"] if "gold_score" in e]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key in METRIC_KEYS:
+        ax.plot(xs, [e[key] for e in entries], marker="o", label=key)
+    ax.set_xlabel("iteration")
+    ax.set_xticks(xs)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

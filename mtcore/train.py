@@ -232,9 +232,10 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
 
 
 def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metrics_file=None,
-        desc: str = "train") -> list[dict]:
+        desc: str = "train", on_step=None) -> list[dict]:
     """Train `model` in place on `examples` with `objective`. Returns one metrics dict per optimizer
     step (also written, atomically after each step, to metrics_file as JSONL when given).
+    on_step(step, n_steps, model), if given, runs after each optimizer step (e.g. to save checkpoints).
 
     Raises NonFiniteLoss at a NaN/inf loss or gradient norm, before the optimizer step that would
     apply it: the model is then as it was after the last good step."""
@@ -275,6 +276,8 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
             history.append(row)
             if metrics_file is not None:
                 write_metrics(metrics_file, history)
+            if on_step is not None:
+                on_step(step, len(steps), model)
             bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row
                                                           else {}))
     model.eval()
