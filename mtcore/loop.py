@@ -453,7 +453,8 @@ def stage_msample(run: Run, t: int, stage) -> dict:
             pairs.append({"prompt": p, "chosen": a, "rejected": b, "delta": s[0] - s[1]})
     write_jsonl(run.iter_dir(t) / "pseudo_pairs.jsonl", pairs)
     return {"eps": eps, "pseudo_pairs": len(pairs), "identical": identical,
-            "filtered": len(prompts) - identical - len(pairs)}
+            "filtered": len(prompts) - identical - len(pairs), "new_texts": new, "old_texts": old,
+            "new_rewards": [s[0] for s in scores], "old_rewards": [s[1] for s in scores]}
 
 
 def stage_rm(run: Run, t: int, stage) -> dict:

@@ -1,0 +1,233 @@
+"""The Mutual-Taught iteration: its rules on hand-computed cases, one- and two-iteration runs on tiny
+random checkpoints (every rule re-derived from the stage files), kill-and-resume, the config refusal."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from mtcore import MtcoreError
+from mtcore.loop import (LoopConfig, Run, best_worst_pair, mutual_pair, pseudo_pair_filter, resolve_config, train,
+                         win_rate)
+
+
+@pytest.fixture(autouse=True)
+def torch_cpu_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+# --- the rules ---
+
+def test_mutual_pair_shortest_above_mean_against_lowest():
+    # mean 0.5: above are 0 (len 9), 2 (len 4), 4 (len 4, higher reward) -> 4; lowest is 1
+    assert mutual_pair([0.9, -1.0, 0.6, 0.2, 0.8], [9, 3, 4, 2, 4]) == (4, 1)
+    assert mutual_pair([0.3, 0.3, 0.3], [1, 2, 3]) is None  # every response scores the same
+    assert mutual_pair([1.0, 0.0], [5, 1]) == (0, 1)  # the only one above the mean, however long
+    assert mutual_pair([0.0, 1.0, 0.0, 1.0], [4, 6, 2, 6]) == (1, 0)  # ties: same length -> the first; lowest -> the first
+
+
+def test_best_worst_pair():
+    assert best_worst_pair([0.9, -1.0, 0.6, 0.2, 0.8], [9, 3, 4, 2, 4]) == (0, 1)
+    assert best_worst_pair([0.2, 0.2], [1, 2]) is None
+
+
+def test_win_rate_ties_count_half():
+    assert win_rate([1.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 1.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_pseudo_pair_filter_drops_only_at_or_below_minus_eps():
+    old = [0.0, 2.0, 4.0, 6.0]  # population std = sqrt(5)
+    eps = math.sqrt(5)
+    # deltas: just above -eps, exactly -eps, -3 and -2.3 (both below -eps = -2.236)
+    new = [0.0 - eps + 1e-9, 2.0 - eps, 4.0 - 3.0, 6.0 - 2.3]
+    keep, got_eps = pseudo_pair_filter(new, old)
+    assert got_eps == pytest.approx(eps)
+    assert keep == [True, False, False, False]
+    keep, _ = pseudo_pair_filter([1.0, 1.0, 3.9, 5.0], old)  # deltas +1, -1, -0.1, -1: slightly negative pairs stay
+    assert keep == [True, True, True, True]
+
+
+# --- runs on tiny random checkpoints ---
+
+def tiny_world(root: Path, n_prompts=24):
+    """A random policy and RM sharing the toy tokenizer, and a prompts file."""
+    from mtcore import toy
+
+    tok_dir = toy.build_tokenizer(root / "tokenizer")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|eot_id|>"),
+               pad_token_id=tok.pad_token_id)
+    for kind, seed in (("policy", 0), ("reward", 1)):
+        model = make_hf_model(kind, seed=seed, **ids)
+        model.save_pretrained(str(root / kind))
+        tok.save_pretrained(str(root / kind))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
+                               for i, p in enumerate(toy.make_prompts(n_prompts, seed=5))))
+    return root / "policy", root / "reward", prompts
+
+
+TINY = dict(samples=3, max_new_tokens=6, beta=0.5, dpo_lr=1e-3, dpo_batch_size=4, save_every=2, selection_size=4,
+            rm_split_size=6, rm_lr=1e-3, rm_batch_size=4, tau=0.0, max_length=64, micro_batch_tokens=512)
+
+
+def tiny_config(policy, reward, prompts, **overrides):
+    return resolve_config({}, {"policy": str(policy), "reward": str(reward), "prompts": str(prompts), "iters": 2,
+                               **TINY, **overrides})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_two_iterations_follow_the_rules(tmp_path):
+    from mtcore import load_model
+    from mtcore.data import Example, encode_prompt, encode_sequence, fit_examples, load_tokenizer
+    from mtcore.train import BradleyTerry, TrainConfig, fit
+
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
+    metrics = train(run, echo=lambda s: None)
+    assert [e["iteration"] for e in metrics["iterations"]] == [1, 2]
+    for t in (1, 2):
+        d = run.iter_dir(t)
+        # the pair rule, re-derived from the scored samples
+        scored = read_jsonl(d / "scored.jsonl")
+        expected = []
+        for row in scored:
+            picked = mutual_pair(row["rewards"], [len(r["token_ids"]) for r in row["responses"]])
+            if picked:
+                expected.append((row["responses"][picked[0]]["text"], row["responses"][picked[1]]["text"]))
+        assert [(p["chosen"], p["rejected"]) for p in read_jsonl(d / "pairs.jsonl")] == expected
+        # the eps filter, re-derived from the M-step's scores
+        m = json.loads((d / "msample.json").read_text())
+        keep, eps = pseudo_pair_filter(m["new_rewards"], m["old_rewards"])
+        assert m["eps"] == pytest.approx(eps)
+        kept = [i for i, k in enumerate(keep) if k and m["new_texts"][i] != m["old_texts"][i]]
+        assert [p["chosen"] for p in read_jsonl(d / "pseudo_pairs.jsonl")] == [m["new_texts"][i] for i in kept]
+        # selection: the best candidate is the policy
+        sel = json.loads((d / "select.json").read_text())
+        assert sel["win_rate"] == max(sel["win_rates"].values()) and not sel["stopped"]
+        best = load_model(d / "candidates" / f"step_{sel['best_step']}")
+        mine = load_model(d / "policy")
+        assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), mine.state_dict().values()))
+        assert {"sample", "dpo", "rm"} <= set(metrics["iterations"][t - 1]["stage_seconds"])
+    # iteration 2's RM restarted from the BASE RM: retrain it from the base here and compare exactly
+    d = run.iter_dir(2)
+    tok = load_tokenizer(reward)
+    rows = read_jsonl(d / "pseudo_pairs.jsonl") + read_jsonl(d / "pairs.jsonl")
+    examples = []
+    for row in rows:
+        n = len(encode_prompt(tok, row["prompt"]))
+        examples.append(Example(((encode_sequence(tok, row["prompt"], row["chosen"])[0], n),
+                                 (encode_sequence(tok, row["prompt"], row["rejected"])[0], n))))
+    examples, _ = fit_examples(examples, TINY["max_length"])
+    base = load_model(reward, kind="reward", dtype=torch.float32)
+    fit(base, examples, BradleyTerry(), TrainConfig(lr=TINY["rm_lr"], batch_size=TINY["rm_batch_size"],
+                                                    micro_batch_tokens=TINY["micro_batch_tokens"],
+                                                    seed=run.seed(2, "rm")))
+    trained = load_model(d / "reward", kind="reward", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
+    from_r1 = load_model(run.iter_dir(1) / "reward", kind="reward", dtype=torch.float32)
+    assert not torch.equal(from_r1.score.weight, trained.score.weight)
+
+
+def test_tau_stops_early_and_keeps_the_previous_policy(tmp_path):
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, tau=1.0))
+    lines = []
+    metrics = train(run, echo=lines.append)
+    sel = json.loads((run.iter_dir(1) / "select.json").read_text())
+    assert sel["win_rate"] < 1.0 and sel["stopped"]
+    assert metrics["stopped_at"] == 1 and len(metrics["iterations"]) == 1
+    assert not (run.iter_dir(1) / "policy").exists() and not (run.iter_dir(1) / "msample.json").exists()
+    assert metrics["final_policy"] == str(policy)
+    assert "stopping early" in lines[0]
+
+
+def test_no_m_step_baseline_pairs_best_against_worst(tmp_path):
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, iters=1, m_step=False))
+    train(run, echo=lambda s: None)
+    d = run.iter_dir(1)
+    expected = []
+    for row in read_jsonl(d / "scored.jsonl"):
+        picked = best_worst_pair(row["rewards"], [])
+        if picked:
+            expected.append(row["responses"][picked[0]]["text"])
+    assert [p["chosen"] for p in read_jsonl(d / "pairs.jsonl")] == expected
+    assert not (d / "reward").exists() and run.reward(1) == reward
+
+
+def test_a_different_config_is_refused(tmp_path):
+    policy, reward, prompts = tiny_world(tmp_path)
+    Run(tmp_path / "run", tiny_config(policy, reward, prompts))
+    with pytest.raises(MtcoreError, match=r"another config \(beta = 0.5 there, 0.25 now\)"):
+        Run(tmp_path / "run", tiny_config(policy, reward, prompts, beta=0.25))
+    Run(tmp_path / "run", tiny_config(policy, reward, prompts, kv_cache_gb=1.0))  # runtime options may change
+
+
+def test_config_resolution():
+    toy = resolve_config({}, {})
+    assert toy.policy == "" and toy.iters == 3
+    real = resolve_config({"beta": 0.02}, {"policy": "p", "prompts": "x.jsonl", "beta": None})
+    assert real.reward == "sfairXC/FsfairX-LLaMA3-RM-v0.1" and real.beta == 0.02 and real.dpo_lr == 7e-7
+    assert resolve_config({"beta": 0.02}, {"policy": "p", "prompts": "x", "beta": 0.03}).beta == 0.03
+    with pytest.raises(MtcoreError, match="--reward without --policy"):
+        resolve_config({}, {"reward": "r"})
+    with pytest.raises(MtcoreError, match="--policy needs --prompts"):
+        resolve_config({}, {"policy": "p"})
+    with pytest.raises(MtcoreError, match="unknown config key 'betta'"):
+        resolve_config({"betta": 1}, {})
+    with pytest.raises(MtcoreError, match="config key beta: expected float"):
+        resolve_config({"beta": "high"}, {})
+
+
+def _outputs(run_dir: Path) -> dict:
+    """Every stage output of a run, except wall times: jsonl rows, weights, losses."""
+    out = {}
+    for f in sorted(run_dir.rglob("*")):
+        rel = str(f.relative_to(run_dir))
+        if f.suffix == ".safetensors" or f.name.endswith(".jsonl") and "metrics" not in f.name:
+            out[rel] = f.read_bytes()
+        elif f.name.endswith("metrics.jsonl"):
+            out[rel] = [(r["loss"], r["grad_norm"]) for r in read_jsonl(f)]
+    return out
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    policy, reward, prompts = tiny_world(tmp_path)
+    args = ["--policy", str(policy), "--reward", str(reward), "--prompts", str(prompts), "--iters", "2"]
+    for k, v in TINY.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    cmd = [sys.executable, "-m", "mtcore", "train"]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd + args + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it once iteration 1's DPO is done, mid-iteration
+        if state.exists() and "iter_1/dpo" in state.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["done"]
+    assert "iter_1/dpo" in done and "iter_2/rm" not in done
+    resumed = subprocess.run(cmd + args + ["--out", str(tmp_path / "killed")], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole, killed = _outputs(tmp_path / "whole"), _outputs(tmp_path / "killed")
+    assert whole.keys() == killed.keys() and len(whole) > 10
+    for k in whole:
+        assert whole[k] == killed[k], k
