@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -53,6 +54,25 @@ def make_hf_model(kind="policy", seed=0, **overrides):
 def save_hf(model, path: Path) -> Path:
     model.save_pretrained(str(path))
     return path
+
+
+def tiny_world(root: Path, n_prompts=24):
+    """A random policy and RM sharing the toy tokenizer, and a prompts file."""
+    from mtcore import toy
+
+    tok_dir = toy.build_tokenizer(root / "tokenizer")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|eot_id|>"),
+               pad_token_id=tok.pad_token_id)
+    for kind, seed in (("policy", 0), ("reward", 1)):
+        model = make_hf_model(kind, seed=seed, **ids)
+        model.save_pretrained(str(root / kind))
+        tok.save_pretrained(str(root / kind))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
+                               for i, p in enumerate(toy.make_prompts(n_prompts, seed=5))))
+    return root / "policy", root / "reward", prompts
 
 
 def llama3_tokenizer_dir() -> Path | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_hf_model
+from conftest import tiny_world
 from mtcore import MtcoreError
 from mtcore.loop import (LoopConfig, Run, best_worst_pair, mutual_pair, pseudo_pair_filter, resolve_config, train,
                          win_rate)
@@ -56,25 +56,6 @@ def test_pseudo_pair_filter_drops_only_at_or_below_minus_eps():
 
 
 # --- runs on tiny random checkpoints ---
-
-def tiny_world(root: Path, n_prompts=24):
-    """A random policy and RM sharing the toy tokenizer, and a prompts file."""
-    from mtcore import toy
-
-    tok_dir = toy.build_tokenizer(root / "tokenizer")
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids("<|eot_id|>"),
-               pad_token_id=tok.pad_token_id)
-    for kind, seed in (("policy", 0), ("reward", 1)):
-        model = make_hf_model(kind, seed=seed, **ids)
-        model.save_pretrained(str(root / kind))
-        tok.save_pretrained(str(root / kind))
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
-                               for i, p in enumerate(toy.make_prompts(n_prompts, seed=5))))
-    return root / "policy", root / "reward", prompts
-
 
 TINY = dict(samples=3, max_new_tokens=6, beta=0.5, dpo_lr=1e-3, dpo_batch_size=4, save_every=2, selection_size=4,
             rm_split_size=6, rm_lr=1e-3, rm_batch_size=4, tau=0.0, max_length=64, micro_batch_tokens=512)
