@@ -25,8 +25,23 @@ def user_errors(fn):
 @click.version_option(package_name="mtcore")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose):
-    """mtcore: Mutual-Taught co-adaptation of a LLaMA-3 policy and its reward model."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """mtcore: Mutual-Taught co-adaptation of a LLaMA-3 policy and its reward model.
+
+    Under torchrun (`torchrun --nproc_per_node N -m mtcore ...`) every command runs on all ranks;
+    rank 0 alone logs information, shows progress and writes the outputs."""
+    from mtcore import parallel
+
+    parallel.init()
+    level = logging.DEBUG if verbose else logging.INFO if parallel.is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def echo(message: str) -> None:
+    """click.echo on rank 0 only (every rank would print the same line)."""
+    from mtcore import parallel
+
+    if parallel.is_main():
+        click.echo(message)
 
 
 @main.command()
@@ -94,7 +109,7 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
     counts = generate_jsonl(policy, prompts_file, out_file, params, slots=slots, chat_template=chat_template,
                             skip_overlong=skip_overlong, max_len=max_len, device=device,
                             kv_budget_bytes=int(kv_cache_gb * 2**30))
-    click.echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
+    echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
                + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
 
 
@@ -118,6 +133,9 @@ def training_options(lr, batch_size):
                               "fills it drops the example (counted)."),
             click.option("--seed", default=0, show_default=True),
             click.option("--grad-checkpointing", is_flag=True, help="Recompute each block's activations in backward."),
+            click.option("--save-state-every", default=0, show_default=True,
+                         help="Save the (sharded) model and optimizer state to OUT/train_state every N steps; "
+                              "a rerun resumes from it. 0 = never."),
             click.option("--padded", is_flag=True, help="Right-padded batches instead of packed (for comparison)."),
             click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none."),
             click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
@@ -132,13 +150,13 @@ def _train_config(kw):
     from mtcore.train import TrainConfig
 
     names = ("lr", "batch_size", "micro_batch_tokens", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm",
-             "seed", "grad_checkpointing", "padded")
+             "seed", "grad_checkpointing", "padded", "save_state_every")
     return TrainConfig(**{k: kw.pop(k) for k in names})
 
 
 def _report(out, history):
     last = history[-1]
-    click.echo(f"wrote {out}: {len(history)} steps, final loss {last['loss']:.4f}"
+    echo(f"wrote {out}: {len(history)} steps, final loss {last['loss']:.4f}"
                + (f", accuracy {last['accuracy']:.3f}" if "accuracy" in last else "")
                + f", {sum(r['tokens'] for r in history) / sum(r['seconds'] for r in history):.0f} tokens/s")
 
@@ -231,10 +249,10 @@ def train(out, config_file, **options):
 
     cfg = loop.resolve_config(loop.read_config_file(config_file) if config_file else {}, options)
     run = loop.Run(out, cfg)
-    click.echo(f"run directory {out} ({'toy world' if run.toy else cfg.policy}; "
+    echo(f"run directory {out} ({'toy world' if run.toy else cfg.policy}; "
                f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
-    metrics = loop.train(run, echo=click.echo)
-    click.echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
+    metrics = loop.train(run, echo=echo)
+    echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
                f"metrics in {out}/metrics.json")
 
 
@@ -265,4 +283,46 @@ def score(reward, in_file, out_file, chat_template, max_length, micro_batch_toke
     from mtcore.loop import score_jsonl
 
     n = score_jsonl(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device)
-    click.echo(f"wrote {out_file}: {n} responses scored")
+    echo(f"wrote {out_file}: {n} responses scored")
+
+
+@main.command(name="eval")
+@click.option("--policy", default=None, help="Policy to evaluate (default, toy world: the built-in initial policy).")
+@click.option("--reward", default=None, help="Toy world: the RM to measure (default: the built-in base RM).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="Real models: prompts JSONL; writes AlpacaEval-format outputs for an external judge.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Output JSON.")
+@click.option("--temperature", default=None, type=float, help="Default: greedy (real models), 1.0 (toy world).")
+@click.option("--max-new-tokens", default=None, type=int, help="Default: 1024 (real models), 20 (toy world).")
+@click.option("--samples", default=4, show_default=True, help="Toy world: test answers per prompt.")
+@click.option("--generator", default=None, help="AlpacaEval's generator name (default: the policy's directory name).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
+@click.option("--device", default=None)
+@user_errors
+def evaluate(policy, reward, prompts_file, out_file, temperature, max_new_tokens, samples, generator, seed,
+             chat_template, device):
+    """Evaluate a policy: toy world gold metrics (no --prompts), or AlpacaEval outputs (--prompts)."""
+    import json
+
+    import torch
+
+    from mtcore import loop, toy
+    from mtcore.checkpoint import resolve, write_text_atomic
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if prompts_file:
+        if not policy:
+            raise MtcoreError("--prompts needs --policy")
+        cfg = loop.LoopConfig(temperature=0.0 if temperature is None else temperature, top_p=1.0,
+                              max_new_tokens=max_new_tokens or 1024, seed=seed, chat_template=chat_template or "")
+        n = loop.alpaca_eval_outputs(cfg, device, policy, prompts_file, out_file,
+                                     generator or resolve(policy).name)
+        echo(f"wrote {out_file}: {n} AlpacaEval outputs")
+        return
+    cfg = loop.resolve_config({}, {"temperature": temperature, "max_new_tokens": max_new_tokens,
+                                   "eval_samples": samples})
+    result = toy.evaluate_models(cfg, device, resolve(policy) if policy else toy.asset("policy"),
+                                 resolve(reward) if reward else toy.asset("reward"), seed)
+    write_text_atomic(out_file, json.dumps(result, indent=2) + "\n")
+    echo(", ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -31,15 +31,21 @@ from pathlib import Path
 
 import torch
 
-from mtcore import profile
-from mtcore.checkpoint import load_model, read_json, resolve, save_model, write_json, write_text_atomic
+from mtcore import parallel, profile
+from mtcore.checkpoint import load_model, read_json, resolve, write_json, write_text_atomic
 from mtcore.data import Example, encode_prompt, encode_sequence, load_tokenizer, make_batch, pack, prompt_of
 from mtcore.data import read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError
+from mtcore.parallel import save_model
 from mtcore.sampler import SamplingParams, generate
 from mtcore.train import DPO, BradleyTerry, TrainConfig, cached_reference_logps, fit, sequence_rewards
 
 log = logging.getLogger(__name__)
+
+# Under torchrun every rank runs the loop alike (generation, scoring and training are shared out and
+# gathered); rank 0 alone writes the run's files, and run_stage ends each stage with a barrier so
+# that the next stage reads them on every rank. save_model gathers a sharded model to rank 0.
+write_json, write_jsonl, write_text_atomic = map(parallel.on_main, (write_json, write_jsonl, write_text_atomic))
 
 DEFAULT_REWARD = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
 
@@ -84,13 +90,15 @@ class LoopConfig:
     reward_chat_template: str = ""
     kv_cache_gb: float = 2.0
     device: str = ""
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
+    save_state_every: int = 0  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
 
 
-RUNTIME_KEYS = ("kv_cache_gb", "device")
-TOY_DEFAULTS = dict(iters=3, samples=5, temperature=1.0, top_p=1.0, max_new_tokens=20, beta=0.1, dpo_lr=5e-5,
+RUNTIME_KEYS = ("kv_cache_gb", "device", "grad_checkpointing", "save_state_every")
+TOY_DEFAULTS = dict(iters=3, samples=5, temperature=1.0, top_p=1.0, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
-                    selection_size=64, tau=0.5, rm_split_size=160, rm_lr=5e-5, rm_batch_size=32, rm_epochs=2,
-                    policy_split_size=160)
+                    selection_size=64, tau=0.5, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
+                    policy_split_size=320)
 
 
 def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
@@ -159,7 +167,11 @@ class Run:
             self.base_policy, self.base_reward = toy.asset("policy"), toy.asset("reward")
         else:
             self.base_policy, self.base_reward = resolve(cfg.policy), resolve(cfg.reward)
-        self._open()
+        if parallel.is_main():  # creates the run directory; the other ranks then read it
+            self._open()
+        parallel.barrier()
+        if not parallel.is_main():
+            self._open()
 
     def _open(self):
         config_file = self.dir / "config.toml"
@@ -233,7 +245,8 @@ def _infer_dtype(device):
 
 
 def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, n: int, seed: int, stage=None) -> list[list[dict]]:
-    """n responses per prompt from a policy: [{"text", "token_ids", "finish_reason"}] per prompt."""
+    """n responses per prompt from a policy: [{"text", "token_ids", "finish_reason"}] per prompt.
+    Under torchrun each rank samples every world_size-th prompt (seed + rank); all get them all."""
     from tqdm import tqdm
 
     tokenizer = load_tokenizer(policy_dir, cfg.chat_template or None)
@@ -241,10 +254,12 @@ def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, pr
     model = load_model(policy_dir, "policy", dtype=_infer_dtype(device), device=device).eval()
     max_len = min(max(map(len, prompt_ids)) + cfg.max_new_tokens, model.args.max_position_embeddings)
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                            seed=seed, stop_ids=tuple(stop_ids(tokenizer, policy_dir)))
-    with tqdm(total=len(prompts) * n, desc="generate", unit="seq", disable=None, leave=False) as bar:
-        results = generate(model, prompt_ids, params, max_len=max_len, on_overlong="skip", progress=bar.update,
-                           kv_budget_bytes=int(cfg.kv_cache_gb * 2**30))
+                            seed=seed + parallel.rank(), stop_ids=tuple(stop_ids(tokenizer, policy_dir)))
+    with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * n, desc="generate", unit="seq",
+              disable=parallel.progress_disabled(), leave=False) as bar:
+        results = parallel.map_shards(
+            lambda share: generate(model, share, params, max_len=max_len, on_overlong="skip", progress=bar.update,
+                                   kv_budget_bytes=int(cfg.kv_cache_gb * 2**30)), prompt_ids)
     stops = set(params.stop_ids)
     out = []
     for ids, completions in zip(prompt_ids, results):
@@ -265,7 +280,8 @@ def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, pr
 
 @torch.no_grad()
 def score_responses(cfg: LoopConfig, device: torch.device, reward_dir: Path, prompts: list, responses: list[list[str]], stage=None) -> list[list[float]]:
-    """r(prompt, response) for every response text, read at the last token of the RM's own chat format."""
+    """r(prompt, response) for every response text, read at the last token of the RM's own chat format.
+    Under torchrun each rank scores every world_size-th micro-batch; all get every score."""
     tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
     model = load_model(reward_dir, "reward", dtype=_infer_dtype(device), device=device).eval()
     examples, owner = [], []
@@ -275,10 +291,17 @@ def score_responses(cfg: LoopConfig, device: torch.device, reward_dir: Path, pro
             examples.append(Example(((ids[:cfg.max_length], min(n, cfg.max_length - 1)),)))
             owner.append((i, j))
     scores = [[0.0] * len(texts) for texts in responses]
-    for index in pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens):
-        batch = make_batch(examples, index).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            rewards = sequence_rewards(model, batch).tolist()
+
+    def score(bins):
+        out = []
+        for index in bins:
+            batch = make_batch(examples, index).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out.append(sequence_rewards(model, batch).tolist())
+        return out
+
+    bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
+    for index, rewards in zip(bins, parallel.map_shards(score, bins)):
         for k, r in zip(index, rewards):
             i, j = owner[k]
             scores[i][j] = r
@@ -369,7 +392,14 @@ def stage_pairs(run: Run, t: int, stage) -> dict:
 
 def _train_config(run: Run, lr, batch_size, epochs, t, stage_name) -> TrainConfig:
     return TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, micro_batch_tokens=run.cfg.micro_batch_tokens,
-                       warmup_ratio=run.cfg.warmup_ratio, seed=run.seed(t, stage_name))
+                       warmup_ratio=run.cfg.warmup_ratio, seed=run.seed(t, stage_name),
+                       grad_checkpointing=run.cfg.grad_checkpointing, save_state_every=run.cfg.save_state_every)
+
+
+def _drop_state(path: Path) -> None:
+    """A finished stage's resumable training state (an 8B optimizer's is ~100 GB) is not kept."""
+    if parallel.is_main():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def stage_dpo(run: Run, t: int, stage) -> dict:
@@ -398,7 +428,8 @@ def stage_dpo(run: Run, t: int, stage) -> dict:
             save_model(model, candidates / f"step_{step}", tokenizer=tokenizer)
 
     history = fit(model, examples, DPO(ref_sums, ref_counts, beta=cfg.beta), train_cfg, out / "dpo_metrics.jsonl",
-                  desc=f"iter {t} dpo", on_step=save_candidate)
+                  desc=f"iter {t} dpo", on_step=save_candidate, state_dir=out / "dpo_state")
+    _drop_state(out / "dpo_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
     stage.add(sum(lens) * (1 + cfg.dpo_epochs), profile.matmul_flops(model.args, lens) * (1 + 3 * cfg.dpo_epochs))
     del model
@@ -426,7 +457,7 @@ def stage_select(run: Run, t: int, stage) -> dict:
         rates[step] = win_rate([s[0] for s in mine], previous)
     best = max(steps, key=lambda s: (rates[s], s))
     stopped = rates[best] < cfg.tau
-    if not stopped:
+    if not stopped and parallel.is_main():
         src, dst = out / "candidates" / f"step_{best}", out / "policy"
         tmp = dst.with_name(".policy.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -474,8 +505,10 @@ def stage_rm(run: Run, t: int, stage) -> dict:
     examples, report = fit_examples(examples, cfg.max_length)
     model = load_model(run.base_reward, "reward", dtype=torch.float32, device=run.device)
     history = fit(model, examples, BradleyTerry(), _train_config(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t,
-                                                                 "rm"), out / "rm_metrics.jsonl", desc=f"iter {t} rm")
+                                                                 "rm"), out / "rm_metrics.jsonl", desc=f"iter {t} rm",
+                  state_dir=out / "rm_state")
     save_model(model, out / "reward", tokenizer=tokenizer)
+    _drop_state(out / "rm_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
     stage.add(sum(lens) * cfg.rm_epochs, 3 * cfg.rm_epochs * profile.matmul_flops(model.args, lens, with_head=False))
     del model
@@ -510,6 +543,7 @@ def run_stage(run: Run, t: int, name: str, fn) -> dict:
     result["profile"] = stage.record()
     write_json(result_file, result)
     run.mark_done(key)
+    parallel.barrier()
     return result
 
 
@@ -557,7 +591,7 @@ def write_metrics(run: Run) -> dict:
     if (run.dir / "initial.json").exists():
         metrics["initial"] = read_json(run.dir / "initial.json")
     write_json(run.dir / "metrics.json", metrics)
-    if run.toy and iterations:
+    if run.toy and iterations and parallel.is_main():
         from mtcore import toy
         toy.plot(run.dir / "metrics.png", metrics)
     return metrics
@@ -605,3 +639,15 @@ def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, 
         row["rewards"] = s
     write_jsonl(out_file, rows)
     return sum(map(len, texts))
+
+
+def alpaca_eval_outputs(cfg: LoopConfig, device, policy, prompts_file, out_file, generator: str) -> int:
+    """`mtcore eval --prompts`: one response per prompt, written as AlpacaEval's model outputs
+    [{"instruction", "output", "generator"}] (JSON, atomically) for an external judge."""
+    rows = read_jsonl(prompts_file)
+    prompts = [prompt_of(r, f"{prompts_file}:{r['_line']}") for r in rows]
+    responses = sample_responses(cfg, device, resolve(policy), prompts, 1, cfg.seed)
+    out = [{"instruction": p[-1]["content"], "output": r[0]["text"] if r else "", "generator": generator}
+           for p, r in zip(prompts, responses)]
+    write_text_atomic(out_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    return len(out)

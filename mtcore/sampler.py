@@ -299,9 +299,13 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
                    device=None, dtype=None, kv_budget_bytes: int = 2 * 2**30) -> dict:
-    """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts."""
+    """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
+    Under torchrun each rank samples every world_size-th prompt (seed + rank) and rank 0 writes them all."""
+    from dataclasses import replace
+
     from tqdm import tqdm
 
+    from mtcore import parallel
     from mtcore.checkpoint import load_model, resolve
     from mtcore.data import encode_prompt, load_tokenizer, prompt_of, read_jsonl, stop_ids, write_jsonl
 
@@ -321,10 +325,13 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
             if len(p) >= max_len:
                 raise MtcoreError(f"{prompts_file}:{row['_line']}: the prompt has {len(p)} tokens, no room in a "
                                   f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
-    with tqdm(total=len(prompts) * params.n, desc="generate", unit="seq", disable=None) as bar:
-        results = generate(model, prompts, params, slots=slots, max_len=max_len,
-                           on_overlong="skip" if skip_overlong else "error", progress=bar.update,
-                           kv_budget_bytes=kv_budget_bytes)
+    mine = replace(params, seed=params.seed + parallel.rank())  # world size 1: params as given
+    with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * params.n, desc="generate", unit="seq",
+              disable=parallel.progress_disabled()) as bar:
+        results = parallel.map_shards(
+            lambda share: generate(model, share, mine, slots=slots, max_len=max_len,
+                                   on_overlong="skip" if skip_overlong else "error", progress=bar.update,
+                                   kv_budget_bytes=kv_budget_bytes), prompts)
     stops = set(params.stop_ids)
     skipped = 0
     for row, completions in zip(rows, results):
@@ -340,5 +347,6 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
             if c.logprobs is not None:
                 response["logprobs"] = c.logprobs
             row["responses"].append(response)
-    write_jsonl(out_file, rows)
+    if parallel.is_main():
+        write_jsonl(out_file, rows)
     return {"prompts": len(rows), "skipped": skipped, "responses": (len(rows) - skipped) * params.n}

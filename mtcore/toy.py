@@ -8,7 +8,7 @@ missing digit, a duplicated digit or rambling on past the answer are penalised t
 denominator (and, for a dropped or inserted digit, through the shift of every later position).
 
 Why a fixed reward model becomes exploitable here. The initial policy is fine-tuned on imperfect
-demonstrations (`demonstration`: the answer with an adjacent swap, a dropped or a duplicated digit),
+demonstrations (`demonstration`: the answer with an adjacent swap or a duplicated digit),
 so its samples are roughly the right length and differ mostly in order. A Bradley-Terry RM trained on
 pairs of those samples learns order well and length only weakly: it rarely sees an answer much longer
 than its prompt. As DPO moves the policy, its samples drift toward what the RM cannot tell apart
@@ -35,7 +35,7 @@ MIN_DIGITS, MAX_DIGITS = 4, 8
 _PROMPT_RE = re.compile(rf"{TASK_WORD}(?: [0-9])+")
 
 # Prompts per split. "policy" is the size of each E-step split policy_1 .. policy_<iters>.
-SPLIT_SIZES = {"sft": 4096, "rm_base": 512, "policy": 160, "rm": 160, "selection": 64, "test": 128,
+SPLIT_SIZES = {"sft": 4096, "rm_base": 2048, "policy": 160, "rm": 160, "selection": 64, "test": 128,
                "heldout_rm": 128}
 # Drawn in this order, each from its own seeded stream: evaluation sets first, so they do not change
 # when a training split is resized, and the E-step splits last, so iters=3 gives a prefix of iters=5.
@@ -112,26 +112,24 @@ def _swap_adjacent(digits: list[str], rng: random.Random) -> list[str]:
     return digits[:i] + [digits[i + 1], digits[i]] + digits[i + 2:]
 
 
-def _drop_digit(digits: list[str], rng: random.Random) -> list[str]:
-    i = rng.randrange(len(digits))
-    return digits[:i] + digits[i + 1:]
-
-
 def _duplicate_digit(digits: list[str], rng: random.Random) -> list[str]:
     i = rng.randrange(len(digits))
     return digits[:i + 1] + digits[i:]
 
 
-CORRUPTIONS = (_swap_adjacent, _drop_digit, _duplicate_digit)
+# No dropped digits: every error keeps or adds length, so, as with real RMs' taste for longer answers,
+# a longer answer is never the better one here, and the gold judge penalises what a length-blind RM
+# rewards. (With drops, shortness also meant a lost digit, and the length-controlled pairing rule
+# chose those: in a 2-seed study the policy then fell behind the fixed-RM baseline's.)
+CORRUPTIONS = (_swap_adjacent, _duplicate_digit)
 
 
 def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5) -> str:
     """An imperfect demonstration: with probability 1 - p_error the perfect answer, else one that is wrong.
 
-    A wrong one is the sorted digits after one or two corruptions (an adjacent swap, a dropped digit,
-    a duplicated digit), redrawn until it differs from the perfect answer (swapping equal digits, or
-    duplicating then dropping the copy, would not), so exactly a p_error share of demonstrations are
-    wrong in expectation.
+    A wrong one is the sorted digits after one or two corruptions (an adjacent swap, a duplicated
+    digit), redrawn until it differs from the perfect answer (swapping equal digits would not), so
+    exactly a p_error share of demonstrations are wrong in expectation.
     """
     if not 0.0 <= p_error <= 1.0:
         raise ValueError(f"p_error must be in [0, 1], got {p_error}")
@@ -141,8 +139,7 @@ def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5) -> str:
     while True:
         noisy = digits
         for _ in range(rng.randint(1, 2)):
-            if noisy:  # a one-digit answer can be dropped to nothing
-                noisy = rng.choice(CORRUPTIONS)(noisy, rng)
+            noisy = rng.choice(CORRUPTIONS)(noisy, rng)
         if noisy != digits:
             return " ".join(noisy)
 
@@ -234,7 +231,9 @@ MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_si
                    rope_theta=10000.0)
 SFT_TRAINING = dict(lr=1e-3, epochs=4, batch_size=64, micro_batch_tokens=4096, warmup_ratio=0.05)
 RM_TRAINING = dict(lr=3e-4, epochs=3, batch_size=32, micro_batch_tokens=4096, warmup_ratio=0.05)
-BASE_SAMPLES = 5  # initial-policy samples per rm_base prompt, of which one gold-differing pair is kept
+BASE_SAMPLES = 5  # initial-policy samples per rm_base prompt
+BASE_PAIRS = 2  # gold-differing pairs kept per rm_base prompt (512 x 1 gave a base RM of 74% held-out accuracy,
+#                 2048 x 2 one of 91%: an RM good enough that DPO on its labels can improve the policy)
 
 
 def asset(name: str) -> Path:
@@ -276,7 +275,7 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
     """Build every toy asset from `seed`, deterministically (CPU, fp32):
     1. the tokenizer; 2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations
     of the "sft" prompts (half carry an error); 3. a reward model, initialised from that policy with a
-    fresh score head, Bradley-Terry-trained on one gold-labelled pair per "rm_base" prompt, drawn from
+    fresh score head, Bradley-Terry-trained on BASE_PAIRS gold-labelled pairs per "rm_base" prompt, drawn from
     the initial policy's samples (the stand-in for human preference data; no gold label is used after
     it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts."""
     import torch
@@ -303,9 +302,9 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
     save_model(policy, out / "policy", tokenizer=tokenizer)
 
     samples = _sample_texts(policy.eval(), tokenizer, splits["rm_base"], BASE_SAMPLES, seed)
-    base_pairs = _gold_pairs(splits["rm_base"], samples, rng)
+    base_pairs = _gold_pairs(splits["rm_base"], samples, rng, BASE_PAIRS)
     heldout = _gold_pairs(splits["heldout_rm"], _sample_texts(policy, tokenizer, splits["heldout_rm"], BASE_SAMPLES,
-                                                              seed + 1), rng)
+                                                              seed + 1), rng, BASE_PAIRS)
     write_jsonl(out / "heldout_pairs.jsonl", heldout)
     reward = Llama(args, "reward").init_weights(seed)
     reward.model.load_state_dict(policy.model.state_dict())
@@ -433,3 +432,30 @@ def plot(path, metrics: dict) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def evaluate_models(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:
+    """`mtcore eval` on the toy world: the four gold-judged numbers of any policy and RM, against the
+    built-in initial policy, on the toy test prompts (the same as `mtcore train`'s, seed 0 splits)."""
+    from mtcore.data import read_jsonl
+    from mtcore.loop import sample_responses
+
+    prompts = make_splits(ASSET_SEED, 0)["test"]
+
+    def answers(policy):
+        return [[r["text"] for r in rs] for rs in sample_responses(cfg, device, policy, prompts, cfg.eval_samples,
+                                                                   seed)]
+
+    mine, initial = answers(policy_dir), answers(asset("policy"))
+    gold = [gold_score(p, a) for p, ts in zip(prompts, mine) for a in ts]
+    gold_initial = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
+
+    def accuracy(pairs):
+        from mtcore.loop import score_responses
+        scores = score_responses(cfg, device, reward_dir, [p["prompt"] for p in pairs],
+                                 [[p["chosen"], p["rejected"]] for p in pairs])
+        return _pairwise_accuracy([s[0] for s in scores], [s[1] for s in scores])
+
+    return {"gold_win_rate_vs_initial": _pairwise_accuracy(gold, gold_initial), "gold_score": _mean(gold),
+            "rm_accuracy_current_policy": accuracy(_policy_pairs(prompts, mine)),
+            "rm_accuracy_heldout": accuracy(read_jsonl(asset("heldout_pairs.jsonl")))}

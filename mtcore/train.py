@@ -14,9 +14,11 @@ micro-batch's loss is its examples' loss sum over the global batch's count, so o
 computes the mean over the global batch whatever the micro-batching. AdamW, cosine schedule with
 linear warm-up, gradient clipping on the total L2 norm. A NaN or inf loss stops before the optimizer
 step that would use it, so the model in memory is still the last good one.
+
+Under torchrun (mtcore/parallel.py) fit shards the model with FSDP2 and each rank runs its share of
+every global batch; the loss, its gradient and the metrics are still the global batch's.
 """
 
-import functools
 import hashlib
 import json
 import logging
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from mtcore import profile
+from mtcore import parallel, profile
 from mtcore.checkpoint import load_model, resolve
 from mtcore.data import Batch, Example, make_batch, pack, read_demonstrations, read_pairs
 from mtcore.errors import MtcoreError
@@ -53,10 +55,12 @@ class TrainConfig:
     grad_checkpointing: bool = False
     padded: bool = False  # right-padded [B, T] batches instead of packed ones (for comparisons)
     reference_ops: bool = False  # the plain-torch *_ref kernels instead of the fused ones
+    save_state_every: int = 0  # optimizer steps between resumable (sharded) state saves; 0: none
 
     def __post_init__(self):
         if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.micro_batch_tokens >= 1
-                and 0 <= self.warmup_ratio < 1 and self.weight_decay >= 0 and self.max_grad_norm >= 0):
+                and 0 <= self.warmup_ratio < 1 and self.weight_decay >= 0 and self.max_grad_norm >= 0
+                and self.save_state_every >= 0):
             raise MtcoreError(f"invalid training config: {self}")
 
 
@@ -180,15 +184,6 @@ def check_fits(examples: list[Example], cfg: TrainConfig, where: str) -> None:
                               f"--max-length, or lower --max-length")
 
 
-def checkpoint_blocks(model: Llama) -> None:
-    """Activation checkpointing per transformer block, applied from outside the model: each block's
-    forward is recomputed in backward instead of keeping its activations."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.model.layers:
-        block.forward = functools.partial(checkpoint, block.__class__.forward.__get__(block), use_reentrant=False)
-
-
 def _autocast(device: torch.device):
     """bf16 mixed precision on CUDA (fp32 master weights); plain fp32 on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
@@ -207,35 +202,57 @@ def make_optimizer(model: Llama, cfg: TrainConfig, total_steps: int):
 def accumulate_gradients(model: Llama, examples: list[Example], index: list[int], objective, cfg: TrainConfig,
                          step: int = 0):
     """Forward and backward every micro-batch of one global batch (example indices `index`), leaving
-    the gradient of the global batch's mean loss in .grad. Returns (loss sum, units, stat sums,
-    real tokens, sequence lengths)."""
+    the gradient of the global batch's mean loss in .grad. Returns the global batch's (loss sum,
+    units, stat sums, real tokens, sequence lengths), over all ranks.
+
+    With several ranks, each takes its share of the examples (balanced by tokens) and packs it into
+    its own micro-batches; FSDP averages the ranks' gradients, hence the loss times world_size. Every
+    rank runs as many passes as the busiest one, since each pass gathers and reduces parameters
+    with all of them: a rank short of passes repeats the global batch's first example at weight 0.
+    For the same reason a NaN/inf loss still runs its backward; the gradients are then cleared and
+    NonFiniteLoss raised, before any optimizer step."""
     device = next(model.parameters()).device
     units = objective.units(examples, index)
+    mine = [index[j] for j in parallel.my_share([examples[i].n_tokens for i in index])]
+    micros = micro_batches(examples, mine, cfg)
+    n_real = len(micros)
+    micros += [[index[0]]] * (parallel.all_max(n_real) - n_real)
     totals: dict[str, float] = {}
-    loss_sum, n_tokens, seq_lens = 0.0, 0, []
-    for micro in micro_batches(examples, index, cfg):
+    loss_sum, n_tokens, seq_lens, bad = 0.0, 0, [], ""
+    for k, micro in enumerate(micros):
+        real = k < n_real
         batch = make_batch(examples, micro, padded=cfg.padded).to(device)
         with _autocast(device):
             loss, stats = objective(model, batch, cfg.reference_ops)
+        (loss * (float(real) * parallel.world_size()) / units).backward()
+        for name, v in stats.items():
+            totals[name] = totals.get(name, 0.0) + (float(v) if real else 0.0)
+        if not real:
+            continue
         value = loss.item()
-        if not math.isfinite(value):
-            model.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"step {step}: the loss is {value} (examples at lines "
-                                f"{sorted(examples[i].line for i in micro)[:5]})")
-        (loss / units).backward()
+        if not math.isfinite(value) and not bad:
+            bad = f"the loss is {value} (examples at lines {sorted(examples[i].line for i in micro)[:5]})"
         loss_sum += value
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
         n_tokens += batch.n_tokens
         seq_lens += [len(ids) for i in micro for ids, _ in examples[i].seqs]
-    return loss_sum, units, totals, n_tokens, seq_lens
+    loss_sum, n_tokens, n_bad, *sums = parallel.all_reduce_sum([loss_sum, n_tokens, bool(bad), *totals.values()])
+    if n_bad:
+        model.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"step {step}: {next(b for b in parallel.all_gather_object(bad) if b)}")
+    seq_lens = [n for part in parallel.all_gather_object(seq_lens) for n in part]
+    return loss_sum, units, dict(zip(totals, sums)), int(n_tokens), seq_lens
 
 
 def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metrics_file=None,
-        desc: str = "train", on_step=None) -> list[dict]:
+        desc: str = "train", on_step=None, state_dir=None) -> list[dict]:
     """Train `model` in place on `examples` with `objective`. Returns one metrics dict per optimizer
     step (also written, atomically after each step, to metrics_file as JSONL when given).
     on_step(step, n_steps, model), if given, runs after each optimizer step (e.g. to save checkpoints).
+
+    Under torchrun the model is sharded with FSDP2 here (it stays so: save it with
+    parallel.save_model) and each rank runs its share of every global batch; the metrics are the
+    global batch's. With state_dir, the model and optimizer state are saved there every
+    cfg.save_state_every steps, and a fit that finds a state there resumes after its step.
 
     Raises NonFiniteLoss at a NaN/inf loss or gradient norm, before the optimizer step that would
     apply it: the model is then as it was after the last good step."""
@@ -244,19 +261,30 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     if cfg.grad_checkpointing:
-        checkpoint_blocks(model)
+        parallel.checkpoint_blocks(model)
+    parallel.shard_model(model)
     steps = global_batches(examples, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
-    peak = profile.peak_flops(str(device))[0] if device.type == "cuda" else 0.0
-    model.train()
     history = []
-    with tqdm(steps, desc=desc, unit="step", disable=None) as bar:
-        for step, index in enumerate(bar, 1):
+    run_id = {"config": {k: v for k, v in asdict(cfg).items() if k != "save_state_every"},
+              "examples": len(examples), "steps": len(steps)}
+    saved = parallel.load_train_state(state_dir, model, optimizer) if state_dir is not None else None
+    if saved is not None:
+        if saved["run"] != run_id:
+            raise MtcoreError(f"{state_dir}: holds the state of another training run; remove it to start afresh")
+        scheduler.load_state_dict(saved["scheduler"])
+        history = saved["history"]
+        log.info("%s: resuming after step %d of %d", state_dir, len(history), len(steps))
+    peak = profile.peak_flops(str(device))[0] * parallel.world_size() if device.type == "cuda" else 0.0
+    model.train()
+    with tqdm(total=len(steps), initial=len(history), desc=desc, unit="step",
+              disable=parallel.progress_disabled()) as bar:
+        for step, index in enumerate(steps[len(history):], len(history) + 1):
             start = time.perf_counter()
             loss_sum, units, totals, n_tokens, seq_lens = accumulate_gradients(model, examples, index, objective,
                                                                                cfg, step)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+            grad_norm = parallel.clip_grad_norm_(model.parameters(),
+                                                 cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(f"step {step}: the gradient norm is {grad_norm}")
@@ -278,6 +306,11 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
                 write_metrics(metrics_file, history)
             if on_step is not None:
                 on_step(step, len(steps), model)
+            if state_dir is not None and cfg.save_state_every and step % cfg.save_state_every == 0 \
+                    and step < len(steps):
+                parallel.save_train_state(state_dir, model, optimizer, {
+                    "run": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row
                                                           else {}))
     model.eval()
@@ -285,15 +318,20 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
 
 
 def write_metrics(path, rows: list[dict]) -> None:
+    """The metrics rows as JSONL, written by rank 0 alone."""
     from mtcore.checkpoint import write_text_atomic
 
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    if parallel.is_main():
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @torch.no_grad()
 def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: int, padded: bool = False,
                     desc: str = "reference log-probs") -> tuple[torch.Tensor, torch.Tensor]:
-    """One no-grad pass: (sums [n, k] fp32, counts [n, k]) of every example's sequences' response log-probs."""
+    """One no-grad pass: (sums [n, k] fp32, counts [n, k]) of every example's sequences' response log-probs.
+
+    With several ranks, each computes every world_size-th micro-batch (as many passes as the busiest
+    rank, for a sharded model's collectives) and the rows are summed over ranks (the others' are 0)."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -303,16 +341,20 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
     was_training = model.training
     model.eval()
     bins = pack([ex.n_tokens for ex in examples], micro_batch_tokens)
-    with tqdm(total=len(examples), desc=desc, unit="ex", disable=None) as bar:
-        for index in bins:
+    mine = bins[parallel.rank()::parallel.world_size()]
+    n_passes = parallel.all_max(len(mine))
+    with tqdm(total=sum(map(len, mine)), desc=desc, unit="ex", disable=parallel.progress_disabled()) as bar:
+        for p in range(n_passes):
+            index = mine[p] if p < len(mine) else bins[0]  # a repeat only keeps the ranks in step
             batch = make_batch(examples, index, padded=padded).to(device)
             with _autocast(device):
                 s, c = response_logps(model, batch)
-            sums[index] = s.view(-1, k).float().cpu()
-            counts[index] = c.view(-1, k).cpu()
-            bar.update(len(index))
+            if p < len(mine):
+                sums[index] = s.view(-1, k).float().cpu()
+                counts[index] = c.view(-1, k).cpu()
+                bar.update(len(index))
     model.train(was_training)
-    return sums, counts
+    return parallel.all_reduce_(sums), parallel.all_reduce_(counts)
 
 
 def examples_digest(examples: list[Example]) -> str:
@@ -351,6 +393,8 @@ def cached_reference_logps(model: Llama, examples: list[Example], cache_file: Pa
         except Exception as e:  # a damaged cache is recomputed, never trusted
             log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
     sums, counts = reference_logps(model, examples, micro_batch_tokens)
+    if not parallel.is_main():
+        return sums, counts
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
     try:
         save_file({"sums": sums.contiguous(), "counts": counts.contiguous()}, str(tmp))
@@ -385,21 +429,25 @@ def _read(read_fn, data_file, tokenizer, max_length, cfg):
 
 def _fit_and_save(model, tokenizer, examples, objective, cfg, out, summary):
     """fit, then save the model and summary.json into out; at a NaN/inf, save the last good model in
-    out/last_good and report it."""
-    from mtcore.checkpoint import save_model, write_json
+    out/last_good and report it. A state saved in out/train_state (--save-state-every) is resumed;
+    the final save replaces the directory, and the state with it."""
+    from mtcore.checkpoint import write_json
 
     out = Path(out)
     metrics_file = out / "metrics.jsonl"
     try:
-        history = fit(model, examples, objective, cfg, metrics_file, desc=summary["command"])
+        history = fit(model, examples, objective, cfg, metrics_file, desc=summary["command"],
+                      state_dir=out / "train_state")
     except NonFiniteLoss as e:
-        save_model(model, out / "last_good", tokenizer=tokenizer)
+        parallel.save_model(model, out / "last_good", tokenizer=tokenizer)
         raise NonFiniteLoss(f"{e}; training stopped, the model before that step is in {out / 'last_good'} "
                             f"(metrics of the good steps in {metrics_file}); lower --lr or check the data") from None
-    save_model(model, out, tokenizer=tokenizer)
+    parallel.save_model(model, out, tokenizer=tokenizer)
     write_metrics(metrics_file, history)  # save_model replaced the directory
-    summary.update(config=asdict(cfg), steps=len(history), final=history[-1] if history else None)
-    write_json(out / "summary.json", summary)
+    summary.update(config=asdict(cfg), world_size=parallel.world_size(), steps=len(history),
+                   final=history[-1] if history else None)
+    if parallel.is_main():
+        write_json(out / "summary.json", summary)
     return history
 
 

@@ -1,0 +1,108 @@
+"""The toy world's study: Mutual-Taught against the fixed-RM iterative-DPO baseline, over seeds.
+
+The paper's Tables 1 and 2 in miniature. For each method and seed, `mtcore train` runs the built-in
+toy world for --iters iterations in its own run directory (resumable: rerunning reuses finished
+runs); then one table gives, per iteration and method, the mean and spread (standard deviation over
+seeds) of the gold win rate against the initial policy, the gold score, and the RM's accuracy on
+gold-ordered pairs of the current policy's answers and on the fixed held-out pairs. Iteration 0 is
+the initial policy and base RM (shared by both methods).
+
+    python bench/study.py [--seeds 0 1 2] [--iters 3] [--out runs/study] [--extra "--dpo-lr 1e-4"]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KEYS = ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout")
+SHORT = {"gold_win_rate_vs_initial": "win vs init", "gold_score": "gold", "rm_accuracy_current_policy": "RM acc (policy)",
+         "rm_accuracy_heldout": "RM acc (held-out)"}
+METHODS = {"mutual-taught": [], "fixed-rm": ["--no-m-step"]}
+
+
+def run(method: str, seed: int, args) -> tuple[dict, float]:
+    out = Path(args.out) / f"{method}_seed{seed}"
+    cmd = [sys.executable, "-m", "mtcore", "train", "--iters", str(args.iters), "--seed", str(seed), "--out", str(out),
+           *METHODS[method], *shlex.split(args.extra)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TRITON_INTERPRET": "0"})
+    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
+
+
+def series(metrics: dict, iters: int) -> list[dict]:
+    """Iteration 0..iters; an iteration after an early stop repeats the kept models' numbers."""
+    rows = [metrics["initial"]]
+    by_t = {e["iteration"]: e for e in metrics["iterations"] if "gold_score" in e}
+    for t in range(1, iters + 1):
+        rows.append(by_t.get(t, rows[-1]))
+    return rows
+
+
+def spread(xs: list[float]) -> str:
+    mean = statistics.fmean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out", default="runs/study")
+    parser.add_argument("--extra", default="", help="More `mtcore train` options, for both methods.")
+    parser.add_argument("--plot", default=None, help="PNG path (default: OUT/study.png).")
+    args = parser.parse_args()
+    results, seconds = {}, {}
+    for seed in args.seeds:  # seed-major, so a cut-short study still compares the methods
+        for method in METHODS:
+            metrics, took = run(method, seed, args)
+            results.setdefault(method, []).append(series(metrics, args.iters))
+            seconds.setdefault(method, []).append(took)
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"# toy-world study: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, commit {commit}, seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'")
+    print("| iteration | method | " + " | ".join(SHORT[k] for k in KEYS) + " |")
+    print("|---|---|" + "---:|" * len(KEYS))
+    for t in range(args.iters + 1):
+        for method in (METHODS if t else ["mutual-taught"]):
+            cells = [spread([runs[t][k] for runs in results[method]]) for k in KEYS]
+            print(f"| {t} | {method if t else 'initial'} | " + " | ".join(cells) + " |")
+    print("wall time per run (s): " + ", ".join(f"{m} {spread(s)}" for m, s in seconds.items()))
+    plot(results, args.iters, Path(args.plot or Path(args.out) / "study.png"))
+
+
+def plot(results: dict, iters: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.4), dpi=100)
+    xs = list(range(iters + 1))
+    for ax, key in zip(axes, KEYS):
+        for method, runs in results.items():
+            means = [statistics.fmean(r[t][key] for r in runs) for t in xs]
+            sds = [statistics.stdev([r[t][key] for r in runs]) if len(runs) > 1 else 0.0 for t in xs]
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
+        ax.set_title(SHORT[key])
+        ax.set_xlabel("iteration")
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Scale-out on torch.distributed, applied from outside the model: the process group, FSDP2,
+activation checkpointing, full and sharded checkpoints, and the data-parallel helpers.
+
+`mtcore ...` runs in one process; `torchrun --nproc_per_node N [--nnodes ...] -m mtcore ...` runs N
+per node. Every helper here is the identity (or a no-op) in one process, so the trainers and the
+sampler read the same either way and one process computes exactly what it did before.
+
+- Training (train.fit): each block is `fully_shard`ed, then the root (embedding, final norm, head).
+  The root keeps its parameters gathered from forward to the end of backward
+  (reshard_after_forward=False), so the head weight that fused_logprobs reads outside the model's
+  forward is the full [V, dim] matrix, and its gradient is reduce-scattered with the root's at the
+  end of backward. On CUDA, parameters are all-gathered in bf16 and gradients reduced in fp32 over
+  fp32 shards (the master weights); on the CPU everything stays fp32.
+- Data parallelism: each rank runs its share of a global batch; the trainers all-reduce sums
+  (losses, counts, tokens) so every rank reports the global batch.
+- Generation and scoring: each rank holds the full model and serves every world_size-th item;
+  `map_shards` gathers the results back into item order.
+- Checkpoints: rank 0 writes the Hugging Face checkpoint from the gathered full state dict;
+  model and optimizer shards go through torch.distributed.checkpoint (every rank writes its own
+  shard, so several nodes need a shared filesystem), so a run resumes mid-fit.
+"""
+
+import atexit
+import contextlib
+import functools
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mtcore.model import Llama
+
+
+# ------------------------------------------------------------------------------------------------
+# The process group
+# ------------------------------------------------------------------------------------------------
+
+def init() -> None:
+    """Join the process group when torchrun started this process (it sets WORLD_SIZE); else nothing.
+    NCCL carries CUDA tensors, gloo CPU ones (and everything on a machine without CUDA)."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # then "cuda" means this rank's GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    atexit.register(dist.destroy_process_group)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def progress_disabled() -> bool | None:
+    """tqdm's `disable`: rank 0 shows bars (None: when stderr is a terminal), the other ranks never."""
+    return None if is_main() else True
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Every rank's values, summed elementwise (float64)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks, in place."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_max(value: int) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def all_gather_object(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (pickled: for small, plain objects)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_main(fn):
+    """fn, run by rank 0 alone (the others get None): for writes of files every rank would write
+    alike. Readers on other ranks must wait for it (loop.run_stage ends each stage with a barrier)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs) if is_main() else None
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------
+# Shares of the work
+# ------------------------------------------------------------------------------------------------
+
+def balanced_shares(sizes: list[int], n: int) -> list[list[int]]:
+    """Positions of items of the given sizes (tokens) dealt to n ranks, each share in input order:
+    the largest item first, each to the rank with the fewest tokens so far (ties: the lowest rank)."""
+    shares, load = [[] for _ in range(n)], [0] * n
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(n), key=lambda r: (load[r], r))
+        load[r] += sizes[i]
+        shares[r].append(i)
+    return [sorted(s) for s in shares]
+
+
+def my_share(sizes: list[int]) -> list[int]:
+    """This rank's share of balanced_shares (all positions, in order, in one process)."""
+    return balanced_shares(sizes, world_size())[rank()]
+
+
+def map_shards(fn, items: list) -> list:
+    """fn(items[rank::world_size]) -> one result per item on each rank, gathered into item order."""
+    n = world_size()
+    mine = fn(items[rank()::n])
+    if n == 1:
+        return mine
+    out = [None] * len(items)
+    for r, part in enumerate(all_gather_object(mine)):
+        out[r::n] = part
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2 and activation checkpointing
+# ------------------------------------------------------------------------------------------------
+
+def checkpoint_blocks(model: Llama) -> None:
+    """Activation checkpointing per transformer block: each block's forward is recomputed in
+    backward instead of keeping its activations (before shard_model, as torchtitan orders them)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.__class__.forward.__get__(block), use_reentrant=False)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: Llama) -> Llama:
+    """FSDP2 over all ranks: each transformer block, then the root; in place. A no-op in one process
+    and on a model already sharded."""
+    if world_size() == 1 or is_sharded(model):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    cuda = device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    # The head is used outside forward (fused_logprobs, the reward head): keep the root gathered
+    # until backward has produced its gradient, which the root's post-backward then reduce-scatters.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ over parameters sharded or not: returns the total L2 norm of all
+    the gradients before clipping, on every rank (a sharded norm is reduced over the shards first)."""
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(parameters)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return float(norm)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def save_model(model: Llama, dst, tokenizer=None) -> Path:
+    """checkpoint.save_model for a sharded model too: the full state dict is gathered to rank 0's
+    CPU, which alone writes the Hugging Face checkpoint; every rank returns once it is written."""
+    from mtcore import checkpoint
+
+    if not is_sharded(model):
+        if is_main():
+            checkpoint.save_model(model, dst, tokenizer=tokenizer)
+        barrier()
+        return Path(dst)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main():
+        with torch.device("meta"):
+            full = Llama(model.args, model.kind)
+        full.load_state_dict(state, assign=True)
+        full.tie_weights()
+        full.source = getattr(model, "source", None)
+        checkpoint.save_model(full, dst, tokenizer=tokenizer)
+    barrier()
+    return Path(dst)
+
+
+@contextlib.contextmanager
+def _one_process_dcp():
+    """Silence DCP's warning that it runs in one process: here, that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_train_state(path, model, optimizer, trainer: dict) -> None:
+    """Model and optimizer state, sharded as they are, through torch.distributed.checkpoint, and
+    `trainer` (JSON: step, schedule, metrics so far) into `path`, replacing what is there."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from mtcore.checkpoint import write_json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _one_process_dcp():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=world_size() == 1)
+    if is_main():  # trainer.json last, then one rename: a directory holding it is complete
+        write_json(tmp / "trainer.json", trainer)
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_train_state(path, model, optimizer) -> dict | None:
+    """Restore what save_train_state wrote into model and optimizer (resharded to this world size
+    if it changed); returns its `trainer` dict, or None when `path` holds no complete state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from mtcore.checkpoint import read_json
+
+    path = Path(path)
+    if not (path / "trainer.json").exists():
+        return None
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    with _one_process_dcp():
+        dcp.load(state, checkpoint_id=path, no_dist=world_size() == 1)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return read_json(path / "trainer.json")
