@@ -97,7 +97,7 @@ class LoopConfig:
 RUNTIME_KEYS = ("kv_cache_gb", "device", "grad_checkpointing", "save_state_every")
 TOY_DEFAULTS = dict(iters=3, samples=5, temperature=1.0, top_p=1.0, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
-                    selection_size=64, tau=0.5, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
+                    selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
                     policy_split_size=320)
 
 
@@ -585,9 +585,9 @@ def write_metrics(run: Run) -> dict:
         if "eval" in entry:
             entry.update({k: v for k, v in entry["eval"].items() if k != "profile"})
         iterations.append(entry)
+    done = [e["iteration"] for e in iterations if (run.iter_dir(e["iteration"]) / "policy").exists()]
     metrics = {"iterations": iterations, "stopped_at": run.state["stopped_at"],
-               "final_policy": str(run.policy(len([e for e in iterations if (run.iter_dir(e["iteration"]) /
-                                                                              "policy").exists()])))}
+               "final_policy": str(run.policy(done[-1] if done else 0))}
     if (run.dir / "initial.json").exists():
         metrics["initial"] = read_json(run.dir / "initial.json")
     write_json(run.dir / "metrics.json", metrics)

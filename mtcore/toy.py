@@ -386,17 +386,16 @@ def evaluate_initial(run) -> dict:
 def evaluate(run, t: int, stage) -> dict:
     """Iteration t's gold-judged numbers: the policy pi_t against the initial policy on the test
     prompts (ties half), its mean gold score, and r_t's accuracy on gold-ordered pairs of pi_t's own
-    answers and on the fixed held-out pairs of the initial policy's answers. A run stopped early at t
-    evaluates pi_{t-1}, which it kept."""
+    answers and on the fixed held-out pairs of the initial policy's answers. (A run stopped early at
+    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.)"""
     from mtcore.data import read_jsonl
 
-    policy = run.policy(t) if run.policy(t).exists() else run.policy(t - 1)
     prompts = run.splits["test"]
-    answers = _test_answers(run, policy, run.seed(t, "eval"), stage)
+    answers = _test_answers(run, run.policy(t), run.seed(t, "eval"), stage)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
     mine = [gold_score(p, a) for p, ts in zip(prompts, answers) for a in ts]
     theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
-    reward = run.reward(t) if run.reward(t).exists() else run.reward(t - 1)
+    reward = run.reward(t)
     return {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
             "rm_accuracy_current_policy": _rm_accuracy(run, reward, _policy_pairs(prompts, answers), stage),
             "rm_accuracy_heldout": _rm_accuracy(run, reward, read_jsonl(asset("heldout_pairs.jsonl")), stage)}

@@ -212,3 +212,26 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert whole.keys() == killed.keys() and len(whole) > 10
     for k in whole:
         assert whole[k] == killed[k], k
+
+
+@pytest.mark.slow
+def test_toy_world_iterations_give_checkpoints_transformers_loads(tmp_path):
+    """The built-in default, 2 iterations (tau 0.5, so that neither stops early): every iter_<k> holds a
+    policy and a reward model that transformers loads, and metrics.json has every evaluation key."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from mtcore.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--iters", "2", "--tau", "0.5", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "── iteration 2 ──" in result.output and "gold    win rate vs initial" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["iteration"] for e in metrics["iterations"]] == [1, 2]
+    for entry in metrics["iterations"]:
+        for key in ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout"):
+            assert 0.0 <= entry[key] <= 1.0
+        d = tmp_path / "run" / f"iter_{entry['iteration']}"
+        AutoModelForCausalLM.from_pretrained(str(d / "policy"))
+        AutoModelForSequenceClassification.from_pretrained(str(d / "reward"))
+    assert (tmp_path / "run" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
