@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -457,15 +458,33 @@ def stage_select(run: Run, t: int, stage) -> dict:
         rates[step] = win_rate([s[0] for s in mine], previous)
     best = max(steps, key=lambda s: (rates[s], s))
     stopped = rates[best] < cfg.tau
-    if not stopped and parallel.is_main():
-        src, dst = out / "candidates" / f"step_{best}", out / "policy"
-        tmp = dst.with_name(".policy.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
+    if not stopped:
+        _install(out / "candidates" / f"step_{best}", out / "policy")
+    else:  # the run ends here, keeping pi_{t-1} and r_{t-1}: they are this iteration's models
+        _install(run.policy(t - 1), out / "policy")
+        if cfg.m_step:
+            _install(run.reward(t - 1), out / "reward")
     return {"win_rates": {str(k): v for k, v in rates.items()}, "best_step": best, "win_rate": rates[best],
             "stopped": stopped}
+
+
+def _install(src: Path, dst: Path) -> None:
+    """dst becomes a copy of the checkpoint directory src (hard links where the filesystem allows:
+    checkpoints are never modified in place), atomically (rank 0)."""
+    if not parallel.is_main():
+        return
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
 
 
 def stage_msample(run: Run, t: int, stage) -> dict:
@@ -559,10 +578,12 @@ def train(run: Run, echo=print) -> dict:
         for name, fn in stages_of(run):
             results[name] = run_stage(run, t, name, fn)
             if name == "select" and results[name]["stopped"]:
+                if run.toy:  # the kept models, evaluated as this iteration's
+                    results["eval"] = run_stage(run, t, "eval", stage_eval)
                 run.state["stopped_at"] = t
                 write_json(run.dir / "state.json", run.state)
                 echo(f"iteration {t}: best win rate {results[name]['win_rate']:.3f} < tau {run.cfg.tau}; "
-                     f"stopping early, keeping {run.policy(t - 1)}")
+                     f"stopping early; iter_{t} keeps the models it started from")
                 break
         write_metrics(run)
         if results.get("select", {}).get("stopped") is False:

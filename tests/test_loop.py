@@ -123,6 +123,8 @@ def test_two_iterations_follow_the_rules(tmp_path):
 
 
 def test_tau_stops_early_and_keeps_the_previous_policy(tmp_path):
+    from mtcore import load_model
+
     policy, reward, prompts = tiny_world(tmp_path)
     run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, tau=1.0))
     lines = []
@@ -130,8 +132,12 @@ def test_tau_stops_early_and_keeps_the_previous_policy(tmp_path):
     sel = json.loads((run.iter_dir(1) / "select.json").read_text())
     assert sel["win_rate"] < 1.0 and sel["stopped"]
     assert metrics["stopped_at"] == 1 and len(metrics["iterations"]) == 1
-    assert not (run.iter_dir(1) / "policy").exists() and not (run.iter_dir(1) / "msample.json").exists()
-    assert metrics["final_policy"] == str(policy)
+    assert not (run.iter_dir(1) / "msample.json").exists() and not (run.iter_dir(2)).exists()
+    # iteration 1 keeps the models it started from
+    for kind, base in (("policy", policy), ("reward", reward)):
+        kept, start = load_model(run.iter_dir(1) / kind, kind=kind), load_model(base, kind=kind)
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), start.state_dict().values()))
+    assert metrics["final_policy"] == str(run.iter_dir(1) / "policy")
     assert "stopping early" in lines[0]
 
 
