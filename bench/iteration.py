@@ -40,7 +40,8 @@ def main():
                  f"{world}; MFU peak: {entry['sample']['profile']['peak_flops_source']}"))
     print("| stage | seconds | share | tokens | tokens/s | MFU | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    stages = {k: v["profile"] for k, v in entry.items() if isinstance(v, dict) and "profile" in v}
+    order = ("sample", "score", "pairs", "dpo", "select", "msample", "rm", "eval")  # the loop's order
+    stages = {k: entry[k]["profile"] for k in order if k in entry}
     total = sum(p["seconds"] for p in stages.values())
     for name, p in stages.items():
         mfu = f"{100 * p['mfu']:.1f}%" if p["mfu"] else "—"
