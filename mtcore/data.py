@@ -212,6 +212,15 @@ def _text(row: dict, key: str, where: str) -> str:
     return row[key]
 
 
+def encode_pair(tokenizer, prompt, chosen: str, rejected: str, where: str = "prompt", line: int = 0,
+                margin: float | None = None) -> Example:
+    """A preference pair by the sequence rule: the prompt's ids (encoded once) before each response's."""
+    prompt_ids = encode_prompt(tokenizer, prompt, where)
+    n = len(prompt_ids)
+    return Example(((prompt_ids + encode_response(tokenizer, chosen), n),
+                    (prompt_ids + encode_response(tokenizer, rejected), n)), line, margin)
+
+
 def read_pairs(path, tokenizer) -> list[Example]:
     """Preference pairs from JSONL rows {"prompt": str | messages, "chosen": str, "rejected": str,
     "margin"?: float}, each tokenised by the sequence rule; a malformed row is an error naming its line."""
@@ -223,10 +232,7 @@ def read_pairs(path, tokenizer) -> list[Example]:
         margin = row.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise MtcoreError(f'{where}: "margin" must be a number, got {margin!r}')
-        prompt_ids = encode_prompt(tokenizer, prompt, where)
-        n = len(prompt_ids)
-        examples.append(Example(((prompt_ids + encode_response(tokenizer, chosen), n),
-                                 (prompt_ids + encode_response(tokenizer, rejected), n)), row["_line"], margin))
+        examples.append(encode_pair(tokenizer, prompt, chosen, rejected, where, row["_line"], margin))
     if not examples:
         raise MtcoreError(f"{path}: no pairs")
     return examples

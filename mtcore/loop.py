@@ -34,11 +34,11 @@ import torch
 
 from mtcore import parallel, profile
 from mtcore.checkpoint import load_model, read_json, resolve, write_json, write_text_atomic
-from mtcore.data import Example, encode_prompt, encode_sequence, load_tokenizer, make_batch, pack, prompt_of
-from mtcore.data import read_jsonl, stop_ids, write_jsonl
+from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, fit_examples, load_tokenizer, make_batch
+from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError
 from mtcore.parallel import save_model
-from mtcore.sampler import SamplingParams, generate
+from mtcore.sampler import SamplingParams, generate, response_text
 from mtcore.train import DPO, BradleyTerry, TrainConfig, cached_reference_logps, fit, sequence_rewards
 
 log = logging.getLogger(__name__)
@@ -266,9 +266,8 @@ def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, pr
     for ids, completions in zip(prompt_ids, results):
         responses = []
         for c in completions or []:
-            text_ids = c.token_ids[:-1] if c.finish_reason == "stop" and c.token_ids[-1] in stops else c.token_ids
-            responses.append({"text": tokenizer.decode(text_ids, skip_special_tokens=True),
-                              "token_ids": c.token_ids, "finish_reason": c.finish_reason})
+            responses.append({"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason})
             if stage is not None:
                 stage.add(len(ids) + len(c.token_ids))
         out.append(responses)
@@ -417,7 +416,6 @@ def stage_dpo(run: Run, t: int, stage) -> dict:
         prompt = encode_prompt(tokenizer, row["prompt"])
         n = len(prompt)
         examples.append(Example(((prompt + row["chosen_ids"], n), (prompt + row["rejected_ids"], n)), row["_line"]))
-    from mtcore.data import fit_examples
     examples, report = fit_examples(examples, cfg.max_length)
     model = load_model(policy_dir, "policy", dtype=torch.float32, device=run.device)
     ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens)
@@ -510,17 +508,10 @@ def stage_msample(run: Run, t: int, stage) -> dict:
 def stage_rm(run: Run, t: int, stage) -> dict:
     """Bradley-Terry from the base RM on the filtered pseudo-pairs plus the E-step's pairs (as text,
     re-tokenised with the RM's tokenizer)."""
-    from mtcore.data import fit_examples
-
     cfg, out = run.cfg, run.iter_dir(t)
     tokenizer = load_tokenizer(run.base_reward, cfg.reward_chat_template or None)
     rows = read_jsonl(out / "pseudo_pairs.jsonl") + read_jsonl(out / "pairs.jsonl")
-    examples = []
-    for row in rows:
-        prompt = encode_prompt(tokenizer, row["prompt"])
-        n = len(prompt)
-        examples.append(Example(((encode_sequence(tokenizer, row["prompt"], row["chosen"])[0], n),
-                                 (encode_sequence(tokenizer, row["prompt"], row["rejected"])[0], n))))
+    examples = [encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in rows]
     examples, report = fit_examples(examples, cfg.max_length)
     model = load_model(run.base_reward, "reward", dtype=torch.float32, device=run.device)
     history = fit(model, examples, BradleyTerry(), _train_config(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t,

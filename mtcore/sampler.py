@@ -296,6 +296,14 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     return results
 
 
+def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
+    """A completion's text: its tokens without the stop id that ended it, decoded."""
+    ids = completion.token_ids
+    if completion.finish_reason == "stop" and ids[-1] in stops:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
                    device=None, dtype=None, kv_budget_bytes: int = 2 * 2**30) -> dict:
@@ -341,8 +349,7 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
             continue
         row["responses"] = []
         for c in completions:
-            text_ids = c.token_ids[:-1] if c.finish_reason == "stop" and c.token_ids[-1] in stops else c.token_ids
-            response = {"text": tokenizer.decode(text_ids, skip_special_tokens=True), "token_ids": c.token_ids,
+            response = {"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
                         "finish_reason": c.finish_reason}
             if c.logprobs is not None:
                 response["logprobs"] = c.logprobs

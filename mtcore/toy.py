@@ -281,7 +281,7 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
     import torch
 
     from mtcore.checkpoint import save_model, write_json
-    from mtcore.data import Example, encode_sequence, load_tokenizer, write_jsonl
+    from mtcore.data import Example, encode_pair, encode_sequence, load_tokenizer, write_jsonl
     from mtcore.model import Llama, ModelArgs
     from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
 
@@ -308,10 +308,7 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
     write_jsonl(out / "heldout_pairs.jsonl", heldout)
     reward = Llama(args, "reward").init_weights(seed)
     reward.model.load_state_dict(policy.model.state_dict())
-    examples = []
-    for row in base_pairs:
-        (c, n), (r, _) = (encode_sequence(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected"))
-        examples.append(Example(((c, n), (r, n))))
+    examples = [encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in base_pairs]
     rm_log = fit(reward, examples, BradleyTerry(), TrainConfig(seed=seed, **RM_TRAINING), desc="toy rm")
     save_model(reward, out / "reward", tokenizer=tokenizer)
     flat = [gold_score(p, t) for p, ts in zip(splits["rm_base"], samples) for t in ts]

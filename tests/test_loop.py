@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_world
 from mtcore import MtcoreError
-from mtcore.loop import (LoopConfig, Run, best_worst_pair, mutual_pair, pseudo_pair_filter, resolve_config, train,
+from mtcore.loop import (Run, best_worst_pair, mutual_pair, pseudo_pair_filter, resolve_config, train,
                          win_rate)
 
 
