@@ -36,6 +36,14 @@ def main(verbose):
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+@main.result_callback()
+def _finished(*_, **__):
+    """After a command that succeeded under torchrun: leave together and exit (parallel.finish)."""
+    from mtcore import parallel
+
+    parallel.finish()
+
+
 def echo(message: str) -> None:
     """click.echo on rank 0 only (every rank would print the same line)."""
     from mtcore import parallel

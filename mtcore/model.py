@@ -140,14 +140,15 @@ def _flash_attn():
 class AttnLayout:
     """How the tokens of one forward are laid out; built once per forward, shared by every layer.
 
-    packed: cu_seqlens [B+1], max_seqlen, and for the SDPA fallback pad_index [B, max_seqlen] (indices
-    into the N packed tokens) with pad_valid [B, max_seqlen].
+    packed: cu_seqlens [B+1], max_seqlen, and for the SDPA fallback `buckets`: sequences of similar
+    length, each (pad_index [b, L], pad_valid [b, L]) indexing the N packed tokens right-padded to
+    the bucket's longest L, and `restore` [N], which puts the buckets' real tokens back in packed order.
     batch: mask [B, 1, T, T] boolean (True = may attend) or None for plain causal.
     """
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
-    pad_index: torch.Tensor | None = None
-    pad_valid: torch.Tensor | None = None
+    buckets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    restore: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     use_flash: bool = False
 
@@ -167,11 +168,7 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
             raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed sequence ({longest})")
         layout = AttnLayout(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), use_flash=use_flash)
         if not use_flash:
-            # Right-padded [B, max_seqlen] view of the packed tokens. With right padding, a causal
-            # mask alone keeps every real query off the padding, so SDPA runs with is_causal=True.
-            offsets = torch.arange(layout.max_seqlen, device=x.device)  # [max_seqlen]
-            layout.pad_valid = offsets[None, :] < lens[:, None]  # [B, max_seqlen]
-            layout.pad_index = torch.where(layout.pad_valid, cu_seqlens[:-1, None].long() + offsets, 0)
+            layout.buckets, layout.restore = _length_buckets(cu_seqlens, x.device)
         return layout
     if attention_mask is None:
         return AttnLayout(use_flash=use_flash)
@@ -183,6 +180,39 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
     # then leak through 0 * NaN into the real rows of the next layer).
     eye = torch.eye(T, dtype=torch.bool, device=x.device)
     return AttnLayout(mask=(causal & keys) | eye)
+
+
+# A bucket takes sequences down to this fraction of its longest: padding costs at most 1 / 0.8^2 =
+# 1.56x the real attention work, and lengths 1..L make at most log(L) / log(1.25) + 1 buckets.
+BUCKET_RATIO = 0.8
+
+
+def _length_buckets(cu_seqlens: torch.Tensor, device) -> tuple[list, torch.Tensor]:
+    """The SDPA fallback's layout of packed sequences: by length, longest first, into buckets of
+    similar length, each right-padded to its longest. One [B, max_seqlen] padding would make every
+    sequence pay the longest one's attention (and memory) cost. With right padding, a causal mask
+    alone keeps every real query off the padding, so SDPA runs with is_causal=True."""
+    starts = cu_seqlens[:-1].tolist()
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    buckets, real = [], []  # real: the packed index of every real token, in the buckets' order
+    i = 0
+    while i < len(order):
+        longest = lens[order[i]]
+        j = i
+        while j < len(order) and lens[order[j]] >= BUCKET_RATIO * longest:
+            j += 1
+        members = order[i:j]
+        offsets = torch.arange(longest)  # [L]
+        member_lens = torch.tensor([lens[m] for m in members])  # [b]
+        valid = offsets[None, :] < member_lens[:, None]  # [b, L]
+        index = torch.where(valid, torch.tensor([starts[m] for m in members])[:, None] + offsets, 0)
+        buckets.append((index.to(device), valid.to(device)))
+        real.append(index[valid])
+        i = j
+    restore = torch.empty(sum(lens), dtype=torch.long)
+    restore[torch.cat(real) - starts[0]] = torch.arange(sum(lens))
+    return buckets, restore.to(device)
 
 
 class Attention(nn.Module):
@@ -218,10 +248,14 @@ def attend(q, k, v, layout: AttnLayout):
             return fa.flash_attn_varlen_func(q, k, v, cu, cu, layout.max_seqlen, layout.max_seqlen, causal=True)
         return fa.flash_attn_func(q, k, v, causal=True)
     if layout.cu_seqlens is not None:
-        # [N, H, D] -> [B, H, max_seqlen, D] right-padded, attend, then back to [N, H, D].
-        q_pad, k_pad, v_pad = (t[layout.pad_index].transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2)[layout.pad_valid]  # [N, Hq, D]
+        # Per bucket: [N, H, D] -> [b, H, L, D] right-padded, attend, keep the real rows; then the
+        # buckets' rows back in packed order.
+        outs = []
+        for index, valid in layout.buckets:
+            q_pad, k_pad, v_pad = (t[index].transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q_pad, k_pad, v_pad, is_causal=True, enable_gqa=True)
+            outs.append(out.transpose(1, 2)[valid])  # [n_b, Hq, D]
+        return torch.cat(outs)[layout.restore]  # [N, Hq, D]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
     if layout.mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -96,7 +96,7 @@ def test_rewards_match_sequence_classification(tmp_path, name):
     assert max_err(alone, got[1:2]) <= 1e-5
 
 
-@pytest.mark.parametrize("lens", [[5, 1, 17, 9], [8, 8], [1]])
+@pytest.mark.parametrize("lens", [[5, 1, 17, 9], [8, 8], [1], [12, 3, 10, 11, 2, 3, 16]])
 def test_packed_equals_per_sequence(lens):
     args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
                      rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING))
@@ -125,6 +125,24 @@ def test_packed_attention_never_crosses_sequences():
         b = model(changed, cu_seqlens=cu_seqlens)
     assert torch.equal(a[:6], b[:6]) and torch.equal(a[13:], b[13:])
     assert not torch.allclose(a[6:13], b[6:13])
+
+
+def test_length_buckets():
+    """The SDPA fallback groups sequences longest first while they are >= BUCKET_RATIO of the bucket's
+    longest; every real token is in exactly one bucket, and `restore` puts them back in packed order."""
+    from mtcore.model import BUCKET_RATIO, _length_buckets
+
+    assert BUCKET_RATIO == 0.8
+    lens = [10, 9, 8, 7, 3, 20, 16]
+    cu = torch.tensor([0] + lens).cumsum(0)
+    buckets, restore = _length_buckets(cu, "cpu")
+    assert [valid.sum(1).tolist() for _, valid in buckets] == [[20, 16], [10, 9, 8], [7], [3]]
+    real = torch.cat([index[valid] for index, valid in buckets])
+    assert torch.equal(real[restore], torch.arange(sum(lens)))
+    for index, valid in buckets:  # each row: one sequence's tokens in order, then padding
+        for row, ok in zip(index, valid):
+            n = int(ok.sum())
+            assert ok[:n].all() and torch.equal(row[:n], row[0] + torch.arange(n))
 
 
 def test_packed_positions():

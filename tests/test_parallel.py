@@ -40,6 +40,7 @@ def _join(rank, world, port):
 def _entry(rank, fn, world, port, args):
     _join(rank, world, port)
     fn(*args)
+    parallel.finish()  # exits
 
 
 def spawn(fn, *args, world=WORLD):
