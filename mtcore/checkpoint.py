@@ -299,6 +299,17 @@ def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
     return model
 
 
+def save_tokenizer(tokenizer, out) -> None:
+    """tokenizer.save_pretrained into `out`, naming its class PreTrainedTokenizerFast, which
+    transformers 4.x and 5.x both load: 5.x writes "TokenizersBackend", a name 4.x does not know."""
+    tokenizer.save_pretrained(str(out))
+    config_path = Path(out) / "tokenizer_config.json"
+    config = read_json(config_path)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        write_json(config_path, config)
+
+
 def _dtype_of(model: Llama) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -367,7 +378,7 @@ def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int) 
             gen["pad_token_id"] = model.args.pad_token_id
         write_json(out / "generation_config.json", gen)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        save_tokenizer(tokenizer, out)
     elif source is not None:
         for fname in TOKENIZER_FILES:
             if (source / fname).exists():

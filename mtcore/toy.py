@@ -213,11 +213,13 @@ def build_tokenizer(out_dir) -> Path:
     """
     from transformers import PreTrainedTokenizerFast
 
+    from mtcore.checkpoint import save_tokenizer
+
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(), bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                         clean_up_tokenization_spaces=False)
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
     out_dir = Path(out_dir)
-    tokenizer.save_pretrained(str(out_dir))
+    save_tokenizer(tokenizer, out_dir)
     log.info("toy tokenizer: %d ids (%d special, last) -> %s", len(tokenizer), len(SPECIAL_TOKENS), out_dir)
     return out_dir
 

@@ -116,6 +116,9 @@ def test_tokenizer_files_travel_with_the_model(tmp_path, llama3_tokenizer_path):
     save_model(model, tmp_path / "out", tokenizer=tokenizer)
     back = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert back.encode("Hello world") == tokenizer.encode("Hello world")
+    # a class name transformers 4.x knows too (5.x writes "TokenizersBackend")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     assert back.chat_template == tokenizer.chat_template
     save_model(load_model(tmp_path / "out"), tmp_path / "copy")  # no tokenizer given: copied from the source
     assert AutoTokenizer.from_pretrained(str(tmp_path / "copy")).chat_template == tokenizer.chat_template

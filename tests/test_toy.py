@@ -1,5 +1,6 @@
 """The toy world: the gold judge on hand-computed cases, demonstrations, prompt splits, the tokenizer."""
 
+import json
 import random
 import re
 
@@ -149,6 +150,18 @@ def test_tokenizer_build_is_deterministic(toy_tokenizer_dir, tmp_path):
     assert "tokenizer.json" in files and files == sorted(p.name for p in again.iterdir())
     for name in files:
         assert (toy_tokenizer_dir / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_committed_tokenizer_is_the_build_and_names_a_portable_class(toy_tokenizer_dir):
+    """The shipped assets hold exactly what build_tokenizer writes, and their tokenizer_config names
+    PreTrainedTokenizerFast: transformers 5 would write "TokenizersBackend", which 4.x cannot load."""
+    from mtcore.toy import ASSETS
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (ASSETS / "tokenizer" / name).read_bytes() == (toy_tokenizer_dir / name).read_bytes(), name
+    for model_dir in ("tokenizer", "policy", "reward"):
+        config = json.loads((ASSETS / model_dir / "tokenizer_config.json").read_text())
+        assert config["tokenizer_class"] == "PreTrainedTokenizerFast", model_dir
 
 
 def test_tokenizer_special_tokens_last(toy_tokenizer_dir):
