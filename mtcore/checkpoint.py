@@ -300,10 +300,17 @@ def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
 
 
 def save_tokenizer(tokenizer, out) -> None:
-    """tokenizer.save_pretrained into `out`, naming its class PreTrainedTokenizerFast, which
-    transformers 4.x and 5.x both load: 5.x writes "TokenizersBackend", a name 4.x does not know."""
+    """tokenizer.save_pretrained into `out`, its config made loadable by transformers 4.x too."""
     tokenizer.save_pretrained(str(out))
-    config_path = Path(out) / "tokenizer_config.json"
+    _portable_tokenizer_config(Path(out))
+
+
+def _portable_tokenizer_config(out: Path) -> None:
+    """Name the tokenizer class PreTrainedTokenizerFast, which transformers 4.x and 5.x both load:
+    5.x writes "TokenizersBackend", a name 4.x does not know."""
+    config_path = out / "tokenizer_config.json"
+    if not config_path.exists():
+        return
     config = read_json(config_path)
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -383,3 +390,4 @@ def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int) 
         for fname in TOKENIZER_FILES:
             if (source / fname).exists():
                 shutil.copyfile(source / fname, out / fname)
+        _portable_tokenizer_config(out)

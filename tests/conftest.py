@@ -16,6 +16,19 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# torchrun's variables: with them, `mtcore` commands run in-process (click's CliRunner) would join a
+# process group inside pytest, and a successful one would end the whole session (parallel.finish
+# exits the process). The multi-process tests set them in their own workers.
+DISTRIBUTED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def _not_under_torchrun(monkeypatch):
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
 

@@ -124,6 +124,16 @@ def test_tokenizer_files_travel_with_the_model(tmp_path, llama3_tokenizer_path):
     assert AutoTokenizer.from_pretrained(str(tmp_path / "copy")).chat_template == tokenizer.chat_template
 
 
+def test_copied_tokenizer_config_is_made_portable(tmp_path):
+    """A source saved by transformers 5 names "TokenizersBackend" (4.x cannot load it); the copy that
+    save_model makes (no tokenizer given, as `mtcore convert`) names PreTrainedTokenizerFast."""
+    src = save_hf(make_hf_model("policy", seed=2), tmp_path / "src")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend", "x": 1}))
+    save_model(load_model(src), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == \
+        {"tokenizer_class": "PreTrainedTokenizerFast", "x": 1}
+
+
 # ---- bad input: one clear line, no traceback ----
 
 def test_missing_directory(tmp_path):
