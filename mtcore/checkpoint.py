@@ -237,6 +237,11 @@ def _open_safetensors(f: Path):
         raise MtcoreError(f"{f}: not a readable safetensors file ({e})") from None
 
 
+def default_device(device=None) -> torch.device:
+    """`device` as given, else CUDA where there is a GPU, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 

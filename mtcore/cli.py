@@ -107,13 +107,12 @@ def convert(src, dst, kind, dtype, max_shard_gb):
 def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
              max_len, skip_overlong, chat_template, logprobs, device):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
-    import torch
-
+    from mtcore.checkpoint import default_device
     from mtcore.sampler import SamplingParams, generate_jsonl
 
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed, logprobs=logprobs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     counts = generate_jsonl(policy, prompts_file, out_file, params, slots=slots, chat_template=chat_template,
                             skip_overlong=skip_overlong, max_len=max_len, device=device,
                             kv_budget_bytes=int(kv_cache_gb * 2**30))
@@ -313,12 +312,10 @@ def evaluate(policy, reward, prompts_file, out_file, temperature, max_new_tokens
     """Evaluate a policy: toy world gold metrics (no --prompts), or AlpacaEval outputs (--prompts)."""
     import json
 
-    import torch
-
     from mtcore import loop, toy
-    from mtcore.checkpoint import resolve, write_text_atomic
+    from mtcore.checkpoint import default_device, resolve
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if prompts_file:
         if not policy:
             raise MtcoreError("--prompts needs --policy")
@@ -332,5 +329,5 @@ def evaluate(policy, reward, prompts_file, out_file, temperature, max_new_tokens
                                    "eval_samples": samples})
     result = toy.evaluate_models(cfg, device, resolve(policy) if policy else toy.asset("policy"),
                                  resolve(reward) if reward else toy.asset("reward"), seed)
-    write_text_atomic(out_file, json.dumps(result, indent=2) + "\n")
+    loop.write_text_atomic(out_file, json.dumps(result, indent=2) + "\n")  # rank 0 writes
     echo(", ".join(f"{k} {v:.3f}" for k, v in result.items()))

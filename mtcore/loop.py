@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import load_model, read_json, resolve, write_json, write_text_atomic
+from mtcore.checkpoint import default_device, load_model, read_json, resolve, write_json, write_text_atomic
 from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, fit_examples, load_tokenizer, make_batch
 from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError
@@ -161,7 +161,7 @@ class Run:
 
     def __init__(self, out, cfg: LoopConfig):
         self.dir, self.cfg = Path(out), cfg
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(cfg.device)
         self.toy = not cfg.policy
         if self.toy:
             from mtcore import toy
@@ -636,7 +636,7 @@ def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, 
     """`mtcore score`: rows {"prompt", "responses"} -> the same rows plus "rewards"."""
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
                      micro_batch_tokens=micro_batch_tokens, device=device or "")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     rows = read_jsonl(in_file)
     prompts, texts = [], []
     for row in rows:

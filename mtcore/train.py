@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import load_model, resolve
+from mtcore.checkpoint import default_device, load_model, resolve
 from mtcore.data import Batch, Example, make_batch, pack, read_demonstrations, read_pairs
 from mtcore.errors import MtcoreError
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
@@ -454,7 +454,7 @@ def _fit_and_save(model, tokenizer, examples, objective, cfg, out, summary):
 def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss_type="sigmoid",
             label_smoothing=0.0, length_normalize=False, max_length=2048, chat_template=None, device=None):
     """`mtcore dpo`: read and pack the pairs, reference log-probs (cached beside the data), DPO, save."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     path, tokenizer, model = _load(policy, "policy", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
     ref_path = path if ref is None else resolve(ref)
@@ -474,7 +474,7 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
 def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_length=2048, chat_template=None,
            device=None):
     """`mtcore rm`: Bradley-Terry training of a reward model on preference pairs, from `reward`."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     path, tokenizer, model = _load(reward, "reward", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
     summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
@@ -484,7 +484,7 @@ def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_lengt
 
 def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None):
     """`mtcore sft`: supervised fine-tuning on {"prompt", "response"} demonstrations."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     path, tokenizer, model = _load(policy, "policy", device, chat_template)
     examples, report = _read(read_demonstrations, data_file, tokenizer, max_length, cfg)
     summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
