@@ -38,7 +38,7 @@ from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, fi
 from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError
 from mtcore.parallel import save_model
-from mtcore.sampler import SamplingParams, generate, response_text
+from mtcore.sampler import SamplingParams, generate_responses, slot_len
 from mtcore.train import DPO, BradleyTerry, TrainConfig, cached_reference_logps, fit, sequence_rewards
 
 log = logging.getLogger(__name__)
@@ -241,39 +241,21 @@ class Run:
 # Models in and out of memory, generation and scoring
 # ------------------------------------------------------------------------------------------------
 
-def _infer_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, n: int, seed: int, stage=None) -> list[list[dict]]:
-    """n responses per prompt from a policy: [{"text", "token_ids", "finish_reason"}] per prompt.
-    Under torchrun each rank samples every world_size-th prompt (seed + rank); all get them all."""
-    from tqdm import tqdm
-
+    """n responses per prompt from a policy: [{"text", "token_ids", "finish_reason"}] per prompt (none
+    for a prompt too long for the model). Under torchrun each rank samples every world_size-th
+    prompt (seed + rank); all get them all."""
     tokenizer = load_tokenizer(policy_dir, cfg.chat_template or None)
     prompt_ids = [encode_prompt(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
-    model = load_model(policy_dir, "policy", dtype=_infer_dtype(device), device=device).eval()
-    max_len = min(max(map(len, prompt_ids)) + cfg.max_new_tokens, model.args.max_position_embeddings)
+    model = load_model(policy_dir, "policy", device=device).eval()
     params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                            seed=seed + parallel.rank(), stop_ids=tuple(stop_ids(tokenizer, policy_dir)))
-    with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * n, desc="generate", unit="seq",
-              disable=parallel.progress_disabled(), leave=False) as bar:
-        results = parallel.map_shards(
-            lambda share: generate(model, share, params, max_len=max_len, on_overlong="skip", progress=bar.update,
-                                   kv_budget_bytes=int(cfg.kv_cache_gb * 2**30)), prompt_ids)
-    stops = set(params.stop_ids)
-    out = []
-    for ids, completions in zip(prompt_ids, results):
-        responses = []
-        for c in completions or []:
-            responses.append({"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason})
-            if stage is not None:
-                stage.add(len(ids) + len(c.token_ids))
-        out.append(responses)
+                            seed=seed, stop_ids=tuple(stop_ids(tokenizer, policy_dir)))
+    out = [r or [] for r in generate_responses(model, tokenizer, prompt_ids, params,
+                                                max_len=slot_len(model, prompt_ids, params), on_overlong="skip",
+                                                kv_budget_bytes=int(cfg.kv_cache_gb * 2**30), leave=False)]
     if stage is not None:
         lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]
-        stage.add(0, profile.matmul_flops(model.args, lens))
+        stage.add(sum(lens), profile.matmul_flops(model.args, lens))
     del model
     return out
 
@@ -283,7 +265,7 @@ def score_responses(cfg: LoopConfig, device: torch.device, reward_dir: Path, pro
     """r(prompt, response) for every response text, read at the last token of the RM's own chat format.
     Under torchrun each rank scores every world_size-th micro-batch; all get every score."""
     tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
-    model = load_model(reward_dir, "reward", dtype=_infer_dtype(device), device=device).eval()
+    model = load_model(reward_dir, "reward", device=device).eval()
     examples, owner = [], []
     for i, (p, texts) in enumerate(zip(prompts, responses)):
         for j, text in enumerate(texts):

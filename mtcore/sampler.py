@@ -304,15 +304,46 @@ def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
+                       slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
+                       kv_budget_bytes: int = 2 * 2**30, leave: bool = True) -> list[list[dict] | None]:
+    """generate, with a progress bar, as response dicts {"text", "token_ids", "finish_reason"
+    (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
+    each rank samples every world_size-th prompt (seed + rank) and every rank gets them all."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from mtcore import parallel
+
+    mine = replace(params, seed=params.seed + parallel.rank())  # world size 1: params as given
+    with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * params.n, desc="generate", unit="seq",
+              disable=parallel.progress_disabled(), leave=leave) as bar:
+        results = parallel.map_shards(
+            lambda share: generate(model, share, mine, slots=slots, max_len=max_len, on_overlong=on_overlong,
+                                   progress=bar.update, kv_budget_bytes=kv_budget_bytes), prompts)
+    stops = set(params.stop_ids)
+    out = []
+    for completions in results:
+        if completions is None:
+            out.append(None)
+            continue
+        responses = []
+        for c in completions:
+            response = {"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason}
+            if c.logprobs is not None:
+                response["logprobs"] = c.logprobs
+            responses.append(response)
+        out.append(responses)
+    return out
+
+
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
                    device=None, dtype=None, kv_budget_bytes: int = 2 * 2**30) -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
     Under torchrun each rank samples every world_size-th prompt (seed + rank) and rank 0 writes them all."""
-    from dataclasses import replace
-
-    from tqdm import tqdm
-
     from mtcore import parallel
     from mtcore.checkpoint import load_model, resolve
     from mtcore.data import encode_prompt, load_tokenizer, prompt_of, read_jsonl, stop_ids, write_jsonl
@@ -333,27 +364,15 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
             if len(p) >= max_len:
                 raise MtcoreError(f"{prompts_file}:{row['_line']}: the prompt has {len(p)} tokens, no room in a "
                                   f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
-    mine = replace(params, seed=params.seed + parallel.rank())  # world size 1: params as given
-    with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * params.n, desc="generate", unit="seq",
-              disable=parallel.progress_disabled()) as bar:
-        results = parallel.map_shards(
-            lambda share: generate(model, share, mine, slots=slots, max_len=max_len,
-                                   on_overlong="skip" if skip_overlong else "error", progress=bar.update,
-                                   kv_budget_bytes=kv_budget_bytes), prompts)
-    stops = set(params.stop_ids)
+    results = generate_responses(model, tokenizer, prompts, params, slots=slots, max_len=max_len,
+                                 on_overlong="skip" if skip_overlong else "error", kv_budget_bytes=kv_budget_bytes)
     skipped = 0
-    for row, completions in zip(rows, results):
-        if completions is None:
+    for row, responses in zip(rows, results):
+        if responses is None:
             row["responses"], row["skipped"] = [], "prompt too long"
             skipped += 1
-            continue
-        row["responses"] = []
-        for c in completions:
-            response = {"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
-                        "finish_reason": c.finish_reason}
-            if c.logprobs is not None:
-                response["logprobs"] = c.logprobs
-            row["responses"].append(response)
+        else:
+            row["responses"] = responses
     if parallel.is_main():
         write_jsonl(out_file, rows)
     return {"prompts": len(rows), "skipped": skipped, "responses": (len(rows) - skipped) * params.n}

@@ -249,16 +249,12 @@ def asset(name: str) -> Path:
 
 def _sample_texts(model, tokenizer, prompts, n, seed, temperature=1.0):
     from mtcore.data import encode_prompt, stop_ids
-    from mtcore.sampler import SamplingParams, generate
+    from mtcore.sampler import SamplingParams, generate, response_text
 
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     stops = stop_ids(tokenizer)
     params = SamplingParams(n=n, temperature=temperature, max_new_tokens=20, seed=seed, stop_ids=tuple(stops))
-    out = []
-    for completions in generate(model, ids, params):
-        out.append([tokenizer.decode([t for t in c.token_ids if t not in stops], skip_special_tokens=True)
-                    for c in completions])
-    return out
+    return [[response_text(tokenizer, c, set(stops)) for c in completions] for completions in generate(model, ids, params)]
 
 
 def _gold_pairs(prompts, samples, rng, per_prompt=1):
