@@ -322,6 +322,17 @@ def _portable_tokenizer_config(out: Path) -> None:
         write_json(config_path, config)
 
 
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished directory `tmp` in the place of `dst` (whatever dst held is removed):
+    two renames, so dst is at every moment either the old directory or the new one, never half."""
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _dtype_of(model: Llama) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -345,11 +356,7 @@ def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**
         raise MtcoreError(f"{dst}: cannot write there ({e.strerror or e})") from None
     try:
         _write_checkpoint(model, tmp, tokenizer, max_shard_bytes)
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        if dst.exists():
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, dst)
     except OSError as e:  # disk full, permissions: dst keeps what it had
         raise MtcoreError(f"{dst}: cannot write the checkpoint ({e.strerror or e})") from None
     finally:

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import default_device, load_model, read_json, resolve, write_json, write_text_atomic
+from mtcore.checkpoint import default_device, load_model, read_json, replace_dir, resolve, write_json
+from mtcore.checkpoint import write_text_atomic
 from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, fit_examples, load_tokenizer, make_batch
 from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError
@@ -463,8 +464,7 @@ def _install(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, copy_function=link)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    replace_dir(tmp, dst)
 
 
 def stage_msample(run: Run, t: int, stage) -> dict:

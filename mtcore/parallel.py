@@ -269,7 +269,7 @@ def save_train_state(path, model, optimizer, trainer: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from mtcore.checkpoint import write_json
+    from mtcore.checkpoint import replace_dir, write_json
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -281,12 +281,7 @@ def save_train_state(path, model, optimizer, trainer: dict) -> None:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=world_size() == 1)
     if is_main():  # trainer.json last, then one rename: a directory holding it is complete
         write_json(tmp / "trainer.json", trainer)
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     barrier()
 
 
