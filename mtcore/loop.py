@@ -261,38 +261,54 @@ def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, pr
     return out
 
 
-@torch.no_grad()
+def first_answers(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, seed: int,
+                  stage=None) -> list[str]:
+    """One response text per prompt ("" for a prompt too long for the model)."""
+    return [r[0]["text"] if r else "" for r in sample_responses(cfg, device, policy_dir, prompts, 1, seed, stage)]
+
+
 def score_responses(cfg: LoopConfig, device: torch.device, reward_dir: Path, prompts: list, responses: list[list[str]], stage=None) -> list[list[float]]:
     """r(prompt, response) for every response text, read at the last token of the RM's own chat format.
     Under torchrun each rank scores every world_size-th micro-batch; all get every score."""
-    tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
-    model = load_model(reward_dir, "reward", device=device).eval()
-    examples, owner = [], []
-    for i, (p, texts) in enumerate(zip(prompts, responses)):
-        for j, text in enumerate(texts):
-            ids, n = encode_sequence(tokenizer, p, text, f"prompt {i}")
-            examples.append(Example(((ids[:cfg.max_length], min(n, cfg.max_length - 1)),)))
-            owner.append((i, j))
-    scores = [[0.0] * len(texts) for texts in responses]
+    return Scorer(cfg, device, reward_dir)(prompts, responses, stage)
 
-    def score(bins):
-        out = []
-        for index in bins:
-            batch = make_batch(examples, index).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out.append(sequence_rewards(model, batch).tolist())
-        return out
 
-    bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
-    for index, rewards in zip(bins, parallel.map_shards(score, bins)):
-        for k, r in zip(index, rewards):
-            i, j = owner[k]
-            scores[i][j] = r
-    if stage is not None:
-        lens = [ex.n_tokens for ex in examples]
-        stage.add(sum(lens), profile.matmul_flops(model.args, lens, with_head=False))
-    del model
-    return scores
+class Scorer:
+    """A reward model loaded once (the tokenizer with it) for several score_responses calls."""
+
+    def __init__(self, cfg: LoopConfig, device: torch.device, reward_dir: Path):
+        self.cfg, self.device = cfg, device
+        self.tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
+        self.model = load_model(reward_dir, "reward", device=device).eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list, responses: list[list[str]], stage=None) -> list[list[float]]:
+        cfg, device, tokenizer, model = self.cfg, self.device, self.tokenizer, self.model
+        examples, owner = [], []
+        for i, (p, texts) in enumerate(zip(prompts, responses)):
+            for j, text in enumerate(texts):
+                ids, n = encode_sequence(tokenizer, p, text, f"prompt {i}")
+                examples.append(Example(((ids[:cfg.max_length], min(n, cfg.max_length - 1)),)))
+                owner.append((i, j))
+        scores = [[0.0] * len(texts) for texts in responses]
+
+        def score(bins):
+            out = []
+            for index in bins:
+                batch = make_batch(examples, index).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out.append(sequence_rewards(model, batch).tolist())
+            return out
+
+        bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
+        for index, rewards in zip(bins, parallel.map_shards(score, bins)):
+            for k, r in zip(index, rewards):
+                i, j = owner[k]
+                scores[i][j] = r
+        if stage is not None:
+            lens = [ex.n_tokens for ex in examples]
+            stage.add(sum(lens), profile.matmul_flops(model.args, lens, with_head=False))
+        return scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,18 +441,17 @@ def stage_select(run: Run, t: int, stage) -> dict:
     cfg, out = run.cfg, run.iter_dir(t)
     prompts = run.splits["selection"]
     seed = run.seed(t, "select")
-
-    def answers(policy_dir):
-        return [r[0]["text"] if r else "" for r in sample_responses(run.cfg, run.device, policy_dir, prompts, 1, seed, stage)]
-
-    previous = score_responses(run.cfg, run.device, run.reward(t - 1), prompts, [[a] for a in answers(run.policy(t - 1))], stage)
-    previous = [s[0] for s in previous]
-    rates = {}
     steps = sorted(int(p.name.split("_")[1]) for p in (out / "candidates").glob("step_*"))
-    for step in steps:
-        mine = score_responses(run.cfg, run.device, run.reward(t - 1), prompts,
-                               [[a] for a in answers(out / "candidates" / f"step_{step}")], stage)
-        rates[step] = win_rate([s[0] for s in mine], previous)
+    # Every policy answers first (one model in memory at a time), then r_{t-1} is loaded once to
+    # judge them all, each candidate in a call of its own as pi_{t-1}'s.
+    previous = first_answers(cfg, run.device, run.policy(t - 1), prompts, seed, stage)
+    answers = {step: first_answers(cfg, run.device, out / "candidates" / f"step_{step}", prompts, seed, stage)
+               for step in steps}
+    scorer = Scorer(cfg, run.device, run.reward(t - 1))
+    previous = [s[0] for s in scorer(prompts, [[a] for a in previous], stage)]
+    rates = {step: win_rate([s[0] for s in scorer(prompts, [[a] for a in answers[step]], stage)], previous)
+             for step in steps}
+    del scorer
     best = max(steps, key=lambda s: (rates[s], s))
     stopped = rates[best] < cfg.tau
     if not stopped:
@@ -471,8 +486,8 @@ def stage_msample(run: Run, t: int, stage) -> dict:
     """pi_t and pi_{t-1} answer the RM split; r_{t-1} scores both; pseudo-pairs y_new > y_old, filtered."""
     prompts = run.splits["rm"]
     seed = run.seed(t, "msample")
-    new = [r[0]["text"] if r else "" for r in sample_responses(run.cfg, run.device, run.policy(t), prompts, 1, seed, stage)]
-    old = [r[0]["text"] if r else "" for r in sample_responses(run.cfg, run.device, run.policy(t - 1), prompts, 1, seed, stage)]
+    new = first_answers(run.cfg, run.device, run.policy(t), prompts, seed, stage)
+    old = first_answers(run.cfg, run.device, run.policy(t - 1), prompts, seed, stage)
     scores = score_responses(run.cfg, run.device, run.reward(t - 1), prompts, [[a, b] for a, b in zip(new, old)], stage)
     keep, eps = pseudo_pair_filter([s[0] for s in scores], [s[1] for s in scores])
     pairs, identical = [], 0
@@ -640,8 +655,7 @@ def alpaca_eval_outputs(cfg: LoopConfig, device, policy, prompts_file, out_file,
     [{"instruction", "output", "generator"}] (JSON, atomically) for an external judge."""
     rows = read_jsonl(prompts_file)
     prompts = [prompt_of(r, f"{prompts_file}:{r['_line']}") for r in rows]
-    responses = sample_responses(cfg, device, resolve(policy), prompts, 1, cfg.seed)
-    out = [{"instruction": p[-1]["content"], "output": r[0]["text"] if r else "", "generator": generator}
-           for p, r in zip(prompts, responses)]
+    answers = first_answers(cfg, device, resolve(policy), prompts, cfg.seed)
+    out = [{"instruction": p[-1]["content"], "output": a, "generator": generator} for p, a in zip(prompts, answers)]
     write_text_atomic(out_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     return len(out)
