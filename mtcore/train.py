@@ -19,6 +19,7 @@ Under torchrun (mtcore/parallel.py) fit shards the model with FSDP2 and each ran
 every global batch; the loss, its gradient and the metrics are still the global batch's.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -203,7 +204,7 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
                          step: int = 0):
     """Forward and backward every micro-batch of one global batch (example indices `index`), leaving
     the gradient of the global batch's mean loss in .grad. Returns the global batch's (loss sum,
-    units, stat sums, real tokens, sequence lengths), over all ranks.
+    units, stat sums, real tokens), over all ranks.
 
     With several ranks, each takes its share of the examples (balanced by tokens) and packs it into
     its own micro-batches; FSDP averages the ranks' gradients, hence the loss times world_size. Every
@@ -218,7 +219,7 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
     n_real = len(micros)
     micros += [[index[0]]] * (parallel.all_max(n_real) - n_real)
     totals: dict[str, float] = {}
-    loss_sum, n_tokens, seq_lens, bad = 0.0, 0, [], ""
+    loss_sum, n_tokens, bad = 0.0, 0, ""
     for k, micro in enumerate(micros):
         real = k < n_real
         batch = make_batch(examples, micro, padded=cfg.padded).to(device)
@@ -234,13 +235,11 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
             bad = f"the loss is {value} (examples at lines {sorted(examples[i].line for i in micro)[:5]})"
         loss_sum += value
         n_tokens += batch.n_tokens
-        seq_lens += [len(ids) for i in micro for ids, _ in examples[i].seqs]
     loss_sum, n_tokens, n_bad, *sums = parallel.all_reduce_sum([loss_sum, n_tokens, bool(bad), *totals.values()])
     if n_bad:
         model.zero_grad(set_to_none=True)
         raise NonFiniteLoss(f"step {step}: {next(b for b in parallel.all_gather_object(bad) if b)}")
-    seq_lens = [n for part in parallel.all_gather_object(seq_lens) for n in part]
-    return loss_sum, units, dict(zip(totals, sums)), int(n_tokens), seq_lens
+    return loss_sum, units, dict(zip(totals, sums)), int(n_tokens)
 
 
 def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metrics_file=None,
@@ -281,8 +280,7 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
               disable=parallel.progress_disabled()) as bar:
         for step, index in enumerate(steps[len(history):], len(history) + 1):
             start = time.perf_counter()
-            loss_sum, units, totals, n_tokens, seq_lens = accumulate_gradients(model, examples, index, objective,
-                                                                               cfg, step)
+            loss_sum, units, totals, n_tokens = accumulate_gradients(model, examples, index, objective, cfg, step)
             grad_norm = parallel.clip_grad_norm_(model.parameters(),
                                                  cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if not math.isfinite(grad_norm):
@@ -299,7 +297,8 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
             row.update({k: v / (units if k == "nll" else n_examples) for k, v in totals.items()})
             row.update(examples=n_examples, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
                        peak_memory_mib=profile.peak_memory_mib(device))
-            if peak:  # fwd + bwd = 3x the forward's model FLOPs
+            if peak:  # fwd + bwd = 3x the forward's model FLOPs of the global batch (known on every rank)
+                seq_lens = [len(ids) for i in index for ids, _ in examples[i].seqs]
                 row["mfu"] = 3 * profile.matmul_flops(model.args, seq_lens, model.kind == "policy") / seconds / peak
             history.append(row)
             if metrics_file is not None:
@@ -379,8 +378,9 @@ def model_digest(src: Path, dtype: torch.dtype, device: torch.device) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(model: Llama, examples: list[Example], cache_file: Path, micro_batch_tokens: int):
+def cached_reference_logps(reference, examples: list[Example], cache_file: Path, micro_batch_tokens: int):
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
+    reference: the reference model, or a function that loads it (called only when the cache misses).
     A cache that cannot be written is a warning, not an error: training goes on without it."""
     from safetensors.torch import load_file, save_file
 
@@ -392,7 +392,9 @@ def cached_reference_logps(model: Llama, examples: list[Example], cache_file: Pa
                 return cached["sums"], cached["counts"]
         except Exception as e:  # a damaged cache is recomputed, never trusted
             log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
+    model = reference if isinstance(reference, torch.nn.Module) else reference()
     sums, counts = reference_logps(model, examples, micro_batch_tokens)
+    del model
     if not parallel.is_main():
         return sums, counts
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
@@ -458,11 +460,11 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     path, tokenizer, model = _load(policy, "policy", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
     ref_path = path if ref is None else resolve(ref)
-    ref_model = model if ref is None else load_model(ref_path, kind="policy", dtype=torch.float32, device=device)
+    reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,
+                                                            device=device)  # loaded only if the cache misses
     key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
     cache = Path(pairs_file).with_name(f"{Path(pairs_file).name}.ref-{key.hexdigest()[:16]}.safetensors")
-    ref_sums, ref_counts = cached_reference_logps(ref_model, examples, cache, cfg.micro_batch_tokens)
-    del ref_model
+    ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens)
     objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                     length_normalize=length_normalize)
     summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),

@@ -84,7 +84,7 @@ def test_dpo_step_equals_float64_transformers(tmp_path, length_normalize):
     cfg = TrainConfig(lr=1e-3, batch_size=6, micro_batch_tokens=40)
     sums, counts = reference_logps(ref_model, pairs, micro_batch_tokens=40)
     objective = DPO(sums, counts, beta=beta, length_normalize=length_normalize)
-    loss_sum, units, stats, _, _ = accumulate_gradients(model, pairs, list(range(6)), objective, cfg)
+    loss_sum, units, stats, _ = accumulate_gradients(model, pairs, list(range(6)), objective, cfg)
     assert len(pack([ex.n_tokens for ex in pairs], 40)) > 1  # several micro-batches accumulated
     assert loss_sum / units == pytest.approx(loss_ref.item(), rel=1e-5)
     assert stats["accuracy"] == (m > 0).sum().item()
@@ -122,7 +122,7 @@ def test_rm_step_equals_float64_transformers(tmp_path):
 
     model = load_model(save_hf(make_hf_model("reward", seed=0), tmp_path / "rm"), kind="reward", dtype=torch.float32)
     cfg = TrainConfig(batch_size=5, micro_batch_tokens=36)
-    loss_sum, units, stats, _, _ = accumulate_gradients(model, pairs, list(range(5)), BradleyTerry(center), cfg)
+    loss_sum, units, stats, _ = accumulate_gradients(model, pairs, list(range(5)), BradleyTerry(center), cfg)
     assert loss_sum / units == pytest.approx(loss_ref.item(), rel=1e-5)
     assert stats["accuracy"] == (r[:, 0] > r[:, 1]).sum().item()
     grads_close(model, hf, 1e-4)
@@ -135,7 +135,7 @@ def test_sft_step_equals_float64_transformers(tmp_path):
     tokens = sum(len(ids) - n for ex in demos for ids, n in ex.seqs)
     (nll / tokens).backward()
     model = load_model(save_hf(make_hf_model("policy", seed=0), tmp_path / "p"), dtype=torch.float32)
-    loss_sum, units, _, _, _ = accumulate_gradients(model, demos, list(range(5)), SFT(),
+    loss_sum, units, _, _ = accumulate_gradients(model, demos, list(range(5)), SFT(),
                                                     TrainConfig(batch_size=5, micro_batch_tokens=20))
     assert units == tokens
     assert loss_sum / units == pytest.approx((nll / tokens).item(), rel=1e-5)
@@ -163,7 +163,7 @@ def test_packed_equals_padded_and_accumulation_invariance(tmp_path, kind):
                       "one_pair": TrainConfig(batch_size=8, micro_batch_tokens=max(ex.n_tokens for ex in pairs)),
                       "reference_ops": TrainConfig(batch_size=8, micro_batch_tokens=1000, reference_ops=True)}.items():
         model = load_model(path, kind=kind, dtype=torch.float32)
-        loss_sum, units, _, _, _ = accumulate_gradients(model, pairs, list(range(8)), objective, cfg)
+        loss_sum, units, _, _ = accumulate_gradients(model, pairs, list(range(8)), objective, cfg)
         results[name] = (loss_sum / units, _grads(model))
     n_micro = len(pack([ex.n_tokens for ex in pairs], max(ex.n_tokens for ex in pairs)))
     assert n_micro >= 4

@@ -61,6 +61,29 @@ def test_dpo_writes_a_loadable_model_metrics_and_a_reference_cache(world, tmp_pa
     assert [r["loss"] for r in again] == [r["loss"] for r in rows]
 
 
+def test_dpo_with_a_separate_reference_loads_it_only_when_the_cache_misses(world, tmp_path, monkeypatch):
+    """--ref: another checkpoint (here the trained output of a first run) gives the reference log-probs,
+    so the first step's loss is not ln 2; a rerun reads the cache and never loads the reference."""
+    from mtcore import train
+
+    policy, _, pairs = world
+    common = ["dpo", "--policy", policy, "--pairs", pairs, "--batch-size", 4, "--micro-batch-tokens", 256,
+              "--lr", 1e-3, "--beta", 0.5]
+    assert invoke(*common, "--out", tmp_path / "ref").exit_code == 0
+    loads = []
+    real_load = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    runs = []
+    for name in ("first", "again"):
+        result = invoke(*common, "--ref", tmp_path / "ref", "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        runs.append([json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+    assert runs[0][0]["loss"] != pytest.approx(0.6931, abs=1e-3)
+    assert runs[1] == [dict(r, seconds=s["seconds"], tokens_per_s=s["tokens_per_s"],
+                            peak_memory_mib=s["peak_memory_mib"]) for r, s in zip(runs[0], runs[1])]
+    assert [str(p) for p in loads].count(str(tmp_path / "ref")) == 1  # the first run's only
+
+
 def test_rm_and_sft(world, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
