@@ -160,15 +160,15 @@ def flash_attn_usable(x: torch.Tensor) -> bool:
 def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mask=None) -> AttnLayout:
     use_flash = flash_attn_usable(x)
     if cu_seqlens is not None:
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
-        longest = int(lens.max())
+        bounds = cu_seqlens.tolist()  # one device sync per forward, shared with the buckets
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         if max_seqlen is None:
             max_seqlen = longest
         elif max_seqlen < longest:  # flash-attn would silently attend to a truncated window
             raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed sequence ({longest})")
         layout = AttnLayout(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), use_flash=use_flash)
         if not use_flash:
-            layout.buckets, layout.restore = _length_buckets(cu_seqlens, x.device)
+            layout.buckets, layout.restore = _length_buckets(bounds, x.device)
         return layout
     if attention_mask is None:
         return AttnLayout(use_flash=use_flash)
@@ -187,13 +187,14 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
 BUCKET_RATIO = 0.8
 
 
-def _length_buckets(cu_seqlens: torch.Tensor, device) -> tuple[list, torch.Tensor]:
+def _length_buckets(bounds: list[int], device) -> tuple[list, torch.Tensor]:
     """The SDPA fallback's layout of packed sequences: by length, longest first, into buckets of
     similar length, each right-padded to its longest. One [B, max_seqlen] padding would make every
     sequence pay the longest one's attention (and memory) cost. With right padding, a causal mask
-    alone keeps every real query off the padding, so SDPA runs with is_causal=True."""
-    starts = cu_seqlens[:-1].tolist()
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    alone keeps every real query off the padding, so SDPA runs with is_causal=True.
+    bounds: cu_seqlens as a list."""
+    starts = bounds[:-1]
+    lens = [b - a for a, b in zip(bounds, bounds[1:])]
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
     buckets, real = [], []  # real: the packed index of every real token, in the buckets' order
     i = 0
