@@ -397,9 +397,9 @@ def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int) 
             gen["pad_token_id"] = model.args.pad_token_id
         write_json(out / "generation_config.json", gen)
     if tokenizer is not None:
-        save_tokenizer(tokenizer, out)
+        tokenizer.save_pretrained(str(out))
     elif source is not None:
         for fname in TOKENIZER_FILES:
             if (source / fname).exists():
                 shutil.copyfile(source / fname, out / fname)
-        _portable_tokenizer_config(out)
+    _portable_tokenizer_config(out)
