@@ -559,6 +559,7 @@ def train(run: Run, echo=print) -> dict:
     if run.toy and not run.is_done("initial/eval"):
         from mtcore import toy
         toy.evaluate_initial(run)
+    metrics = None  # written after each iteration run here; a run already finished writes it once below
     for t in range(1, run.cfg.iters + 1):
         if run.state["stopped_at"] is not None:
             break
@@ -573,10 +574,10 @@ def train(run: Run, echo=print) -> dict:
                 echo(f"iteration {t}: best win rate {results[name]['win_rate']:.3f} < tau {run.cfg.tau}; "
                      f"stopping early; iter_{t} keeps the models it started from")
                 break
-        write_metrics(run)
+        metrics = write_metrics(run)
         if results.get("select", {}).get("stopped") is False:
             echo(summary(run, t, results))
-    return write_metrics(run)
+    return metrics if metrics is not None else write_metrics(run)
 
 
 def write_metrics(run: Run) -> dict:
