@@ -326,22 +326,35 @@ def _pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
     return hits / max(1, len(chosen))
 
 
-def _rm_accuracy(run, reward_dir, pairs: list[dict], stage=None) -> float:
+def _rm_accuracy(cfg, device, reward_dir, pairs: list[dict], stage=None) -> float:
     from mtcore.loop import score_responses
 
     if not pairs:
         return float("nan")
-    scores = score_responses(run.cfg, run.device, reward_dir, [p["prompt"] for p in pairs],
+    scores = score_responses(cfg, device, reward_dir, [p["prompt"] for p in pairs],
                              [[p["chosen"], p["rejected"]] for p in pairs], stage)
     return _pairwise_accuracy([s[0] for s in scores], [s[1] for s in scores])
 
 
-def _test_answers(run, policy_dir, seed, stage=None) -> list[list[str]]:
+def _test_answers(cfg, device, policy_dir, prompts, seed, stage=None) -> list[list[str]]:
     from mtcore.loop import sample_responses
 
-    prompts = run.splits["test"]
-    return [[r["text"] for r in rs] for rs in sample_responses(run.cfg, run.device, policy_dir, prompts, run.cfg.eval_samples, seed,
-                                                               stage)]
+    return [[r["text"] for r in rs]
+            for rs in sample_responses(cfg, device, policy_dir, prompts, cfg.eval_samples, seed, stage)]
+
+
+def _metrics(cfg, device, reward_dir, prompts, answers, initial, stage=None) -> dict:
+    """The four gold-judged numbers (METRIC_KEYS) of a policy's test answers against the initial
+    policy's, and of the RM on gold-ordered pairs of those answers and on the held-out pairs."""
+    from mtcore.data import read_jsonl
+
+    mine = [gold_score(p, a) for p, ts in zip(prompts, answers) for a in ts]
+    theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
+    return {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
+            "rm_accuracy_current_policy": _rm_accuracy(cfg, device, reward_dir, _policy_pairs(prompts, answers),
+                                                       stage),
+            "rm_accuracy_heldout": _rm_accuracy(cfg, device, reward_dir, read_jsonl(asset("heldout_pairs.jsonl")),
+                                                stage)}
 
 
 def _policy_pairs(prompts, answers) -> list[dict]:
@@ -360,18 +373,14 @@ def _policy_pairs(prompts, answers) -> list[dict]:
 def evaluate_initial(run) -> dict:
     """The initial policy's test answers (kept for the win rates) and the base RM's accuracies."""
     from mtcore.checkpoint import write_json
-    from mtcore.data import read_jsonl, write_jsonl
+    from mtcore.data import write_jsonl
     from mtcore.profile import Stage
 
     with Stage(run.device) as stage:
-        answers = _test_answers(run, run.policy(0), run.seed(0, "eval"), stage)
         prompts = run.splits["test"]
+        answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), stage)
         write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
-        heldout = read_jsonl(asset("heldout_pairs.jsonl"))
-        result = {"gold_score": _mean([gold_score(p, t) for p, ts in zip(prompts, answers) for t in ts]),
-                  "gold_win_rate_vs_initial": 0.5,
-                  "rm_accuracy_current_policy": _rm_accuracy(run, run.reward(0), _policy_pairs(prompts, answers), stage),
-                  "rm_accuracy_heldout": _rm_accuracy(run, run.reward(0), heldout, stage)}
+        result = _metrics(run.cfg, run.device, run.reward(0), prompts, answers, answers, stage)  # win rate: 0.5
     result["profile"] = stage.record()
     write_json(run.dir / "initial.json", result)
     run.mark_done("initial/eval")
@@ -386,14 +395,9 @@ def evaluate(run, t: int, stage) -> dict:
     from mtcore.data import read_jsonl
 
     prompts = run.splits["test"]
-    answers = _test_answers(run, run.policy(t), run.seed(t, "eval"), stage)
+    answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), stage)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
-    mine = [gold_score(p, a) for p, ts in zip(prompts, answers) for a in ts]
-    theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
-    reward = run.reward(t)
-    return {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
-            "rm_accuracy_current_policy": _rm_accuracy(run, reward, _policy_pairs(prompts, answers), stage),
-            "rm_accuracy_heldout": _rm_accuracy(run, reward, read_jsonl(asset("heldout_pairs.jsonl")), stage)}
+    return _metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage)
 
 
 def _mean(xs) -> float:
@@ -431,25 +435,7 @@ def plot(path, metrics: dict) -> None:
 def evaluate_models(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:
     """`mtcore eval` on the toy world: the four gold-judged numbers of any policy and RM, against the
     built-in initial policy, on the toy test prompts (the same as `mtcore train`'s, seed 0 splits)."""
-    from mtcore.data import read_jsonl
-    from mtcore.loop import sample_responses
-
     prompts = make_splits(ASSET_SEED, 0)["test"]
-
-    def answers(policy):
-        return [[r["text"] for r in rs] for rs in sample_responses(cfg, device, policy, prompts, cfg.eval_samples,
-                                                                   seed)]
-
-    mine, initial = answers(policy_dir), answers(asset("policy"))
-    gold = [gold_score(p, a) for p, ts in zip(prompts, mine) for a in ts]
-    gold_initial = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
-
-    def accuracy(pairs):
-        from mtcore.loop import score_responses
-        scores = score_responses(cfg, device, reward_dir, [p["prompt"] for p in pairs],
-                                 [[p["chosen"], p["rejected"]] for p in pairs])
-        return _pairwise_accuracy([s[0] for s in scores], [s[1] for s in scores])
-
-    return {"gold_win_rate_vs_initial": _pairwise_accuracy(gold, gold_initial), "gold_score": _mean(gold),
-            "rm_accuracy_current_policy": accuracy(_policy_pairs(prompts, mine)),
-            "rm_accuracy_heldout": accuracy(read_jsonl(asset("heldout_pairs.jsonl")))}
+    answers = _test_answers(cfg, device, policy_dir, prompts, seed)
+    initial = _test_answers(cfg, device, asset("policy"), prompts, seed)
+    return _metrics(cfg, device, reward_dir, prompts, answers, initial)
