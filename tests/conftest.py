@@ -29,6 +29,13 @@ def _not_under_torchrun(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture
+def torch_cpu_path(monkeypatch):
+    """The kernels' torch CPU path instead of the interpreter (the kernel tests cover the interpreter);
+    modules that train or run the loop use it: `pytestmark = pytest.mark.usefixtures("torch_cpu_path")`."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 32}
 

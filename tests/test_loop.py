@@ -19,9 +19,7 @@ from mtcore.loop import (Run, best_worst_pair, mutual_pair, pseudo_pair_filter, 
                          win_rate)
 
 
-@pytest.fixture(autouse=True)
-def torch_cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 
 # --- the rules ---
@@ -70,10 +68,28 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_two_iterations_follow_the_rules(tmp_path):
+def refit_rm(iter_dir, reward, seed):
+    """An iteration's RM stage redone here from its files: the base RM fitted with Bradley-Terry on the
+    pseudo-pairs and the E-step's pairs, each encoded by hand (not through mtcore's encode_pair)."""
     from mtcore import load_model
     from mtcore.data import Example, encode_prompt, encode_sequence, fit_examples, load_tokenizer
     from mtcore.train import BradleyTerry, TrainConfig, fit
+
+    tok = load_tokenizer(reward)
+    examples = []
+    for row in read_jsonl(iter_dir / "pseudo_pairs.jsonl") + read_jsonl(iter_dir / "pairs.jsonl"):
+        n = len(encode_prompt(tok, row["prompt"]))
+        examples.append(Example(((encode_sequence(tok, row["prompt"], row["chosen"])[0], n),
+                                 (encode_sequence(tok, row["prompt"], row["rejected"])[0], n))))
+    examples, _ = fit_examples(examples, TINY["max_length"])
+    model = load_model(reward, kind="reward", dtype=torch.float32)
+    fit(model, examples, BradleyTerry(), TrainConfig(lr=TINY["rm_lr"], batch_size=TINY["rm_batch_size"],
+                                                     micro_batch_tokens=TINY["micro_batch_tokens"], seed=seed))
+    return model
+
+
+def test_two_iterations_follow_the_rules(tmp_path):
+    from mtcore import load_model
 
     policy, reward, prompts = tiny_world(tmp_path)
     run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
@@ -104,18 +120,7 @@ def test_two_iterations_follow_the_rules(tmp_path):
         assert {"sample", "dpo", "rm"} <= set(metrics["iterations"][t - 1]["stage_seconds"])
     # iteration 2's RM restarted from the BASE RM: retrain it from the base here and compare exactly
     d = run.iter_dir(2)
-    tok = load_tokenizer(reward)
-    rows = read_jsonl(d / "pseudo_pairs.jsonl") + read_jsonl(d / "pairs.jsonl")
-    examples = []
-    for row in rows:
-        n = len(encode_prompt(tok, row["prompt"]))
-        examples.append(Example(((encode_sequence(tok, row["prompt"], row["chosen"])[0], n),
-                                 (encode_sequence(tok, row["prompt"], row["rejected"])[0], n))))
-    examples, _ = fit_examples(examples, TINY["max_length"])
-    base = load_model(reward, kind="reward", dtype=torch.float32)
-    fit(base, examples, BradleyTerry(), TrainConfig(lr=TINY["rm_lr"], batch_size=TINY["rm_batch_size"],
-                                                    micro_batch_tokens=TINY["micro_batch_tokens"],
-                                                    seed=run.seed(2, "rm")))
+    base = refit_rm(d, reward, run.seed(2, "rm"))
     trained = load_model(d / "reward", kind="reward", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
     from_r1 = load_model(run.iter_dir(1) / "reward", kind="reward", dtype=torch.float32)

@@ -7,20 +7,18 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import make_hf_model, save_hf, tiny_world
+from test_loop import read_jsonl
 from mtcore import parallel
 
 WORLD = 2
 
 
-@pytest.fixture(autouse=True)
-def torch_cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 
 def free_port() -> int:
@@ -55,10 +53,6 @@ def torchrun(*args, world=WORLD, timeout=120):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def close(a, b, rel):
@@ -302,10 +296,8 @@ def test_torchrun_train_iteration_completes(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mtcore import load_model
-    from mtcore.data import Example, encode_prompt, encode_sequence, fit_examples, load_tokenizer
     from mtcore.loop import Run, mutual_pair
-    from mtcore.train import BradleyTerry, TrainConfig, fit
-    from test_loop import TINY, tiny_config
+    from test_loop import TINY, refit_rm, tiny_config
 
     policy, reward, prompts, _ = world
     args = ["train", "--policy", policy, "--reward", reward, "--prompts", prompts, "--iters", 1,
@@ -326,17 +318,7 @@ def test_torchrun_train_iteration_completes(world, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(d / "policy"))
     assert not list(run.rglob("*.tmp-*"))  # no half-written files left behind
     # the RM stage, redone in this process from the stage's files
-    tok = load_tokenizer(reward)
-    examples = []
-    for row in read_jsonl(d / "pseudo_pairs.jsonl") + read_jsonl(d / "pairs.jsonl"):
-        n = len(encode_prompt(tok, row["prompt"]))
-        examples.append(Example(((encode_sequence(tok, row["prompt"], row["chosen"])[0], n),
-                                 (encode_sequence(tok, row["prompt"], row["rejected"])[0], n))))
-    examples, _ = fit_examples(examples, TINY["max_length"])
-    seed = Run(run, tiny_config(policy, reward, prompts, iters=1)).seed(1, "rm")
-    mine = load_model(reward, kind="reward", dtype=torch.float32)
-    fit(mine, examples, BradleyTerry(), TrainConfig(lr=TINY["rm_lr"], batch_size=TINY["rm_batch_size"],
-                                                    micro_batch_tokens=TINY["micro_batch_tokens"], seed=seed))
+    mine = refit_rm(d, reward, Run(run, tiny_config(policy, reward, prompts, iters=1)).seed(1, "rm"))
     theirs = load_model(d / "reward", kind="reward", dtype=torch.float32).state_dict()
     worst = max((p - theirs[k]).abs().max().item() for k, p in mine.state_dict().items())
     assert worst < 1e-5, worst

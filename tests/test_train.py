@@ -14,10 +14,7 @@ from mtcore.train import DPO, SFT, BradleyTerry, NonFiniteLoss, TrainConfig, acc
 from mtcore.train import reference_logps
 
 
-@pytest.fixture(autouse=True)
-def torch_cpu_path(monkeypatch):
-    """The trainer's tests run the kernels' torch CPU path (the interpreter is covered by the kernel tests)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 
 def random_pairs(n, vocab=97, seed=0, prompt=(2, 8), response=(1, 10)):

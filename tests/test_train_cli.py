@@ -11,9 +11,7 @@ from conftest import tiny_world
 from mtcore.cli import main
 
 
-@pytest.fixture(autouse=True)
-def torch_cpu_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 
 @pytest.fixture
