@@ -539,9 +539,10 @@ def stages_of(run: Run):
     return E_STAGES + (M_STAGES if run.cfg.m_step else ()) + ((("eval", stage_eval),) if run.toy else ())
 
 
-def run_stage(run: Run, t: int, name: str, fn) -> dict:
-    """A stage, unless done: run it, write iter_t/<name>.json (its numbers and profile), mark it done."""
-    key, result_file = f"iter_{t}/{name}", run.iter_dir(t) / f"{name}.json"
+def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path | None = None) -> dict:
+    """A stage, unless done: run it, write iter_t/<name>.json (its numbers and profile), mark it done.
+    key and result_file name another place (the initial evaluation's)."""
+    key, result_file = key or f"iter_{t}/{name}", result_file or run.iter_dir(t) / f"{name}.json"
     if run.is_done(key):
         return read_json(result_file)
     log.info("iteration %d: %s", t, name)
@@ -556,9 +557,9 @@ def run_stage(run: Run, t: int, name: str, fn) -> dict:
 
 def train(run: Run, echo=print) -> dict:
     """Run (or resume) every iteration. Returns metrics.json's content."""
-    if run.toy and not run.is_done("initial/eval"):
+    if run.toy:
         from mtcore import toy
-        toy.evaluate_initial(run)
+        run_stage(run, 0, "eval", toy.evaluate_initial, key="initial/eval", result_file=run.dir / "initial.json")
     metrics = None  # written after each iteration run here; a run already finished writes it once below
     for t in range(1, run.cfg.iters + 1):
         if run.state["stopped_at"] is not None:

@@ -370,21 +370,15 @@ def _policy_pairs(prompts, answers) -> list[dict]:
     return rows
 
 
-def evaluate_initial(run) -> dict:
-    """The initial policy's test answers (kept for the win rates) and the base RM's accuracies."""
-    from mtcore.checkpoint import write_json
-    from mtcore.data import write_jsonl
-    from mtcore.profile import Stage
+def evaluate_initial(run, t: int, stage) -> dict:
+    """The initial policy's test answers (kept for the win rates) and the base RM's accuracies
+    (a stage of `mtcore train`, t = 0)."""
+    from mtcore.loop import write_jsonl
 
-    with Stage(run.device) as stage:
-        prompts = run.splits["test"]
-        answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), stage)
-        write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
-        result = _metrics(run.cfg, run.device, run.reward(0), prompts, answers, answers, stage)  # win rate: 0.5
-    result["profile"] = stage.record()
-    write_json(run.dir / "initial.json", result)
-    run.mark_done("initial/eval")
-    return result
+    prompts = run.splits["test"]
+    answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), stage)
+    write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
+    return _metrics(run.cfg, run.device, run.reward(0), prompts, answers, answers, stage)  # win rate: 0.5
 
 
 def evaluate(run, t: int, stage) -> dict:
