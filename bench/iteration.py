@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header  # noqa: E402
+from common import default_device, header  # noqa: E402
 
 
 def main():
@@ -33,14 +33,17 @@ def main():
     wall = time.perf_counter() - start
     metrics = json.loads((out / "metrics.json").read_text())
     entry = metrics["iterations"][0]
-    device = "cuda" if any("cuda" in a for a in train_args) else "cpu"
+    device = next((a.split("=", 1)[1] if "=" in a else train_args[i + 1]
+                   for i, a in enumerate(train_args) if a.startswith("--device")), default_device())
     world = "toy world" if "--policy" not in train_args else next(
         train_args[i + 1] for i, a in enumerate(train_args) if a == "--policy")
     print(header("one Mutual-Taught iteration, per stage", device, "fp32" if device == "cpu" else "bf16",
                  f"{world}; MFU peak: {entry['sample']['profile']['peak_flops_source']}"))
     print("| stage | seconds | share | tokens | tokens/s | MFU | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    order = ("sample", "score", "pairs", "dpo", "select", "msample", "rm", "eval")  # the loop's order
+    from mtcore.loop import E_STAGES, M_STAGES
+
+    order = [name for name, _ in E_STAGES + M_STAGES] + ["eval"]  # the loop's (metrics.json sorts its keys)
     stages = {k: entry[k]["profile"] for k in order if k in entry}
     total = sum(p["seconds"] for p in stages.values())
     for name, p in stages.items():

@@ -13,7 +13,6 @@ the initial policy and base RM (shared by both methods).
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -21,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-KEYS = ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_device, header  # noqa: E402
+
+from mtcore.toy import METRIC_KEYS as KEYS  # noqa: E402
 SHORT = {"gold_win_rate_vs_initial": "win vs init", "gold_score": "gold", "rm_accuracy_current_policy": "RM acc (policy)",
          "rm_accuracy_heldout": "RM acc (held-out)"}
 METHODS = {"mutual-taught": [], "fixed-rm": ["--no-m-step"]}
@@ -65,11 +67,9 @@ def main():
             metrics, took = run(method, seed, args)
             results.setdefault(method, []).append(series(metrics, args.iters))
             seconds.setdefault(method, []).append(took)
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# toy-world study: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, commit {commit}, seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'")
+    device = default_device()  # where `mtcore train` ran
+    print(header("toy-world study", device, "fp32" if device == "cpu" else "bf16",
+                 f"seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'"))
     print("| iteration | method | " + " | ".join(SHORT[k] for k in KEYS) + " |")
     print("|---|---|" + "---:|" * len(KEYS))
     for t in range(args.iters + 1):
