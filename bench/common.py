@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mtcore import profile
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -74,21 +76,15 @@ def _rss_mib() -> tuple[float, float]:
 
 
 def _reset_peak(device: str) -> float:
-    """Reset the peak counter; return the memory in use now (MiB)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_mib()[0]
+    """Reset mtcore.profile's peak counter; return the memory in use now (MiB)."""
+    profile.sync(device)
+    profile.reset_peak_memory(device)
+    return torch.cuda.memory_allocated() / 2**20 if device == "cuda" else _rss_mib()[0]
 
 
 def _peak(device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _rss_mib()[1]
+    profile.sync(device)
+    return profile.peak_memory_mib(device)
 
 
 def _timed(fn, device: str) -> float:
