@@ -35,12 +35,13 @@ import torch
 from mtcore import parallel, profile
 from mtcore.checkpoint import default_device, load_model, read_json, replace_dir, resolve, write_json
 from mtcore.checkpoint import write_text_atomic
-from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, fit_examples, load_tokenizer, make_batch
+from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, load_tokenizer, make_batch
 from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError
 from mtcore.parallel import save_model
 from mtcore.sampler import SamplingParams, generate_responses, slot_len
-from mtcore.train import DPO, BradleyTerry, TrainConfig, cached_reference_logps, fit, sequence_rewards
+from mtcore.train import DPO, BradleyTerry, TrainConfig, cached_reference_logps, fit, fitted_examples
+from mtcore.train import sequence_rewards
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,10 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
     cfg = LoopConfig(**values)
     if not (cfg.iters >= 1 and cfg.samples >= 2 and cfg.save_every >= 1 and 0 <= cfg.tau <= 1 and cfg.beta > 0):
         raise MtcoreError("need iters >= 1, samples >= 2, save_every >= 1, 0 <= tau <= 1, beta > 0")
+    if cfg.micro_batch_tokens < 2 * cfg.max_length:  # a pair, each side up to max_length, shares a micro-batch
+        raise MtcoreError(f"micro_batch_tokens {cfg.micro_batch_tokens} cannot hold a pair of max_length "
+                          f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "
+                          f"--max-length")
     return cfg
 
 
@@ -415,10 +420,10 @@ def stage_dpo(run: Run, t: int, stage) -> dict:
         prompt = encode_prompt(tokenizer, row["prompt"])
         n = len(prompt)
         examples.append(Example(((prompt + row["chosen_ids"], n), (prompt + row["rejected_ids"], n)), row["_line"]))
-    examples, report = fit_examples(examples, cfg.max_length)
+    train_cfg = _train_config(run, cfg.dpo_lr, cfg.dpo_batch_size, cfg.dpo_epochs, t, "dpo")
+    examples, report = fitted_examples(examples, out / "pairs.jsonl", cfg.max_length, train_cfg)
     model = load_model(policy_dir, "policy", dtype=torch.float32, device=run.device)
     ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens)
-    train_cfg = _train_config(run, cfg.dpo_lr, cfg.dpo_batch_size, cfg.dpo_epochs, t, "dpo")
     candidates = out / "candidates"
 
     def save_candidate(step, n_steps, model):
@@ -509,10 +514,10 @@ def stage_rm(run: Run, t: int, stage) -> dict:
     tokenizer = load_tokenizer(run.base_reward, cfg.reward_chat_template or None)
     rows = read_jsonl(out / "pseudo_pairs.jsonl") + read_jsonl(out / "pairs.jsonl")
     examples = [encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in rows]
-    examples, report = fit_examples(examples, cfg.max_length)
+    train_cfg = _train_config(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t, "rm")
+    examples, report = fitted_examples(examples, f"iteration {t}'s RM pairs", cfg.max_length, train_cfg)
     model = load_model(run.base_reward, "reward", dtype=torch.float32, device=run.device)
-    history = fit(model, examples, BradleyTerry(), _train_config(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t,
-                                                                 "rm"), out / "rm_metrics.jsonl", desc=f"iter {t} rm",
+    history = fit(model, examples, BradleyTerry(), train_cfg, out / "rm_metrics.jsonl", desc=f"iter {t} rm",
                   state_dir=out / "rm_state")
     save_model(model, out / "reward", tokenizer=tokenizer)
     _drop_state(out / "rm_state")

@@ -417,15 +417,21 @@ def _load(src, kind, device, chat_template):
 
 
 def _read(read_fn, data_file, tokenizer, max_length, cfg):
+    return fitted_examples(read_fn(data_file, tokenizer), data_file, max_length, cfg)
+
+
+def fitted_examples(examples: list[Example], where, max_length: int, cfg: TrainConfig) -> tuple[list[Example], dict]:
+    """fit_examples (the length rule, its counts logged), then the checks a fit needs: something
+    left to train on, and every example within one micro-batch (a one-line error naming it)."""
     from mtcore.data import fit_examples
 
-    examples, report = fit_examples(read_fn(data_file, tokenizer), max_length)
+    examples, report = fit_examples(examples, max_length)
     if report["truncated"] or report["dropped"]:
         log.warning("%s: %d examples cut to --max-length %d, %d dropped (prompt alone >= --max-length)",
-                    data_file, report["truncated"], max_length, report["dropped"])
+                    where, report["truncated"], max_length, report["dropped"])
     if not examples:
-        raise MtcoreError(f"{data_file}: every example was dropped: each prompt alone is >= --max-length {max_length}")
-    check_fits(examples, cfg, str(data_file))
+        raise MtcoreError(f"{where}: every example was dropped: each prompt alone is >= --max-length {max_length}")
+    check_fits(examples, cfg, str(where))
     return examples, report
 
 

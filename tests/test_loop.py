@@ -182,6 +182,8 @@ def test_config_resolution():
         resolve_config({"betta": 1}, {})
     with pytest.raises(MtcoreError, match="config key beta: expected float"):
         resolve_config({"beta": "high"}, {})
+    with pytest.raises(MtcoreError, match="micro_batch_tokens 100 cannot hold a pair of max_length 64"):
+        resolve_config({}, {"micro_batch_tokens": 100})  # the toy world's max_length is 64
 
 
 def _outputs(run_dir: Path) -> dict:
