@@ -46,15 +46,15 @@ CHUNKS = {"cpu": (256, 8192), "cuda": (4096, 16384)}
 
 @triton.jit
 def _lse_update_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_ptr, max_ptr, sumexp_ptr, label_logit_ptr,
-                       v_start, n_cols, BLOCK_V: tl.constexpr):
+                       v_start, n_cols, BLOCK_V: tl.constexpr, N_BLOCKS: tl.constexpr):
     """One row of a [C, VT] logits tile: fold it into the row's running max and sum of exp, and
-    store the label's logit if the label falls in this tile."""
+    store the label's logit if the label falls in this tile. N_BLOCKS = cdiv(n_cols, BLOCK_V)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
     tile_max = float("-inf")
     tile_sum = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+    for block in range(N_BLOCKS):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols * stride_logits_col, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(tile_max, tl.max(z, axis=0))
         tile_sum = tile_sum * tl.exp(tile_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
@@ -72,7 +72,7 @@ def _lse_update_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_
 
 @triton.jit
 def _logit_grad_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_ptr, lse_ptr, grad_ptr, v_start, n_cols,
-                       BLOCK_V: tl.constexpr, EMULATE_RNE: tl.constexpr):
+                       BLOCK_V: tl.constexpr, N_BLOCKS: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """One row of a [C, VT] logits tile, overwritten in place by dz = g * (onehot(label) - softmax).
 
     EMULATE_RNE (interpreter only): the interpreter truncates fp32 -> bf16 stores where the GPU
@@ -83,8 +83,8 @@ def _logit_grad_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_ptr + row)
     local = tl.load(labels_ptr + row) - v_start
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
+    for block in range(N_BLOCKS):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
         z = tl.load(row_ptr + cols * stride_logits_col, mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(cols == local, g, 0.0) - g * tl.exp(z - lse)
@@ -95,24 +95,30 @@ def _logit_grad_kernel(logits_ptr, stride_logits_row, stride_logits_col, labels_
         tl.store(row_ptr + cols * stride_logits_col, dz.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a tile of n_cols columns. The only configs ever launched."""
+def launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_V, N_BLOCKS, num_warps) for a tile of n_cols columns. The only configs ever launched.
+
+    The column loop's trip count is a constexpr, not range(0, n_cols, BLOCK_V): triton 3.6's
+    interpreter turns a runtime bound into a Python int with int() on a 1-element array, which
+    numpy >= 2.4 refuses. A CUDA tile takes one N_BLOCKS (16384 and Llama-3's last 13568 columns: 4)."""
     block_v = min(MAX_BLOCK_V, max(256, next_power_of_2(n_cols)))
-    return block_v, 8 if block_v >= 2048 else 4
+    return block_v, -(-n_cols // block_v), 8 if block_v >= 2048 else 4
 
 
 def _lse_update_triton(z, labels, run_max, run_sum, label_logit, v_start):
-    block_v, num_warps = launch_config(z.shape[1])
+    block_v, n_blocks, num_warps = launch_config(z.shape[1])
     with device_guard(z):
         _lse_update_kernel[(z.shape[0],)](z, z.stride(0), z.stride(1), labels, run_max, run_sum, label_logit,
-                                          v_start, z.shape[1], BLOCK_V=block_v, num_warps=num_warps)
+                                          v_start, z.shape[1], BLOCK_V=block_v, N_BLOCKS=n_blocks,
+                                          num_warps=num_warps)
 
 
 def _logit_grad_triton(z, labels, lse, grad, v_start):
-    block_v, num_warps = launch_config(z.shape[1])
+    block_v, n_blocks, num_warps = launch_config(z.shape[1])
     with device_guard(z):
         _logit_grad_kernel[(z.shape[0],)](z, z.stride(0), z.stride(1), labels, lse, grad, v_start, z.shape[1],
-                                          BLOCK_V=block_v, EMULATE_RNE=not z.is_cuda and z.dtype == torch.bfloat16,
+                                          BLOCK_V=block_v, N_BLOCKS=n_blocks,
+                                          EMULATE_RNE=not z.is_cuda and z.dtype == torch.bfloat16,
                                           num_warps=num_warps)
 
 

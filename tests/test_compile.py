@@ -21,18 +21,24 @@ from triton.compiler import ASTSource
 bt_loss, dpo_loss, fl = (importlib.import_module(f"mtcore.kernels.{m}") for m in ("bt_loss", "dpo_loss", "fused_logprobs"))
 
 POWERS = [2 ** k for k in range(25)]
+# Tile widths: powers of two up to 4 blocks of the largest (bigger tiles add only trip counts), and the
+# CUDA tile and Llama-3's last one (V = 128256).
+WIDTHS = [n for n in POWERS if n <= 4 * fl.MAX_BLOCK_V] + [fl.CHUNKS["cuda"][1], 128256 % fl.CHUNKS["cuda"][1]]
 jobs = []
-for block_v, num_warps in sorted({fl.launch_config(n) for n in POWERS}):
+for block_v, n_blocks, num_warps in sorted({fl.launch_config(n) for n in WIDTHS}):
     for dt in ("fp32", "bf16", "fp16"):
         # stride_logits_col is 1 on CUDA (row-major tiles), which triton specialises to a constant
         common = {"logits_ptr": f"*{dt}", "stride_logits_row": "i32", "stride_logits_col": "constexpr",
                   "labels_ptr": "*i64"}
         jobs.append(("lse_update", fl._lse_update_kernel, {**common, "max_ptr": "*fp32", "sumexp_ptr": "*fp32",
-                     "label_logit_ptr": "*fp32", "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr"},
-                     {"BLOCK_V": block_v, "stride_logits_col": 1}, num_warps, dt))
+                     "label_logit_ptr": "*fp32", "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr",
+                     "N_BLOCKS": "constexpr"},
+                     {"BLOCK_V": block_v, "N_BLOCKS": n_blocks, "stride_logits_col": 1}, num_warps, dt))
         jobs.append(("logit_grad", fl._logit_grad_kernel, {**common, "lse_ptr": "*fp32", "grad_ptr": "*fp32",
-                     "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr", "EMULATE_RNE": "constexpr"},
-                     {"BLOCK_V": block_v, "stride_logits_col": 1, "EMULATE_RNE": False}, num_warps, dt))
+                     "v_start": "i32", "n_cols": "i32", "BLOCK_V": "constexpr", "N_BLOCKS": "constexpr",
+                     "EMULATE_RNE": "constexpr"},
+                     {"BLOCK_V": block_v, "N_BLOCKS": n_blocks, "stride_logits_col": 1, "EMULATE_RNE": False},
+                     num_warps, dt))
 for block in sorted({dpo_loss.launch_config(n) for n in POWERS}):
     for loss_type in range(len(dpo_loss.LOSS_TYPES)):
         sig = {n: "*fp32" for n in ("pc_ptr", "pr_ptr", "rc_ptr", "rr_ptr", "loss_ptr", "dldm_ptr",
