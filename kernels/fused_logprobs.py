@@ -30,10 +30,13 @@ the chunking, the GEMMs and the fp32 accumulators.
 """
 
 import functools
+import logging
 
 import torch
 
 from mtcore.kernels.utils import device_guard, next_power_of_2, tl, triton, use_triton
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 MAX_BLOCK_V = 4096
@@ -129,7 +132,9 @@ def _label_in_tile(labels, v_start, n_cols):
 
 
 def _lse_update_torch(z, labels, run_max, run_sum, label_logit, v_start):
-    """The same pass as _lse_update_kernel, in torch, on an fp32 tile it may overwrite."""
+    """The same pass as _lse_update_kernel, in torch, on a tile it may overwrite (upcast to fp32 first
+    when it is bf16/fp16: CUDA tensors under MTCORE_TORCH_KERNELS=1)."""
+    z = z.float()  # [C, VT]; z itself when fp32
     local, in_tile = _label_in_tile(labels, v_start, z.shape[1])
     label_logit.copy_(torch.where(in_tile, z.gather(1, local).squeeze(1), label_logit))
     new_max = torch.maximum(run_max, z.amax(dim=1))
@@ -139,20 +144,33 @@ def _lse_update_torch(z, labels, run_max, run_sum, label_logit, v_start):
 
 
 def _logit_grad_torch(z, labels, lse, grad, v_start):
-    """The same pass as _logit_grad_kernel, in torch, in place on an fp32 tile."""
+    """The same pass as _logit_grad_kernel, in torch, in place on the tile: computed in fp32 and stored
+    in z's dtype (rounded to nearest even, as the kernel's store)."""
     local, in_tile = _label_in_tile(labels, v_start, z.shape[1])
-    z.sub_(lse.unsqueeze(1)).exp_().mul_(-grad.unsqueeze(1))
-    z.scatter_add_(1, local, torch.where(in_tile, grad, 0.0).unsqueeze(1))
+    dz = z.float()  # [C, VT]; z itself when fp32
+    dz.sub_(lse.unsqueeze(1)).exp_().mul_(-grad.unsqueeze(1))
+    dz.scatter_add_(1, local, torch.where(in_tile, grad, 0.0).unsqueeze(1))
+    if dz is not z:
+        z.copy_(dz)
 
 
 @functools.cache
-def _mm_has_out_dtype() -> bool:
-    """torch.mm(..., out_dtype=) exists for CUDA in recent torch (checked on meta tensors)."""
+def _mm_out_dtype_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(a, b, out_dtype=fp32) runs for `dtype` tiles on `device`: checked once per
+    (device, dtype) on a real 16 x 16 product against the fp32 GEMM of the same tiles. Where it does
+    not, the fallback (fp32 GEMMs of upcast tiles: exact, but without tensor cores) is logged once."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=gen).to(dtype).to(device) for _ in range(2))
     try:
-        a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError):
-        return False
+        ok = torch.allclose(torch.mm(a, b, out_dtype=torch.float32), a.float() @ b.float(), rtol=1e-3, atol=1e-3)
+        reason = "its result differs from the fp32 GEMM's"
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not ok:
+        log.warning("torch %s: mm(..., out_dtype=float32) on %s %s tiles does not work (%s); the fused "
+                    "log-probs' gradient GEMMs fall back to fp32 GEMMs of upcast tiles (slower)",
+                    torch.__version__, device.type, dtype, reason)
+    return ok
 
 
 def _add_mm(acc, a, b):
@@ -160,18 +178,25 @@ def _add_mm(acc, a, b):
     bf16 GEMM with fp32 output (cuBLAS accumulates in fp32), on CPU an fp32 GEMM of the upcast tiles."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda and _mm_has_out_dtype():
+    elif a.is_cuda and _mm_out_dtype_works(a.device, a.dtype):
         acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-    else:  # CPU (the interpreter's bf16 tests), or an older torch on CUDA
+    else:  # CPU (the interpreter's bf16 tests), or a CUDA torch without out_dtype (logged once)
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _logits_tile(h_c, w_t, triton_path):
+def _cpu_torch(hidden, triton_path) -> bool:
+    """The torch path on the CPU, which runs its GEMMs in fp32 (bf16 GEMMs are slow on CPU) and in
+    oneDNN's faster layout. Triton, and the torch path on CUDA (MTCORE_TORCH_KERNELS=1), run them in
+    the input dtype on row-major tiles."""
+    return not triton_path and not hidden.is_cuda
+
+
+def _logits_tile(h_c, w_t, cpu_torch):
     """[c, H] x [vt, H] -> z [c, vt]. On the torch CPU path z is a view of a contiguous [vt, c]
     product: oneDNN runs that layout ~15% faster for all three GEMMs of these shapes (measured at
-    c=256, H=256, vt=8192: 171/170/178 GFLOP/s against 145/163/167). On the Triton path z is
-    row-major, so each token's logits are read contiguously; the interpreter tests see that layout."""
-    if triton_path:
+    c=256, H=256, vt=8192: 171/170/178 GFLOP/s against 145/163/167). Elsewhere z is row-major, so
+    each token's logits are read contiguously; the interpreter tests see that layout."""
+    if not cpu_torch:
         return torch.mm(h_c, w_t.T)
     return torch.mm(w_t, h_c.T).T
 
@@ -181,9 +206,8 @@ def _chunks(device, chunk_tokens, vocab_tile):
     return chunk_tokens or c, vocab_tile or v
 
 
-def _gemm_dtype(hidden, triton_path):
-    # The torch CPU path computes in fp32 (bf16 GEMMs are slow on CPU); elsewhere the input dtype.
-    return hidden.dtype if triton_path else torch.float32
+def _gemm_dtype(hidden, cpu_torch):
+    return torch.float32 if cpu_torch else hidden.dtype
 
 
 def _check(hidden, weight, labels):
@@ -211,9 +235,10 @@ def fused_logprobs_forward(hidden, weight, labels, chunk_tokens=None, vocab_tile
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= V):
         raise ValueError(f"labels must be -100 or in [0, {V}); got values in [{int(y.min())}, {int(y.max())}]")
     triton_path = use_triton(hidden)
+    cpu_torch = _cpu_torch(hidden, triton_path)
     update = _lse_update_triton if triton_path else _lse_update_torch
     C, VT = _chunks(hidden.device, chunk_tokens, vocab_tile)
-    dtype = _gemm_dtype(hidden, triton_path)
+    dtype = _gemm_dtype(hidden, cpu_torch)
     logps = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(scored.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, scored.numel(), C):
@@ -223,7 +248,7 @@ def fused_logprobs_forward(hidden, weight, labels, chunk_tokens=None, vocab_tile
         run_sum = torch.zeros(h_c.shape[0], device=hidden.device)
         label_logit = torch.zeros(h_c.shape[0], device=hidden.device)
         for v in range(0, V, VT):
-            z = _logits_tile(h_c, weight[v:v + VT].to(dtype), triton_path)  # [c, vt]: the one live tile
+            z = _logits_tile(h_c, weight[v:v + VT].to(dtype), cpu_torch)  # [c, vt]: the one live tile
             update(z, y_c, run_max, run_sum, label_logit, v)
         lse[s:s + C] = run_max + run_sum.log()
         logps[scored[s:s + C]] = label_logit - lse[s:s + C]
@@ -239,9 +264,10 @@ def fused_logprobs_backward(grad_logps, hidden, weight, labels, lse, scored, chu
     the gradient itself. d hidden is accumulated in fp32 over the tiles ([Ns, H])."""
     V = weight.shape[0]
     triton_path = use_triton(hidden)
+    cpu_torch = _cpu_torch(hidden, triton_path)
     grad_pass = _logit_grad_triton if triton_path else _logit_grad_torch
     C, VT = _chunks(hidden.device, chunk_tokens, vocab_tile)
-    dtype = _gemm_dtype(hidden, triton_path)
+    dtype = _gemm_dtype(hidden, cpu_torch)
     g = grad_logps.float()[scored]  # [Ns]
     y = labels[scored].long()
     grad_scored = torch.zeros(scored.numel(), hidden.shape[1], dtype=torch.float32, device=hidden.device)
@@ -254,7 +280,7 @@ def fused_logprobs_backward(grad_logps, hidden, weight, labels, lse, scored, chu
                 w_t.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, scored.numel(), C):
             h_c = hidden[scored[s:s + C]].to(dtype)  # [c, H]
-            z = _logits_tile(h_c, w_t, triton_path)  # [c, vt], recomputed
+            z = _logits_tile(h_c, w_t, cpu_torch)  # [c, vt], recomputed
             grad_pass(z, y[s:s + C], lse[s:s + C], g[s:s + C], v)  # z := dz
             if need_hidden:
                 _add_mm(grad_scored[s:s + C], z, w_t)

@@ -4,6 +4,10 @@ Dispatch: Triton runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=
 time; triton itself reads it when the kernels are decorated, so set it before importing mtcore).
 Otherwise CPU tensors take the torch implementation of the same algorithm.
 
+MTCORE_TORCH_KERNELS=1 (read at call time) sends CUDA tensors to the torch implementation too: the
+way off Triton on a machine where it cannot build its launcher (no C compiler, no Python.h) or a
+kernel misbehaves. The GEMMs are cuBLAS' either way; only the fused O(N V) passes change.
+
 triton has no wheels for macOS or Windows: there the kernels are stubs that are never launched.
 """
 
@@ -24,10 +28,16 @@ else:
     HAS_TRITON = True
 
 
+def torch_kernels_forced() -> bool:
+    return os.environ.get("MTCORE_TORCH_KERNELS", "0") == "1"
+
+
 def use_triton(x: torch.Tensor) -> bool:
     if x.is_cuda:
+        if torch_kernels_forced():
+            return False
         if not HAS_TRITON:
-            raise RuntimeError("CUDA tensors need triton; pip install triton")
+            raise RuntimeError("CUDA tensors need triton; pip install triton, or set MTCORE_TORCH_KERNELS=1")
         return True
     return HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -1,10 +1,17 @@
 """fused_logprobs on both CPU paths (Triton interpreter, torch) against float64 and same-dtype references."""
 
+import importlib
+import logging
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from mtcore.kernels.fused_logprobs import (CHUNKS, IGNORE_INDEX, fused_logprobs, fused_logprobs_ref,
                                            sequence_logps)
+from mtcore.kernels.utils import HAS_TRITON, use_triton
+
+fl = importlib.import_module("mtcore.kernels.fused_logprobs")  # the module (the package re-exports the function)
 
 
 def make_inputs(N, H, V, dtype, seed=0, masked=()):
@@ -67,6 +74,59 @@ def test_matches_reference(kernel_path, shape, tiles, dtype, seed):
         base = errors(run(fused_logprobs_ref, hidden, weight, labels, grad, dtype), ref64)
         for name, e, b in zip(("logps", "d hidden", "d weight"), err, base):
             assert e <= 2 * b + 1e-6, f"{name}: max err {e:.3g}, same-dtype torch reference {b:.3g}"
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_as_it_runs_on_cuda(monkeypatch, tiles, dtype):
+    """CUDA tensors under MTCORE_TORCH_KERNELS=1 take the torch passes on row-major tiles of the
+    input dtype (bf16 logits tiles, upcast inside each pass), not the CPU's fp32 GEMMs: that path,
+    run here on the CPU, against float64 with the same rules."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(fl, "_cpu_torch", lambda hidden, triton_path: False)
+    N, H, V = SHAPES["v-not-multiple-of-block"]
+    hidden, weight, labels, grad = make_inputs(N, H, V, dtype, seed=7, masked=[slice(1, 2)])
+    ref64 = run(fused_logprobs_ref, hidden, weight, labels, grad, torch.float64)
+    got = run(lambda h, w, y: fused_logprobs(h, w, y, *TILES[tiles]), hidden, weight, labels, grad, dtype)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    err = errors(got, ref64)
+    if dtype == torch.float32:
+        for name, e, r in zip(("logps", "d hidden", "d weight"), err, ref64):
+            assert e <= 1e-5 * max(1.0, r.abs().max().item()), f"{name}: max err {e:.3g}"
+    else:
+        base = errors(run(fused_logprobs_ref, hidden, weight, labels, grad, dtype), ref64)
+        for name, e, b in zip(("logps", "d hidden", "d weight"), err, base):
+            assert e <= 2 * b + 1e-6, f"{name}: max err {e:.3g}, same-dtype torch reference {b:.3g}"
+
+
+def test_torch_kernels_switch_sends_cuda_tensors_to_torch(monkeypatch):
+    cuda_tensor = SimpleNamespace(is_cuda=True)  # dispatch reads only .is_cuda
+    monkeypatch.setenv("MTCORE_TORCH_KERNELS", "1")
+    assert not use_triton(cuda_tensor)
+    monkeypatch.setenv("MTCORE_TORCH_KERNELS", "0")
+    if HAS_TRITON:
+        assert use_triton(cuda_tensor)
+
+
+def test_out_dtype_fallback_is_checked_once_and_logged(monkeypatch, caplog):
+    calls = []
+
+    def mm_without_out_dtype(a, b, **kwargs):
+        calls.append(kwargs)
+        if "out_dtype" in kwargs:
+            raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+        return a @ b
+
+    monkeypatch.setattr(torch, "mm", mm_without_out_dtype)
+    fl._mm_out_dtype_works.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=fl.__name__):
+            results = [fl._mm_out_dtype_works(torch.device("cpu"), torch.bfloat16) for _ in range(3)]
+    finally:
+        fl._mm_out_dtype_works.cache_clear()
+    assert results == [False] * 3 and len(calls) == 1
+    warnings = [r for r in caplog.records if "out_dtype" in r.getMessage()]
+    assert len(warnings) == 1 and "fall back" in warnings[0].getMessage()
 
 
 def test_fully_masked(kernel_path):
