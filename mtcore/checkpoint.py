@@ -15,11 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtcore.errors import MtcoreError
 from mtcore.model import Llama, ModelArgs
+from mtcore.outputs import replace_dir
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -68,10 +69,14 @@ def resolve(src: str | os.PathLike) -> Path:
 
 def read_json(path: Path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise MtcoreError(f"{path}: missing; a Hugging Face checkpoint directory needs it") from None
+    except OSError as e:
+        raise MtcoreError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise MtcoreError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise MtcoreError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
@@ -207,19 +212,11 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 def inspect_checkpoint(src) -> tuple[Path, ModelArgs, str, int, set[str]]:
     """(path, args, kind, parameter count, stored dtypes) from config.json and the safetensors
-    headers alone: no tensor is read."""
+    headers alone (no tensor is read), after check_checkpoint's checks."""
     path = resolve(src)
-    cfg = read_json(path / "config.json")
-    args = config_to_args(cfg, str(path / "config.json"))
-    n_params, dtypes = 0, set()
-    files = _weight_files(path)
-    for f, names in _by_file(files, files).items():
-        with _open_safetensors(f) as st:
-            for name in names:
-                tensor_slice = st.get_slice(name)
-                n_params += math.prod(tensor_slice.get_shape())
-                dtypes.add(tensor_slice.get_dtype())
-    return path, args, kind_of(cfg), n_params, dtypes
+    kind = kind_of(read_json(path / "config.json"))
+    args, headers = check_checkpoint(path, kind)
+    return path, args, kind, sum(math.prod(shape) for shape, _ in headers.values()), {d for _, d in headers.values()}
 
 
 def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
@@ -238,29 +235,37 @@ def _open_safetensors(f: Path):
 
 
 def default_device(device=None) -> torch.device:
-    """`device` as given, else CUDA where there is a GPU, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device` as given, else $MTCORE_DEVICE (the tests pin themselves to the CPU with it), else
+    CUDA where there is a GPU, else the CPU. A device this machine does not
+    have, or a string that names none, is a one-line error."""
+    device = device or os.environ.get("MTCORE_DEVICE")
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MtcoreError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MtcoreError(f"--device {device!r}: mtcore runs on cpu or cuda")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MtcoreError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
-    """A Llama policy or reward model from a Hugging Face checkpoint directory or hub id.
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
-    dtype: torch dtype or name ("bf16", "fp32", ...); default bf16 on CUDA, fp32 on CPU.
-    device: default CPU. Parameters are created straight in (dtype, device).
-    """
+
+def check_checkpoint(path: Path, kind: str) -> tuple[ModelArgs, dict[str, tuple[list[int], str]]]:
+    """Everything about a checkpoint that can be known without reading a tensor: config.json makes a
+    Llama of `kind`, and the safetensors headers hold exactly its tensors (a stored tied head and old
+    rotary buffers aside), each of the shape config.json implies and of a floating dtype.
+    Returns (args, {tensor name: (shape, stored dtype)}) of the tensors load_model reads."""
     if kind not in ("policy", "reward"):
         raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
-    path = resolve(src)
-    device = torch.device(device or "cpu")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise MtcoreError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    dtype = dtype or default_dtype(device)
     args = config_to_args(read_json(path / "config.json"), str(path / "config.json"))
     with torch.device("meta"):
         model = Llama(args, kind)
@@ -285,19 +290,47 @@ def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
                           + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
                           + f", which config.json's {kind} model does not use"
                           + (f"; {hint[other]}" if other in hint else ""))
-    state = {}
+    headers = {}
     for f, names in _by_file(files, sorted(wanted)).items():
         with _open_safetensors(f) as st:
             stored = set(st.keys())
             for name in names:
                 if name not in stored:
                     raise MtcoreError(f"{f}: lacks {name}, which {INDEX_NAME} places there")
-                tensor = st.get_tensor(name)
-                expected = model.get_parameter(name).shape
-                if tensor.shape != expected:
-                    raise MtcoreError(f"{f}: {name} has shape {tuple(tensor.shape)}, config.json implies "
-                                      f"{tuple(expected)}")
-                state[name] = tensor.to(device=device, dtype=dtype)
+                tensor_slice = st.get_slice(name)
+                shape, dtype = list(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                if tuple(shape) != tuple(model.get_parameter(name).shape):
+                    raise MtcoreError(f"{f}: {name} has shape {tuple(shape)}, config.json implies "
+                                      f"{tuple(model.get_parameter(name).shape)}")
+                if dtype not in FLOAT_DTYPES:
+                    raise MtcoreError(f"{f}: {name} is stored as {dtype}; weights must be floating point "
+                                      f"({', '.join(FLOAT_DTYPES)})")
+                headers[name] = (shape, dtype)
+    return args, headers
+
+
+def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
+    """A Llama policy or reward model from a Hugging Face checkpoint directory or hub id.
+
+    dtype: torch dtype or name ("bf16", "fp32", ...); default bf16 on CUDA, fp32 on CPU.
+    device: default CPU. Parameters are created straight in (dtype, device).
+    """
+    path = resolve(src)
+    device = torch.device(device or "cpu")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MtcoreError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype(device)
+    args, headers = check_checkpoint(path, kind)
+    with torch.device("meta"):
+        model = Llama(args, kind)
+    files = _weight_files(path)
+    state = {}
+    for f, names in _by_file(files, sorted(headers)).items():
+        with _open_safetensors(f) as st:
+            for name in names:
+                state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.source = path
@@ -322,23 +355,49 @@ def _portable_tokenizer_config(out: Path) -> None:
         write_json(config_path, config)
 
 
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Put the finished directory `tmp` in the place of `dst` (whatever dst held is removed):
-    two renames, so dst is at every moment either the old directory or the new one, never half."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def convert(src, dst, kind=None, dtype="bf16", max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """`mtcore convert`: re-save the checkpoint src into the directory dst (outputs.check_out_dir's
+    rules: dst never holds src, and is replaced only when it is convert's own earlier output)."""
+    from mtcore.outputs import check_out_dir, commit_dir, open_partial
+
+    path = resolve(src)
+    dst = check_out_dir(dst, "convert", (path,), overwrite)
+    kind = kind or kind_of(read_json(path / "config.json"))
+    model = load_model(path, kind=kind, dtype=dtype)
+    work = open_partial(dst, "convert", keep=())
+    commit_dir(save_model(model, work / "model", max_shard_bytes=max_shard_bytes), dst, "convert")
+    return dst
 
 
 def _dtype_of(model: Llama) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `model` as a Hugging Face checkpoint in `dst` (replacing what is there, atomically).
+def default_file_mode() -> int:
+    """0o666 less the process's umask: the mode open() gives a new file (os.umask can only be read
+    by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def stored_dtype(src) -> torch.dtype:
+    """The dtype a checkpoint is kept in, for saving what is trained from it alike (bf16 for
+    Llama-3-8B, fp32 for the toy world): config.json's torch_dtype (dtype in transformers 5), else
+    its stored tensors' floating dtype when they share one, else fp32."""
+    path = resolve(src)
+    cfg = read_json(path / "config.json")
+    named = cfg.get("torch_dtype") or cfg.get("dtype")
+    if isinstance(named, str) and named in DTYPES:
+        return DTYPES[named]
+    stored = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    floats = {d for d in inspect_checkpoint(path)[4] if d in stored}
+    return stored[floats.pop()] if len(floats) == 1 else torch.float32
+
+
+def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**30, dtype=None) -> Path:
+    """Write `model` as a Hugging Face checkpoint in `dst` (replacing what is there, atomically), its
+    weights cast to `dtype` (default: the model's own; see stored_dtype for a source checkpoint's).
 
     The tokenizer is `tokenizer.save_pretrained`'s output when given, else the tokenizer files of the
     checkpoint the model was loaded from. generation_config.json is copied from there too, or built
@@ -355,23 +414,25 @@ def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**
     except OSError as e:
         raise MtcoreError(f"{dst}: cannot write there ({e.strerror or e})") from None
     try:
-        _write_checkpoint(model, tmp, tokenizer, max_shard_bytes)
+        _write_checkpoint(model, tmp, tokenizer, max_shard_bytes, dtype)
         replace_dir(tmp, dst)
-    except OSError as e:  # disk full, permissions: dst keeps what it had
-        raise MtcoreError(f"{dst}: cannot write the checkpoint ({e.strerror or e})") from None
+    except (OSError, SafetensorError) as e:  # disk full, permissions: dst keeps what it had
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise MtcoreError(f"{dst}: cannot write the checkpoint ({reason})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
-def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int) -> None:
+def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int, dtype=None) -> None:
+    dtype = dtype or _dtype_of(model)
     state = model.state_dict()
     if model.kind == "policy" and model.args.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
-        nbytes = state[name].numel() * state[name].element_size()
+        nbytes = state[name].numel() * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
@@ -381,13 +442,14 @@ def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int) 
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file({k: v.detach().contiguous().cpu() for k, v in shard.items()}, str(out / fname),
+        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in shard.items()}, str(out / fname),
                   metadata={"format": "pt"})
+        os.chmod(out / fname, default_file_mode())  # safetensors writes 0600 whatever the umask
         weight_map.update({k: fname for k in shard})
     if n > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        total = sum(t.numel() * dtype.itemsize for t in state.values())
         write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    write_json(out / "config.json", args_to_config(model.args, model.kind, _dtype_of(model)))
+    write_json(out / "config.json", args_to_config(model.args, model.kind, dtype))
     source = getattr(model, "source", None)
     if source is not None and (source / "generation_config.json").exists():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")

@@ -1,12 +1,22 @@
-"""The `mtcore` command: parse, then call. No logic lives here."""
+"""The `mtcore` command: parse, then call. No logic lives here.
 
+Every user error, click's own usage errors included, is one `error:` line on stderr and exit 2:
+library code raises MtcoreError, `user_errors` prints it, and `OneLineGroup` prints click's.
+"""
+
+import dataclasses
 import functools
 import logging
+import math
 import sys
 
 import click
 
 from mtcore.errors import MtcoreError
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
 
 
 def user_errors(fn):
@@ -16,12 +26,62 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MtcoreError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """click's usage errors (unknown option, bad value, missing argument) as one `error:` line and
+    exit 2, where click prints three; Ctrl-C as one line and exit 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            command = f" (see `mtcore {e.ctx.info_name} --help`)" if getattr(e, "ctx", None) and e.ctx.parent else ""
+            click.echo(f"error: {_one_line(e.format_message())}{command}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("error: interrupted; outputs are as they were before the command, or complete", err=True)
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+class Finite(click.FloatRange):
+    """A float in a range, never NaN or infinite (click's FloatRange lets NaN through)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+class FiniteFloat(click.types.FloatParamType):
+    """Any float but NaN and the infinities (a config dataclass checks its range)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+FINITE = FiniteFloat()
+POSITIVE = Finite(min=0, min_open=True)
+AT_LEAST_0 = Finite(min=0)
+PROBABILITY = Finite(min=0, max=1, min_open=True)
+COUNT = click.IntRange(min=1)
+SEED = click.IntRange(min=0, max=2**63 - 1)
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)."
+TEMPLATE_HELP = "A Jinja file, or 'llama3', when the tokenizer has none."
+OVERWRITE_HELP = "Replace an --out that holds something else than this command's previous output."
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mtcore")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose):
@@ -70,46 +130,51 @@ def info(src):
 @click.argument("src")
 @click.argument("dst")
 @click.option("--kind", type=click.Choice(["policy", "reward"]), default=None,
-              help="Default: from config.json's architectures.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-@click.option("--max-shard-gb", type=float, default=5.0, show_default=True)
+              help="Policy or reward model (default: from config.json's architectures).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Dtype of the written weights.")
+@click.option("--max-shard-gb", type=POSITIVE, default=5.0, show_default=True,
+              help="Largest weights file, in GiB; bigger checkpoints are sharded with an index.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
-def convert(src, dst, kind, dtype, max_shard_gb):
-    """Re-save the checkpoint SRC into DST (dtype, sharding) in Hugging Face format."""
+def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
+    """Re-save the checkpoint SRC into the directory DST (dtype, sharding) in Hugging Face format."""
     from mtcore import checkpoint
 
-    path = checkpoint.resolve(src)
-    kind = kind or checkpoint.kind_of(checkpoint.read_json(path / "config.json"))
-    model = checkpoint.load_model(path, kind=kind, dtype=dtype)
-    checkpoint.save_model(model, dst, max_shard_bytes=int(max_shard_gb * 2**30))
-    click.echo(f"wrote {dst}")
+    echo(f"wrote {checkpoint.convert(src, dst, kind, dtype, int(max_shard_gb * 2**30), overwrite)}")
 
 
 @main.command()
 @click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
               help='JSONL: {"prompt": ...} or {"messages": [...]}, extra fields kept.')
-@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Output JSONL.")
-@click.option("--n", default=1, show_default=True, help="Samples per prompt.")
-@click.option("--temperature", default=1.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True, help="0 = off.")
-@click.option("--max-new-tokens", default=256, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--slots", default=None, type=int, help="Concurrent sequences (default: what --kv-cache-gb holds).")
-@click.option("--kv-cache-gb", default=2.0, show_default=True, help="K/V cache budget that sizes the slots.")
-@click.option("--max-len", default=None, type=int, help="Tokens per cache slot (default: longest prompt + new).")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help="Output JSONL: each prompt's row plus its \"responses\".")
+@click.option("--n", default=1, show_default=True, type=COUNT, help="Samples per prompt.")
+@click.option("--temperature", default=1.0, show_default=True, type=AT_LEAST_0, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=PROBABILITY, help="Nucleus sampling mass, in (0, 1].")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=COUNT, help="Longest response, in tokens.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
+@click.option("--slots", default=None, type=COUNT, help="Concurrent sequences (default: what --kv-cache-gb holds).")
+@click.option("--kv-cache-gb", default=2.0, show_default=True, type=POSITIVE,
+              help="K/V cache budget that sizes the slots, in GiB.")
+@click.option("--max-len", default=None, type=click.IntRange(min=2),
+              help="Tokens per cache slot (default: longest prompt + new).")
 @click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")
-@click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
+@click.option("--chat-template", default=None, help=TEMPLATE_HELP)
 @click.option("--logprobs", is_flag=True, help="Also write each sampled token's log-prob.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
 def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
-             max_len, skip_overlong, chat_template, logprobs, device):
+             max_len, skip_overlong, chat_template, logprobs, device, overwrite):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
     from mtcore.checkpoint import default_device
+    from mtcore.outputs import check_out_file
     from mtcore.sampler import SamplingParams, generate_jsonl
 
+    check_out_file(out_file, (prompts_file, chat_template), overwrite, looks_like=lambda row: "responses" in row)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed, logprobs=logprobs)
     device = default_device(device)
@@ -117,35 +182,37 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
                             skip_overlong=skip_overlong, max_len=max_len, device=device,
                             kv_budget_bytes=int(kv_cache_gb * 2**30))
     echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
-               + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
+         + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
+
+
+def _field_option(f, default, help_text):
+    """A click option for a config dataclass field: a flag pair for bools, a finite float for floats."""
+    name = f.name.replace("_", "-")
+    if f.type is bool:
+        return click.option(f"--{name}/--no-{name}", f.name, default=default, help=help_text)
+    kind = FINITE if f.type is float else f.type
+    return click.option(f"--{name}", f.name, type=kind, default=default, help=help_text)
 
 
 def training_options(lr, batch_size):
-    """The options every trainer command shares; lr and batch size default to the paper's per command."""
+    """The options every trainer command shares: TrainConfig's fields (lr and batch size default to
+    the paper's per command; TrainConfig checks the ranges), then the data and output options."""
+    from mtcore.train import TRAIN_HELP, TrainConfig
+
     def decorate(fn):
+        defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, "lr": lr, "batch_size": batch_size}
         options = [
             click.option("--out", required=True, type=click.Path(file_okay=False),
-                         help="Output directory: the trained model (Hugging Face format), metrics.jsonl, summary.json."),
-            click.option("--lr", default=lr, show_default=True, type=float),
-            click.option("--batch-size", default=batch_size, show_default=True,
-                         help="Examples (pairs) per optimizer step; micro-batches accumulate to it."),
-            click.option("--micro-batch-tokens", default=8192, show_default=True,
-                         help="Token budget of one packed forward/backward."),
-            click.option("--epochs", default=1, show_default=True),
-            click.option("--warmup-ratio", default=0.1, show_default=True),
-            click.option("--weight-decay", default=0.0, show_default=True),
-            click.option("--max-grad-norm", default=1.0, show_default=True, help="0 = no clipping."),
-            click.option("--max-length", default=2048, show_default=True,
+                         help="Output directory: the trained model (Hugging Face format), metrics.jsonl, "
+                              "summary.json; written in OUT.partial and swapped in when done."),
+            *[_field_option(f, defaults[f.name], f"{TRAIN_HELP[f.name]} [default: {defaults[f.name]}]")
+              for f in dataclasses.fields(TrainConfig)],
+            click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2),
                          help="Tokens per sequence: responses are cut at the end to fit; a prompt that alone "
                               "fills it drops the example (counted)."),
-            click.option("--seed", default=0, show_default=True),
-            click.option("--grad-checkpointing", is_flag=True, help="Recompute each block's activations in backward."),
-            click.option("--save-state-every", default=0, show_default=True,
-                         help="Save the (sharded) model and optimizer state to OUT/train_state every N steps; "
-                              "a rerun resumes from it. 0 = never."),
-            click.option("--padded", is_flag=True, help="Right-padded batches instead of packed (for comparison)."),
-            click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none."),
-            click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+            click.option("--chat-template", default=None, help=TEMPLATE_HELP),
+            click.option("--device", default=None, help=DEVICE_HELP),
+            click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP),
         ]
         for option in reversed(options):
             fn = option(fn)
@@ -154,18 +221,17 @@ def training_options(lr, batch_size):
 
 
 def _train_config(kw):
+    """TrainConfig from the options (it checks every range), the rest left in kw."""
     from mtcore.train import TrainConfig
 
-    names = ("lr", "batch_size", "micro_batch_tokens", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm",
-             "seed", "grad_checkpointing", "padded", "save_state_every")
-    return TrainConfig(**{k: kw.pop(k) for k in names})
+    return TrainConfig(**{f.name: kw.pop(f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def _report(out, history):
     last = history[-1]
     echo(f"wrote {out}: {len(history)} steps, final loss {last['loss']:.4f}"
-               + (f", accuracy {last['accuracy']:.3f}" if "accuracy" in last else "")
-               + f", {sum(r['tokens'] for r in history) / sum(r['seconds'] for r in history):.0f} tokens/s")
+         + (f", accuracy {last['accuracy']:.3f}" if "accuracy" in last else "")
+         + f", {sum(r['tokens'] for r in history) / sum(r['seconds'] for r in history):.0f} tokens/s")
 
 
 @main.command()
@@ -173,9 +239,12 @@ def _report(out, history):
 @click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
               help='JSONL: {"prompt": str | messages, "chosen": str, "rejected": str}.')
 @click.option("--ref", default=None, help="Reference model (default: the policy as given).")
-@click.option("--beta", default=0.01, show_default=True)
-@click.option("--loss-type", type=click.Choice(["sigmoid", "ipo", "hinge"]), default="sigmoid", show_default=True)
-@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--beta", default=0.01, show_default=True, type=POSITIVE,
+              help="Strength of the pull to the reference policy.")
+@click.option("--loss-type", type=click.Choice(["sigmoid", "ipo", "hinge"]), default="sigmoid", show_default=True,
+              help="DPO's sigmoid loss, IPO's squared loss, or the hinge (SLiC) loss.")
+@click.option("--label-smoothing", default=0.0, show_default=True, type=Finite(min=0, max=0.5, max_open=True),
+              help="Conservative DPO's assumed label-noise rate, in [0, 0.5).")
 @click.option("--length-normalize", is_flag=True, help="Mean instead of sum of the response tokens' log-probs.")
 @training_options(lr=7e-7, batch_size=128)
 @user_errors
@@ -186,7 +255,8 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
     cfg = _train_config(kw)
     history = run_dpo(policy, pairs_file, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
                       label_smoothing=label_smoothing, length_normalize=length_normalize,
-                      max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"])
+                      max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"],
+                      overwrite=kw["overwrite"])
     _report(kw["out"], history)
 
 
@@ -194,7 +264,8 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
 @click.option("--reward", required=True, help="Reward model checkpoint to start from: directory or hub id.")
 @click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
               help='JSONL: {"prompt", "chosen", "rejected", "margin"?: float}.')
-@click.option("--center-coef", default=0.0, show_default=True, help="Weight of the reward-centering term.")
+@click.option("--center-coef", default=0.0, show_default=True, type=AT_LEAST_0,
+              help="Weight of the reward-centering term (mean squared reward).")
 @training_options(lr=2e-6, batch_size=512)
 @user_errors
 def rm(reward, pairs_file, center_coef, **kw):
@@ -203,7 +274,7 @@ def rm(reward, pairs_file, center_coef, **kw):
 
     cfg = _train_config(kw)
     history = run_rm(reward, pairs_file, kw["out"], cfg, center_coef=center_coef, max_length=kw["max_length"],
-                     chat_template=kw["chat_template"], device=kw["device"])
+                     chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
     _report(kw["out"], history)
 
 
@@ -219,25 +290,19 @@ def sft(policy, data_file, **kw):
 
     cfg = _train_config(kw)
     history = run_sft(policy, data_file, kw["out"], cfg, max_length=kw["max_length"],
-                      chat_template=kw["chat_template"], device=kw["device"])
+                      chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
     _report(kw["out"], history)
 
 
 def loop_options(fn):
-    """One option per LoopConfig field (default None: the config file's value, then the defaults)."""
-    import dataclasses
-
-    from mtcore.loop import LoopConfig
+    """One option per LoopConfig field (default None: the config file's value, then the defaults),
+    each with its line of help, the paper's value and the toy world's where it differs."""
+    from mtcore.loop import LOOP_HELP, TOY_DEFAULTS, LoopConfig
 
     for f in reversed(dataclasses.fields(LoopConfig)):
-        name = f.name.replace("_", "-")
-        if f.type is bool:
-            option = click.option(f"--{name}/--no-{name}", f.name, default=None,
-                                  help=f"[paper default: {f.default}]")
-        else:
-            option = click.option(f"--{name}", f.name, type=f.type, default=None,
-                                  help=f"[paper default: {f.default!r}]")
-        fn = option(fn)
+        values = ([f"paper: {f.default!r}"] if f.default != "" else []) + (
+            [f"toy: {TOY_DEFAULTS[f.name]!r}"] if f.name in TOY_DEFAULTS else [])
+        fn = _field_option(f, None, LOOP_HELP[f.name] + (f" [{'; '.join(values)}]" if values else ""))(fn)
     return fn
 
 
@@ -257,65 +322,85 @@ def train(out, config_file, **options):
     cfg = loop.resolve_config(loop.read_config_file(config_file) if config_file else {}, options)
     run = loop.Run(out, cfg)
     echo(f"run directory {out} ({'toy world' if run.toy else cfg.policy}; "
-               f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
+         f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
     metrics = loop.train(run, echo=echo)
     echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
-               f"metrics in {out}/metrics.json")
+         f"metrics in {out}/metrics.json")
 
 
 @main.command(name="build-toy")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Where to write the assets (default: the package's toy_assets).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of every asset.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
-def build_toy(out, seed):
+def build_toy(out, seed, overwrite):
     """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed."""
     from mtcore import toy
 
-    click.echo(f"wrote {toy.build_assets(out or toy.ASSETS, seed)}")
+    click.echo(f"wrote {toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite)}")
 
 
 @main.command()
 @click.option("--reward", required=True, help="Reward model: directory or hub id.")
 @click.option("--prompts-with-responses", "in_file", required=True, type=click.Path(dir_okay=False),
               help='JSONL rows {"prompt": ..., "responses": [str | {"text": ...}, ...]} (mtcore generate\'s output).')
-@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
-@click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
-@click.option("--max-length", default=2048, show_default=True)
-@click.option("--micro-batch-tokens", default=8192, show_default=True)
-@click.option("--device", default=None)
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
+              help='Output JSONL: the same rows plus "rewards".')
+@click.option("--chat-template", default=None, help=TEMPLATE_HELP)
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per sequence; longer responses are cut at the end.")
+@click.option("--micro-batch-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
+              help="Token budget of one packed forward (at least --max-length).")
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
-def score(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device):
+def score(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device, overwrite):
     """Score every response with a reward model: the same rows plus "rewards"."""
     from mtcore.loop import score_jsonl
+    from mtcore.outputs import check_out_file
 
+    check_out_file(out_file, (in_file, chat_template), overwrite, looks_like=lambda row: "rewards" in row)
     n = score_jsonl(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device)
     echo(f"wrote {out_file}: {n} responses scored")
 
 
 @main.command(name="eval")
 @click.option("--policy", default=None, help="Policy to evaluate (default, toy world: the built-in initial policy).")
-@click.option("--reward", default=None, help="Toy world: the RM to measure (default: the built-in base RM).")
+@click.option("--reward", default=None, help="The RM to measure: with --pairs any RM; toy world: default the "
+              "built-in base RM.")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
               help="Real models: prompts JSONL; writes AlpacaEval-format outputs for an external judge.")
+@click.option("--pairs", "pairs_file", default=None, type=click.Path(dir_okay=False),
+              help='With --reward: RM accuracy on JSONL pairs {"prompt" | "messages", "chosen", "rejected", '
+                   '"subset"?} per subset and RewardBench section.')
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Output JSON.")
-@click.option("--temperature", default=None, type=float, help="Default: greedy (real models), 1.0 (toy world).")
-@click.option("--max-new-tokens", default=None, type=int, help="Default: 1024 (real models), 20 (toy world).")
-@click.option("--samples", default=4, show_default=True, help="Toy world: test answers per prompt.")
+@click.option("--temperature", default=None, type=AT_LEAST_0, help="Default: greedy (real models), 1.0 (toy world).")
+@click.option("--max-new-tokens", default=None, type=COUNT, help="Default: 1024 (real models), 20 (toy world).")
+@click.option("--samples", default=4, show_default=True, type=COUNT, help="Toy world: test answers per prompt.")
 @click.option("--generator", default=None, help="AlpacaEval's generator name (default: the policy's directory name).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--chat-template", default=None, help="A Jinja file, or 'llama3', when the tokenizer has none.")
-@click.option("--device", default=None)
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
+@click.option("--chat-template", default=None, help=TEMPLATE_HELP)
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
-def evaluate(policy, reward, prompts_file, out_file, temperature, max_new_tokens, samples, generator, seed,
-             chat_template, device):
-    """Evaluate a policy: toy world gold metrics (no --prompts), or AlpacaEval outputs (--prompts)."""
-    import json
-
-    from mtcore import loop, toy
+def evaluate(policy, reward, prompts_file, pairs_file, out_file, temperature, max_new_tokens, samples, generator,
+             seed, chat_template, device, overwrite):
+    """Evaluate a policy: toy world gold metrics (no --prompts), or AlpacaEval outputs (--prompts); or an RM
+    on preference pairs (--reward --pairs: RewardBench's sections)."""
+    from mtcore import loop, rmeval, toy
     from mtcore.checkpoint import default_device, resolve
+    from mtcore.outputs import check_out_file, write_json_file
 
+    check_out_file(out_file, (prompts_file, pairs_file, chat_template), overwrite, jsonl=False,
+                   looks_like=lambda obj: isinstance(obj, (dict, list)))
     device = default_device(device)
+    if pairs_file:
+        if not reward:
+            raise MtcoreError("--pairs needs --reward")
+        result = loop.rm_eval_file(reward, pairs_file, out_file, chat_template=chat_template, device=device)
+        echo(f"{rmeval.table(result)}\nwrote {out_file}")
+        return
     if prompts_file:
         if not policy:
             raise MtcoreError("--prompts needs --policy")
@@ -329,5 +414,5 @@ def evaluate(policy, reward, prompts_file, out_file, temperature, max_new_tokens
                                    "eval_samples": samples})
     result = toy.evaluate_models(cfg, device, resolve(policy) if policy else toy.asset("policy"),
                                  resolve(reward) if reward else toy.asset("reward"), seed)
-    loop.write_text_atomic(out_file, json.dumps(result, indent=2) + "\n")  # rank 0 writes
+    write_json_file(out_file, result)
     echo(", ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -4,7 +4,8 @@ A sequence is the prompt's ids (the chat template with the generation prompt, e.
 `<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>
 <|start_header_id|>assistant<|end_header_id|>\\n\\n`), then the response's ids (the response text
 encoded without special tokens), then the end-of-turn id (`<|eot_id|>` for Llama-3). The policy
-scores the response ids and the end-of-turn id; the reward model reads the last one.
+scores the response ids and the end-of-turn id; the reward model reads the last token that is not its
+pad id (train.reward_index: the end-of-turn id, or the token before it when the pad id is <|eot_id|>).
 """
 
 from dataclasses import dataclass
@@ -126,8 +127,13 @@ def read_jsonl(path) -> list[dict]:
 
     rows = []
     try:
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise MtcoreError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); "
+                                      f"save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -277,7 +283,7 @@ class Batch:
     padded: tokens [S, T] right-padded with attention_mask [S, T] (for comparisons and benchmarks).
     Either way labels [N'] (N' = N or S*T, flat) hold the next token where it is scored and -100
     elsewhere; seq_bounds [S+1] cut the flat tokens into sequences and last_index [S] is each
-    sequence's last real token in the flat order (where a reward is read).
+    sequence's last real token in the flat order (train.reward_index reads rewards from it).
     """
     tokens: torch.Tensor
     labels: torch.Tensor

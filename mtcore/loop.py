@@ -32,16 +32,17 @@ from pathlib import Path
 
 import torch
 
-from mtcore import parallel, profile
-from mtcore.checkpoint import default_device, load_model, read_json, replace_dir, resolve, write_json
+from mtcore import parallel, profile, rmeval
+from mtcore.checkpoint import check_checkpoint, default_device, load_model, read_json, replace_dir, resolve
+from mtcore.checkpoint import stored_dtype, write_json
 from mtcore.checkpoint import write_text_atomic
-from mtcore.data import Example, encode_pair, encode_prompt, encode_sequence, load_tokenizer, make_batch
+from mtcore.data import Example, encode_pair, encode_prompt, encode_response, load_tokenizer, make_batch
 from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
-from mtcore.errors import MtcoreError
+from mtcore.errors import MtcoreError, check_ranges
 from mtcore.parallel import save_model
 from mtcore.sampler import SamplingParams, generate_responses, slot_len
-from mtcore.train import DPO, BradleyTerry, TrainConfig, cached_reference_logps, fit, fitted_examples
-from mtcore.train import sequence_rewards
+from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
+from mtcore.train import fitted_examples, sequence_rewards
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,70 @@ class LoopConfig:
     device: str = ""
     grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
     save_state_every: int = 0  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
+    keep_candidates: bool = False  # keep every DPO candidate after select (default: the chosen one only)
+    rm_eval: str = ""  # preference pairs JSONL: each iteration's RM is evaluated on it (RewardBench sections)
+
+    def __post_init__(self):
+        check_ranges(self, LOOP_RANGES)
 
 
-RUNTIME_KEYS = ("kv_cache_gb", "device", "grad_checkpointing", "save_state_every")
+# One line of `mtcore train --help` per field: what it does (the paper's and the toy world's values
+# are added from the defaults).
+LOOP_HELP = {
+    "policy": "Initial policy pi_0: checkpoint directory or hub id (none: the built-in toy world).",
+    "reward": "Base reward model r_0: directory or hub id (default with --policy: sfairXC/FsfairX-LLaMA3-RM-v0.1).",
+    "prompts": "Prompts JSONL ({\"prompt\": ...} or {\"messages\": [...]}), split into selection, RM and policy sets.",
+    "iters": "Mutual-Taught iterations (E-step + M-step each).",
+    "seed": "Seed of the prompt splits and of every stage's sampling and training.",
+    "m_step": "Retrain the RM every iteration; --no-m-step is the fixed-RM iterative-DPO baseline.",
+    "samples": "Responses sampled per prompt in the E-step (M).",
+    "temperature": "Sampling temperature (0: greedy).",
+    "top_p": "Nucleus sampling mass, in (0, 1].",
+    "max_new_tokens": "Longest response, in tokens.",
+    "beta": "DPO's beta (strength of the pull to the reference policy).",
+    "dpo_lr": "DPO peak learning rate (cosine schedule).",
+    "dpo_batch_size": "DPO pairs per optimizer step.",
+    "dpo_epochs": "DPO epochs over each iteration's pairs.",
+    "warmup_ratio": "Share of DPO and RM steps spent in linear warm-up, in [0, 1).",
+    "max_length": "Tokens per sequence in DPO and RM training (responses are cut to fit).",
+    "micro_batch_tokens": "Token budget of one packed forward/backward (at least twice --max-length).",
+    "save_every": "DPO steps between candidate checkpoints for the selection.",
+    "selection_size": "Prompts on which each candidate is judged against pi_{t-1}.",
+    "tau": "Stop when the best candidate's win rate against pi_{t-1} is below this, in [0, 1].",
+    "rm_split_size": "Prompts on which pi_t and pi_{t-1} answer to make the M-step's pseudo-pairs.",
+    "rm_lr": "Reward-model peak learning rate (Bradley-Terry, from the base RM every iteration).",
+    "rm_batch_size": "Reward-model pairs per optimizer step.",
+    "rm_epochs": "Reward-model epochs over each iteration's pairs.",
+    "policy_split_size": "Toy world only: prompts per E-step split (real prompts are split evenly).",
+    "eval_samples": "Toy world only: test answers per prompt in the gold evaluation.",
+    "chat_template": "The policy's chat template: a Jinja file, or 'llama3', when its tokenizer has none.",
+    "reward_chat_template": "The reward model's chat template, likewise.",
+    "kv_cache_gb": "GiB of K/V cache for sampling (sizes the concurrent sequences).",
+    "device": "cpu, cuda or cuda:N (default: cuda when available).",
+    "grad_checkpointing": "Recompute each block's activations in backward (8B needs it).",
+    "save_state_every": "DPO/RM steps between resumable sharded state saves (0: never).",
+    "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
+    "rm_eval": "Preference pairs JSONL (RewardBench's format): r_0 and each iteration's RM are evaluated on it.",
+}
+
+
+def _at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+LOOP_RANGES = {
+    "iters": _at_least(1), "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"), "samples": _at_least(2),
+    "temperature": _at_least(0), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_new_tokens": _at_least(1),
+    "beta": (lambda v: v > 0, "> 0"), "dpo_lr": (lambda v: v > 0, "> 0"), "dpo_batch_size": _at_least(1),
+    "dpo_epochs": _at_least(1), "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_length": _at_least(2),
+    "micro_batch_tokens": _at_least(2), "save_every": _at_least(1), "selection_size": _at_least(1),
+    "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
+    "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
+    "eval_samples": _at_least(1), "kv_cache_gb": (lambda v: v > 0, "> 0"), "save_state_every": _at_least(0),
+}
+
+
+RUNTIME_KEYS = ("kv_cache_gb", "device", "grad_checkpointing", "save_state_every", "keep_candidates", "rm_eval")
 TOY_DEFAULTS = dict(iters=3, samples=5, temperature=1.0, top_p=1.0, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
                     selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
@@ -128,8 +190,9 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
         if type(value) is not want:
             raise MtcoreError(f"config key {key}: expected {want.__name__}, got {value!r}")
     cfg = LoopConfig(**values)
-    if not (cfg.iters >= 1 and cfg.samples >= 2 and cfg.save_every >= 1 and 0 <= cfg.tau <= 1 and cfg.beta > 0):
-        raise MtcoreError("need iters >= 1, samples >= 2, save_every >= 1, 0 <= tau <= 1, beta > 0")
+    if real and cfg.policy_split_size:
+        raise MtcoreError("--policy-split-size is for the toy world only; real prompts are split evenly over --iters")
+    default_device(cfg.device or None)  # a device string that names none is an error now, not mid-run
     if cfg.micro_batch_tokens < 2 * cfg.max_length:  # a pair, each side up to max_length, shares a micro-batch
         raise MtcoreError(f"micro_batch_tokens {cfg.micro_batch_tokens} cannot hold a pair of max_length "
                           f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "
@@ -145,6 +208,8 @@ def read_config_file(path) -> dict:
             return tomllib.load(f)
     except OSError as e:
         raise MtcoreError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise MtcoreError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise MtcoreError(f"{path}: not valid TOML ({e})") from None
 
@@ -161,6 +226,37 @@ def identity(cfg: LoopConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The run directory
 # ------------------------------------------------------------------------------------------------
+
+# The training keys a rerun may change after a stage stopped at a NaN/inf loss.
+RETRY_KEYS = {"dpo": ("dpo_lr", "dpo_batch_size", "dpo_epochs", "beta"), "rm": ("rm_lr", "rm_batch_size", "rm_epochs")}
+
+
+def read_state(path: Path) -> dict:
+    """state.json: the stages done, where the run stopped, a stage that failed. A file mtcore did not
+    write is a one-line error saying what to do."""
+    if not path.exists():
+        return {"done": [], "stopped_at": None, "failed": None}
+    state = read_json(path)
+    ok = (isinstance(state, dict) and isinstance(state.get("done"), list)
+          and all(isinstance(k, str) for k in state["done"])
+          and (state.get("stopped_at") is None or type(state.get("stopped_at")) is int)
+          and (state.get("failed") is None or (isinstance(state["failed"], str) and state["failed"].count("/") == 1
+                                               and state["failed"].rsplit("/", 1)[1] in RETRY_KEYS)))
+    if not ok:
+        raise MtcoreError(f"{path}: not a run state that mtcore wrote; restore it, or delete it to run every "
+                          f"stage again")
+    state.setdefault("failed", None)
+    return state
+
+
+def read_splits(path: Path, iters: int) -> dict:
+    splits = read_json(path)
+    names = ["selection", "rm"] + [f"policy_{t}" for t in range(1, iters + 1)]
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(k), list) and splits[k] for k in names):
+        raise MtcoreError(f"{path}: not the prompt splits that mtcore wrote for {iters} iterations; restore it, or "
+                          f"start the run in another --out")
+    return splits
+
 
 class Run:
     """A run directory: config, prompt splits, stage state, and the paths of every stage's outputs."""
@@ -181,25 +277,48 @@ class Run:
             self._open()
 
     def _open(self):
-        config_file = self.dir / "config.toml"
+        """Check (or, for a new run, make) the run directory. A new run's config.toml is written only
+        after the config, the prompts and the models it names have been checked, so a refused value
+        never locks the directory."""
+        config_file, splits_file = self.dir / "config.toml", self.dir / "splits.json"
+        self.state = read_state(self.dir / "state.json")
         if config_file.exists():
-            saved = read_config_file(config_file)
-            mine = identity(self.cfg)
-            diff = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
-            if diff:
-                k = diff[0]
-                raise MtcoreError(f"{self.dir} holds a run with another config ({k} = {saved.get(k)!r} there, "
-                                  f"{mine.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
-                                  f"resume it with the same options or use another --out")
-        else:
-            if self.dir.exists() and any(self.dir.iterdir()):
-                raise MtcoreError(f"{self.dir}: exists, is not empty and holds no mtcore run; use another --out")
+            self._check_same_config(read_config_file(config_file))
+        elif self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+            raise MtcoreError(f"{self.dir}: exists, is not an empty directory and holds no mtcore run; "
+                              f"use another --out")
+        self.splits = read_splits(splits_file, self.cfg.iters) if splits_file.exists() else self._make_splits()
+        if not config_file.exists():
+            check_checkpoint(self.base_policy, "policy")
+            check_checkpoint(self.base_reward, "reward")
             write_text_atomic(config_file, to_toml(identity(self.cfg)))
-        self.state = read_json(self.dir / "state.json") if (self.dir / "state.json").exists() else {
-            "done": [], "stopped_at": None}
-        if not (self.dir / "splits.json").exists():
-            write_json(self.dir / "splits.json", self._make_splits())
-        self.splits = read_json(self.dir / "splits.json")
+        if not splits_file.exists():
+            write_json(splits_file, self.splits)
+
+    def _check_same_config(self, saved: dict) -> None:
+        """The run directory's config must be this one, except the runtime keys, and the training keys
+        of a stage that stopped at a NaN/inf loss (a rerun with a lower learning rate goes on from it)."""
+        mine = identity(self.cfg)
+        failed = self.state.get("failed")
+        retry = RETRY_KEYS[failed.rsplit("/", 1)[1]] if failed else ()
+        diff = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        if [k for k in diff if k not in retry]:
+            k = [k for k in diff if k not in retry][0]
+            raise MtcoreError(f"{self.dir} holds a run with another config ({k} = {saved.get(k)!r} there, "
+                              f"{mine.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+                              f"resume it with the same options or use another --out")
+        if diff:  # the failed stage starts afresh with the new values
+            log.warning("%s: %s changed after %s stopped at a non-finite loss; it restarts with them",
+                        self.dir, ", ".join(diff), failed)
+            stage_dir = self.dir / failed.rsplit("/", 1)[0]
+            for name in ("dpo_state", "candidates", "last_good") if failed.endswith("dpo") else ("rm_state", "last_good"):
+                if parallel.is_main():
+                    shutil.rmtree(stage_dir / name, ignore_errors=True)
+            self.state.setdefault("config_changes", []).append(
+                {"at": failed, "changed": {k: [saved.get(k), mine.get(k)] for k in diff}})
+            self.state["failed"] = None
+            write_json(self.dir / "state.json", self.state)
+            write_text_atomic(self.dir / "config.toml", to_toml(mine))
 
     def _make_splits(self) -> dict:
         cfg = self.cfg
@@ -237,6 +356,8 @@ class Run:
 
     def mark_done(self, key: str) -> None:
         self.state["done"].append(key)
+        if self.state.get("failed") == key:
+            self.state["failed"] = None
         write_json(self.dir / "state.json", self.state)
 
     def seed(self, t: int, stage: str) -> int:
@@ -285,14 +406,18 @@ class Scorer:
         self.cfg, self.device = cfg, device
         self.tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
         self.model = load_model(reward_dir, "reward", device=device).eval()
+        self.truncated = 0  # sequences cut to cfg.max_length, over every call
 
     @torch.no_grad()
     def __call__(self, prompts: list, responses: list[list[str]], stage=None) -> list[list[float]]:
         cfg, device, tokenizer, model = self.cfg, self.device, self.tokenizer, self.model
         examples, owner = [], []
         for i, (p, texts) in enumerate(zip(prompts, responses)):
+            prompt_ids = encode_prompt(tokenizer, p, f"prompt {i}") if texts else []  # once per prompt
+            n = len(prompt_ids)
             for j, text in enumerate(texts):
-                ids, n = encode_sequence(tokenizer, p, text, f"prompt {i}")
+                ids = prompt_ids + encode_response(tokenizer, text)  # the sequence rule (data.encode_sequence)
+                self.truncated += len(ids) > cfg.max_length
                 examples.append(Example(((ids[:cfg.max_length], min(n, cfg.max_length - 1)),)))
                 owner.append((i, j))
         scores = [[0.0] * len(texts) for texts in responses]
@@ -406,6 +531,19 @@ def _drop_state(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _fit_or_keep(model, examples, objective, train_cfg, out: Path, name: str, tokenizer, on_step=None):
+    """fit for the dpo or rm stage (metrics in <name>_metrics.jsonl, resumable state in <name>_state).
+    At a NaN/inf loss the last good model is kept in iter_t/last_good, and the error says how to go on:
+    a rerun with a lower learning rate (run_stage records the failure, Run accepts the new value)."""
+    try:
+        return fit(model, examples, objective, train_cfg, out / f"{name}_metrics.jsonl", desc=f"{out.name} {name}",
+                   on_step=on_step, state_dir=out / f"{name}_state")
+    except NonFiniteLoss as e:
+        save_model(model, out / "last_good", tokenizer=tokenizer)
+        raise NonFiniteLoss(f"{out.name} {name}: {e}; the model before that step is in {out / 'last_good'}; "
+                            f"rerun the same command with a lower --{name}-lr to redo this stage") from None
+
+
 def stage_dpo(run: Run, t: int, stage) -> dict:
     """Reference log-probs of pi_{t-1} once, then DPO from pi_{t-1}; a candidate every save_every steps
     and at the end, in iter_t/candidates/step_<k>."""
@@ -425,13 +563,14 @@ def stage_dpo(run: Run, t: int, stage) -> dict:
     model = load_model(policy_dir, "policy", dtype=torch.float32, device=run.device)
     ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens)
     candidates = out / "candidates"
+    dtype = stored_dtype(run.base_policy)  # candidates as the base policy is kept (bf16 for Llama-3-8B)
 
     def save_candidate(step, n_steps, model):
         if step % cfg.save_every == 0 or step == n_steps:
-            save_model(model, candidates / f"step_{step}", tokenizer=tokenizer)
+            save_model(model, candidates / f"step_{step}", tokenizer=tokenizer, dtype=dtype)
 
-    history = fit(model, examples, DPO(ref_sums, ref_counts, beta=cfg.beta), train_cfg, out / "dpo_metrics.jsonl",
-                  desc=f"iter {t} dpo", on_step=save_candidate, state_dir=out / "dpo_state")
+    objective = DPO(ref_sums, ref_counts, beta=cfg.beta)
+    history = _fit_or_keep(model, examples, objective, train_cfg, out, "dpo", tokenizer, on_step=save_candidate)
     _drop_state(out / "dpo_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
     stage.add(sum(lens) * (1 + cfg.dpo_epochs), profile.matmul_flops(model.args, lens) * (1 + 3 * cfg.dpo_epochs))
@@ -517,9 +656,8 @@ def stage_rm(run: Run, t: int, stage) -> dict:
     train_cfg = _train_config(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t, "rm")
     examples, report = fitted_examples(examples, f"iteration {t}'s RM pairs", cfg.max_length, train_cfg)
     model = load_model(run.base_reward, "reward", dtype=torch.float32, device=run.device)
-    history = fit(model, examples, BradleyTerry(), train_cfg, out / "rm_metrics.jsonl", desc=f"iter {t} rm",
-                  state_dir=out / "rm_state")
-    save_model(model, out / "reward", tokenizer=tokenizer)
+    history = _fit_or_keep(model, examples, BradleyTerry(), train_cfg, out, "rm", tokenizer)
+    save_model(model, out / "reward", tokenizer=tokenizer, dtype=stored_dtype(run.base_reward))
     _drop_state(out / "rm_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
     stage.add(sum(lens) * cfg.rm_epochs, 3 * cfg.rm_epochs * profile.matmul_flops(model.args, lens, with_head=False))
@@ -535,13 +673,31 @@ def stage_eval(run: Run, t: int, stage) -> dict:
     return toy.evaluate(run, t, stage)
 
 
+def stage_rmeval(run: Run, t: int, stage) -> dict:
+    """r_t's accuracy on the --rm-eval pairs, per subset and per RewardBench section (t = 0: the base RM)."""
+    return evaluate_rm(run.cfg, run.device, run.reward(t), run.cfg.rm_eval, stage)
+
+
+def prune_candidates(run: Run, t: int, best_step: int) -> None:
+    """After select is recorded, the candidates it did not choose are removed (unless --keep-candidates);
+    the chosen one stays (hard links shared with iter_t/policy). train calls it again whenever it passes
+    a done select, so a kill part-way through is finished by the rerun, and select never runs on a
+    pruned directory."""
+    if run.cfg.keep_candidates or not parallel.is_main():
+        return
+    for path in sorted((run.iter_dir(t) / "candidates").glob("step_*")):
+        if path.name != f"step_{best_step}":
+            shutil.rmtree(path)
+
+
 E_STAGES = (("sample", stage_sample), ("score", stage_score), ("pairs", stage_pairs), ("dpo", stage_dpo),
             ("select", stage_select))
 M_STAGES = (("msample", stage_msample), ("rm", stage_rm))
 
 
 def stages_of(run: Run):
-    return E_STAGES + (M_STAGES if run.cfg.m_step else ()) + ((("eval", stage_eval),) if run.toy else ())
+    rm_eval = (("rmeval", stage_rmeval),) if run.cfg.m_step and run.cfg.rm_eval else ()
+    return E_STAGES + (M_STAGES + rm_eval if run.cfg.m_step else ()) + ((("eval", stage_eval),) if run.toy else ())
 
 
 def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path | None = None) -> dict:
@@ -551,8 +707,13 @@ def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path 
     if run.is_done(key):
         return read_json(result_file)
     log.info("iteration %d: %s", t, name)
-    with profile.Stage(run.device) as stage:
-        result = fn(run, t, stage)
+    try:
+        with profile.Stage(run.device) as stage:
+            result = fn(run, t, stage)
+    except NonFiniteLoss:
+        run.state["failed"] = key
+        write_json(run.dir / "state.json", run.state)
+        raise
     result["profile"] = stage.record()
     write_json(result_file, result)
     run.mark_done(key)
@@ -565,6 +726,8 @@ def train(run: Run, echo=print) -> dict:
     if run.toy:
         from mtcore import toy
         run_stage(run, 0, "eval", toy.evaluate_initial, key="initial/eval", result_file=run.dir / "initial.json")
+    if run.cfg.rm_eval:
+        run_stage(run, 0, "rmeval", stage_rmeval, key="initial/rmeval", result_file=run.dir / "initial_rmeval.json")
     metrics = None  # written after each iteration run here; a run already finished writes it once below
     for t in range(1, run.cfg.iters + 1):
         if run.state["stopped_at"] is not None:
@@ -572,6 +735,8 @@ def train(run: Run, echo=print) -> dict:
         results = {}
         for name, fn in stages_of(run):
             results[name] = run_stage(run, t, name, fn)
+            if name == "select":
+                prune_candidates(run, t, results[name]["best_step"])
             if name == "select" and results[name]["stopped"]:
                 if run.toy:  # the kept models, evaluated as this iteration's
                     results["eval"] = run_stage(run, t, "eval", stage_eval)
@@ -606,6 +771,8 @@ def write_metrics(run: Run) -> dict:
                "final_policy": str(run.policy(done[-1] if done else 0))}
     if (run.dir / "initial.json").exists():
         metrics["initial"] = read_json(run.dir / "initial.json")
+    if (run.dir / "initial_rmeval.json").exists():
+        metrics["initial_rmeval"] = read_json(run.dir / "initial_rmeval.json")
     write_json(run.dir / "metrics.json", metrics)
     if run.toy and iterations and parallel.is_main():
         from mtcore import toy
@@ -631,13 +798,41 @@ def summary(run: Run, t: int, r: dict) -> str:
         lines.append(f"gold    win rate vs initial {e['gold_win_rate_vs_initial']:.3f}, gold score "
                      f"{e['gold_score']:.3f}; RM accuracy: current policy {e['rm_accuracy_current_policy']:.3f}, "
                      f"held-out {e['rm_accuracy_heldout']:.3f}")
+    if "rmeval" in r:
+        lines.append("RM eval " + rmeval.table(r["rmeval"]).splitlines()[-2 if r["rmeval"]["prior_sets"] is None else -3])
     lines.append("time    " + ", ".join(f"{k} {v['profile']['seconds']:.1f}s" for k, v in r.items()))
     return "\n".join(lines)
+
+
+def evaluate_rm(cfg: LoopConfig, device, reward_dir: Path, pairs_file, stage=None) -> dict:
+    """RM accuracy on preference pairs the RewardBench way (mtcore/rmeval.py): every chosen and rejected
+    response scored by Scorer (sharded under torchrun), ties counting half. Sequences over
+    cfg.max_length are cut to it (counted in "truncated")."""
+    prompts, chosen, rejected, subsets = rmeval.read_pairs(pairs_file)
+    scorer = Scorer(cfg, device, Path(reward_dir))
+    scores = scorer(prompts, [[c, r] for c, r in zip(chosen, rejected)], stage)
+    result = rmeval.summarize(subsets, [s[0] for s in scores], [s[1] for s in scores])
+    result["truncated"] = scorer.truncated
+    result["reward"], result["pairs_file"] = str(reward_dir), str(pairs_file)
+    return result
+
+
+def rm_eval_file(reward, pairs_file, out_file, chat_template=None, max_length=2048, micro_batch_tokens=8192,
+                 device=None) -> dict:
+    """`mtcore eval --reward --pairs`: evaluate_rm, written as JSON (atomically, rank 0)."""
+    cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
+                     micro_batch_tokens=micro_batch_tokens, device=device or "")
+    result = evaluate_rm(cfg, default_device(device), resolve(reward), pairs_file)
+    write_text_atomic(out_file, rmeval.to_json(result))
+    return result
 
 
 def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, micro_batch_tokens=8192,
                 device=None) -> int:
     """`mtcore score`: rows {"prompt", "responses"} -> the same rows plus "rewards"."""
+    if micro_batch_tokens < max_length:
+        raise MtcoreError(f"--micro-batch-tokens {micro_batch_tokens} cannot hold one sequence of --max-length "
+                          f"{max_length}; raise it to at least {max_length}")
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
                      micro_batch_tokens=micro_batch_tokens, device=device or "")
     device = default_device(device)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mtcore.errors import MtcoreError
 from mtcore.model import Llama
 
 
@@ -42,10 +43,13 @@ from mtcore.model import Llama
 
 def init() -> None:
     """Join the process group when torchrun started this process (it sets WORLD_SIZE); else nothing.
-    NCCL carries CUDA tensors, gloo CPU ones (and everything on a machine without CUDA)."""
+    NCCL carries CUDA tensors, gloo CPU ones (and everything on a machine without CUDA, or where
+    MTCORE_DEVICE=cpu keeps the run off its GPUs)."""
+    from mtcore.checkpoint import default_device
+
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    if default_device().type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # then "cuda" means this rank's GPU
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
@@ -231,14 +235,15 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
-def save_model(model: Llama, dst, tokenizer=None) -> Path:
+def save_model(model: Llama, dst, tokenizer=None, dtype=None) -> Path:
     """checkpoint.save_model for a sharded model too: the full state dict is gathered to rank 0's
-    CPU, which alone writes the Hugging Face checkpoint; every rank returns once it is written."""
+    CPU, which alone writes the Hugging Face checkpoint (in `dtype`, default the model's); every rank
+    returns once it is written."""
     from mtcore import checkpoint
 
     if not is_sharded(model):
         if is_main():
-            checkpoint.save_model(model, dst, tokenizer=tokenizer)
+            checkpoint.save_model(model, dst, tokenizer=tokenizer, dtype=dtype)
         barrier()
         return Path(dst)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -250,7 +255,7 @@ def save_model(model: Llama, dst, tokenizer=None) -> Path:
         full.load_state_dict(state, assign=True)
         full.tie_weights()
         full.source = getattr(model, "source", None)
-        checkpoint.save_model(full, dst, tokenizer=tokenizer)
+        checkpoint.save_model(full, dst, tokenizer=tokenizer, dtype=dtype)
     barrier()
     return Path(dst)
 
@@ -296,9 +301,18 @@ def load_train_state(path, model, optimizer) -> dict | None:
     path = Path(path)
     if not (path / "trainer.json").exists():
         return None
+    trainer = read_json(path / "trainer.json")
+    if not isinstance(trainer, dict) or not {"run", "scheduler", "history"} <= trainer.keys():
+        raise MtcoreError(f"{path / 'trainer.json'}: not a training state that mtcore wrote; delete {path} to "
+                          f"start this training from its first step")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    with _one_process_dcp():
-        dcp.load(state, checkpoint_id=path, no_dist=world_size() == 1)
+    try:
+        with _one_process_dcp():
+            dcp.load(state, checkpoint_id=path, no_dist=world_size() == 1)
+    except Exception as e:  # DCP's errors (CheckpointException, pickle, shape) name no file a user can act on
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise MtcoreError(f"{path}: unreadable training state ({reason}); delete it to start this training "
+                          f"from its first step") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return read_json(path / "trainer.json")
+    return trainer

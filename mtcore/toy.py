@@ -269,13 +269,14 @@ def _gold_pairs(prompts, samples, rng, per_prompt=1):
     return rows
 
 
-def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
+def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False) -> Path:
     """Build every toy asset from `seed`, deterministically (CPU, fp32):
     1. the tokenizer; 2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations
     of the "sft" prompts (half carry an error); 3. a reward model, initialised from that policy with a
     fresh score head, Bradley-Terry-trained on BASE_PAIRS gold-labelled pairs per "rm_base" prompt, drawn from
     the initial policy's samples (the stand-in for human preference data; no gold label is used after
-    it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts."""
+    it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts. out_dir is replaced whole
+    (outputs.check_out_dir's rules), at the end."""
     import torch
 
     from mtcore.checkpoint import save_model, write_json
@@ -283,7 +284,12 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
     from mtcore.model import Llama, ModelArgs
     from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
 
-    out = Path(out_dir)
+    from mtcore.outputs import check_out_dir, commit_dir, open_partial
+
+    # The whole set is built in OUT.partial and swapped in at the end: an interrupted build leaves
+    # the previous assets, never a new policy beside an old reward model.
+    final = check_out_dir(out_dir, "build-toy", (), overwrite)
+    out = open_partial(final, "build-toy", keep=())
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(build_tokenizer(out / "tokenizer"))
     splits = make_splits(seed, 0)
@@ -315,7 +321,8 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED) -> Path:
         "sft_final_nll": sft_log[-1]["nll"], "rm_final_loss": rm_log[-1]["loss"],
         "rm_train_accuracy": rm_log[-1]["accuracy"], "base_pairs": len(base_pairs), "heldout_pairs": len(heldout),
         "initial_gold_mean": sum(flat) / len(flat), "initial_perfect": sum(f == 1.0 for f in flat) / len(flat)})
-    return out
+    commit_dir(out, final, "build-toy")
+    return final
 
 
 # --- evaluation, after every iteration of `mtcore train` on the toy world ---

@@ -3,8 +3,8 @@
 - DPO (the E-step's policy update): per-sequence log-prob sums of the response tokens from the fused
   log-prob kernel over packed batches, against reference sums computed once per dataset with one
   no-grad pass (so no reference model is in memory while training), into the DPO loss kernel.
-- Bradley-Terry (the M-step's reward-model fit): the reward head read at each sequence's last token,
-  into the BT loss kernel.
+- Bradley-Terry (the M-step's reward-model fit): the reward head read at each sequence's last token
+  that is not the RM's pad id (where transformers reads it), into the BT loss kernel.
 - SFT (to build the toy world's initial policy): the mean NLL of the response tokens.
 
 The loop (`fit`): the examples are shuffled each epoch (seeded) and cut into global batches of
@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import default_device, load_model, resolve
+from mtcore.checkpoint import default_device, default_file_mode, load_model, resolve
 from mtcore.data import Batch, Example, make_batch, pack, read_demonstrations, read_pairs
-from mtcore.errors import MtcoreError
+from mtcore.errors import MtcoreError, check_ranges
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
 from mtcore.kernels import sequence_logps
 from mtcore.model import Llama
+from mtcore.outputs import check_out_dir, commit_dir, open_partial, partial_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,33 @@ class TrainConfig:
     save_state_every: int = 0  # optimizer steps between resumable (sharded) state saves; 0: none
 
     def __post_init__(self):
-        if not (self.lr > 0 and self.epochs >= 1 and self.batch_size >= 1 and self.micro_batch_tokens >= 1
-                and 0 <= self.warmup_ratio < 1 and self.weight_decay >= 0 and self.max_grad_norm >= 0
-                and self.save_state_every >= 0):
-            raise MtcoreError(f"invalid training config: {self}")
+        check_ranges(self, TRAIN_RANGES)
+
+
+# One line of --help per TrainConfig field (`mtcore dpo|rm|sft` make their options from the fields).
+TRAIN_HELP = {
+    "lr": "Peak learning rate (AdamW; linear warm-up, then cosine decay to 0).",
+    "epochs": "Passes over the data.",
+    "batch_size": "Examples (pairs) per optimizer step; micro-batches accumulate to it.",
+    "micro_batch_tokens": "Token budget of one packed forward/backward.",
+    "warmup_ratio": "Share of the steps spent in linear warm-up, in [0, 1).",
+    "weight_decay": "AdamW's decoupled weight decay.",
+    "max_grad_norm": "Clip the gradients' total L2 norm to this (0: no clipping).",
+    "seed": "Seed of the data order (and of any sampling).",
+    "grad_checkpointing": "Recompute each block's activations in backward (less memory, ~30% more compute).",
+    "padded": "Right-padded batches instead of packed ones (for comparison).",
+    "reference_ops": "The plain-torch reference ops instead of the fused kernels (slow; for checking).",
+    "save_state_every": "Save the (sharded) model and optimizer state every N steps to OUT.partial/train_state; "
+                        "a rerun resumes from it (0: never).",
+}
+
+TRAIN_RANGES = {
+    "lr": (lambda v: v > 0, "> 0"), "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "micro_batch_tokens": (lambda v: v >= 2, ">= 2"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    "save_state_every": (lambda v: v >= 0, ">= 0 (0: never)"),
+}
 
 
 class NonFiniteLoss(MtcoreError):
@@ -84,10 +108,26 @@ def response_logps(model: Llama, batch: Batch, reference_ops: bool = False) -> t
     return sequence_logps(logps, batch.seq_bounds, batch.labels)
 
 
+def reward_index(batch: Batch, pad_id: int | None) -> torch.Tensor:
+    """[S] flat index of the token each sequence's reward is read at: its last token that is not the
+    RM's pad id, as transformers' LlamaForSequenceClassification reads it (with pad = <|eot_id|>, the
+    token before the closing <|eot_id|>; with a pad token of its own, the last token). A sequence of
+    pad tokens only reads at its first token, as transformers' argmax does."""
+    if pad_id is None:
+        return batch.last_index
+    tokens = batch.tokens.flatten()  # [N'] in the flat order of labels
+    starts = batch.seq_bounds[:-1]  # [S]
+    seq = torch.repeat_interleave(torch.arange(len(starts), device=tokens.device), batch.seq_bounds.diff())  # [N']
+    position = torch.arange(len(tokens), device=tokens.device)  # [N']
+    real = (tokens != pad_id) & (position <= batch.last_index[seq])  # padded rows: not past the sequence's end
+    candidates = torch.where(real, position, -1)
+    return starts.clone().scatter_reduce(0, seq, candidates, "amax")  # [S]: max(start, last real non-pad)
+
+
 def sequence_rewards(model: Llama, batch: Batch) -> torch.Tensor:
-    """[S] fp32 rewards at each sequence's last token."""
+    """[S] fp32 rewards, each read at reward_index (the sequence's last token that is not the pad id)."""
     hidden = hidden_states(model, batch)
-    return model.score(hidden[batch.last_index]).squeeze(-1).float()
+    return model.score(hidden[reward_index(batch, model.args.pad_token_id)]).squeeze(-1).float()
 
 
 @dataclass
@@ -326,7 +366,7 @@ def write_metrics(path, rows: list[dict]) -> None:
 
 @torch.no_grad()
 def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: int, padded: bool = False,
-                    desc: str = "reference log-probs") -> tuple[torch.Tensor, torch.Tensor]:
+                    desc: str = "reference log-probs", reference_ops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One no-grad pass: (sums [n, k] fp32, counts [n, k]) of every example's sequences' response log-probs.
 
     With several ranks, each computes every world_size-th micro-batch (as many passes as the busiest
@@ -347,7 +387,7 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
             index = mine[p] if p < len(mine) else bins[0]  # a repeat only keeps the ranks in step
             batch = make_batch(examples, index, padded=padded).to(device)
             with _autocast(device):
-                s, c = response_logps(model, batch)
+                s, c = response_logps(model, batch, reference_ops)
             if p < len(mine):
                 sums[index] = s.view(-1, k).float().cpu()
                 counts[index] = c.view(-1, k).cpu()
@@ -378,7 +418,8 @@ def model_digest(src: Path, dtype: torch.dtype, device: torch.device) -> str:
     return h.hexdigest()
 
 
-def cached_reference_logps(reference, examples: list[Example], cache_file: Path, micro_batch_tokens: int):
+def cached_reference_logps(reference, examples: list[Example], cache_file: Path, micro_batch_tokens: int,
+                           reference_ops: bool = False):
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
     reference: the reference model, or a function that loads it (called only when the cache misses).
     A cache that cannot be written is a warning, not an error: training goes on without it."""
@@ -393,13 +434,14 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
         except Exception as e:  # a damaged cache is recomputed, never trusted
             log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
     model = reference if isinstance(reference, torch.nn.Module) else reference()
-    sums, counts = reference_logps(model, examples, micro_batch_tokens)
+    sums, counts = reference_logps(model, examples, micro_batch_tokens, reference_ops=reference_ops)
     del model
     if not parallel.is_main():
         return sums, counts
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
     try:
         save_file({"sums": sums.contiguous(), "counts": counts.contiguous()}, str(tmp))
+        os.chmod(tmp, default_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp, cache_file)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -407,13 +449,16 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
     return sums, counts
 
 
-def _load(src, kind, device, chat_template):
+def _load(path: Path, kind, device, chat_template):
+    """(tokenizer, model): the model first, so that a bad config.json is reported as such."""
     from mtcore.data import load_tokenizer
 
-    path = resolve(src)
-    tokenizer = load_tokenizer(path, chat_template)
     # fp32 master weights everywhere; CUDA computes in bf16 under autocast.
-    return path, tokenizer, load_model(path, kind=kind, dtype=torch.float32, device=device)
+    model = load_model(path, kind=kind, dtype=torch.float32, device=device)
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise MtcoreError(f"{path}: {bad} holds NaN or inf values; this checkpoint cannot be trained")
+    return load_tokenizer(path, chat_template), model
 
 
 def _read(read_fn, data_file, tokenizer, max_length, cfg):
@@ -435,42 +480,51 @@ def fitted_examples(examples: list[Example], where, max_length: int, cfg: TrainC
     return examples, report
 
 
-def _fit_and_save(model, tokenizer, examples, objective, cfg, out, summary):
-    """fit, then save the model and summary.json into out; at a NaN/inf, save the last good model in
-    out/last_good and report it. A state saved in out/train_state (--save-state-every) is resumed;
-    the final save replaces the directory, and the state with it."""
+def _fit_and_save(model, tokenizer, examples, objective, cfg, out: Path, summary):
+    """fit in OUT.partial (metrics.jsonl, and the resumable state in train_state with
+    --save-state-every), then save the model, metrics.jsonl and summary.json there and swap the whole
+    directory in for OUT (outputs.commit_dir): OUT is the old output or the new one, never a mix. At a
+    NaN/inf, OUT is left as it was and the last good model is saved in OUT.partial/last_good."""
     from mtcore.checkpoint import write_json
 
-    out = Path(out)
-    metrics_file = out / "metrics.jsonl"
+    command = summary["command"]
+    work = open_partial(out, command) if parallel.is_main() else partial_dir(out)
+    parallel.barrier()
+    metrics_file = work / "metrics.jsonl"
     try:
-        history = fit(model, examples, objective, cfg, metrics_file, desc=summary["command"],
-                      state_dir=out / "train_state")
+        history = fit(model, examples, objective, cfg, metrics_file, desc=command, state_dir=work / "train_state")
     except NonFiniteLoss as e:
-        parallel.save_model(model, out / "last_good", tokenizer=tokenizer)
-        raise NonFiniteLoss(f"{e}; training stopped, the model before that step is in {out / 'last_good'} "
-                            f"(metrics of the good steps in {metrics_file}); lower --lr or check the data") from None
-    parallel.save_model(model, out, tokenizer=tokenizer)
-    write_metrics(metrics_file, history)  # save_model replaced the directory
+        parallel.save_model(model, work / "last_good", tokenizer=tokenizer)
+        good = f"the good steps' metrics in {metrics_file}" if metrics_file.exists() else "no step completed"
+        raise NonFiniteLoss(f"{e}; {out} is unchanged; the model before that step is in {work / 'last_good'} "
+                            f"({good}); lower --lr, or check the examples named") from None
+    finished = parallel.save_model(model, work / "model", tokenizer=tokenizer)
     summary.update(config=asdict(cfg), world_size=parallel.world_size(), steps=len(history),
                    final=history[-1] if history else None)
     if parallel.is_main():
-        write_json(out / "summary.json", summary)
+        write_metrics(finished / "metrics.jsonl", history)
+        write_json(finished / "summary.json", summary)
+        commit_dir(finished, out, command)
+    parallel.barrier()
     return history
 
 
 def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss_type="sigmoid",
-            label_smoothing=0.0, length_normalize=False, max_length=2048, chat_template=None, device=None):
+            label_smoothing=0.0, length_normalize=False, max_length=2048, chat_template=None, device=None,
+            overwrite=False):
     """`mtcore dpo`: read and pack the pairs, reference log-probs (cached beside the data), DPO, save."""
     device = default_device(device)
-    path, tokenizer, model = _load(policy, "policy", device, chat_template)
+    path, ref_path = resolve(policy), None if ref is None else resolve(ref)
+    out = check_out_dir(out, "dpo", (path, pairs_file, ref_path, chat_template), overwrite)
+    tokenizer, model = _load(path, "policy", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
-    ref_path = path if ref is None else resolve(ref)
+    ref_path = ref_path or path
     reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,
                                                             device=device)  # loaded only if the cache misses
     key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
     cache = Path(pairs_file).with_name(f"{Path(pairs_file).name}.ref-{key.hexdigest()[:16]}.safetensors")
-    ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens)
+    ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens,
+                                                  cfg.reference_ops)
     objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                     length_normalize=length_normalize)
     summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),
@@ -480,20 +534,25 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
 
 
 def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_length=2048, chat_template=None,
-           device=None):
+           device=None, overwrite=False):
     """`mtcore rm`: Bradley-Terry training of a reward model on preference pairs, from `reward`."""
     device = default_device(device)
-    path, tokenizer, model = _load(reward, "reward", device, chat_template)
+    path = resolve(reward)
+    out = check_out_dir(out, "rm", (path, pairs_file, chat_template), overwrite)
+    tokenizer, model = _load(path, "reward", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
     summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
                "center_coef": center_coef, "max_length": max_length}
     return _fit_and_save(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary)
 
 
-def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None):
+def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None,
+            overwrite=False):
     """`mtcore sft`: supervised fine-tuning on {"prompt", "response"} demonstrations."""
     device = default_device(device)
-    path, tokenizer, model = _load(policy, "policy", device, chat_template)
+    path = resolve(policy)
+    out = check_out_dir(out, "sft", (path, data_file, chat_template), overwrite)
+    tokenizer, model = _load(path, "policy", device, chat_template)
     examples, report = _read(read_demonstrations, data_file, tokenizer, max_length, cfg)
     summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
                "max_length": max_length}

@@ -193,6 +193,9 @@ def test_cli_generate_bad_input(llama3_policy, tmp_path):
     base = [sys.executable, "-m", "mtcore", "generate", "--policy", str(llama3_policy), "--out",
             str(tmp_path / "o.jsonl"), "--chat-template", "llama3", "--max-new-tokens", "4"]
     r = subprocess.run(base + ["--prompts", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 2 and "o.jsonl: exists and does not look like this command's output" in r.stderr
+    base.append("--overwrite")  # past that check: the input's own errors, and o.jsonl still kept
+    r = subprocess.run(base + ["--prompts", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
     assert r.returncode == 2 and "bad.jsonl:2: not valid JSON" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "long.jsonl").write_text('{"prompt": "short"}\n{"prompt": "' + "word " * 300 + '"}\n')
     r = subprocess.run(base + ["--prompts", str(tmp_path / "long.jsonl"), "--max-len", "64"], capture_output=True,

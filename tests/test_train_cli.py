@@ -137,8 +137,9 @@ def test_nan_loss_stops_with_the_last_good_model_kept(world, tmp_path):
     assert result.exit_code == 2, result.output
     assert "is nan" in result.output or "is inf" in result.output
     assert "last_good" in result.output and "Traceback" not in result.output
-    steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    assert len(steps) >= 1  # the good steps' metrics stay
+    assert not (tmp_path / "out").exists()  # OUT is the old output (none) or the new one, never a failed run's
+    steps = (tmp_path / "out.partial" / "metrics.jsonl").read_text().splitlines()
+    assert len(steps) >= 1 and "out.partial/metrics.jsonl" in result.output  # the good steps' metrics stay
     from mtcore import load_model
-    model = load_model(tmp_path / "out" / "last_good")
+    model = load_model(tmp_path / "out.partial" / "last_good")
     assert all(torch.isfinite(p).all() for p in model.parameters())
