@@ -39,6 +39,9 @@ def load_tokenizer(src, chat_template: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
+        if (path / "config.json").is_file():  # a bad config.json breaks the tokenizer too: name the real cause
+            from mtcore.checkpoint import config_to_args, read_json
+            config_to_args(read_json(path / "config.json"), str(path / "config.json"))
         raise MtcoreError(
             f"{path}: no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if chat_template in BUILTIN_TEMPLATES:
@@ -48,7 +51,10 @@ def load_tokenizer(src, chat_template: str | None = None):
         if not template_file.is_file():
             raise MtcoreError(f"--chat-template {chat_template}: neither a file nor one of "
                               f"{', '.join(BUILTIN_TEMPLATES)}")
-        tokenizer.chat_template = template_file.read_text()
+        try:
+            tokenizer.chat_template = template_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MtcoreError(f"--chat-template {chat_template}: cannot read it as UTF-8 text ({e})") from None
     if not tokenizer.chat_template:
         raise MtcoreError(f"{path}: the tokenizer has no chat template; pass --chat-template FILE "
                           f"(a Jinja template) or --chat-template llama3")

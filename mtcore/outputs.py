@@ -101,7 +101,9 @@ def check_out_dir(out, command: str, inputs=(), overwrite: bool = False) -> Path
     """Refuse an --out directory this command may not replace, before any work: a file, one holding
     an input or the current directory, or (without --overwrite) one holding what it did not write."""
     out = Path(out).expanduser()
-    if not out.name or out.resolve() == Path(out.resolve().anchor):
+    if out.name in ("", "..", "."):  # "." and ".." have no name of their own: use what they stand for
+        out = out.resolve()
+    if not out.name:
         raise MtcoreError(f"{out}: give the output a directory of its own")
     if out.exists() and not out.is_dir():
         raise MtcoreError(f"{out}: exists and is not a directory; {_OVERWRITE_HINT.split(', or')[0]}")
