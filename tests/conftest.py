@@ -1,20 +1,45 @@
 """Shared test helpers: tiny random Hugging Face Llama checkpoints, built here (no hub).
 
-TRITON_INTERPRET=1 is set before anything imports triton, so the kernels are decorated for the
-interpreter and run on CPU tensors; a test that wants the torch CPU path sets it to 0 (dispatch reads
-it at call time).
+TRITON_INTERPRET=1 is set before anything imports mtcore's kernels (pytest_configure), so they are
+decorated for the interpreter and run on CPU tensors; a test that wants the torch CPU path sets it to
+0 (dispatch reads it at call time). Triton decides at decoration time, so one session cannot both
+interpret and compile: a session that selects GPU tests alone (`pytest -m cuda`) compiles them.
+
+Devices: every test not marked `cuda` runs with MTCORE_DEVICE=cpu (checkpoint.default_device and
+parallel.init honour it; subprocesses and spawned workers inherit it), so the suite stays on the CPU
+on a GPU machine. Tests marked `cuda` are skipped where CUDA is not available.
 """
 
+import importlib.util
+import json
 import os
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+def cuda_only_session(config) -> bool:
+    """`pytest -m cuda` (or `-m "cuda and ..."`): the GPU tests alone, with compiled Triton kernels."""
+    return (config.option.markexpr or "").replace("(", "").strip().startswith("cuda")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TRITON_INTERPRET", "0" if cuda_only_session(config) else "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _device(request, monkeypatch):
+    monkeypatch.setenv("MTCORE_DEVICE", "cuda" if request.node.get_closest_marker("cuda") else "cpu")
 
 # torchrun's variables: with them, `mtcore` commands run in-process (click's CliRunner) would join a
 # process group inside pytest, and a successful one would end the whole session (parallel.finish

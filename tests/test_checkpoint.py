@@ -325,3 +325,15 @@ def test_save_to_an_unwritable_place(tmp_path):
     with pytest.raises(MtcoreError, match="cannot write"):
         save_model(model, tmp_path / "file" / "sub")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_tests_without_the_cuda_mark_are_pinned_to_the_cpu(monkeypatch):
+    """conftest sets MTCORE_DEVICE=cpu for every test not marked cuda; the default device honours it
+    (so a GPU machine runs the CPU suite on the CPU), and an explicit device still wins."""
+    import os
+
+    from mtcore.checkpoint import default_device
+
+    assert os.environ["MTCORE_DEVICE"] == "cpu" and default_device() == torch.device("cpu")
+    monkeypatch.setenv("MTCORE_DEVICE", "meta")
+    assert default_device("cpu") == torch.device("cpu")
