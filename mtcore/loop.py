@@ -42,7 +42,7 @@ from mtcore.errors import MtcoreError, check_ranges
 from mtcore.parallel import save_model
 from mtcore.sampler import SamplingParams, generate_responses, slot_len
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
-from mtcore.train import fitted_examples, sequence_rewards
+from mtcore.train import fitted_examples, forward_flops, sequence_rewards
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,8 @@ def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, pr
                                                 kv_budget_bytes=int(cfg.kv_cache_gb * 2**30), leave=False)]
     if stage is not None:
         lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]
-        stage.add(sum(lens), profile.matmul_flops(model.args, lens))
+        sampled = sum(len(r["token_ids"]) for rs in out for r in rs)  # the head runs for these only
+        stage.add(sum(lens), profile.matmul_flops(model.args, lens, head_tokens=sampled))
     del model
     return out
 
@@ -437,7 +438,7 @@ class Scorer:
                 scores[i][j] = r
         if stage is not None:
             lens = [ex.n_tokens for ex in examples]
-            stage.add(sum(lens), profile.matmul_flops(model.args, lens, with_head=False))
+            stage.add(sum(lens), profile.matmul_flops(model.args, lens, head_tokens=0))
         return scores
 
 
@@ -573,7 +574,7 @@ def stage_dpo(run: Run, t: int, stage) -> dict:
     history = _fit_or_keep(model, examples, objective, train_cfg, out, "dpo", tokenizer, on_step=save_candidate)
     _drop_state(out / "dpo_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
-    stage.add(sum(lens) * (1 + cfg.dpo_epochs), profile.matmul_flops(model.args, lens) * (1 + 3 * cfg.dpo_epochs))
+    stage.add(sum(lens) * (1 + cfg.dpo_epochs), forward_flops(model, examples) * (1 + 3 * cfg.dpo_epochs))
     del model
     last = history[-1]
     return {"pairs": report, "steps": len(history), "loss": last["loss"], "accuracy": last["accuracy"],
@@ -660,7 +661,7 @@ def stage_rm(run: Run, t: int, stage) -> dict:
     save_model(model, out / "reward", tokenizer=tokenizer, dtype=stored_dtype(run.base_reward))
     _drop_state(out / "rm_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
-    stage.add(sum(lens) * cfg.rm_epochs, 3 * cfg.rm_epochs * profile.matmul_flops(model.args, lens, with_head=False))
+    stage.add(sum(lens) * cfg.rm_epochs, 3 * cfg.rm_epochs * profile.matmul_flops(model.args, lens, head_tokens=0))
     del model
     last = history[-1]
     return {"pairs": report, "steps": len(history), "loss": last["loss"], "accuracy": last["accuracy"],

@@ -408,8 +408,15 @@ class Llama(nn.Module):
             attention_mask = torch.ones_like(tokens) if pad is None else (tokens != pad).long()
         hidden = self(tokens, attention_mask=attention_mask)  # [B, T, dim]
         last = hidden[torch.arange(tokens.shape[0], device=tokens.device), last_token_index(attention_mask)]
-        return self.score(last).squeeze(-1).float()
+        return self.score_rewards(last)
 
     def packed_rewards(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """Packed hidden [N, dim] -> [B] fp32 rewards at each sequence's last token."""
-        return self.score(hidden[cu_seqlens[1:].long() - 1]).squeeze(-1).float()
+        return self.score_rewards(hidden[cu_seqlens[1:].long() - 1])
+
+    def score_rewards(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., dim] -> rewards [...] from the score head, computed in fp32 even under
+        autocast (a bf16 GEMM would round every reward to bf16 before pairing, win rates and the
+        epsilon filter). Differentiable in hidden and the head."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.score.weight.float()).squeeze(-1)

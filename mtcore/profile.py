@@ -15,15 +15,19 @@ GPU_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 98
                    "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "RTX 4090": 165.0}
 
 
-def matmul_flops(args, seq_lens: list[int], with_head: bool = True) -> float:
+def matmul_flops(args, seq_lens: list[int], head_tokens: int | None = None) -> float:
     """Forward FLOPs of a Llama over sequences of the given lengths (2 per multiply-add): the
-    projections and MLP per token, causal attention per sequence, and the LM head if asked."""
+    projections and MLP per token, causal attention per sequence, and the LM head for the
+    head_tokens tokens it is computed for: by default every token; in training only the scored ones
+    (fused_logprobs drops the rest before its GEMMs), in generation the sampled ones, and none for
+    a reward model (its 1-wide score head is negligible): pass 0."""
     d, hd = args.dim, args.head_dim
     per_layer = 2 * d * hd * (2 * args.n_heads + 2 * args.n_kv_heads) + 2 * 3 * d * args.intermediate_size
-    per_token = args.n_layers * per_layer + (2 * d * args.vocab_size if with_head else 0)
+    n_tokens = sum(seq_lens)
+    head = 2 * d * args.vocab_size * (n_tokens if head_tokens is None else head_tokens)
     # QK^T and PV: 2 * 2 * heads * head_dim per (query, key) pair; causal halves the pairs.
     attention = sum(args.n_layers * 4 * args.n_heads * hd * n * (n + 1) / 2 for n in seq_lens)
-    return per_token * sum(seq_lens) + attention
+    return args.n_layers * per_layer * n_tokens + head + attention
 
 
 @functools.cache

@@ -127,7 +127,7 @@ def reward_index(batch: Batch, pad_id: int | None) -> torch.Tensor:
 def sequence_rewards(model: Llama, batch: Batch) -> torch.Tensor:
     """[S] fp32 rewards, each read at reward_index (the sequence's last token that is not the pad id)."""
     hidden = hidden_states(model, batch)
-    return model.score(hidden[reward_index(batch, model.args.pad_token_id)]).squeeze(-1).float()
+    return model.score_rewards(hidden[reward_index(batch, model.args.pad_token_id)])
 
 
 @dataclass
@@ -338,8 +338,7 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
             row.update(examples=n_examples, tokens=n_tokens, seconds=seconds, tokens_per_s=n_tokens / seconds,
                        peak_memory_mib=profile.peak_memory_mib(device))
             if peak:  # fwd + bwd = 3x the forward's model FLOPs of the global batch (known on every rank)
-                seq_lens = [len(ids) for i in index for ids, _ in examples[i].seqs]
-                row["mfu"] = 3 * profile.matmul_flops(model.args, seq_lens, model.kind == "policy") / seconds / peak
+                row["mfu"] = 3 * forward_flops(model, [examples[i] for i in index]) / seconds / peak
             history.append(row)
             if metrics_file is not None:
                 write_metrics(metrics_file, history)
@@ -354,6 +353,14 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
                                                           else {}))
     model.eval()
     return history
+
+
+def forward_flops(model: Llama, examples: list[Example]) -> float:
+    """Model FLOPs of one forward over the examples' sequences, the LM head counted only for the
+    scored (response) tokens, the only ones fused_logprobs computes it for; none for a reward model."""
+    seqs = [s for ex in examples for s in ex.seqs]
+    scored = sum(len(ids) - n_prompt for ids, n_prompt in seqs) if model.kind == "policy" else 0
+    return profile.matmul_flops(model.args, [len(ids) for ids, _ in seqs], head_tokens=scored)
 
 
 def write_metrics(path, rows: list[dict]) -> None:
