@@ -15,14 +15,17 @@ Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, 
   sequence and never crosses one.
 - batch: tokens [B, T], optional attention_mask [B, T] (1 = real token) and positions [B, T].
 
-Attention runs flash_attn_varlen_func / flash_attn_func when flash-attn imports and the tensors are
-fp16/bf16 on CUDA; otherwise torch's scaled_dot_product_attention.
+Attention on CUDA in fp16/bf16 (the tensors' dtype, or autocast's; q, k and v are cast to it):
+flash_attn_varlen_func / flash_attn_func where flash-attn imports; else, for packed sequences, torch's
+own varlen_attn (torch >= 2.10, signature detected). Otherwise, and on the CPU, torch's
+scaled_dot_product_attention (packed sequences padded into length buckets).
 
 Nothing here knows of distribution, training or generation: FSDP, activation checkpointing, compile
 and the KV cache are applied from outside.
 """
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -136,6 +139,38 @@ def _flash_attn():
     return flash_attn
 
 
+@functools.cache
+def _varlen_attn():
+    """torch's varlen attention as a causal f(q, k, v, cu_seqlens, max_seqlen) on packed [N, H, D], or
+    None where torch has none (before 2.10). Its signature differs between versions: 2.10 takes
+    is_causal=True, later ones window_size=(-1, 0); enable_gqa where it exists, else K/V are repeated
+    to the query heads. It has no CPU kernel, and autocast does not cast its inputs."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    gqa = {"enable_gqa": True} if "enable_gqa" in params else None
+
+    def attend_varlen(q, k, v, cu_seqlens, max_seqlen):
+        if gqa is None and k.shape[1] != q.shape[1]:
+            # [N, Hkv, D] -> [N, Hq, D]: query head h reads KV head h // (Hq / Hkv), as SDPA's enable_gqa
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal, **(gqa or {}))
+    return attend_varlen
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 @dataclass
 class AttnLayout:
     """How the tokens of one forward are laid out; built once per forward, shared by every layer.
@@ -144,6 +179,7 @@ class AttnLayout:
     length, each (pad_index [b, L], pad_valid [b, L]) indexing the N packed tokens right-padded to
     the bucket's longest L, and `restore` [N], which puts the buckets' real tokens back in packed order.
     batch: mask [B, 1, T, T] boolean (True = may attend) or None for plain causal.
+    use_flash: flash-attn; use_varlen: torch's varlen attention (packed only, no buckets needed).
     """
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
@@ -151,10 +187,19 @@ class AttnLayout:
     restore: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     use_flash: bool = False
+    use_varlen: bool = False
+
+
+def _half_on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda and compute_dtype(x) in (torch.float16, torch.bfloat16)
 
 
 def flash_attn_usable(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn() is not None
+    return _half_on_cuda(x) and _flash_attn() is not None
+
+
+def varlen_usable(x: torch.Tensor) -> bool:
+    return _half_on_cuda(x) and _varlen_attn() is not None
 
 
 def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mask=None) -> AttnLayout:
@@ -166,8 +211,9 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
             max_seqlen = longest
         elif max_seqlen < longest:  # flash-attn would silently attend to a truncated window
             raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed sequence ({longest})")
-        layout = AttnLayout(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), use_flash=use_flash)
-        if not use_flash:
+        layout = AttnLayout(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen), use_flash=use_flash,
+                            use_varlen=not use_flash and varlen_usable(x))
+        if not (layout.use_flash or layout.use_varlen):
             layout.buckets, layout.restore = _length_buckets(bounds, x.device)
         return layout
     if attention_mask is None:
@@ -242,6 +288,12 @@ class Attention(nn.Module):
 
 def attend(q, k, v, layout: AttnLayout):
     """Causal grouped-query attention. Packed: q [N, Hq, D]; batch: q [B, T, Hq, D]. Returns q's shape."""
+    if layout.use_flash or layout.use_varlen:
+        # Neither is cast by autocast: under it q and k leave RoPE in fp32 beside a bf16 v.
+        dtype = compute_dtype(q)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+    if layout.use_varlen:
+        return _varlen_attn()(q, k, v, layout.cu_seqlens.to(torch.int32), layout.max_seqlen)  # [N, Hq, D]
     if layout.use_flash:
         fa = _flash_attn()
         if layout.cu_seqlens is not None:

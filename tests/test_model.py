@@ -250,3 +250,110 @@ def test_max_seqlen_shorter_than_a_sequence_is_refused():
     with pytest.raises(ValueError, match="max_seqlen 4 is shorter"):
         model(torch.zeros(12, dtype=torch.long), cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32),
               max_seqlen=4)
+
+
+def _fake_varlen(calls, **expected):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn: flash-attn's packed convention with an
+    independent float64 attention; records and checks the keywords mtcore passes."""
+    def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, kwargs):
+        assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k) and max_q == max_k
+        assert query.dtype == key.dtype == value.dtype, (query.dtype, key.dtype, value.dtype)
+        assert {k: kwargs[k] for k in expected} == expected, kwargs
+        if not kwargs.get("enable_gqa"):
+            assert key.shape[1] == query.shape[1]
+        calls.append((query.dtype, kwargs))
+        cu = cu_seq_q.tolist()
+        return torch.cat([FakeFlashAttn._attend(query[a:b], key[a:b], value[a:b]) for a, b in zip(cu[:-1], cu[1:])])
+    return check
+
+
+def test_varlen_attn_signature_detection(monkeypatch):
+    """torch 2.10's varlen_attn takes is_causal (no enable_gqa: K/V repeated to the query heads),
+    later ones window_size=(-1, 0) and enable_gqa; one without either is not used."""
+    import torch.nn.attention.varlen as tv
+
+    import mtcore.model as m
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48)
+    model = Llama(args).init_weights(seed=0).eval()
+    lens = [5, 1, 11, 7]
+    tokens = torch.randint(0, 64, (sum(lens),), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    with torch.no_grad():
+        sdpa = model(tokens, cu_seqlens=cu_seqlens)
+    calls = []
+    check_210 = _fake_varlen(calls, is_causal=True)
+    check_213 = _fake_varlen(calls, window_size=(-1, 0), enable_gqa=True)
+
+    def varlen_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None,
+                   scale=None):
+        return check_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, dict(is_causal=is_causal))
+
+    def varlen_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                   window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        return check_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                         dict(window_size=window_size, enable_gqa=enable_gqa))
+
+    def varlen_unknown(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, mask_mod=None):
+        raise AssertionError("a varlen_attn without a causal switch must not be called")
+
+    monkeypatch.setattr(m, "varlen_usable", lambda x: m._varlen_attn() is not None)
+    try:
+        for fake, n_calls in ((varlen_210, 2), (varlen_213, 2), (varlen_unknown, 0)):
+            monkeypatch.setattr(tv, "varlen_attn", fake)
+            m._varlen_attn.cache_clear()
+            calls.clear()
+            with torch.no_grad():
+                got = model(tokens, cu_seqlens=cu_seqlens)
+            assert len(calls) == n_calls, fake.__name__  # one call per layer
+            assert max_err(got, sdpa) <= 1e-5, fake.__name__
+    finally:
+        m._varlen_attn.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash-attn"])
+def test_attention_kernels_get_the_autocast_dtype(monkeypatch, backend):
+    """Under autocast over fp32 weights, q and k leave RoPE in fp32 beside a bf16 v: flash-attn and
+    varlen_attn (which autocast does not cast) must be chosen by the compute dtype and get q, k and v
+    in it. The CPU stands in for CUDA here (the usability rule's device test is patched out)."""
+    import torch.nn.attention.varlen as tv
+
+    import mtcore.model as m
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48)
+    model = Llama(args).init_weights(seed=0).eval()
+    lens = [5, 1, 11]
+    tokens = torch.randint(0, 64, (sum(lens),), generator=torch.Generator().manual_seed(0))
+    cu_seqlens = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    calls = []
+
+    class DtypeCheckingFlashAttn(FakeFlashAttn):
+        @classmethod
+        def flash_attn_varlen_func(cls, q, k, v, *args, **kwargs):
+            assert q.dtype == k.dtype == v.dtype == torch.bfloat16, (q.dtype, k.dtype, v.dtype)
+            calls.append(q.dtype)
+            return super().flash_attn_varlen_func(q, k, v, *args, **kwargs)
+
+    def varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+        assert query.dtype == key.dtype == value.dtype == torch.bfloat16, (query.dtype, key.dtype, value.dtype)
+        calls.append(query.dtype)
+        return _fake_varlen([], window_size=(-1, 0))(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                                      dict(window_size=window_size, enable_gqa=enable_gqa))
+
+    monkeypatch.setattr(m, "_half_on_cuda", lambda x: m.compute_dtype(x) in (torch.float16, torch.bfloat16))
+    monkeypatch.setattr(m, "_flash_attn", lambda: DtypeCheckingFlashAttn if backend == "flash-attn" else None)
+    monkeypatch.setattr(tv, "varlen_attn", varlen)
+    m._varlen_attn.cache_clear()
+    try:
+        with torch.no_grad():
+            fp32 = model(tokens, cu_seqlens=cu_seqlens)  # fp32 without autocast: SDPA, neither kernel
+            assert calls == []
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = model(tokens, cu_seqlens=cu_seqlens)
+            assert calls == [torch.bfloat16] * args.n_layers
+            monkeypatch.setattr(m, "_half_on_cuda", lambda x: False)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                sdpa = model(tokens, cu_seqlens=cu_seqlens)  # torch's own bf16 attention
+    finally:
+        m._varlen_attn.cache_clear()
+    assert max_err(got, fp32) <= 2 * max_err(sdpa, fp32)
