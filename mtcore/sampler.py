@@ -297,11 +297,15 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
 
 
 def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
-    """A completion's text: its tokens without the stop id that ended it, decoded."""
+    """A completion's text: its tokens without the stop id that ended it, decoded exactly.
+
+    clean_up_tokenization_spaces is passed False: Llama-3's tokenizer_config sets it True, which strips
+    spaces before punctuation in transformers 4.x ("a , b" -> "a, b"), so the RM would score other
+    tokens than the policy wrote; transformers 5 ignores it but warns at every decode."""
     ids = completion.token_ids
     if completion.finish_reason == "stop" and ids[-1] in stops:
         ids = ids[:-1]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,

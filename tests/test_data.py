@@ -75,3 +75,31 @@ def test_broken_chat_template_is_a_clear_error(llama3_tokenizer_path, tmp_path):
     tok = load_tokenizer(llama3_tokenizer_path, chat_template=str(tmp_path / "strict.jinja"))
     with pytest.raises(MtcoreError, match="prompts.jsonl:3: the chat template rejects this prompt"):
         encode_prompt(tok, [{"role": "system", "content": "x"}], where="prompts.jsonl:3")
+
+
+def test_decoding_is_exact_and_quiet(llama3_tokenizer_path, caplog, capfd):
+    """Responses are decoded without clean_up_tokenization_spaces (Llama-3's tokenizer_config sets it True):
+    text -> ids -> text round-trips exactly, spaces before punctuation included, and no transformers
+    warning is logged. The tokenizer is made to apply the cleanup when asked (transformers 4.x always
+    did; 5.x only with this flag), so a decode that left it on would change the text."""
+    import logging
+
+    import transformers  # noqa: F401  (adds Logger.warning_once)
+
+    from mtcore.sampler import Completion, response_text
+
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    assert tok.clean_up_tokenization_spaces
+    texts = ["Hello , world ! It 's 1 . 5 ?", "a <|eot_id|> b", "  two  spaces\n\nand a tab\t. ", "naïve — 東京 ?"]
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: let it warn again
+    with caplog.at_level(logging.WARNING):
+        for text in texts:
+            ids = encode_response(tok, text)
+            assert response_text(tok, Completion(ids, "stop"), {EOT}) == text
+            assert response_text(tok, Completion(ids[:-1], "length"), {EOT}) == text
+    assert "clean_up_tokenization_spaces" not in caplog.text + capfd.readouterr().err
+    forced = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    forced.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    ids = encode_response(forced, texts[0])[:-1]
+    assert forced.decode(ids) != texts[0]  # the cleanup is live: a decode that kept it would fail above
+    assert response_text(forced, Completion(ids, "length"), {EOT}) == texts[0]

@@ -1,0 +1,78 @@
+"""`mtcore train --policy --reward --prompts` end to end on tiny random checkpoints shaped like the real run's:
+the real Llama-3 tokenizer (vocabulary 128,256, Llama-3-Instruct's chat template), llama3 RoPE scaling, a bf16
+policy, an RM of LlamaForSequenceClassification form whose pad id is <|eot_id|>, and an --rm-eval file."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from conftest import LLAMA3_SCALING, make_hf_model
+from test_loop import TINY
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_cpu_path")]
+
+BEGIN, EOT = 128000, 128009
+
+
+def _checkpoints(root, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from mtcore import toy
+    from mtcore.data import LLAMA3_CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    shape = dict(vocab_size=128256, bos_token_id=BEGIN, eos_token_id=EOT, rope_scaling=LLAMA3_SCALING,
+                 rope_theta=500000.0)
+    policy = make_hf_model("policy", seed=0, pad_token_id=None, **shape).to(torch.bfloat16)
+    reward = make_hf_model("reward", seed=1, pad_token_id=EOT, **shape)  # pad_token = eos_token, as recipes do
+    for name, model in (("policy", policy), ("reward", reward)):
+        model.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in toy.make_prompts(24, seed=5)))
+    pairs = root / "rm_eval.jsonl"
+    rows = [{"prompt": "sort 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1", "subset": "alpacaeval-easy"},
+            {"prompt": "sort 9 8", "chosen": "8 9", "rejected": "9", "subset": "mt-bench-hard"},
+            {"prompt": "sort 5 5 1", "chosen": "1 5 5", "rejected": "5 1", "subset": "donotanswer"},
+            {"prompt": "sort 4 2", "chosen": "2 4", "rejected": "4 2", "subset": "hep-go"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "policy", root / "reward", prompts, pairs
+
+
+def test_real_shaped_two_iterations(tmp_path, llama3_tokenizer_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from mtcore.cli import main
+
+    policy, reward, prompts, pairs = _checkpoints(tmp_path, llama3_tokenizer_path)
+    args = ["train", "--policy", policy, "--reward", reward, "--prompts", prompts, "--iters", 2, "--rm-eval", pairs,
+            "--out", tmp_path / "run"]
+    for k, v in {**TINY, "tau": 0.0, "save_every": 1}.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "── iteration 2 ──" in result.output and "RM eval Chat" in result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["iteration"] for e in metrics["iterations"]] == [1, 2] and metrics["stopped_at"] is None
+    assert set(metrics["initial_rmeval"]["sections"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}
+    for entry in metrics["iterations"]:
+        d = tmp_path / "run" / f"iter_{entry['iteration']}"
+        sel = entry["select"]
+        assert len(sel["win_rates"]) >= 2  # several candidates were judged ...
+        assert [p.name for p in (d / "candidates").iterdir()] == [f"step_{sel['best_step']}"]  # ... one is kept
+        rm_eval = entry["rmeval"]
+        assert rm_eval["pairs"] == 4 and 0.0 <= rm_eval["average"] <= 1.0
+        # the policy is kept as the source policy is (bf16), the RM as the base RM is (fp32); both load
+        with safe_open(str(d / "policy" / "model.safetensors"), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        hf_policy = AutoModelForCausalLM.from_pretrained(str(d / "policy"))
+        assert hf_policy.dtype == torch.bfloat16 and hf_policy.config.vocab_size == 128256
+        hf_reward = AutoModelForSequenceClassification.from_pretrained(str(d / "reward"))
+        assert hf_reward.dtype == torch.float32 and hf_reward.config.pad_token_id == EOT
+        with torch.no_grad():
+            assert torch.isfinite(hf_reward(torch.tensor([[BEGIN, 16, 17, EOT]])).logits).all()
