@@ -35,7 +35,17 @@ Generation (sample, select, msample): the full bf16 policy (2P) on every GPU, th
   1024 new tokens), and fp32 logits per slot (V * 4 * 2: the row and its softmax).
 Scoring (score, select, msample): the full bf16 reward model (2P) and one forward layer's
   transients at T tokens.
+
+Disk per iteration (the run directory, computed): checkpoints are saved in the source checkpoint's
+dtype (bf16 for Llama-3-8B and FsfairX: 2 bytes per parameter). DPO writes a candidate every
+--save-every steps and at its last step: ceil(steps / save_every) candidates. select installs the
+chosen one as iter_t/policy by hard links (0 extra bytes on one filesystem) and then removes the others
+unless --keep-candidates. The M-step writes iter_t/reward. While a training stage runs with
+--save-state-every, its resumable state (fp32 weights 4P + AdamW's two fp32 moments 8P) is on disk
+too, and removed when the stage ends. Samples, pairs and reference log-probs are megabytes.
 """
+
+import math
 
 import argparse
 import sys
@@ -112,6 +122,8 @@ def main():
     p.add_argument("--micro-batch-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-gb", type=float, default=2.0)
     p.add_argument("--slot-tokens", type=int, default=2048, help="Prompt + new tokens per K/V cache slot.")
+    p.add_argument("--dpo-steps", type=int, default=230, help="DPO steps per iteration (paper: ~230 at batch 128).")
+    p.add_argument("--save-every", type=int, default=50, help="DPO steps between candidates (paper: 50).")
     args = p.parse_args()
     a, G, T = FLAVOURS[args.flavour], args.gpus, args.micro_batch_tokens
     usable = args.gpu_gib * GIB * (1 - RESERVE)
@@ -158,6 +170,39 @@ def main():
           f"would hold {max_slots} (--kv-cache-gb {free_for_kv / GIB * 0.95:.0f}).")
     print(f"Activations per token and layer: {act_per_token_layer(a) / 2**10:.0f} KiB without checkpointing, "
           f"{2 * a.dim / 2**10:.0f} KiB kept with it.")
+    print()
+    disk_table(policy.total, reward.total, args.dpo_steps, args.save_every)
+
+
+def disk_plan(policy_params: int, reward_params: int, steps: int, save_every: int, nbytes: int = 2) -> dict:
+    """Bytes on disk of one iteration's checkpoints (see the module docstring)."""
+    n = math.ceil(steps / save_every)
+    cand, rm = nbytes * policy_params, nbytes * reward_params
+    return {"candidates": n, "policy": cand, "reward": rm,
+            "default": cand + rm,  # the kept candidate shares the policy's files (hard links)
+            "default, no hard links": 2 * cand + rm,
+            "keep candidates": n * cand + rm,  # the chosen candidate and the policy share files
+            "peak before select": n * cand,  # every candidate, before the M-step writes the RM
+            "dpo state": 12 * policy_params, "rm state": 12 * reward_params,
+            "fp32, all kept (before #15)": n * 4 * policy_params + 4 * reward_params}
+
+
+def disk_table(policy_params: int, reward_params: int, steps: int, save_every: int) -> None:
+    d = disk_plan(policy_params, reward_params, steps, save_every)
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+    n = d["candidates"]
+    print(f"# Disk per iteration: bf16 policy {gb(d['policy'])} GB + bf16 RM {gb(d['reward'])} GB; {steps} DPO steps, "
+          f"a candidate every {save_every}: {n} candidates | computed, not measured")
+    print()
+    print("| after select | candidates kept | GB per iteration |")
+    print("|---|---:|---:|")
+    print(f"| default: policy + RM + the chosen candidate (hard links to the policy) | 1 | {gb(d['default'])} |")
+    print(f"| default where hard links fail (a copy) | 1 | {gb(d['default, no hard links'])} |")
+    print(f"| `--keep-candidates` | {n} | {gb(d['keep candidates'])} |")
+    print(f"| before this plan: every candidate kept, fp32 | {n} | {gb(d['fp32, all kept (before #15)'])} |")
+    print()
+    print(f"Transient: {gb(d['peak before select'])} GB of candidates between dpo and select; with --save-state-every, "
+          f"{gb(d['dpo state'])} GB (DPO) or {gb(d['rm state'])} GB (RM) of resumable state while the stage runs.")
 
 
 if __name__ == "__main__":
