@@ -253,7 +253,10 @@ def default_device(device=None) -> torch.device:
 
 
 def default_dtype(device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The dtype inference loads weights in on `device`: parallel.precision's compute dtype."""
+    from mtcore.parallel import precision
+
+    return precision(device).dtype
 
 
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")

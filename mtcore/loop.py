@@ -427,7 +427,7 @@ class Scorer:
             out = []
             for index in bins:
                 batch = make_batch(examples, index).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with parallel.precision(device).autocast:
                     out.append(sequence_rewards(model, batch).tolist())
             return out
 

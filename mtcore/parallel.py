@@ -29,6 +29,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,29 @@ def init() -> None:
     else:
         dist.init_process_group("gloo")
     atexit.register(_destroy)
+
+
+class Precision(NamedTuple):
+    device: torch.device
+    dtype: torch.dtype  # what the matmuls compute in; inference loads its weights in it
+    autocast: torch.autocast  # the context training and scoring compute under (re-enterable, not nestable)
+    fsdp: "MixedPrecisionPolicy"  # how FSDP2 gathers parameters and reduces gradients
+
+
+def precision(device=None) -> Precision:
+    """The one device and precision policy, as nanoGPT's device/dtype/ctx block: on CUDA bf16 compute
+    (autocast over fp32 master weights in training; bf16 weights for inference) and FSDP gathering
+    parameters in bf16 and reducing gradients in fp32; on the CPU fp32 throughout, autocast off.
+    device: as given, else checkpoint.default_device's choice ($MTCORE_DEVICE, then CUDA if any)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from mtcore.checkpoint import default_device
+
+    device = torch.device(device) if device is not None else default_device()
+    cuda = device.type == "cuda"
+    return Precision(device, torch.bfloat16 if cuda else torch.float32,
+                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
+                     MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32))
 
 
 def _destroy() -> None:
@@ -204,12 +228,11 @@ def shard_model(model: Llama) -> Llama:
     if world_size() == 1 or is_sharded(model):
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world_size(),))
-    cuda = device.type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+    mp = precision(device).fsdp
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     # The head is used outside forward (fused_logprobs, the reward head): keep the root gathered

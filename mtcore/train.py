@@ -225,12 +225,6 @@ def check_fits(examples: list[Example], cfg: TrainConfig, where: str) -> None:
                               f"--max-length, or lower --max-length")
 
 
-def _autocast(device: torch.device):
-    """bf16 mixed precision on CUDA (fp32 master weights); plain fp32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
-
-
 def make_optimizer(model: Llama, cfg: TrainConfig, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     fused = params[0].is_cuda
@@ -263,7 +257,7 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
     for k, micro in enumerate(micros):
         real = k < n_real
         batch = make_batch(examples, micro, padded=cfg.padded).to(device)
-        with _autocast(device):
+        with parallel.precision(device).autocast:
             loss, stats = objective(model, batch, cfg.reference_ops)
         (loss * (float(real) * parallel.world_size()) / units).backward()
         for name, v in stats.items():
@@ -393,7 +387,7 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
         for p in range(n_passes):
             index = mine[p] if p < len(mine) else bins[0]  # a repeat only keeps the ranks in step
             batch = make_batch(examples, index, padded=padded).to(device)
-            with _autocast(device):
+            with parallel.precision(device).autocast:
                 s, c = response_logps(model, batch, reference_ops)
             if p < len(mine):
                 sums[index] = s.view(-1, k).float().cpu()

@@ -44,3 +44,49 @@ def test_forward_flops_count_the_head_for_scored_tokens_only():
     reward = Llama(ModelArgs(**ARGS), kind="reward")
     assert forward_flops(policy, [pair]) == 522240 + 21248 + 55872
     assert forward_flops(reward, [pair]) == 522240 + 21248
+
+
+def test_one_precision_policy():
+    """CUDA: bf16 compute, bf16-gathered FSDP parameters, fp32 gradient reduction; CPU: fp32, autocast
+    off even inside an outer autocast. Built without a GPU: only the policy is read."""
+    import warnings
+
+    from mtcore import checkpoint, parallel
+
+    cpu = parallel.precision("cpu")
+    assert cpu.device == torch.device("cpu") and cpu.dtype == torch.float32
+    assert cpu.fsdp.param_dtype is None and cpu.fsdp.reduce_dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu.autocast:
+            assert not torch.is_autocast_enabled("cpu")
+    assert parallel.precision().device == torch.device("cpu")  # MTCORE_DEVICE=cpu in the tests
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.autocast warns that CUDA is missing here
+        cuda = parallel.precision("cuda")
+        assert checkpoint.default_dtype("cuda") == torch.bfloat16
+    assert cuda.dtype == torch.bfloat16 and cuda.autocast.fast_dtype == torch.bfloat16
+    assert cuda.fsdp.param_dtype == torch.bfloat16 and cuda.fsdp.reduce_dtype == torch.float32
+    assert checkpoint.default_dtype("cpu") == torch.float32
+
+
+def test_the_trainer_computes_under_the_policy(monkeypatch):
+    """accumulate_gradients takes its autocast from parallel.precision (a bf16 policy stood in for
+    CUDA's on the CPU: the rewards then come from bf16 hidden states)."""
+    from mtcore import parallel
+    from mtcore.train import BradleyTerry, TrainConfig, accumulate_gradients
+
+    model = Llama(ModelArgs(**ARGS), kind="reward").init_weights(seed=0)
+    pairs = [Example(((list(range(3, 9)), 2), (list(range(4, 13)), 2)), line=1)]
+    seen = []
+    real = parallel.precision
+
+    def bf16_policy(device=None):
+        seen.append(torch.device(device).type)
+        p = real(device)
+        return p._replace(autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+
+    cfg = TrainConfig(batch_size=1, micro_batch_tokens=64)
+    fp32_loss = accumulate_gradients(model, pairs, [0], BradleyTerry(), cfg)[0]
+    monkeypatch.setattr(parallel, "precision", bf16_policy)
+    bf16_loss = accumulate_gradients(model, pairs, [0], BradleyTerry(), cfg)[0]
+    assert seen == ["cpu"] and bf16_loss != fp32_loss
