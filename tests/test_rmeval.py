@@ -140,3 +140,31 @@ def test_mtcore_eval_pairs_errors(tmp_path):
     result = CliRunner().invoke(main, ["eval", "--pairs", str(bad), "--out", str(tmp_path / "o.json")])
     assert result.exit_code == 2 and "--pairs needs --reward" in result.output
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_eval_pairs_equals_one_process(tmp_path):
+    """Under torchrun each rank scores its share of the micro-batches (600 pairs: several 8192-token
+    micro-batches); the JSON equals one process's and rank 0 alone prints the table."""
+    import random
+
+    from mtcore.cli import main
+    from test_parallel import torchrun
+
+    _, reward, _ = tiny_world(tmp_path)
+    rng = random.Random(0)
+    subsets = ["alpacaeval-easy", "mt-bench-hard", "donotanswer", "hep-go", "math-prm"]
+    digits = lambda: " ".join(str(rng.randint(0, 9)) for _ in range(rng.randint(1, 6)))  # noqa: E731
+    rows = [{"prompt": f"sort {digits()}", "chosen": digits(), "rejected": digits(), "subset": rng.choice(subsets)}
+            for _ in range(600)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", "--reward", reward, "--pairs", pairs]
+    result = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "one.json"]], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    two = torchrun(*args, "--out", tmp_path / "two.json")
+    assert two.stdout.count("Avg ") == 1
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    assert one["pairs"] == two["pairs"] == 600
+    assert one["subsets"] == two["subsets"] and one["sections"] == pytest.approx(two["sections"])
+    assert one["average"] == pytest.approx(two["average"])
