@@ -31,6 +31,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -254,7 +255,6 @@ def random_pairs(n: int, vocab: int, prompt: int, response: int, seed: int = 0):
 
 def section_train(device: str, dry: bool) -> dict:
     from mtcore import profile
-    from mtcore.train import DPO, BradleyTerry, TrainConfig, fit, forward_flops
 
     peak = measured_peak_tflops(device) * 1e12
     sheet = profile.peak_flops(device)
@@ -265,29 +265,43 @@ def section_train(device: str, dry: bool) -> dict:
         steps = 3
         pairs = random_pairs(per_step * steps, args.vocab_size, prompt, response)
         for kind in ("policy", "reward"):
-            profile.reset_peak_memory(device)
-            model = random_model(args, kind, device)
-            objective = DPO(torch.zeros(len(pairs), 2), torch.full((len(pairs), 2), response), beta=0.1) \
-                if kind == "policy" else BradleyTerry()
-            cfg = TrainConfig(lr=1e-6, batch_size=per_step, micro_batch_tokens=tokens, warmup_ratio=0.0)
-            history = fit(model, pairs, objective, cfg, desc=f"{name} {kind}")
-            timed = history[1:]  # step 1 compiles kernels and warms cuBLAS and the allocator
-            seconds = statistics.median(r["seconds"] for r in timed)
-            flops = 3 * forward_flops(model, pairs[:per_step])
-            planned = sum(memory_plan.training(args, kind, 1, timed[0]["tokens"], False).values())
-            rows.append({"model": name, "objective": "DPO" if kind == "policy" else "BT (RM)",
-                         "params (B)": sig(sum(p.numel() for p in model.parameters()) / 1e9),
-                         "tokens/step": timed[0]["tokens"], "s/step": sig(seconds),
-                         "tokens/s": sig(timed[0]["tokens"] / seconds),
-                         "MFU (measured peak)": sig(flops / seconds / peak),
-                         "MFU (data sheet)": sig(flops / seconds / sheet[0]),
-                         "peak MiB": sig(profile.peak_memory_mib(device)), "memory_plan MiB": sig(planned / 2**20)})
-            del model, objective, history
+            row = {"model": name, "objective": "DPO" if kind == "policy" else "BT (RM)"}
+            try:  # one shape that does not fit must not lose the other rows
+                row.update(_train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet[0]))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            rows.append(row)
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return {"rows": rows, "notes": [f"peaks: measured {peak / 1e12:.3g} TFLOP/s; {sheet[1]} {sheet[0] / 1e12:.3g}",
-                                    "MFU counts fwd+bwd = 3x the forward's model FLOPs, the LM head for scored "
-                                    "tokens only; 3 steps, the first untimed"]}
+    out = {"rows": rows, "notes": [f"peaks: measured {peak / 1e12:.3g} TFLOP/s; {sheet[1]} {sheet[0] / 1e12:.3g}",
+                                   "MFU counts fwd+bwd = 3x the forward's model FLOPs, the LM head for scored "
+                                   "tokens only; 3 steps, the first untimed; memory_plan: one GPU, no checkpointing"]}
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise SectionError(f"{failed[0]['model']} {failed[0]['objective']}: {failed[0]['error']}", out)
+    return out
+
+
+def _train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet_peak) -> dict:
+    """Three optimizer steps of train.fit on a random model; the last two timed."""
+    from mtcore import profile
+    from mtcore.train import DPO, BradleyTerry, TrainConfig, fit, forward_flops
+
+    profile.reset_peak_memory(device)
+    model = random_model(args, kind, device)
+    response = len(pairs[0].seqs[0][0]) - pairs[0].seqs[0][1]
+    objective = DPO(torch.zeros(len(pairs), 2), torch.full((len(pairs), 2), response), beta=0.1) \
+        if kind == "policy" else BradleyTerry()
+    cfg = TrainConfig(lr=1e-6, batch_size=per_step, micro_batch_tokens=tokens, warmup_ratio=0.0)
+    history = fit(model, pairs, objective, cfg, desc=f"{kind}")
+    timed = history[1:]  # step 1 compiles kernels and warms cuBLAS and the allocator
+    seconds = statistics.median(r["seconds"] for r in timed)
+    flops = 3 * forward_flops(model, pairs[:per_step])
+    planned = sum(memory_plan.training(args, kind, 1, timed[0]["tokens"], False).values())
+    return {"params (B)": sig(sum(p.numel() for p in model.parameters()) / 1e9),
+            "tokens/step": timed[0]["tokens"], "s/step": sig(seconds), "tokens/s": sig(timed[0]["tokens"] / seconds),
+            "MFU (measured peak)": sig(flops / seconds / peak), "MFU (data sheet)": sig(flops / seconds / sheet_peak),
+            "peak MiB": sig(profile.peak_memory_mib(device)), "memory_plan MiB": sig(planned / 2**20)}
 
 
 def measured_bandwidth(device: str) -> float:
@@ -419,13 +433,19 @@ def spawn_section(name: str, device: str, dry: bool, limit: float) -> dict:
     cmd += ["--dry-run"] if dry else []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton compiles (or torch on CPU)
     start = time.perf_counter()
+    # Its own process group: on timeout the section's children (benchmark workers, pytest, mtcore
+    # train) go with it and leave the GPU to the next section.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit)
+        stdout, stderr = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {"status": "timeout", "error": f"over its {limit:.0f} s limit", "seconds": round(limit, 1)}
-    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["crashed"])[-1]
+        tail = (stderr.strip().splitlines() or ["crashed"])[-1]
         return {"status": "failed", "error": f"exit {proc.returncode}: {tail}"[:800],
                 "seconds": round(time.perf_counter() - start, 1)}
     return json.loads(lines[-1])
