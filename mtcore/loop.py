@@ -8,10 +8,12 @@ Iteration t, from policy pi_{t-1} and reward model r_{t-1}:
                        rejected = the lowest-scoring one (baseline: best vs worst)
              dpo       reference log-probs of pi_{t-1} once, then DPO; a candidate every K steps
              select    candidates and pi_{t-1} answer the selection set, r_{t-1} judges; keep the
-                       best candidate, or stop the run when its win rate is below tau
+                       best candidate, or stop the run when its win rate is below tau; then the
+                       others are removed (prune_candidates; --keep-candidates keeps them)
   M-step     msample   pi_t and pi_{t-1} answer the RM split; pseudo-pairs y_new > y_old, dropped
                        when r_{t-1}(y_new) - r_{t-1}(y_old) <= -eps (eps: std of r_{t-1} on y_old)
              rm        Bradley-Terry from the BASE RM on the pseudo-pairs + the E-step's pairs
+  --rm-eval  rmeval    r_t's accuracy on a preference-pair file, per subset and RewardBench section
   toy only   eval      gold-judged metrics of the new policy and RM
 
 Every stage reads its inputs from the run directory and writes its outputs there atomically; it is
@@ -800,7 +802,7 @@ def summary(run: Run, t: int, r: dict) -> str:
                      f"{e['gold_score']:.3f}; RM accuracy: current policy {e['rm_accuracy_current_policy']:.3f}, "
                      f"held-out {e['rm_accuracy_heldout']:.3f}")
     if "rmeval" in r:
-        lines.append("RM eval " + rmeval.table(r["rmeval"]).splitlines()[-2 if r["rmeval"]["prior_sets"] is None else -3])
+        lines.append("RM eval " + rmeval.sections_line(r["rmeval"]))
     lines.append("time    " + ", ".join(f"{k} {v['profile']['seconds']:.1f}s" for k, v in r.items()))
     return "\n".join(lines)
 

@@ -108,19 +108,25 @@ def to_json(result: dict) -> str:
     return json.dumps(result, indent=2, allow_nan=False) + "\n"
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def sections_line(result: dict) -> str:
+    """The four sections and their average, in percent, on one line."""
+    return " | ".join(f"{name} {_pct(v)}" for name, v in result["sections"].items()) + f" | Avg {_pct(result['average'])}"
+
+
 def table(result: dict) -> str:
     """Per-subset and per-section lines, in percent, for the terminal."""
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
-
+    pct = _pct
     section_of = {s: name for name, members in SECTIONS.items() for s in members}
     section_of.update({s: "Prior Sets" for s in PRIOR_SETS})
     lines = [f"{'subset':<24} {'section':<11} {'pairs':>6} {'ties':>5} {'accuracy':>8}"]
     for s, v in result["subsets"].items():
         lines.append(f"{s:<24} {section_of.get(s, '-'):<11} {v['pairs']:>6} {v['ties']:>5} {pct(v['accuracy']):>8}")
     lines.append("")
-    lines.append(" | ".join(f"{name} {pct(v)}" for name, v in result["sections"].items())
-                 + f" | Avg {pct(result['average'])}")
+    lines.append(sections_line(result))
     if result["prior_sets"] is not None:
         lines.append(f"Prior Sets {pct(result['prior_sets'])} | score with prior sets (weights 2,2,2,2,1) "
                      f"{pct(result['score_with_prior_sets'])}")
