@@ -117,7 +117,8 @@ def reward_index(batch: Batch, pad_id: int | None) -> torch.Tensor:
         return batch.last_index
     tokens = batch.tokens.flatten()  # [N'] in the flat order of labels
     starts = batch.seq_bounds[:-1]  # [S]
-    seq = torch.repeat_interleave(torch.arange(len(starts), device=tokens.device), batch.seq_bounds.diff())  # [N']
+    seq = torch.repeat_interleave(torch.arange(len(starts), device=tokens.device), batch.seq_bounds.diff(),
+                                  output_size=len(tokens))  # [N'] sequence of each token; no host sync
     position = torch.arange(len(tokens), device=tokens.device)  # [N']
     real = (tokens != pad_id) & (position <= batch.last_index[seq])  # padded rows: not past the sequence's end
     candidates = torch.where(real, position, -1)
