@@ -824,7 +824,7 @@ def rm_eval_file(reward, pairs_file, out_file, chat_template=None, max_length=20
                  device=None) -> dict:
     """`mtcore eval --reward --pairs`: evaluate_rm, written as JSON (atomically, rank 0)."""
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
-                     micro_batch_tokens=micro_batch_tokens, device=device or "")
+                     micro_batch_tokens=micro_batch_tokens, device=str(device or ""))
     result = evaluate_rm(cfg, default_device(device), resolve(reward), pairs_file)
     write_text_atomic(out_file, rmeval.to_json(result))
     return result
