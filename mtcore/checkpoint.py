@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from mtcore.errors import MtcoreError
 from mtcore.model import Llama, ModelArgs
-from mtcore.outputs import replace_dir
+from mtcore.outputs import finite, replace_dir
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -95,7 +95,7 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _field(cfg: dict, key: str, where: str, kind=int, default=None, positive=True):

@@ -111,7 +111,7 @@ def check_out_dir(out, command: str, inputs=(), overwrite: bool = False) -> Path
     if out.is_dir() and any(out.iterdir()) and not overwrite and not written_by(out, command):
         raise MtcoreError(f"{out}: holds files that `mtcore {command}` did not write; {_OVERWRITE_HINT}")
     partial = partial_dir(out)
-    if partial.exists() and not (partial.is_dir() and written_by(partial, command)):
+    if partial.exists() and not (partial.is_dir() and (written_by(partial, command) or not any(partial.iterdir()))):
         raise MtcoreError(f"{partial}: exists and was not written by `mtcore {command}`; move it away or "
                           f"choose another --out")
     _check_parent(out)
@@ -182,14 +182,14 @@ def check_out_file(out, inputs=(), overwrite: bool = False, looks_like=None, jso
     return out
 
 
-def _finite(obj):
+def finite(obj):
     """obj with every NaN or infinite float replaced by None (JSON has no NaN)."""
     if isinstance(obj, float):
         return obj if obj == obj and abs(obj) != float("inf") else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
@@ -199,4 +199,4 @@ def write_json_file(path, obj) -> None:
     from mtcore.checkpoint import write_text_atomic
 
     if parallel.is_main():
-        write_text_atomic(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+        write_text_atomic(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")

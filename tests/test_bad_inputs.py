@@ -124,6 +124,10 @@ def world(tmp_path_factory):
     (w / "damaged.partial" / "train_state").mkdir(parents=True)
     (w / "damaged.partial" / ".mtcore-output").write_text('{"command": "dpo"}\n')
     (w / "damaged.partial" / "train_state" / "trainer.json").write_text('{"run": 1}')
+    (w / "dcp_damaged.partial" / "train_state").mkdir(parents=True)  # trainer.json whole, the shards gone
+    (w / "dcp_damaged.partial" / ".mtcore-output").write_text('{"command": "dpo"}\n')
+    (w / "dcp_damaged.partial" / "train_state" / "trainer.json").write_text(
+        '{"run": {}, "scheduler": {}, "history": []}')
     (w / "a_file").write_text("a file, not a directory\n")
     return w
 
@@ -289,6 +293,8 @@ CASES = [
     ("dpo-policy-rope", "dpo --policy {w}/rope_no_factor --pairs {w}/pairs.jsonl --out {w}/o", "'factor'",
      ["o", "o.partial"]),
     ("dpo-damaged-state", DPO + " --out {w}/damaged --save-state-every 1", "trainer.json", ["damaged"]),
+    ("dpo-damaged-shards", DPO + " --out {w}/dcp_damaged --save-state-every 1", "unreadable training state",
+     ["dcp_damaged"]),
     ("dpo-no-pairs-option", "dpo {P} --out {w}/o", "Missing option '--pairs'", ["o", "o.partial"]),
     ("rm-reward-is-policy", "rm --reward {w}/policy --pairs {w}/pairs.jsonl --out {w}/o", "score.weight",
      ["o", "o.partial"]),
@@ -420,6 +426,21 @@ def test_exchange_swaps_directories_atomically(tmp_path):
     assert (b / "new").read_text() == "new" and not (b / "old").exists() and not a.exists()
 
 
+def test_a_write_error_of_safetensors_is_one_line(world, tmp_path, monkeypatch):
+    """safetensors' own error (not an OSError) while writing weights: one line, and no output."""
+    from safetensors import SafetensorError
+
+    import mtcore.checkpoint
+
+    def fail(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mtcore.checkpoint, "save_file", fail)
+    result = CliRunner().invoke(main, ["convert", str(world / "policy"), str(tmp_path / "c")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "No space left" in result.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_nan_json_is_null(tmp_path):
     from mtcore.outputs import write_json_file
 
@@ -482,8 +503,9 @@ def test_interrupted_dpo_leaves_the_old_output(world, tmp_path, sig, point):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-@pytest.mark.parametrize("point", ["tokenizer", "policy"])
+@pytest.mark.parametrize("sig,point", [(signal.SIGINT, "tokenizer"), (signal.SIGKILL, "tokenizer"),
+                                       (signal.SIGKILL, "policy")], ids=["sigint-tokenizer", "sigkill-tokenizer",
+                                                                          "sigkill-policy"])
 def test_interrupted_build_toy_leaves_the_old_assets(tmp_path, sig, point):
     """build-toy killed after it wrote a new tokenizer, or a new policy: the old asset set stays whole."""
     from mtcore import toy
@@ -494,6 +516,23 @@ def test_interrupted_build_toy_leaves_the_old_assets(tmp_path, sig, point):
     _interrupt(["build-toy", "--out", out], _env(), tmp_path / "assets.partial" / point / "tokenizer.json"
                if point == "policy" else tmp_path / "assets.partial" / "tokenizer" / "tokenizer.json", sig)
     assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_loop_nan_keeps_last_good_and_a_lower_lr_redoes_the_stage(tmp_path):
+    """A NaN in the loop's DPO stage keeps iter_1/last_good; the same command with a lower --dpo-lr is
+    accepted (the change is recorded) and finishes the iteration."""
+    from mtcore import load_model
+
+    out = tmp_path / "run"
+    bad = CliRunner().invoke(main, ["train", "--iters", "1", "--dpo-lr", "1e30", "--out", str(out)])
+    assert bad.exit_code == 2 and "last_good" in bad.stderr, bad.output[-3000:]
+    assert all(torch.isfinite(p).all() for p in load_model(out / "iter_1" / "last_good").parameters())
+    again = CliRunner().invoke(main, ["train", "--iters", "1", "--out", str(out)])
+    assert again.exit_code == 0, again.output[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["failed"] is None and state["config_changes"][0]["changed"]["dpo_lr"] == [1e30, 1e-5]
+    assert "iter_1/dpo" in state["done"] and (out / "iter_1" / "policy").exists()
 
 
 @pytest.mark.slow
