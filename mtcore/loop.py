@@ -801,6 +801,10 @@ def summary(run: Run, t: int, r: dict) -> str:
         lines.append(f"gold    win rate vs initial {e['gold_win_rate_vs_initial']:.3f}, gold score "
                      f"{e['gold_score']:.3f}; RM accuracy: current policy {e['rm_accuracy_current_policy']:.3f}, "
                      f"held-out {e['rm_accuracy_heldout']:.3f}")
+        if "estep_pairs_gold_accuracy" in e:
+            lines.append(f"pairs   gold-right: E-step {e['estep_pairs_gold_accuracy']:.3f} "
+                         f"({e['estep_pairs_gold_ties']} gold ties), pseudo-pairs "
+                         f"{e['pseudo_pairs_gold_accuracy']:.3f} ({e['pseudo_pairs_gold_ties']} gold ties)")
     if "rmeval" in r:
         lines.append("RM eval " + rmeval.sections_line(r["rmeval"]))
     lines.append("time    " + ", ".join(f"{k} {v['profile']['seconds']:.1f}s" for k, v in r.items()))

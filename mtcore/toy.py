@@ -398,7 +398,24 @@ def evaluate(run, t: int, stage) -> dict:
     prompts = run.splits["test"]
     answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), stage)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
-    return _metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage)
+    return {**_metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage),
+            **pair_diagnostics(run.iter_dir(t))}
+
+
+def pair_diagnostics(iter_dir: Path) -> dict:
+    """What the gold judge says of the pairs an iteration trained on (diagnostics only: no gold label
+    reaches training): the share of the E-step's chosen/rejected pairs and of the M-step's kept
+    pseudo-pairs whose chosen side is gold-better (gold ties count half), and how many of each tie."""
+    from mtcore.data import read_jsonl
+
+    out = {}
+    for name, file in (("estep_pairs", "pairs.jsonl"), ("pseudo_pairs", "pseudo_pairs.jsonl")):
+        rows = read_jsonl(iter_dir / file) if (iter_dir / file).exists() else []
+        chosen = [gold_score(r["prompt"], r["chosen"]) for r in rows]
+        rejected = [gold_score(r["prompt"], r["rejected"]) for r in rows]
+        out[f"{name}_gold_accuracy"] = _pairwise_accuracy(chosen, rejected) if rows else float("nan")
+        out[f"{name}_gold_ties"] = sum(c == r for c, r in zip(chosen, rejected))
+    return out
 
 
 def _mean(xs) -> float:

@@ -1,6 +1,7 @@
 """The toy world: the gold judge on hand-computed cases, demonstrations, prompt splits, the tokenizer."""
 
 import json
+import math
 import random
 import re
 
@@ -203,3 +204,16 @@ def test_tokenizer_one_token_per_digit(toy_tokenizer_dir):
     assert len(encode_response(tok, "1 1 1 1 1 1 1 1 1 1 1 1")) == 12 + 1
     # bos, start, "user", end, "\n", "\n", "sort", 8 digits, eot, start, "assistant", end, "\n\n"
     assert len(encode_prompt(tok, prompt)) == 20
+
+
+def test_pair_diagnostics_by_hand(tmp_path):
+    """Gold accuracy of an iteration's training pairs: right 1, wrong 0, a gold tie 1/2."""
+    from mtcore.toy import gold_score, pair_diagnostics
+
+    rows = [("sort 3 1 2", "1 2 3", "2 1 3"), ("sort 3 1 2", "1 3 2", "1 2 3"), ("sort 3 1 2", "1 2 2", "1 1 3")]
+    assert gold_score(*rows[2][:2]) == gold_score(rows[2][0], rows[2][2])  # the tie is a tie
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                                                  for p, c, r in rows))
+    d = pair_diagnostics(tmp_path)
+    assert d["estep_pairs_gold_accuracy"] == pytest.approx(0.5) and d["estep_pairs_gold_ties"] == 1
+    assert math.isnan(d["pseudo_pairs_gold_accuracy"]) and d["pseudo_pairs_gold_ties"] == 0
