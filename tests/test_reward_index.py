@@ -120,3 +120,21 @@ def test_mtcore_score_equals_transformers(tmp_path, llama3_tokenizer_path, pad_t
             at_last.append(abs(hf_reward_at_last_token(hf, ids) - expected))
     # with pad = <|eot_id|> transformers reads before the final eot, so the old rule would fail here
     assert (max(at_last) > 1e-3) == (pad_token_id == EOT)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_toy_worlds_rewards_do_not_move(padded):
+    """The toy world's pad id is a token of its own, which encoded text never contains: every sequence's
+    reward is read at its last token, exactly as before (the same index, hence the same bits)."""
+    from mtcore import toy
+    from mtcore.data import encode_pair, load_tokenizer
+    from test_loop import read_jsonl
+
+    tok = load_tokenizer(toy.asset("reward"))
+    rows = read_jsonl(toy.asset("heldout_pairs.jsonl"))
+    examples = [encode_pair(tok, r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    model = load_model(toy.asset("reward"), kind="reward", dtype=torch.float32)
+    assert model.args.pad_token_id == tok.pad_token_id and tok.pad_token_id != tok.convert_tokens_to_ids("<|eot_id|>")
+    for start in range(0, len(examples), 64):
+        batch = make_batch(examples, list(range(start, min(start + 64, len(examples)))), padded=padded)
+        assert torch.equal(reward_index(batch, model.args.pad_token_id), batch.last_index)
