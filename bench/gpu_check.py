@@ -210,8 +210,8 @@ def section_kernels(device: str, dry: bool) -> dict:
                 rows.append({**row, "error": r["error"]})
                 continue
             tflops = flops / (r["ms"] * 1e-3) / 1e12
-            rows.append({**row, "ms": sig(r["ms"]), "TFLOP/s": sig(tflops), "% of matmul peak": sig(100 * tflops / peak),
-                         "peak MiB": sig(r["peak_mib"])})
+            rows.append({**row, "ms": sig(r["ms"]), "TFLOP/s": sig(tflops),
+                         "% of matmul peak": sig(100 * tflops / peak), "peak MiB": sig(r["peak_mib"])})
         naive, ours = results["naive"], results["mtcore"]
         if "error" not in naive and "error" not in ours:
             rows[-1]["time vs naive"] = round(ours["ms"] / naive["ms"], 3)
@@ -363,7 +363,8 @@ def section_decode(device: str, dry: bool) -> dict:
         floor = slots * bandwidth / weight_bytes  # tokens/s if each step only read the weights once
         rows.append({"slots": slots, "new tokens/slot": new, "mtcore tokens/s": sig(tokens / mt_s),
                      "transformers tokens/s": sig((hf_out.shape[1] - prompt_len) * slots / hf_s),
-                     "weight-bandwidth floor tokens/s": sig(floor), "mtcore % of floor": sig(100 * tokens / mt_s / floor)})
+                     "weight-bandwidth floor tokens/s": sig(floor),
+                     "mtcore % of floor": sig(100 * tokens / mt_s / floor)})
     return {"rows": rows, "notes": [f"{dtype}, weights {weight_bytes / 2**30:.3g} GiB, copy bandwidth "
                                     f"{bandwidth / 1e9:.3g} GB/s measured; prompts of {prompt_len} tokens, greedy"]}
 
