@@ -434,6 +434,8 @@ def spawn_section(name: str, device: str, dry: bool, limit: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--limit", str(limit)]
     cmd += ["--dry-run"] if dry else []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton compiles (or torch on CPU)
+    if dry:  # the CPU only, even on a GPU machine (pytest -m cuda then skips its tests)
+        env["CUDA_VISIBLE_DEVICES"] = ""
     start = time.perf_counter()
     # Its own process group: on timeout the section's children (benchmark workers, pytest, mtcore
     # train) go with it and leave the GPU to the next section.
