@@ -317,6 +317,7 @@ def load_train_state(path, model, optimizer) -> dict | None:
     """Restore what save_train_state wrote into model and optimizer (resharded to this world size
     if it changed); returns its `trainer` dict, or None when `path` holds no complete state."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     from mtcore.checkpoint import read_json
@@ -333,7 +334,7 @@ def load_train_state(path, model, optimizer) -> dict | None:
     try:
         with _one_process_dcp():
             dcp.load(state, checkpoint_id=path, no_dist=world_size() == 1)
-    except Exception as e:  # DCP's errors (CheckpointException, pickle, shape) name no file a user can act on
+    except (Exception, CheckpointException) as e:  # DCP's errors (its CheckpointException is a BaseException)
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise MtcoreError(f"{path}: unreadable training state ({reason}); delete it to start this training "
                           f"from its first step") from None
