@@ -317,11 +317,11 @@ def train(out, config_file, **options):
     """The Mutual-Taught iteration. With no --policy/--reward/--prompts: the built-in toy world.
 
     --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
-    from mtcore import loop
+    from mtcore import loop, toy
 
     cfg = loop.resolve_config(loop.read_config_file(config_file) if config_file else {}, options)
-    run = loop.Run(out, cfg)
-    echo(f"run directory {out} ({'toy world' if run.toy else cfg.policy}; "
+    run = loop.Run(out, cfg, world=None if cfg.policy else toy.world())
+    echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
          f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
     metrics = loop.train(run, echo=echo)
     echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
@@ -333,12 +333,14 @@ def train(out, config_file, **options):
               help="Where to write the assets (default: the package's toy_assets).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of every asset.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--base-rm", default="onpolicy", show_default=True, type=click.Choice(["onpolicy", "offpolicy"]),
+              help="The base RM's pairs: the initial policy's samples, or synthetic swaps (an experiment; use --out).")
 @user_errors
-def build_toy(out, seed, overwrite):
+def build_toy(out, seed, overwrite, base_rm):
     """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed."""
     from mtcore import toy
 
-    click.echo(f"wrote {toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite)}")
+    click.echo(f"wrote {toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm)}")
 
 
 @main.command()

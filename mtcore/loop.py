@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -49,9 +50,9 @@ from mtcore.train import fitted_examples, forward_flops, sequence_rewards
 log = logging.getLogger(__name__)
 
 # Under torchrun every rank runs the loop alike (generation, scoring and training are shared out and
-# gathered); rank 0 alone writes the run's files, and run_stage ends each stage with a barrier so
-# that the next stage reads them on every rank. save_model gathers a sharded model to rank 0.
-write_json, write_jsonl, write_text_atomic = map(parallel.on_main, (write_json, write_jsonl, write_text_atomic))
+# gathered); rank 0 alone writes the run's files (`if parallel.is_main():` at each write), and
+# run_stage ends each stage with a barrier so that the next stage reads them on every rank.
+# save_model gathers a sharded model to rank 0.
 
 DEFAULT_REWARD = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
 
@@ -260,16 +261,28 @@ def read_splits(path: Path, iters: int) -> dict:
     return splits
 
 
+@dataclass
+class World:
+    """A world whose truth is known, as the loop meets it (mtcore/toy.py's world() is one; a real
+    run has none): its initial models, its prompt splits, a gold-judged evaluation of the initial
+    models (t = 0) and of each iteration's, and a plot of those numbers."""
+    base_policy: Path
+    base_reward: Path
+    make_splits: Callable[[LoopConfig], dict]  # cfg -> {"selection", "rm", "policy_1", ..., and its own}
+    evaluate: Callable  # (run, t, stage) -> dict of numbers; t = 0 evaluates the initial models
+    plot: Callable[[Path, dict], None]  # (png path, metrics.json's content)
+
+
 class Run:
     """A run directory: config, prompt splits, stage state, and the paths of every stage's outputs."""
 
-    def __init__(self, out, cfg: LoopConfig):
-        self.dir, self.cfg = Path(out), cfg
+    def __init__(self, out, cfg: LoopConfig, world: World | None = None):
+        self.dir, self.cfg, self.world = Path(out), cfg, world
         self.device = default_device(cfg.device)
-        self.toy = not cfg.policy
-        if self.toy:
-            from mtcore import toy
-            self.base_policy, self.base_reward = toy.asset("policy"), toy.asset("reward")
+        if (world is None) == (not cfg.policy):
+            raise MtcoreError("a run needs --policy (real models) or a world (the toy world), not both")
+        if world is not None:
+            self.base_policy, self.base_reward = world.base_policy, world.base_reward
         else:
             self.base_policy, self.base_reward = resolve(cfg.policy), resolve(cfg.reward)
         if parallel.is_main():  # creates the run directory; the other ranks then read it
@@ -289,13 +302,19 @@ class Run:
         elif self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
             raise MtcoreError(f"{self.dir}: exists, is not an empty directory and holds no mtcore run; "
                               f"use another --out")
-        self.splits = read_splits(splits_file, self.cfg.iters) if splits_file.exists() else self._make_splits()
+        # new splits as splits.json will hold them (sorted keys), so a resumed run reads the same bytes
+        self.splits = read_splits(splits_file, self.cfg.iters) if splits_file.exists() else json.loads(
+            json.dumps(self._make_splits(), sort_keys=True))
         if not config_file.exists():
             check_checkpoint(self.base_policy, "policy")
             check_checkpoint(self.base_reward, "reward")
-            write_text_atomic(config_file, to_toml(identity(self.cfg)))
+            if self.cfg.rm_eval:
+                rmeval.read_pairs(self.cfg.rm_eval)
+            if parallel.is_main():
+                write_text_atomic(config_file, to_toml(identity(self.cfg)))
         if not splits_file.exists():
-            write_json(splits_file, self.splits)
+            if parallel.is_main():
+                write_json(splits_file, self.splits)
 
     def _check_same_config(self, saved: dict) -> None:
         """The run directory's config must be this one, except the runtime keys, and the training keys
@@ -319,15 +338,14 @@ class Run:
             self.state.setdefault("config_changes", []).append(
                 {"at": failed, "changed": {k: [saved.get(k), mine.get(k)] for k in diff}})
             self.state["failed"] = None
-            write_json(self.dir / "state.json", self.state)
-            write_text_atomic(self.dir / "config.toml", to_toml(mine))
+            if parallel.is_main():
+                write_json(self.dir / "state.json", self.state)
+                write_text_atomic(self.dir / "config.toml", to_toml(mine))
 
     def _make_splits(self) -> dict:
         cfg = self.cfg
-        if self.toy:
-            from mtcore import toy
-            return toy.make_splits(cfg.seed, cfg.iters, {"policy": cfg.policy_split_size, "rm": cfg.rm_split_size,
-                                                         "selection": cfg.selection_size})
+        if self.world is not None:
+            return self.world.make_splits(cfg)
         rows = read_jsonl(cfg.prompts)
         prompts = [prompt_of(r, f"{cfg.prompts}:{r['_line']}") for r in rows]
         random.Random(cfg.seed).shuffle(prompts)
@@ -360,7 +378,8 @@ class Run:
         self.state["done"].append(key)
         if self.state.get("failed") == key:
             self.state["failed"] = None
-        write_json(self.dir / "state.json", self.state)
+        if parallel.is_main():
+            write_json(self.dir / "state.json", self.state)
 
     def seed(self, t: int, stage: str) -> int:
         return random.Random(f"{self.cfg.seed}:{t}:{stage}").randrange(2**31)
@@ -490,7 +509,9 @@ def pseudo_pair_filter(new: list[float], old: list[float]) -> tuple[list[bool], 
 def stage_sample(run: Run, t: int, stage) -> dict:
     prompts = run.splits[f"policy_{t}"]
     responses = sample_responses(run.cfg, run.device, run.policy(t - 1), prompts, run.cfg.samples, run.seed(t, "sample"), stage)
-    write_jsonl(run.iter_dir(t) / "samples.jsonl", [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
+    if parallel.is_main():
+        write_jsonl(run.iter_dir(t) / "samples.jsonl",
+                    [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
     return {"prompts": len(prompts), "responses": sum(map(len, responses))}
 
 
@@ -500,7 +521,8 @@ def stage_score(run: Run, t: int, stage) -> dict:
                              [[x["text"] for x in r["responses"]] for r in rows], stage)
     for row, s in zip(rows, scores):
         row["rewards"] = s
-    write_jsonl(run.iter_dir(t) / "scored.jsonl", rows)
+    if parallel.is_main():
+        write_jsonl(run.iter_dir(t) / "scored.jsonl", rows)
     flat = [x for s in scores for x in s]
     return {"mean_reward": sum(flat) / max(1, len(flat))}
 
@@ -518,7 +540,8 @@ def stage_pairs(run: Run, t: int, stage) -> dict:
         pairs.append({"prompt": row["prompt"], "chosen": rs[c]["text"], "rejected": rs[r]["text"],
                       "chosen_ids": rs[c]["token_ids"], "rejected_ids": rs[r]["token_ids"],
                       "chosen_reward": row["rewards"][c], "rejected_reward": row["rewards"][r]})
-    write_jsonl(run.iter_dir(t) / "pairs.jsonl", pairs)
+    if parallel.is_main():
+        write_jsonl(run.iter_dir(t) / "pairs.jsonl", pairs)
     return {"pairs": len(pairs), "prompts_without_pair": no_pair}
 
 
@@ -643,7 +666,8 @@ def stage_msample(run: Run, t: int, stage) -> dict:
             identical += 1
         elif k:
             pairs.append({"prompt": p, "chosen": a, "rejected": b, "delta": s[0] - s[1]})
-    write_jsonl(run.iter_dir(t) / "pseudo_pairs.jsonl", pairs)
+    if parallel.is_main():
+        write_jsonl(run.iter_dir(t) / "pseudo_pairs.jsonl", pairs)
     return {"eps": eps, "pseudo_pairs": len(pairs), "identical": identical,
             "filtered": len(prompts) - identical - len(pairs), "new_texts": new, "old_texts": old,
             "new_rewards": [s[0] for s in scores], "old_rewards": [s[1] for s in scores]}
@@ -671,9 +695,8 @@ def stage_rm(run: Run, t: int, stage) -> dict:
 
 
 def stage_eval(run: Run, t: int, stage) -> dict:
-    from mtcore import toy
-
-    return toy.evaluate(run, t, stage)
+    """The world's gold-judged evaluation of pi_t and r_t (t = 0: the initial models)."""
+    return run.world.evaluate(run, t, stage)
 
 
 def stage_rmeval(run: Run, t: int, stage) -> dict:
@@ -700,7 +723,7 @@ M_STAGES = (("msample", stage_msample), ("rm", stage_rm))
 
 def stages_of(run: Run):
     rm_eval = (("rmeval", stage_rmeval),) if run.cfg.m_step and run.cfg.rm_eval else ()
-    return E_STAGES + (M_STAGES + rm_eval if run.cfg.m_step else ()) + ((("eval", stage_eval),) if run.toy else ())
+    return E_STAGES + (M_STAGES + rm_eval if run.cfg.m_step else ()) + ((("eval", stage_eval),) if run.world else ())
 
 
 def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path | None = None) -> dict:
@@ -715,10 +738,12 @@ def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path 
             result = fn(run, t, stage)
     except NonFiniteLoss:
         run.state["failed"] = key
-        write_json(run.dir / "state.json", run.state)
+        if parallel.is_main():
+            write_json(run.dir / "state.json", run.state)
         raise
     result["profile"] = stage.record()
-    write_json(result_file, result)
+    if parallel.is_main():
+        write_json(result_file, result)
     run.mark_done(key)
     parallel.barrier()
     return result
@@ -726,9 +751,8 @@ def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path 
 
 def train(run: Run, echo=print) -> dict:
     """Run (or resume) every iteration. Returns metrics.json's content."""
-    if run.toy:
-        from mtcore import toy
-        run_stage(run, 0, "eval", toy.evaluate_initial, key="initial/eval", result_file=run.dir / "initial.json")
+    if run.world is not None:
+        run_stage(run, 0, "eval", stage_eval, key="initial/eval", result_file=run.dir / "initial.json")
     if run.cfg.rm_eval:
         run_stage(run, 0, "rmeval", stage_rmeval, key="initial/rmeval", result_file=run.dir / "initial_rmeval.json")
     metrics = None  # written after each iteration run here; a run already finished writes it once below
@@ -741,10 +765,11 @@ def train(run: Run, echo=print) -> dict:
             if name == "select":
                 prune_candidates(run, t, results[name]["best_step"])
             if name == "select" and results[name]["stopped"]:
-                if run.toy:  # the kept models, evaluated as this iteration's
+                if run.world is not None:  # the kept models, evaluated as this iteration's
                     results["eval"] = run_stage(run, t, "eval", stage_eval)
                 run.state["stopped_at"] = t
-                write_json(run.dir / "state.json", run.state)
+                if parallel.is_main():
+                    write_json(run.dir / "state.json", run.state)
                 echo(f"iteration {t}: best win rate {results[name]['win_rate']:.3f} < tau {run.cfg.tau}; "
                      f"stopping early; iter_{t} keeps the models it started from")
                 break
@@ -776,10 +801,10 @@ def write_metrics(run: Run) -> dict:
         metrics["initial"] = read_json(run.dir / "initial.json")
     if (run.dir / "initial_rmeval.json").exists():
         metrics["initial_rmeval"] = read_json(run.dir / "initial_rmeval.json")
-    write_json(run.dir / "metrics.json", metrics)
-    if run.toy and iterations and parallel.is_main():
-        from mtcore import toy
-        toy.plot(run.dir / "metrics.png", metrics)
+    if parallel.is_main():
+        write_json(run.dir / "metrics.json", metrics)
+    if run.world is not None and iterations and parallel.is_main():
+        run.world.plot(run.dir / "metrics.png", metrics)
     return metrics
 
 
@@ -830,7 +855,8 @@ def rm_eval_file(reward, pairs_file, out_file, chat_template=None, max_length=20
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
                      micro_batch_tokens=micro_batch_tokens, device=str(device or ""))
     result = evaluate_rm(cfg, default_device(device), resolve(reward), pairs_file)
-    write_text_atomic(out_file, rmeval.to_json(result))
+    if parallel.is_main():
+        write_text_atomic(out_file, rmeval.to_json(result))
     return result
 
 
@@ -855,7 +881,8 @@ def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, 
         texts.append([r if isinstance(r, str) else r["text"] for r in responses])
     for row, s in zip(rows, score_responses(cfg, device, resolve(reward), prompts, texts)):
         row["rewards"] = s
-    write_jsonl(out_file, rows)
+    if parallel.is_main():
+        write_jsonl(out_file, rows)
     return sum(map(len, texts))
 
 
@@ -866,5 +893,6 @@ def alpaca_eval_outputs(cfg: LoopConfig, device, policy, prompts_file, out_file,
     prompts = [prompt_of(r, f"{prompts_file}:{r['_line']}") for r in rows]
     answers = first_answers(cfg, device, resolve(policy), prompts, cfg.seed)
     out = [{"instruction": p[-1]["content"], "output": a, "generator": generator} for p, a in zip(prompts, answers)]
-    write_text_atomic(out_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    if parallel.is_main():
+        write_text_atomic(out_file, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
     return len(out)

@@ -19,9 +19,16 @@ does: RM accuracy on held-out pairs and the policy's gold score are both exact h
 
 `make_splits` draws the disjoint prompt sets of one run; `build_tokenizer` writes a small byte-level
 BPE tokenizer with Llama-3's special tokens and chat template, so the real code paths run unchanged.
+
+The assets (`asset`) are read from the package's `toy_assets/`, or from the directory named by the
+environment variable MTCORE_TOY_ASSETS when it is set (read at each call, so experiments can point
+`mtcore train`/`eval` at an alternative set built with `mtcore build-toy --out DIR` without touching
+the committed one). `build_assets(base_rm="offpolicy")` builds such a set with an off-policy base RM
+(`offpolicy_answer`'s synthetic corruptions instead of the initial policy's samples).
 """
 
 import logging
+import os
 import random
 import re
 from pathlib import Path
@@ -122,6 +129,26 @@ def _duplicate_digit(digits: list[str], rng: random.Random) -> list[str]:
 # rewards. (With drops, shortness also meant a lost digit, and the length-controlled pairing rule
 # chose those: in a 2-seed study the policy then fell behind the fixed-RM baseline's.)
 CORRUPTIONS = (_swap_adjacent, _duplicate_digit)
+
+
+def _swap_random(digits: list[str], rng: random.Random) -> list[str]:
+    if len(digits) < 2:
+        return digits
+    i, j = rng.sample(range(len(digits)), 2)
+    out = list(digits)
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
+def offpolicy_answer(prompt: str, rng: random.Random) -> str:
+    """The off-policy base RM's generator: the sorted digits after 1 to 3 swaps, each of an adjacent
+    pair or of two random positions (equal chances). It never duplicates or drops a digit, so its
+    answers are always the right length and multiset (the policy's length errors are never shown),
+    and a swap of equal digits or swaps that cancel can leave the perfect answer."""
+    digits = sorted(parse_prompt(prompt))
+    for _ in range(rng.randint(1, 3)):
+        digits = rng.choice((_swap_adjacent, _swap_random))(digits, rng)
+    return " ".join(digits)
 
 
 def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5) -> str:
@@ -228,6 +255,8 @@ def build_tokenizer(out_dir) -> Path:
 
 ASSET_SEED = 0
 ASSETS = Path(__file__).parent / "toy_assets"
+ASSETS_ENV = "MTCORE_TOY_ASSETS"  # when set, the directory asset() reads instead of ASSETS
+BASE_RMS = ("onpolicy", "offpolicy")  # build_assets's base_rm: what the base RM's gold-labelled pairs are drawn from
 # 0.8M parameters: the shape the feasibility run used (hidden 128, 4 layers, GQA 4/2).
 MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=344, max_position_embeddings=128,
                    rope_theta=10000.0)
@@ -239,8 +268,9 @@ BASE_PAIRS = 2  # gold-differing pairs kept per rm_base prompt (512 x 1 gave a b
 
 
 def asset(name: str) -> Path:
-    """A built-in asset directory (policy, reward, tokenizer) or file (heldout_pairs.jsonl)."""
-    path = ASSETS / name
+    """A built-in asset directory (policy, reward, tokenizer) or file (heldout_pairs.jsonl), under
+    $MTCORE_TOY_ASSETS if set (read now), else under ASSETS."""
+    path = Path(os.environ.get(ASSETS_ENV) or ASSETS) / name
     if not path.exists():
         from mtcore.errors import MtcoreError
         raise MtcoreError(f"{path}: the toy world's assets are missing; build them with `mtcore build-toy`")
@@ -269,14 +299,21 @@ def _gold_pairs(prompts, samples, rng, per_prompt=1):
     return rows
 
 
-def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False) -> Path:
+def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False, base_rm: str = "onpolicy") -> Path:
     """Build every toy asset from `seed`, deterministically (CPU, fp32):
     1. the tokenizer; 2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations
     of the "sft" prompts (half carry an error); 3. a reward model, initialised from that policy with a
     fresh score head, Bradley-Terry-trained on BASE_PAIRS gold-labelled pairs per "rm_base" prompt, drawn from
     the initial policy's samples (the stand-in for human preference data; no gold label is used after
     it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts. out_dir is replaced whole
-    (outputs.check_out_dir's rules), at the end."""
+    (outputs.check_out_dir's rules), at the end.
+
+    base_rm="offpolicy" (an experiment; the default builds today's bytes): steps 3 and 4 draw the
+    pairs from BASE_SAMPLES `offpolicy_answer`s per prompt instead of the policy's samples (their own
+    random stream, so the tokenizer and SFT policy are the default build's), so the base RM is off-policy
+    and rm_accuracy_heldout is its accuracy on its own distribution."""
+    if base_rm not in BASE_RMS:
+        raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
     import torch
 
     from mtcore.checkpoint import save_model, write_json
@@ -306,9 +343,12 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     save_model(policy, out / "policy", tokenizer=tokenizer)
 
     samples = _sample_texts(policy.eval(), tokenizer, splits["rm_base"], BASE_SAMPLES, seed)
-    base_pairs = _gold_pairs(splits["rm_base"], samples, rng, BASE_PAIRS)
-    heldout = _gold_pairs(splits["heldout_rm"], _sample_texts(policy, tokenizer, splits["heldout_rm"], BASE_SAMPLES,
-                                                              seed + 1), rng, BASE_PAIRS)
+    if base_rm == "offpolicy":
+        base_pairs, heldout = offpolicy_pairs(splits["rm_base"], splits["heldout_rm"], seed)
+    else:
+        base_pairs = _gold_pairs(splits["rm_base"], samples, rng, BASE_PAIRS)
+        heldout = _gold_pairs(splits["heldout_rm"], _sample_texts(policy, tokenizer, splits["heldout_rm"],
+                                                                  BASE_SAMPLES, seed + 1), rng, BASE_PAIRS)
     write_jsonl(out / "heldout_pairs.jsonl", heldout)
     reward = Llama(args, "reward").init_weights(seed)
     reward.model.load_state_dict(policy.model.state_dict())
@@ -320,9 +360,20 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
         "seed": seed, "model": MODEL_SHAPE, "sft": SFT_TRAINING, "rm": RM_TRAINING,
         "sft_final_nll": sft_log[-1]["nll"], "rm_final_loss": rm_log[-1]["loss"],
         "rm_train_accuracy": rm_log[-1]["accuracy"], "base_pairs": len(base_pairs), "heldout_pairs": len(heldout),
-        "initial_gold_mean": sum(flat) / len(flat), "initial_perfect": sum(f == 1.0 for f in flat) / len(flat)})
+        "initial_gold_mean": sum(flat) / len(flat), "initial_perfect": sum(f == 1.0 for f in flat) / len(flat),
+        **({} if base_rm == "onpolicy" else {"base_rm": base_rm})})
     commit_dir(out, final, "build-toy")
     return final
+
+
+def offpolicy_pairs(base_prompts, heldout_prompts, seed: int) -> tuple[list[dict], list[dict]]:
+    """The off-policy base RM's training and held-out pairs: BASE_PAIRS gold-differing pairs per prompt
+    among BASE_SAMPLES `offpolicy_answer`s, from a stream of their own (seed)."""
+    rng = random.Random(f"mtcore.toy:{seed}:offpolicy")
+    def draw(prompts):
+        return _gold_pairs(prompts, [[offpolicy_answer(p, rng) for _ in range(BASE_SAMPLES)] for p in prompts], rng,
+                           BASE_PAIRS)
+    return draw(base_prompts), draw(heldout_prompts)
 
 
 # --- evaluation, after every iteration of `mtcore train` on the toy world ---
@@ -377,14 +428,28 @@ def _policy_pairs(prompts, answers) -> list[dict]:
     return rows
 
 
-def evaluate_initial(run, t: int, stage) -> dict:
-    """The initial policy's test answers (kept for the win rates) and the base RM's accuracies
-    (a stage of `mtcore train`, t = 0)."""
-    from mtcore.loop import write_jsonl
+def world():
+    """The toy world as the loop meets it (loop.World): the built-in models, the toy splits, the
+    gold-judged evaluation and the plot."""
+    from mtcore.loop import World
+
+    def splits(cfg):
+        return make_splits(cfg.seed, cfg.iters, {"policy": cfg.policy_split_size, "rm": cfg.rm_split_size,
+                                                 "selection": cfg.selection_size})
+
+    return World(asset("policy"), asset("reward"), splits, evaluate, plot)
+
+
+def evaluate_initial(run, stage) -> dict:
+    """The initial policy's test answers (kept for the win rates; rank 0 writes them) and the base RM's
+    accuracies: `mtcore train`'s evaluation at t = 0."""
+    from mtcore import parallel
+    from mtcore.data import write_jsonl
 
     prompts = run.splits["test"]
     answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), stage)
-    write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
+    if parallel.is_main():
+        write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
     return _metrics(run.cfg, run.device, run.reward(0), prompts, answers, answers, stage)  # win rate: 0.5
 
 
@@ -392,9 +457,11 @@ def evaluate(run, t: int, stage) -> dict:
     """Iteration t's gold-judged numbers: the policy pi_t against the initial policy on the test
     prompts (ties half), its mean gold score, and r_t's accuracy on gold-ordered pairs of pi_t's own
     answers and on the fixed held-out pairs of the initial policy's answers. (A run stopped early at
-    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.)"""
+    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.) t = 0: evaluate_initial."""
     from mtcore.data import read_jsonl
 
+    if t == 0:
+        return evaluate_initial(run, stage)
     prompts = run.splits["test"]
     answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), stage)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import default_device, default_file_mode, load_model, resolve
+from mtcore.checkpoint import default_device, default_file_mode, load_model, resolve, stored_dtype
 from mtcore.data import Batch, Example, make_batch, pack, read_demonstrations, read_pairs
 from mtcore.errors import MtcoreError, check_ranges
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
@@ -496,11 +496,11 @@ def _fit_and_save(model, tokenizer, examples, objective, cfg, out: Path, summary
     try:
         history = fit(model, examples, objective, cfg, metrics_file, desc=command, state_dir=work / "train_state")
     except NonFiniteLoss as e:
-        parallel.save_model(model, work / "last_good", tokenizer=tokenizer)
+        parallel.save_model(model, work / "last_good", tokenizer=tokenizer, dtype=stored_dtype(model.source))
         good = f"the good steps' metrics in {metrics_file}" if metrics_file.exists() else "no step completed"
         raise NonFiniteLoss(f"{e}; {out} is unchanged; the model before that step is in {work / 'last_good'} "
                             f"({good}); lower --lr, or check the examples named") from None
-    finished = parallel.save_model(model, work / "model", tokenizer=tokenizer)
+    finished = parallel.save_model(model, work / "model", tokenizer=tokenizer, dtype=stored_dtype(model.source))
     summary.update(config=asdict(cfg), world_size=parallel.world_size(), steps=len(history),
                    final=history[-1] if history else None)
     if parallel.is_main():

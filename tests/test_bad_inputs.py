@@ -384,8 +384,8 @@ def test_a_refused_value_leaves_the_run_directory_free(world, tmp_path):
     out = tmp_path / "run"
     assert CliRunner().invoke(main, ["train", "--out", str(out), "--top-p", "0"]).exit_code == 2
     assert not out.exists()
-    from mtcore import loop
-    run = loop.Run(out, loop.resolve_config({}, {"top_p": 0.9, "iters": 1}))
+    from mtcore import loop, toy
+    run = loop.Run(out, loop.resolve_config({}, {"top_p": 0.9, "iters": 1}), toy.world())
     assert (out / "config.toml").exists() and run.splits["policy_1"]
 
 

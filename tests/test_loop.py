@@ -248,3 +248,13 @@ def test_toy_world_iterations_give_checkpoints_transformers_loads(tmp_path):
         AutoModelForCausalLM.from_pretrained(str(d / "policy"))
         AutoModelForSequenceClassification.from_pretrained(str(d / "reward"))
     assert (tmp_path / "run" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loop_does_not_import_the_toy_world():
+    """The loop meets a world through loop.World; importing it loads no toy module."""
+    import subprocess
+    import sys
+
+    code = "import sys, mtcore.loop; print('mtcore.toy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
