@@ -153,7 +153,8 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 @click.option("--n", default=1, show_default=True, type=COUNT, help="Samples per prompt.")
 @click.option("--temperature", default=1.0, show_default=True, type=AT_LEAST_0, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=PROBABILITY, help="Nucleus sampling mass, in (0, 1].")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Sample among the k most likely tokens only (0 = off).")
 @click.option("--max-new-tokens", default=256, show_default=True, type=COUNT, help="Longest response, in tokens.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
 @click.option("--slots", default=None, type=COUNT, help="Concurrent sequences (default: what --kv-cache-gb holds).")
