@@ -7,7 +7,12 @@ seeds) of the gold win rate against the initial policy, the gold score, and the 
 gold-ordered pairs of the current policy's answers and on the fixed held-out pairs. Iteration 0 is
 the initial policy and base RM (shared by both methods).
 
-    python bench/study.py [--seeds 0 1 2] [--iters 3] [--out runs/study] [--extra "--dpo-lr 1e-4"]
+A second table gives the diagnostics of the iterations that ran (stopped ones excluded): the gold
+accuracy of the E-step's pairs and of the kept pseudo-pairs, and the msample stage's eps, kept,
+filtered and identical counts. --assets DIR runs the toy world from another asset set (built with
+`mtcore build-toy --out DIR`), through MTCORE_TOY_ASSETS.
+
+    python bench/study.py [--seeds 0 1 2] [--iters 3] [--out runs/study] [--extra "--dpo-lr 1e-4"] [--assets DIR]
 """
 
 import argparse
@@ -34,7 +39,8 @@ def run(method: str, seed: int, args) -> tuple[dict, float]:
     cmd = [sys.executable, "-m", "mtcore", "train", "--iters", str(args.iters), "--seed", str(seed), "--out", str(out),
            *METHODS[method], *shlex.split(args.extra)]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TRITON_INTERPRET": "0"})
+    env = {**os.environ, "TRITON_INTERPRET": "0", **({"MTCORE_TOY_ASSETS": args.assets} if args.assets else {})}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start
 
 
@@ -60,16 +66,19 @@ def main():
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--extra", default="", help="More `mtcore train` options, for both methods.")
     parser.add_argument("--plot", default=None, help="PNG path (default: OUT/study.png).")
+    parser.add_argument("--assets", default=None, help="Toy asset directory (default: the package's).")
     args = parser.parse_args()
-    results, seconds = {}, {}
+    results, seconds, raw = {}, {}, {}
     for seed in args.seeds:  # seed-major, so a cut-short study still compares the methods
         for method in METHODS:
             metrics, took = run(method, seed, args)
             results.setdefault(method, []).append(series(metrics, args.iters))
+            raw.setdefault(method, []).append(metrics)
             seconds.setdefault(method, []).append(took)
     device = default_device()  # where `mtcore train` ran
     print(header("toy-world study", device, "fp32" if device == "cpu" else "bf16",
-                 f"seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'"))
+                 f"seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'"
+                 + (f", assets {args.assets}" if args.assets else "")))
     print("| iteration | method | " + " | ".join(SHORT[k] for k in KEYS) + " |")
     print("|---|---|" + "---:|" * len(KEYS))
     for t in range(args.iters + 1):
@@ -77,7 +86,32 @@ def main():
             cells = [spread([runs[t][k] for runs in results[method]]) for k in KEYS]
             print(f"| {t} | {method if t else 'initial'} | " + " | ".join(cells) + " |")
     print("wall time per run (s): " + ", ".join(f"{m} {spread(s)}" for m, s in seconds.items()))
+    print("stopped at: " + ", ".join(f"{m} {[r['stopped_at'] for r in rs]}" for m, rs in raw.items()))
+    diagnostics(raw, args.iters)
     plot(results, args.iters, Path(args.plot or Path(args.out) / "study.png"))
+
+
+DIAG = {"estep_pairs_gold_accuracy": "E-step pairs gold acc", "pseudo_pairs_gold_accuracy": "pseudo gold acc",
+        "pseudo_pairs_gold_ties": "pseudo gold ties", "eps": "eps", "pseudo_pairs": "kept", "filtered": "filtered",
+        "identical": "identical"}
+
+
+def diagnostics(raw: dict, iters: int) -> None:
+    """Per iteration and method, over the runs that evaluated it: mean ± sd of each DIAG value."""
+    print("| iteration | method | runs | " + " | ".join(DIAG.values()) + " |")
+    print("|---|---|---:|" + "---:|" * len(DIAG))
+    for t in range(1, iters + 1):
+        for method, runs in raw.items():
+            entries = [e for m in runs for e in m["iterations"] if e["iteration"] == t and "gold_score" in e
+                       and not e.get("select", {}).get("stopped")]
+            if not entries:
+                continue
+            cells = []
+            for key in DIAG:
+                xs = [e.get(key, e.get("msample", {}).get(key)) for e in entries]
+                xs = [x for x in xs if isinstance(x, (int, float)) and x == x]
+                cells.append(spread(xs) if xs else "-")
+            print(f"| {t} | {method} | {len(entries)} | " + " | ".join(cells) + " |")
 
 
 def plot(results: dict, iters: int, path: Path) -> None:

@@ -217,3 +217,50 @@ def test_pair_diagnostics_by_hand(tmp_path):
     d = pair_diagnostics(tmp_path)
     assert d["estep_pairs_gold_accuracy"] == pytest.approx(0.5) and d["estep_pairs_gold_ties"] == 1
     assert math.isnan(d["pseudo_pairs_gold_accuracy"]) and d["pseudo_pairs_gold_ties"] == 0
+
+
+# --- experiments: the off-policy base RM's pairs, another asset directory ---
+
+def test_offpolicy_answers_are_swaps_only():
+    """The off-policy generator permutes the sorted answer (1 to 3 swaps): never a length or digit error,
+    mostly wrong, both kinds of swap seen."""
+    from mtcore.toy import offpolicy_answer
+
+    rng, prompts = random.Random(0), make_prompts(300, seed=3)
+    answers = [offpolicy_answer(p, rng) for p in prompts]
+    for p, a in zip(prompts, answers):
+        assert ANSWER_RE.fullmatch(a) and sorted(a.split()) == sorted(parse_prompt(p)), (p, a)
+    scores = [gold_score(p, a) for p, a in zip(prompts, answers)]
+    assert sum(s < 1 for s in scores) > 240 and min(scores) < 0.5  # random swaps reach far, adjacent ones not
+
+
+def test_offpolicy_pairs_gold_ordered_and_deterministic():
+    from mtcore.toy import BASE_PAIRS, offpolicy_pairs
+
+    base, heldout = offpolicy_pairs(make_prompts(50, seed=1), make_prompts(20, seed=2), seed=0)
+    assert (base, heldout) == offpolicy_pairs(make_prompts(50, seed=1), make_prompts(20, seed=2), seed=0)
+    assert 45 * BASE_PAIRS <= len(base) <= 50 * BASE_PAIRS and 15 * BASE_PAIRS <= len(heldout) <= 20 * BASE_PAIRS
+    for row in base + heldout:
+        assert row["gold"] == [gold_score(row["prompt"], row["chosen"]), gold_score(row["prompt"], row["rejected"])]
+        assert row["gold"][0] > row["gold"][1]
+
+
+def test_build_assets_rejects_unknown_base_rm(tmp_path):
+    from mtcore.toy import build_assets
+
+    with pytest.raises(ValueError, match="base_rm"):
+        build_assets(tmp_path / "x", base_rm="bogus")
+    assert not (tmp_path / "x").exists()
+
+
+def test_assets_env_var_is_read_at_call_time(tmp_path, monkeypatch):
+    from mtcore import toy
+    from mtcore.errors import MtcoreError
+
+    monkeypatch.delenv(toy.ASSETS_ENV, raising=False)
+    assert toy.asset("policy") == toy.ASSETS / "policy"
+    (tmp_path / "policy").mkdir()
+    monkeypatch.setenv(toy.ASSETS_ENV, str(tmp_path))
+    assert toy.asset("policy") == tmp_path / "policy"
+    with pytest.raises(MtcoreError, match="build-toy"):
+        toy.asset("reward")
