@@ -354,7 +354,7 @@ def build_toy(out, seed, overwrite, base_rm):
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2),
               help="Tokens per sequence; longer responses are cut at the end.")
 @click.option("--micro-batch-tokens", default=8192, show_default=True, type=click.IntRange(min=2),
-              help="Token budget of one packed forward (at least --max-length).")
+              help="Token budget of one packed forward (at least the longest sequence).")
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors

@@ -452,6 +452,10 @@ class Scorer:
                     out.append(sequence_rewards(model, batch).tolist())
             return out
 
+        longest = max((ex.n_tokens for ex in examples), default=0)
+        if longest > cfg.micro_batch_tokens:
+            raise MtcoreError(f"a sequence of {longest} tokens does not fit --micro-batch-tokens "
+                              f"{cfg.micro_batch_tokens}; raise it to at least {longest}, or lower --max-length")
         bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
         for index, rewards in zip(bins, parallel.map_shards(score, bins)):
             for k, r in zip(index, rewards):
@@ -863,9 +867,6 @@ def rm_eval_file(reward, pairs_file, out_file, chat_template=None, max_length=20
 def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, micro_batch_tokens=8192,
                 device=None) -> int:
     """`mtcore score`: rows {"prompt", "responses"} -> the same rows plus "rewards"."""
-    if micro_batch_tokens < max_length:
-        raise MtcoreError(f"--micro-batch-tokens {micro_batch_tokens} cannot hold one sequence of --max-length "
-                          f"{max_length}; raise it to at least {max_length}")
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
                      micro_batch_tokens=micro_batch_tokens, device=device or "")
     device = default_device(device)

@@ -231,7 +231,7 @@ CASES = [
      'needs "responses"', ["s.jsonl"]),
     ("score-responses-str", "score {R} --prompts-with-responses {w}/responses_str.jsonl --out {w}/s.jsonl",
      'needs "responses"', ["s.jsonl"]),
-    ("score-micro-small", SCORE + " --out {w}/s.jsonl --max-length 64 --micro-batch-tokens 32", "cannot hold",
+    ("score-micro-small", SCORE + " --out {w}/s.jsonl --max-length 64 --micro-batch-tokens 4", "does not fit",
      ["s.jsonl"]),
     ("score-max-length-1", SCORE + " --out {w}/s.jsonl --max-length 1", "--max-length", ["s.jsonl"]),
     ("score-reward-is-policy", "score --reward {w}/policy --prompts-with-responses {w}/scored_in.jsonl "
