@@ -452,17 +452,19 @@ def test_nan_json_is_null(tmp_path):
 # --- interrupts: old or new, never both ---
 
 def _wait_for(proc, path: Path, timeout=900.0) -> bool:
+    """Whether `path` (a glob pattern in its last part) appeared while proc ran."""
     end = time.time() + timeout
     while time.time() < end and proc.poll() is None:
-        if path.exists():
+        if any(path.parent.glob(path.name)):
             return True
-        time.sleep(0.02)
-    return path.exists()
+        time.sleep(0.002)
+    return False
 
 
-def _interrupt(args, env, watch: Path, sig) -> None:
-    """Run `mtcore args`, send `sig` once `watch` exists, wait for the end. stderr goes to a file (a
-    pipe left unread would fill with progress bars and stall the command)."""
+def _interrupt(args, env, watch: Path, sig, required: bool = True) -> bool:
+    """Run `mtcore args`, send `sig` once `watch` exists, wait for the end; whether it was sent. With
+    required=False a command that ends before `watch` is seen is no failure (a moment too short to
+    catch every time). stderr goes to a file (a pipe left unread would fill and stall the command)."""
     fd, name = tempfile.mkstemp(suffix=".stderr")
     log = Path(name)
     with os.fdopen(fd, "wb") as err_file:
@@ -474,13 +476,14 @@ def _interrupt(args, env, watch: Path, sig) -> None:
             if appeared:
                 proc.send_signal(sig)
         finally:
-            if not appeared:
+            if not appeared and proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=120)
     err = log.read_text(errors="replace")
     log.unlink()
-    assert appeared, f"{watch} never appeared: {err[-2000:]}"
+    assert appeared or (not required and proc.returncode == 0), f"{watch} never appeared: {err[-2000:]}"
     assert "Traceback" not in err or sig == signal.SIGKILL, err[-2000:]
+    return appeared
 
 
 def _env():
@@ -503,12 +506,15 @@ def test_interrupted_dpo_leaves_the_old_output(world, tmp_path, sig, point):
                                          "rejected": "3 1"}) + "\n" for i in range(64)))
     args = ["dpo", "--policy", world / "policy", "--pairs", pairs, "--out", out, "--batch-size", "2",
             "--micro-batch-tokens", "256", "--epochs", "4"]
-    # the moment the work directory appears, mid-training, and the final model saved but not swapped in
+    # the moment the work directory appears, mid-training, and while the final model is saved (its
+    # temp directory) or saved but not yet swapped in: a moment of milliseconds, so a run that ends
+    # before it is seen must have left the complete new output
     watch = {"partial": tmp_path / "o.partial", "metrics": tmp_path / "o.partial" / "metrics.jsonl",
-             "model": tmp_path / "o.partial" / "model"}[point]
-    _interrupt(args, _env(), watch, sig)
-    assert snapshot(out) == before or (json.loads((out / "summary.json").read_text())["steps"] > 0
-                                        and (out / ".mtcore-output").exists())
+             "model": tmp_path / "o.partial" / "*model*"}[point]
+    sent = _interrupt(args, _env(), watch, sig, required=point != "model")
+    new = (out / ".mtcore-output").exists() and json.loads((out / "summary.json").read_text())["steps"] == 128
+    assert snapshot(out) == before or new
+    assert sent or new
     assert subprocess.run([sys.executable, "-m", "mtcore", *map(str, args[:-2]), "--epochs", "1"], env=_env(),
                           capture_output=True).returncode == 0
     assert json.loads((out / "summary.json").read_text())["pairs"] == str(pairs)
