@@ -216,7 +216,8 @@ def inspect_checkpoint(src) -> tuple[Path, ModelArgs, str, int, set[str]]:
     path = resolve(src)
     kind = kind_of(read_json(path / "config.json"))
     args, headers = check_checkpoint(path, kind)
-    return path, args, kind, sum(math.prod(shape) for shape, _ in headers.values()), {d for _, d in headers.values()}
+    return path, args, kind, sum(math.prod(shape) for _, shape, _ in headers.values()), {
+        d for _, _, d in headers.values()}
 
 
 def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
@@ -262,11 +263,11 @@ def default_dtype(device) -> torch.dtype:
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
-def check_checkpoint(path: Path, kind: str) -> tuple[ModelArgs, dict[str, tuple[list[int], str]]]:
+def check_checkpoint(path: Path, kind: str) -> tuple[ModelArgs, dict[str, tuple[Path, list[int], str]]]:
     """Everything about a checkpoint that can be known without reading a tensor: config.json makes a
     Llama of `kind`, and the safetensors headers hold exactly its tensors (a stored tied head and old
     rotary buffers aside), each of the shape config.json implies and of a floating dtype.
-    Returns (args, {tensor name: (shape, stored dtype)}) of the tensors load_model reads."""
+    Returns (args, {tensor name: (its file, shape, stored dtype)}) of the tensors load_model reads."""
     if kind not in ("policy", "reward"):
         raise ValueError(f"kind must be 'policy' or 'reward', got {kind!r}")
     args = config_to_args(read_json(path / "config.json"), str(path / "config.json"))
@@ -308,7 +309,7 @@ def check_checkpoint(path: Path, kind: str) -> tuple[ModelArgs, dict[str, tuple[
                 if dtype not in FLOAT_DTYPES:
                     raise MtcoreError(f"{f}: {name} is stored as {dtype}; weights must be floating point "
                                       f"({', '.join(FLOAT_DTYPES)})")
-                headers[name] = (shape, dtype)
+                headers[name] = (f, shape, dtype)
     return args, headers
 
 
@@ -328,9 +329,8 @@ def load_model(src, kind: str = "policy", dtype=None, device=None) -> Llama:
     args, headers = check_checkpoint(path, kind)
     with torch.device("meta"):
         model = Llama(args, kind)
-    files = _weight_files(path)
     state = {}
-    for f, names in _by_file(files, sorted(headers)).items():
+    for f, names in _by_file({name: f for name, (f, _, _) in headers.items()}, sorted(headers)).items():
         with _open_safetensors(f) as st:
             for name in names:
                 state[name] = st.get_tensor(name).to(device=device, dtype=dtype)

@@ -42,6 +42,7 @@ from mtcore.checkpoint import write_text_atomic
 from mtcore.data import Example, encode_pair, encode_prompt, encode_response, load_tokenizer, make_batch
 from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError, check_ranges
+from mtcore.outputs import write_json_file
 from mtcore.parallel import save_model
 from mtcore.sampler import SamplingParams, generate_responses, slot_len
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
@@ -280,7 +281,7 @@ class Run:
         self.dir, self.cfg, self.world = Path(out), cfg, world
         self.device = default_device(cfg.device)
         if (world is None) == (not cfg.policy):
-            raise MtcoreError("a run needs --policy (real models) or a world (the toy world), not both")
+            raise MtcoreError("a run needs exactly one of --policy (real models) or a world (the toy world)")
         if world is not None:
             self.base_policy, self.base_reward = world.base_policy, world.base_reward
         else:
@@ -855,12 +856,11 @@ def evaluate_rm(cfg: LoopConfig, device, reward_dir: Path, pairs_file, stage=Non
 
 def rm_eval_file(reward, pairs_file, out_file, chat_template=None, max_length=2048, micro_batch_tokens=8192,
                  device=None) -> dict:
-    """`mtcore eval --reward --pairs`: evaluate_rm, written as JSON (atomically, rank 0)."""
+    """`mtcore eval --reward --pairs`: evaluate_rm, written as JSON (atomically, rank 0, no bare NaN)."""
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
                      micro_batch_tokens=micro_batch_tokens, device=str(device or ""))
     result = evaluate_rm(cfg, default_device(device), resolve(reward), pairs_file)
-    if parallel.is_main():
-        write_text_atomic(out_file, rmeval.to_json(result))
+    write_json_file(out_file, result)  # rank 0
     return result
 
 

@@ -26,7 +26,8 @@ MARKER = ".mtcore-output"
 # Outputs written before the marker existed: the file that identifies each command's output.
 _LEGACY = {"dpo": ("summary.json", "dpo"), "rm": ("summary.json", "rm"), "sft": ("summary.json", "sft"),
            "build-toy": ("build.json", None)}
-_OVERWRITE_HINT = "choose another --out, or pass --overwrite to replace it"
+_ANOTHER = "choose another --out"
+_OVERWRITE_HINT = f"{_ANOTHER}, or pass --overwrite to replace it"
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -106,7 +107,7 @@ def check_out_dir(out, command: str, inputs=(), overwrite: bool = False) -> Path
     if not out.name:
         raise MtcoreError(f"{out}: give the output a directory of its own")
     if out.exists() and not out.is_dir():
-        raise MtcoreError(f"{out}: exists and is not a directory; {_OVERWRITE_HINT.split(', or')[0]}")
+        raise MtcoreError(f"{out}: exists and is not a directory; {_ANOTHER}")
     _check_inputs(out, inputs)
     if out.is_dir() and any(out.iterdir()) and not overwrite and not written_by(out, command):
         raise MtcoreError(f"{out}: holds files that `mtcore {command}` did not write; {_OVERWRITE_HINT}")

@@ -162,15 +162,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def on_main(fn):
-    """fn, run by rank 0 alone (the others get None): for writes of files every rank would write
-    alike. Readers on other ranks must wait for it (loop.run_stage ends each stage with a barrier)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs) if is_main() else None
-    return wrapper
-
-
 # ------------------------------------------------------------------------------------------------
 # Shares of the work
 # ------------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ Sources, allenai/reward-bench on GitHub:
   2, 2, 2, 2, 1.
 """
 
-import json
 import math
 
 from mtcore.data import prompt_of, read_jsonl
@@ -101,11 +100,6 @@ def summarize(subsets: list[str], chosen_rewards: list[float], rejected_rewards:
         "accuracy": sum(all_outcomes) / len(all_outcomes),
         "pairs": len(all_outcomes),
     }
-
-
-def to_json(result: dict) -> str:
-    """The result as JSON text; a NaN or inf anywhere is an error, not a bare NaN in the file."""
-    return json.dumps(result, indent=2, allow_nan=False) + "\n"
 
 
 def _pct(v) -> str:

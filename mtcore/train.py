@@ -489,18 +489,18 @@ def _fit_and_save(model, tokenizer, examples, objective, cfg, out: Path, summary
     NaN/inf, OUT is left as it was and the last good model is saved in OUT.partial/last_good."""
     from mtcore.checkpoint import write_json
 
-    command = summary["command"]
+    command, dtype = summary["command"], stored_dtype(model.source)  # saved as the source is kept
     work = open_partial(out, command) if parallel.is_main() else partial_dir(out)
     parallel.barrier()
     metrics_file = work / "metrics.jsonl"
     try:
         history = fit(model, examples, objective, cfg, metrics_file, desc=command, state_dir=work / "train_state")
     except NonFiniteLoss as e:
-        parallel.save_model(model, work / "last_good", tokenizer=tokenizer, dtype=stored_dtype(model.source))
+        parallel.save_model(model, work / "last_good", tokenizer=tokenizer, dtype=dtype)
         good = f"the good steps' metrics in {metrics_file}" if metrics_file.exists() else "no step completed"
         raise NonFiniteLoss(f"{e}; {out} is unchanged; the model before that step is in {work / 'last_good'} "
                             f"({good}); lower --lr, or check the examples named") from None
-    finished = parallel.save_model(model, work / "model", tokenizer=tokenizer, dtype=stored_dtype(model.source))
+    finished = parallel.save_model(model, work / "model", tokenizer=tokenizer, dtype=dtype)
     summary.update(config=asdict(cfg), world_size=parallel.world_size(), steps=len(history),
                    final=history[-1] if history else None)
     if parallel.is_main():
