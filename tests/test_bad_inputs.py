@@ -251,6 +251,8 @@ CASES = [
     ("eval-out-is-input", "eval {R} --pairs {w}/pairs.jsonl --out {w}/pairs.jsonl", "is also an input"),
     ("eval-out-user-file", "eval --out {w}/user_out.json", "does not look like"),
     ("eval-seed-neg", "eval --seed -3 --out {w}/e.json", "--seed", ["e.json"]),
+    ("eval-pairs-no-chosen", "eval {R} --pairs {w}/no_chosen.jsonl --out {w}/e.json", "no_chosen.jsonl:1", ["e.json"]),
+    ("eval-pairs-not-utf8", "eval {R} --pairs {w}/not_utf8.jsonl --out {w}/e.json", "not UTF-8", ["e.json"]),
     # mtcore dpo / rm / sft: --out
     ("dpo-out-user-dir", DPO + " --out {w}/user_dir", "did not write"),
     ("dpo-out-policy", DPO + " --out {w}/policy", "holds the input"),
@@ -335,11 +337,14 @@ CASES = [
     ("train-bad-state", "train --out {w}/run_bad_state", "state.json: not a run state"),
     ("train-state-not-json", "train --out {w}/run_state_not_json", "not valid JSON"),
     ("train-bad-splits", "train --out {w}/run_bad_splits", "splits.json: not the prompt splits"),
+    ("train-rm-eval-missing", "train --out {w}/r --rm-eval {w}/nope.jsonl", "cannot read", ["r"]),
+    ("train-rm-eval-bad", "train --out {w}/r --rm-eval {w}/no_chosen.jsonl", "no_chosen.jsonl:1", ["r"]),
     ("train-bool-value", "train --out {w}/r --m-step maybe", "unexpected extra argument", ["r"]),
     # mtcore build-toy and the command line itself
     ("toy-out-user-dir", "build-toy --out {w}/user_dir", "did not write"),
     ("toy-out-file", "build-toy --out {w}/notes.txt", "is a file"),
     ("toy-out-cwd", "build-toy --out .", "current directory"),
+    ("toy-base-rm", "build-toy --base-rm mixed --out {w}/t", "--base-rm", ["t"]),
     ("toy-seed-neg", "build-toy --seed -1 --out {w}/t", "--seed", ["t"]),
     ("unknown-command", "frobnicate", "No such command"),
     ("unknown-option", "dpo --frobnicate", "No such option"),
