@@ -21,7 +21,8 @@ own varlen_attn (torch >= 2.10, signature detected). Otherwise, and on the CPU, 
 scaled_dot_product_attention (packed sequences padded into length buckets).
 
 Nothing here knows of distribution, training or generation: FSDP, activation checkpointing, compile
-and the KV cache are applied from outside.
+and the KV cache are applied from outside (the sampler hands each Block an attention function that
+reads and writes its cache).
 """
 
 import functools
@@ -280,9 +281,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, layout: AttnLayout):
+    def forward(self, x, cos, sin, layout, attend_fn=None):
+        """attend_fn(q, k, v, layout) -> [..., Hq, D]: `attend` by default; the sampler passes one that
+        also reads and writes its K/V cache (and a layout of its own)."""
         q, k, v = self.qkv(x, cos, sin)
-        out = attend(q, k, v, layout)  # same leading shape as x, [..., Hq, D]
+        out = (attend_fn or attend)(q, k, v, layout)  # same leading shape as x, [..., Hq, D]
         return self.o_proj(out.flatten(-2))
 
 
@@ -337,8 +340,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, layout):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+    def forward(self, x, cos, sin, layout, attend_fn=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, attend_fn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -1,19 +1,29 @@
 """The KV-cache batch sampler: continuous batching over a fixed set of cache slots.
 
-- KVCache: per layer K and V of [slots, max_len, n_kv_heads, head_dim], preallocated; each slot
-  holds one sequence and its own length. Nothing ever attends past a slot's length, so padding is
-  never seen.
-- prefill: the prompts of the requests that just got slots, packed (cu_seqlens) through the model;
-  each prompt's K/V are written once into every slot that samples from it (n samples of a prompt
-  share one prefill).
-- decode_step: one token for every slot, each at its own position, attending to its own prefix.
-- sample: greedy (temperature 0), temperature, top-k, top-p.
-- generate: the scheduler. Requests (prompt, sample) wait in a queue far longer than the slot count;
-  when a sequence stops (a stop id or max_new_tokens) its slot takes the next request.
+- KVCache: per layer K and V of [slots, max_len, n_kv_heads, head_dim], preallocated. On CUDA the slot
+  count comes from the memory left after the weights (cache_budget); each slot holds one sequence.
+- prefill: the prompts of newly admitted requests, packed (cu_seqlens) through the model's own blocks;
+  each prompt's K/V are written once into every slot that samples from it (n samples of a prompt share
+  one prefill). Refills are batched: freed slots wait until enough of them have freed (or a few steps)
+  and are prefilled together.
+- decode_step: one token for each row (slot), at its own position, attending to its own filled prefix
+  through kernels/decode_attention.py (Triton on CUDA: each KV head read once, in the cache's dtype).
+- sample: greedy, temperature, top-k, top-p, on the logits' device with a generator there.
+- generate: the scheduler, as small functions (admit, refill, decode, accept) over a Batch that holds
+  the slots' state on the host. The host knows every slot's length without reading the device; the
+  one device-to-host copy per step is the sampled tokens, for the stop checks.
 
-The model's modules are reused as they are (embedding, norms, Attention.qkv, o_proj, MLP, head);
-model.py knows nothing of caches. Greedy results do not depend on the slot count or queue order
-beyond floating-point noise; sampled results are reproducible for a given seed and slot count.
+Decode modes (DECODE_MODES), all giving the same tokens:
+- eager (the default): each step runs the active slots only, over the columns up to the longest one;
+- compile: the static step (every slot, every column: the same shapes at every step) through
+  torch.compile(fullgraph=True);
+- graphs: the static step captured once as a CUDA graph and replayed (CUDA only). Off by default until
+  a GPU run has shown it equal to eager, token for token, and faster: none has run yet.
+
+The model's modules are reused as they are: each Block is handed an attention function that also
+writes the cache (model.py knows nothing of caches). Greedy results do not depend on the slot count,
+the mode or queue order beyond floating-point noise; sampled results are reproducible for a given
+seed, slot count and device.
 """
 
 import logging
@@ -21,12 +31,21 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from mtcore.errors import MtcoreError
-from mtcore.model import Llama, _flash_attn, attend, flash_attn_usable, make_layout, packed_positions, rope_cos_sin
+from mtcore.kernels.decode_attention import decode_attention, decode_attention_ref
+from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
 
 log = logging.getLogger(__name__)
+
+DECODE_MODES = ("eager", "compile", "graphs")
+CPU_CACHE_BYTES = 2 * 2**30  # the K/V budget off CUDA
+RESERVE_FRACTION = 0.1  # of a GPU's memory kept free beside the cache (prefill activations, logits)
+MIN_RESERVE_BYTES = 2 * 2**30
+MAX_SLOTS = 256  # the default cap on concurrent sequences
+PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)
+REFILL_EVERY = 8  # decode steps a freed slot may wait for others before a refill
+REFILL_FRACTION = 8  # ... or until 1/REFILL_FRACTION of the slots are free
 
 
 @dataclass
@@ -62,24 +81,70 @@ class KVCache:
         shape = (a.n_layers, slots, max_len, a.n_kv_heads, a.head_dim)
         self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
         self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.lens = torch.zeros(slots, dtype=torch.long, device=p.device)  # tokens held per slot
+        self.inv_freq = model.model.inv_freq(p.device)  # [head_dim // 2]
         self.slots, self.max_len = slots, max_len
+
+    @staticmethod
+    def bytes_per_token(model: Llama) -> int:
+        a = model.args
+        return 2 * a.n_layers * a.n_kv_heads * a.head_dim * next(model.parameters()).element_size()
 
     @staticmethod
     def slots_for(model: Llama, budget_bytes: int, max_len: int) -> int:
         """How many slots of max_len tokens fit a K+V budget in bytes (at least one)."""
-        a = model.args
-        per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * next(model.parameters()).element_size()
-        return max(1, budget_bytes // (max_len * per_token))
+        return max(1, budget_bytes // (max_len * KVCache.bytes_per_token(model)))
 
 
-def _block(layer, x, cos, sin, cache_and_attend):
-    """One transformer block as Block.forward computes it, with attention replaced by a function of
-    (q, k, v) that also writes the K/V cache."""
-    attn = layer.self_attn
-    q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
-    x = x + attn.o_proj(cache_and_attend(q, k, v).flatten(-2))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+def cache_budget(device: torch.device) -> int:
+    """Bytes the K/V cache may take: on CUDA, the free memory now (after the weights) less a reserve of
+    max(RESERVE_FRACTION of the GPU, MIN_RESERVE_BYTES); elsewhere CPU_CACHE_BYTES."""
+    if device.type != "cuda":
+        return CPU_CACHE_BYTES
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - max(int(RESERVE_FRACTION * total), MIN_RESERVE_BYTES))
+
+
+def slot_count(model: Llama, max_len: int, requests: int, slots: int | None = None,
+               kv_budget_bytes: int | None = None) -> int:
+    """Concurrent sequences: `slots` if given, else what the budget (default cache_budget) holds, at most
+    MAX_SLOTS; never more than the requests."""
+    if slots is None:
+        budget = cache_budget(next(model.parameters()).device) if kv_budget_bytes is None else kv_budget_bytes
+        slots = min(MAX_SLOTS, KVCache.slots_for(model, budget, max_len))
+    return max(1, min(slots, requests))
+
+
+@dataclass
+class _LayerCache:
+    """What one block's attention function needs: that layer's K and V, and where the step's tokens go."""
+    k: torch.Tensor  # [S, L, Hkv, D]
+    v: torch.Tensor
+    slots: torch.Tensor  # [R] (decode) or [M] (prefill: one entry per token written)
+    pos: torch.Tensor  # same shape as slots: the column each K/V is written at
+    src: torch.Tensor | None = None  # prefill: the packed token each entry writes
+    layout: object = None  # prefill: the packed AttnLayout
+    kv_len: int = 0  # decode: columns read
+    attention: object = None  # decode: decode_attention or decode_attention_ref
+
+
+def _prefill_attend(q, k, v, c: _LayerCache):
+    """q [N, Hq, D], k, v [N, Hkv, D] packed: write each prompt's K/V into its slots, attend packed."""
+    c.k[c.slots, c.pos] = k[c.src]
+    c.v[c.slots, c.pos] = v[c.src]
+    return attend(q, k, v, c.layout)
+
+
+def _decode_attend(q, k, v, c: _LayerCache):
+    """q [R, 1, Hq, D], k, v [R, 1, Hkv, D]: write the new K/V at each row's position, attend to its prefix."""
+    c.k[c.slots, c.pos] = k[:, 0]
+    c.v[c.slots, c.pos] = v[:, 0]
+    return c.attention(q[:, 0], c.k[:, :c.kv_len], c.v[:, :c.kv_len], c.slots, c.pos + 1)[:, None]
+
+
+def _to_device(values: list[int], device) -> torch.Tensor:
+    """A host list as a device tensor without a host sync (pinned memory, non-blocking copy)."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 @torch.no_grad()
@@ -91,79 +156,51 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
     """
     device = cache.k.device
     lens = [len(p) for p in prompts]
-    cu_seqlens = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)  # [P+1]
-    tokens = torch.tensor([t for p in prompts for t in p], device=device)  # [N]
-    positions = packed_positions(cu_seqlens)  # [N]
-    # Where each token's K/V goes: (slot, position) for every slot of its prompt.
-    src, dst_slot = [], []
-    for p, (start, n) in enumerate(zip(cu_seqlens[:-1].tolist(), lens)):
-        for s in slots[p]:
-            src.extend(range(start, start + n))
-            dst_slot.extend([s] * n)
-    src = torch.tensor(src, device=device)
-    dst_slot = torch.tensor(dst_slot, device=device)
-    dst_pos = positions[src]
-
+    starts = [0]
+    for n in lens:
+        starts.append(starts[-1] + n)
+    src = [t for p, n in enumerate(lens) for _ in slots[p] for t in range(starts[p], starts[p] + n)]
+    dst_slot = [s for p, n in enumerate(lens) for s in slots[p] for _ in range(n)]
+    dst_pos = [i for p, n in enumerate(lens) for _ in slots[p] for i in range(n)]
+    cu_seqlens = _to_device(starts, device).to(torch.int32)  # [P+1]
+    tokens = _to_device([t for p in prompts for t in p], device)  # [N]
+    src, dst_slot, dst_pos = (_to_device(x, device) for x in (src, dst_slot, dst_pos))
     body = model.model
     x = body.embed_tokens(tokens)  # [N, dim]
-    cos, sin = rope_cos_sin(body.inv_freq(device), positions, x.dtype)
+    cos, sin = rope_cos_sin(cache.inv_freq, packed_positions(cu_seqlens), x.dtype)
     layout = make_layout(x, cu_seqlens, max(lens))
     for i, layer in enumerate(body.layers):
-        def cache_and_attend(q, k, v, i=i):  # q [N, H, D]; called within this iteration
-            cache.k[i, dst_slot, dst_pos] = k[src]
-            cache.v[i, dst_slot, dst_pos] = v[src]
-            return attend(q, k, v, layout)
-        x = _block(layer, x, cos, sin, cache_and_attend)
-    for p, n in enumerate(lens):
-        cache.lens[slots[p]] = n
+        x = layer(x, cos, sin, _LayerCache(cache.k[i], cache.v[i], dst_slot, dst_pos, src, layout),
+                  attend_fn=_prefill_attend)
     last = body.norm(x[cu_seqlens[1:].long() - 1])  # [P, dim]
     return model.lm_head(last).float()
 
 
 @torch.no_grad()
-def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """One token for every slot: tokens [S] at position cache.lens. Returns logits [S, V] fp32.
-
-    Inactive slots run too (static shapes) but write at position 0 and are never read. On CUDA with
-    flash-attn, flash_attn_with_kvcache appends the new K/V and attends in one call; otherwise the
-    cache is written here and SDPA attends under a per-slot length mask."""
-    S = cache.slots
-    pos = torch.where(active, cache.lens, 0)  # [S]
-    if int(pos.max()) >= cache.max_len:
-        raise RuntimeError("KV cache overflow: a slot is full")  # generate() sizes the cache so it cannot
-    kv_len = int(pos.max()) + 1
+def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                kv_len: int, attention=decode_attention) -> torch.Tensor:
+    """One token for each row: tokens [R] into cache slots [R] at columns pos [R], each attending to its
+    slot's first pos + 1 columns (of the kv_len read). Returns logits [R, V] fp32. No host sync: shapes
+    depend on R and kv_len only, so with R = every slot and kv_len = max_len the step is static."""
     body = model.model
-    x = body.embed_tokens(tokens[:, None])  # [S, 1, dim]
-    cos, sin = rope_cos_sin(body.inv_freq(x.device), pos[:, None], x.dtype)  # [S, 1, D]
-    mask = (torch.arange(kv_len, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]  # [S, 1, 1, kv_len]
-    rows = torch.arange(S, device=x.device)
-    flash = _flash_attn() if flash_attn_usable(x) else None
-    seqlens = pos.to(torch.int32)
+    x = body.embed_tokens(tokens[:, None])  # [R, 1, dim]
+    cos, sin = rope_cos_sin(cache.inv_freq, pos[:, None], x.dtype)  # [R, 1, head_dim]
     for i, layer in enumerate(body.layers):
-        def cache_and_attend(q, k, v, i=i):  # q [S, 1, Hq, D] -> [S, 1, Hq, D]
-            if flash is not None:  # writes k, v at seqlens into the cache in place, attends to [0, seqlens]
-                return flash.flash_attn_with_kvcache(q, cache.k[i], cache.v[i], k=k, v=v, cache_seqlens=seqlens,
-                                                     causal=True)
-            cache.k[i, rows, pos] = k[:, 0]
-            cache.v[i, rows, pos] = v[:, 0]
-            keys = cache.k[i, :, :kv_len].transpose(1, 2)  # [S, Hkv, kv_len, D]
-            values = cache.v[i, :, :kv_len].transpose(1, 2)
-            return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
-                                                  enable_gqa=True).transpose(1, 2)
-        x = _block(layer, x, cos, sin, cache_and_attend)  # [S, 1, dim]
-    cache.lens += active.long()
+        c = _LayerCache(cache.k[i], cache.v[i], slots, pos, kv_len=kv_len, attention=attention)
+        x = layer(x, cos, sin, c, attend_fn=_decode_attend)  # [R, 1, dim]
     return model.lm_head(body.norm(x[:, 0])).float()
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """logits [R, V] fp32 -> token ids [R]. Order as transformers: temperature, top-k, top-p.
+def decode_attention_for(device: torch.device):
+    """The decode attention a device runs: the Triton kernel on CUDA, the folded torch reference on the
+    CPU (where the interpreter, TRITON_INTERPRET=1, would be far slower; tests run it explicitly)."""
+    return decode_attention if device.type == "cuda" else decode_attention_ref
 
-    Top-p without sorting the vocabulary: draw from the (top-k) distribution by inverse CDF, and keep
-    the draw if it lies in the nucleus (the probability mass strictly above it is < top_p); redraw the
-    rows that do not. Rejection from p restricted to a set samples p renormalised on that set, so
-    this is the nucleus distribution exactly, at a cost of a few passes over [R, V] instead of a sort
-    (a sort was 70% of sampling time on CPU). A draw is rejected with probability <= 1 - top_p.
-    """
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits [R, V] fp32 -> token ids [R], on the logits' device (generator on that device too). Order as
+    transformers: temperature, top-k, top-p. Top-p on CUDA sorts (no host sync); on the CPU it draws
+    by rejection (nucleus_by_rejection), which is faster there and where a sync costs nothing."""
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = logits / params.temperature
@@ -171,32 +208,41 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # [R, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)  # [R, V]
+    if params.top_p >= 1.0:
+        return _draw(probs, probs.cumsum(-1), generator)
+    nucleus = nucleus_sorted if probs.is_cuda else nucleus_by_rejection
+    return nucleus(probs, params.top_p, generator)
+
+
+def _draw(probs, cdf, generator):
+    """One inverse-CDF draw per row of probs [R, V] (unnormalised; cdf its cumsum) -> [R]."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def nucleus_sorted(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Top-p by sorting: keep the most probable tokens whose mass before them is < top_p, draw there."""
+    sorted_probs, order = probs.sort(-1, descending=True)  # [R, V]
+    kept = torch.where(sorted_probs.cumsum(-1) - sorted_probs < top_p, sorted_probs, 0.0)
+    return order.gather(1, _draw(kept, kept.cumsum(-1), generator)[:, None]).squeeze(1)
+
+
+def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    """Top-p without sorting the vocabulary: draw from probs by inverse CDF, and keep the draw if it lies
+    in the nucleus (the probability mass strictly above it is < top_p); redraw the rows that do not.
+    Rejection from p restricted to a set samples p renormalised on that set, so this is the nucleus
+    distribution exactly, at a cost of a few passes over [R, V] instead of a sort (a sort was 70% of
+    sampling time on CPU). A draw is rejected with probability <= 1 - top_p."""
     cdf = probs.cumsum(-1)  # [R, V]
-    tokens = _draw(probs, cdf, params.top_p, generator)
-    while params.top_p < 1.0:
-        redo = (tokens < 0).nonzero().squeeze(1)  # rows whose draw fell outside the nucleus
-        if not redo.numel():
-            break
-        tokens[redo] = _draw(probs[redo], cdf[redo], params.top_p, generator)
+    tokens = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
+    redo = torch.arange(probs.shape[0], device=probs.device)
+    while redo.numel():
+        draw = _draw(probs[redo], cdf[redo], generator)  # [r]
+        p_draw = probs[redo].gather(1, draw[:, None])  # [r, 1]
+        inside = torch.where(probs[redo] > p_draw, probs[redo], 0.0).sum(-1) < top_p  # [r]
+        tokens[redo[inside]] = draw[inside]
+        redo = redo[~inside]
     return tokens
-
-
-def _draw(probs, cdf, top_p, generator):
-    """One inverse-CDF draw per row; -1 where the draw lies outside the top_p nucleus."""
-    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device) * cdf[:, -1:]
-    draw = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)  # [R]
-    if top_p >= 1.0:
-        return draw
-    p_draw = probs.gather(1, draw[:, None])  # [R, 1]
-    mass_above = torch.where(probs > p_draw, probs, 0.0).sum(-1)  # [R]
-    return torch.where(mass_above < top_p, draw, -1)
-
-
-@dataclass
-class _Slot:
-    request: int = -1  # index into the request list; -1 = free
-    tokens: list = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
 
 
 def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> int:
@@ -205,20 +251,210 @@ def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> 
     return min(longest + params.max_new_tokens, model.args.max_position_embeddings)
 
 
+@dataclass
+class Batch:
+    """The scheduler's view of the cache slots, on the host; `last` is the one device-side piece."""
+    last: torch.Tensor  # [S] the token each slot feeds to the next decode step
+    request: list[int] = field(default_factory=list)  # per slot: index into the requests; -1 = free
+    prompt_len: list[int] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)  # generated so far
+    logprobs: list[list[float]] = field(default_factory=list)
+    idle_steps: int = 0  # decode steps run while a slot was free and requests waited
+
+    @classmethod
+    def empty(cls, slots: int, device) -> "Batch":
+        return cls(torch.zeros(slots, dtype=torch.long, device=device), [-1] * slots, [0] * slots,
+                   [[] for _ in range(slots)], [[] for _ in range(slots)])
+
+    def free(self) -> list[int]:
+        return [s for s, r in enumerate(self.request) if r < 0]
+
+    def active(self) -> list[int]:
+        return [s for s, r in enumerate(self.request) if r >= 0]
+
+    def position(self, s: int) -> int:
+        """The cache column slot s's last sampled token goes to (it is not in the cache yet)."""
+        return self.prompt_len[s] + len(self.tokens[s]) - 1
+
+
+@dataclass
+class _Job:
+    """What one generate call is doing: its requests (prompt, sample), parameters and results."""
+    prompts: list[list[int]]
+    requests: list[tuple[int, int]]
+    params: SamplingParams
+    max_len: int
+    results: list
+    generator: torch.Generator
+    stops: set[int]
+
+
+def admit(batch: Batch, queue: deque, job: _Job) -> dict[int, list[int]]:
+    """Give free slots to waiting requests: {prompt index: its newly assigned slots}."""
+    groups: dict[int, list[int]] = {}
+    for s in batch.free()[:len(queue)]:
+        r = queue.popleft()
+        prompt = job.requests[r][0]
+        batch.request[s], batch.prompt_len[s] = r, len(job.prompts[prompt])
+        batch.tokens[s], batch.logprobs[s] = [], []
+        groups.setdefault(prompt, []).append(s)
+    return groups
+
+
+def refill(model: Llama, cache: KVCache, groups: dict[int, list[int]], job: _Job) -> tuple[list[int], torch.Tensor]:
+    """Prefill the admitted prompts, PREFILL_TOKENS at a time: (slot ids, their next-token logits [R, V])."""
+    order, chunk, chunks = list(groups), [], []
+    for i in order:
+        if chunk and sum(len(job.prompts[j]) for j in chunk) + len(job.prompts[i]) > PREFILL_TOKENS:
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(i)
+    chunks.append(chunk)
+    logits = torch.cat([prefill(model, cache, [job.prompts[i] for i in c], [groups[i] for i in c]) for c in chunks])
+    rows = _to_device([k for k, i in enumerate(order) for _ in groups[i]], logits.device)
+    return [s for i in order for s in groups[i]], logits[rows]
+
+
+def accept(batch: Batch, slot_ids: list[int], logits: torch.Tensor, job: _Job) -> int:
+    """Sample a token for each slot from its logits row; finish the slots that stop. The tokens (and
+    log-probs) come to the host in one copy, the step's only sync. Returns the number finished."""
+    params = job.params
+    tokens = sample(logits, params, job.generator)  # [R]
+    batch.last[_to_device(slot_ids, tokens.device)] = tokens
+    if params.logprobs:
+        logps = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)  # [R]
+        host = torch.stack([tokens.double(), logps.double()], 1).tolist()
+    else:
+        host = [[t] for t in tokens.tolist()]
+    finished = 0
+    for s, row in zip(slot_ids, host):
+        token = int(row[0])
+        batch.tokens[s].append(token)
+        if params.logprobs:
+            batch.logprobs[s].append(row[1])
+        n = len(batch.tokens[s])
+        reason = "stop" if token in job.stops else (
+            "length" if n >= params.max_new_tokens or batch.prompt_len[s] + n >= job.max_len else None)
+        if reason:
+            i, j = job.requests[batch.request[s]]
+            job.results[i][j] = Completion(batch.tokens[s], reason, batch.logprobs[s] if params.logprobs else None)
+            batch.request[s] = -1
+            finished += 1
+    return finished
+
+
+def eager_decoder(model: Llama, cache: KVCache):
+    """Decode the active slots only, over the columns up to the longest: shapes change step to step."""
+    attention = decode_attention_for(cache.k.device)
+
+    def step(batch: Batch) -> tuple[list[int], torch.Tensor]:
+        active = batch.active()
+        positions = [batch.position(s) for s in active]
+        slots = _to_device(active, cache.k.device)
+        return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.k.device),
+                                   max(positions) + 1, attention)
+    return step
+
+
+def static_decoder(model: Llama, cache: KVCache, mode: str):
+    """Decode every slot over every column (a free slot writes column 0 of its own, unused, cache): the
+    same shapes at every step, compiled (mode "compile") or captured as a CUDA graph ("graphs")."""
+    device = cache.k.device
+    attention = decode_attention_for(device)
+    all_slots = torch.arange(cache.slots, device=device)
+    pos = torch.zeros(cache.slots, dtype=torch.long, device=device)  # the step's input, updated in place
+
+    def forward(tokens):
+        return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention)
+
+    if mode == "compile":
+        run = torch.compile(forward, fullgraph=True)
+    elif device.type != "cuda":
+        raise MtcoreError("decode mode 'graphs' needs a CUDA device; use 'eager' or 'compile'")
+    else:
+        run = _cuda_graph(forward, device)
+
+    def step(batch: Batch) -> tuple[list[int], torch.Tensor]:
+        active = batch.active()
+        positions = [0] * cache.slots
+        for s in active:
+            positions[s] = batch.position(s)
+        pos.copy_(_to_device(positions, device), non_blocking=True)
+        return active, run(batch.last)[_to_device(active, device)]  # only the active rows are sampled
+    return step
+
+
+def _cuda_graph(forward, device):
+    """Capture forward(tokens) once (after warm-up on a side stream, which compiles the Triton kernels)
+    and return a function that copies tokens into the captured input and replays."""
+    static_tokens = None
+    graph, out = torch.cuda.CUDAGraph(), None
+
+    def run(last):
+        nonlocal static_tokens, out
+        if static_tokens is None:
+            static_tokens = last.clone()
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    forward(static_tokens)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.cuda.graph(graph):
+                out = forward(static_tokens)
+        static_tokens.copy_(last)
+        graph.replay()
+        return out
+    return run
+
+
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
              max_len: int | None = None, on_overlong: str = "error", progress=None,
-             kv_budget_bytes: int = 2 * 2**30) -> list[list[Completion] | None]:
+             kv_budget_bytes: int | None = None, decode_mode: str = "eager") -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
 
-    slots: concurrent sequences (default: as many as kv_budget_bytes of K/V cache holds, at most one
-    per request). max_len: tokens per slot
-    (default: longest prompt + max_new_tokens, capped at the model's max_position_embeddings).
+    slots: concurrent sequences (default: slot_count, from kv_budget_bytes or the free GPU memory).
+    max_len: tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings).
     progress: called with the number of requests finished at each step (for a progress bar).
+    decode_mode: one of DECODE_MODES.
     """
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
+    if decode_mode not in DECODE_MODES:
+        raise MtcoreError(f"decode mode must be one of {', '.join(DECODE_MODES)}; got {decode_mode!r}")
     max_len = max_len or slot_len(model, prompts, params)
+    keep = _fitting(prompts, max_len, on_overlong)
+    results: list[list[Completion] | None] = [None] * len(prompts)
+    for i in keep:
+        results[i] = [None] * params.n
+    requests = [(i, j) for i in keep for j in range(params.n)]
+    if not requests:
+        return results
+    cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
+    device = cache.k.device
+    job = _Job(prompts, requests, params, max_len, results, torch.Generator(device=device).manual_seed(params.seed),
+               set(params.stop_ids))
+    decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
+    batch, queue = Batch.empty(cache.slots, device), deque(range(len(requests)))
+    while True:
+        active, free = batch.active(), len(batch.free())
+        if queue and free and (not active or free * REFILL_FRACTION >= cache.slots
+                               or batch.idle_steps >= REFILL_EVERY):
+            slot_ids, logits = refill(model, cache, admit(batch, queue, job), job)
+            batch.idle_steps = 0
+        elif active:
+            slot_ids, logits = decode(batch)
+            batch.idle_steps += bool(queue and free)
+        else:
+            return results
+        finished = accept(batch, slot_ids, logits, job)
+        if progress and finished:
+            progress(finished)
+
+
+def _fitting(prompts: list[list[int]], max_len: int, on_overlong: str) -> list[int]:
+    """The indices of the prompts that leave room for a generated token in a max_len slot."""
     keep = []
     for i, p in enumerate(prompts):
         if not p:
@@ -230,70 +466,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
             log.warning("prompt %d: %d tokens, too long for a %d-token slot; skipped", i, len(p), max_len)
             continue
         keep.append(i)
-    requests = [(i, j) for i in keep for j in range(params.n)]
-    results: list[list[Completion] | None] = [None] * len(prompts)
-    for i in keep:
-        results[i] = [None] * params.n
-    if not requests:
-        return results
-    n_slots = min(slots or KVCache.slots_for(model, kv_budget_bytes, max_len), len(requests))
-    cache = KVCache(model, n_slots, max_len)
-    device = cache.k.device
-    generator = torch.Generator(device="cpu").manual_seed(params.seed)
-    stop = set(params.stop_ids)
-    queue = deque(range(len(requests)))
-    state = [_Slot() for _ in range(n_slots)]
-    last = torch.zeros(n_slots, dtype=torch.long, device=device)
-    active = torch.zeros(n_slots, dtype=torch.bool, device=device)
-
-    def accept(slot_ids: list[int], logits: torch.Tensor) -> int:
-        """Sample one token for each slot from its logits row; finish the slots that stop. One
-        device-to-host copy of the tokens, one write of `last` and one of `active` per step."""
-        tokens = sample(logits, params, generator)
-        last[slot_ids] = tokens
-        logps = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1).tolist() if params.logprobs else None
-        finished = []
-        for row, (s, token) in enumerate(zip(slot_ids, tokens.tolist())):
-            st = state[s]
-            st.tokens.append(token)
-            if logps is not None:
-                st.logprobs.append(logps[row])
-            prompt_len = len(prompts[requests[st.request][0]])
-            reason = "stop" if token in stop else (
-                "length" if len(st.tokens) >= params.max_new_tokens or prompt_len + len(st.tokens) >= max_len
-                else None)
-            if reason:
-                i, j = requests[st.request]
-                results[i][j] = Completion(st.tokens, reason, st.logprobs if params.logprobs else None)
-                state[s] = _Slot()
-                finished.append(s)
-        if finished:
-            active[finished] = False
-        return len(finished)
-
-    while queue or bool(active.any()):
-        free = [s for s in range(n_slots) if state[s].request < 0]
-        if free and queue:
-            groups: dict[int, list[int]] = {}  # prompt -> newly assigned slots
-            for s in free[:len(queue)]:
-                r = queue.popleft()
-                state[s].request = r
-                groups.setdefault(requests[r][0], []).append(s)
-            order = list(groups)
-            logits = prefill(model, cache, [prompts[i] for i in order], [groups[i] for i in order])
-            slot_ids = [s for i in order for s in groups[i]]
-            rows = torch.tensor([k for k, i in enumerate(order) for _ in groups[i]], device=device)
-            active[slot_ids] = True
-            finished = accept(slot_ids, logits[rows])
-            if progress and finished:
-                progress(finished)
-            continue  # refill the slots that finished at once, before the next decode step
-        slot_ids = active.nonzero().squeeze(1).tolist()
-        logits = decode_step(model, cache, last, active)
-        finished = accept(slot_ids, logits[slot_ids])
-        if progress and finished:
-            progress(finished)
-    return results
+    return keep
 
 
 def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
@@ -310,7 +483,8 @@ def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
 
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
-                       kv_budget_bytes: int = 2 * 2**30, leave: bool = True) -> list[list[dict] | None]:
+                       kv_budget_bytes: int | None = None, leave: bool = True,
+                       decode_mode: str = "eager") -> list[list[dict] | None]:
     """generate, with a progress bar, as response dicts {"text", "token_ids", "finish_reason"
     (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
     each rank samples every world_size-th prompt (seed + rank) and every rank gets them all."""
@@ -325,7 +499,8 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
               disable=parallel.progress_disabled(), leave=leave) as bar:
         results = parallel.map_shards(
             lambda share: generate(model, share, mine, slots=slots, max_len=max_len, on_overlong=on_overlong,
-                                   progress=bar.update, kv_budget_bytes=kv_budget_bytes), prompts)
+                                   progress=bar.update, kv_budget_bytes=kv_budget_bytes, decode_mode=decode_mode),
+            prompts)
     stops = set(params.stop_ids)
     out = []
     for completions in results:
@@ -345,7 +520,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
 
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
-                   device=None, dtype=None, kv_budget_bytes: int = 2 * 2**30) -> dict:
+                   device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "eager") -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
     Under torchrun each rank samples every world_size-th prompt (seed + rank) and rank 0 writes them all."""
     from mtcore import parallel
@@ -369,7 +544,8 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
                 raise MtcoreError(f"{prompts_file}:{row['_line']}: the prompt has {len(p)} tokens, no room in a "
                                   f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
     results = generate_responses(model, tokenizer, prompts, params, slots=slots, max_len=max_len,
-                                 on_overlong="skip" if skip_overlong else "error", kv_budget_bytes=kv_budget_bytes)
+                                 on_overlong="skip" if skip_overlong else "error", kv_budget_bytes=kv_budget_bytes,
+                                 decode_mode=decode_mode)
     skipped = 0
     for row, responses in zip(rows, results):
         if responses is None:

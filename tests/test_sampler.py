@@ -91,11 +91,16 @@ def test_top_k_and_top_p_never_emit_excluded_tokens():
     assert len(set(tokens.flatten().tolist())) > 1  # it does sample
 
 
+@pytest.mark.parametrize("nucleus", ["by_rejection", "sorted"])
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.8), (3, 1.0), (4, 0.7)])
-def test_sampling_distribution(top_k, top_p):
-    """Frequencies over many draws match the sort-based top-k / top-p distribution of transformers."""
+def test_sampling_distribution(top_k, top_p, nucleus, monkeypatch):
+    """Frequencies over many draws match the sort-based top-k / top-p distribution of transformers,
+    for both top-p draws (by rejection on the CPU, sorted on CUDA)."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+    import mtcore.sampler as smp
+
+    monkeypatch.setattr(smp, "nucleus_by_rejection", getattr(smp, f"nucleus_{nucleus}"))
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.3, -0.5, -1.0]]).repeat(40000, 1)
     gen = torch.Generator().manual_seed(0)
     tokens = sample(logits, SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p), gen)
@@ -207,37 +212,99 @@ def test_cli_generate_bad_input(llama3_policy, tmp_path):
     assert r.returncode == 0 and "1 skipped as too long" in r.stdout, r.stderr
 
 
-def test_flash_attn_kv_cache_wiring(models, monkeypatch):
-    """flash-attn's calling convention, stood in for by a float64 attention on CPU: prefill through
-    flash_attn_varlen_func, decode through flash_attn_with_kvcache (which writes the cache itself)."""
+def test_flash_attn_prefill_wiring(models, monkeypatch):
+    """flash-attn's calling convention, stood in for by a float64 attention on CPU: prefill runs the
+    model's packed attention through flash_attn_varlen_func; decode keeps mtcore's decode attention."""
     import mtcore.model as m
-    import mtcore.sampler as smp
     from test_model import FakeFlashAttn
-
-    class FakeWithKVCache(FakeFlashAttn):
-        @classmethod
-        def flash_attn_with_kvcache(cls, q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=False):
-            assert cache_seqlens.dtype == torch.int32 and causal and q.shape[1] == 1
-            cls.calls.append("kvcache")
-            outs = []
-            for b, n in enumerate(cache_seqlens.tolist()):
-                k_cache[b, n], v_cache[b, n] = k[b, 0], v[b, 0]
-                keys, values = k_cache[b, :n + 1].double(), v_cache[b, :n + 1].double()  # [n+1, Hkv, D]
-                rep = q.shape[2] // keys.shape[1]
-                keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-                scores = torch.einsum("hd,shd->hs", q[b, 0].double(), keys) / q.shape[-1] ** 0.5
-                outs.append(torch.einsum("hs,shd->hd", scores.softmax(-1), values)[None].to(q.dtype))
-            return torch.stack(outs)  # [S, 1, Hq, D]
 
     _, ours = models
     prompts = ragged_prompts(5, seed=7)
     params = SamplingParams(n=2, temperature=0, max_new_tokens=8)
     expected = generate(ours, prompts, params, slots=3)
-    FakeWithKVCache.calls = []
+    FakeFlashAttn.calls = []
     monkeypatch.setattr(m, "flash_attn_usable", lambda x: True)
-    monkeypatch.setattr(smp, "flash_attn_usable", lambda x: True)
-    monkeypatch.setattr(smp, "_flash_attn", lambda: FakeWithKVCache)
-    monkeypatch.setattr(m, "_flash_attn", lambda: FakeWithKVCache)
+    monkeypatch.setattr(m, "_flash_attn", lambda: FakeFlashAttn)
     got = generate(ours, prompts, params, slots=3)
-    assert {"varlen", "kvcache"} <= set(FakeWithKVCache.calls)
+    assert set(FakeFlashAttn.calls) == {"varlen"}
     assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in expected]
+
+
+def hf_greedy(hf, prompt, new):
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      do_sample=False, max_new_tokens=new, eos_token_id=EOS, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture
+def triton_decode_attention(monkeypatch):
+    """The sampler's decode attention through the Triton kernel, run by the interpreter on the CPU."""
+    import mtcore.sampler as smp
+    from mtcore.kernels.decode_attention import decode_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(smp, "decode_attention_for", lambda device: decode_attention)
+
+
+@pytest.mark.parametrize("mode", ["eager", "triton", "compile"])
+def test_greedy_equals_transformers_in_every_decode_mode(models, mode, request):
+    """eager: active slots, columns up to the longest (torch attention); triton: the same with the
+    Triton decode-attention kernel (interpreted); compile: the static step (every slot, every column)
+    through torch.compile(fullgraph=True), which raises on any graph break, so the step has no host
+    sync or data-dependent Python: it is capturable as a CUDA graph."""
+    if mode == "triton":
+        request.getfixturevalue("triton_decode_attention")
+    hf, ours = models
+    prompts = ragged_prompts(6, seed=8)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=10, stop_ids=(EOS,))
+    got = generate(ours, prompts, params, slots=4, decode_mode="compile" if mode == "compile" else "eager")
+    for i, prompt in enumerate(prompts):
+        expected = hf_greedy(hf, prompt, 10)
+        assert got[i][0].token_ids == expected and got[i][1].token_ids == expected, f"prompt {i}"
+
+
+def test_graphs_mode_needs_cuda(models):
+    _, ours = models
+    with pytest.raises(MtcoreError, match="'graphs' needs a CUDA device"):
+        generate(ours, [[5, 6]], SamplingParams(temperature=0, max_new_tokens=2), decode_mode="graphs")
+    with pytest.raises(MtcoreError, match="decode mode must be one of"):
+        generate(ours, [[5, 6]], SamplingParams(temperature=0, max_new_tokens=2), decode_mode="fast")
+
+
+def test_refills_are_batched(models, monkeypatch):
+    """Freed slots wait (up to REFILL_EVERY steps, or until 1/REFILL_FRACTION of them are free) and are
+    prefilled together: fewer prefills than finished requests, and the results as one slot at a time."""
+    import mtcore.sampler as smp
+
+    _, ours = models
+    calls = []
+    real = smp.prefill
+    monkeypatch.setattr(smp, "prefill", lambda model, cache, prompts, slots: calls.append(
+        sum(map(len, slots))) or real(model, cache, prompts, slots))
+    prompts = ragged_prompts(40, seed=9)
+    lengths = [3 + i % 7 for i in range(40)]  # requests finish at different steps
+    results = [generate(ours, [p], SamplingParams(temperature=0, max_new_tokens=n))[0] for p, n in
+               zip(prompts, lengths)]
+    calls.clear()
+    batched = generate(ours, prompts, SamplingParams(temperature=0, max_new_tokens=9), slots=16)
+    assert sum(calls) == 40 and len(calls) < 40 - 16, calls  # refills of several slots at once
+    assert max(calls[1:]) >= 2
+    for r, b, n in zip(results, batched, lengths):
+        assert b[0].token_ids[:n] == r[0].token_ids
+
+
+def test_cache_sized_from_free_gpu_memory(models, monkeypatch):
+    import mtcore.sampler as smp
+
+    _, ours = models
+    per_slot = smp.KVCache.bytes_per_token(ours) * 100
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    budget = smp.cache_budget(torch.device("cuda"))
+    assert budget == 2 * 2**30  # 10 GiB free less the reserve, 10% of 80 GiB
+    assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=budget) == min(smp.MAX_SLOTS, budget // per_slot)
+    assert smp.slot_count(ours, 100, 5, kv_budget_bytes=budget) == 5  # never more than the requests
+    assert smp.slot_count(ours, 100, 10**9, slots=3) == 3
+    assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=per_slot * 7) == 7
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    assert smp.cache_budget(torch.device("cuda")) == 0 and smp.slot_count(ours, 100, 50, kv_budget_bytes=0) == 1
+    assert smp.cache_budget(torch.device("cpu")) == smp.CPU_CACHE_BYTES
