@@ -11,22 +11,28 @@ Bytes moved per call: each slot's filled prefix of K and V once per KV head, in 
 heads or upcast in memory: the G query heads of a KV head are one [BLOCK_G, D] tile of a program
 that streams that head's keys, so decode reads the cache at the memory-bandwidth floor.
 
-Split-K: a long prefix and few rows would leave most of the GPU idle, so each (row, KV head) is cut into NUM_SPLITS ranges of SPLIT_BLOCKS * BLOCK_N keys, each with its own
-program writing a partial output and its log-sum-exp; a second kernel combines them exactly. With one
-split the first kernel writes the output itself. Programs over keys beyond a slot's length do no work,
-so the grid is fixed by (R, Hkv, L) alone: the launch is the same at every step (CUDA-graph safe).
-Scores, softmax and the accumulator are fp32; the two dots take the cache dtype (fp32 dots in IEEE
-precision, not TF32).
+Split-K: a long prefix and few rows would leave most of the GPU idle, so each (row, KV head) is cut
+into NUM_SPLITS <= MAX_SPLITS ranges of SPLIT_BLOCKS * BLOCK_N keys, each with its own program writing
+a partial output and its log-sum-exp (fp32); a second kernel combines them exactly, in the output
+dtype. Programs over keys beyond a slot's length do no work, so the grid is fixed by (R, Hkv, L)
+alone: the launch is the same at every step (CUDA-graph safe). Scores, softmax and the accumulator
+are fp32; the two dots take the cache dtype (fp32 dots in IEEE precision, not TF32).
+
+The kernel serves head_dim 64 and 128 (the Llama-3 family) with up to 16 query heads per KV head;
+other shapes take decode_attention_ref. Every launchable config is compiled in tests/test_compile.py.
 """
 
 import math
 
 import torch
 
-from mtcore.kernels.utils import device_guard, next_power_of_2, tl, triton, use_triton
+from mtcore.kernels.utils import device_guard, tl, triton, use_triton
 
 BLOCK_N = 64  # keys per tile
-SPLIT_BLOCKS = (1, 4, 16, 64, 256, 1024, 4096)  # tiles per split: the only values launched
+BLOCK_G = 16  # query heads per program (tl.dot's smallest tile), masked to the group size
+HEAD_DIMS = (64, 128)  # the head sizes the kernel serves
+SPLIT_BLOCKS = (1, 16, 256)  # tiles per split: the only values launched
+MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # split until the grid holds about this many programs per SM
 
 
@@ -34,10 +40,12 @@ PROGRAMS_PER_SM = 2  # split until the grid holds about this many programs per S
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr,
                         stride_q_s, stride_q_h, stride_k_s, stride_k_l, stride_k_h,
                         stride_v_s, stride_v_l, stride_v_h, stride_o_s, stride_o_h, stride_o_split,
-                        stride_lse_s, stride_lse_h, scale,
-                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, WRITE_LSE: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        stride_lse_s, stride_lse_h, scale, group,
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_N: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    """UPCAST (interpreter only): its bf16 arithmetic is wrong, so tiles are cast to fp32 after loading;
+    on the GPU the dots take the cache dtype."""
     s = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -45,11 +53,12 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr
     n_keys = tl.load(lens_ptr + s)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + offs_g  # [BLOCK_G] the query heads of this KV head
-    g_mask = offs_g < GROUP
-    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * group + offs_g  # [BLOCK_G] the query heads of this KV head
+    g_mask = offs_g < group
     q = tl.load(q_ptr + s.to(tl.int64) * stride_q_s + heads[:, None] * stride_q_h + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+                mask=g_mask[:, None], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
     k_base = k_ptr + slot * stride_k_s + kv_head * stride_k_h
     v_base = v_ptr + slot * stride_v_s + kv_head * stride_v_h
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -61,9 +70,11 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr
         if start < n_keys:
             offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
             n_mask = offs_n < n_keys
-            kv_mask = n_mask[:, None] & d_mask[None, :]
+            kv_mask = n_mask[:, None]
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_k_l + offs_d[None, :], mask=kv_mask,
                         other=0.0)  # [BLOCK_N, BLOCK_D]
+            if UPCAST:
+                k = k.to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
             scores = tl.where(n_mask[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))  # finite: the tile holds at least one key
@@ -72,49 +83,57 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr
             denom = denom * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_v_l + offs_d[None, :], mask=kv_mask,
                         other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m = m_new
     has_keys = denom > 0  # a split past the slot's length has none
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, denom, 1.0)[:, None], 0.0)
-    out_mask = g_mask[:, None] & d_mask[None, :]
     tl.store(o_ptr + s.to(tl.int64) * stride_o_s + heads[:, None] * stride_o_h + split * stride_o_split
-             + offs_d[None, :], out, mask=out_mask)
-    if WRITE_LSE:
-        lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, denom, 1.0)), float("-inf"))
-        tl.store(lse_ptr + s.to(tl.int64) * stride_lse_s + heads * stride_lse_h + split, lse, mask=g_mask)
+             + offs_d[None, :], out, mask=g_mask[:, None])
+    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, denom, 1.0)), float("-inf"))
+    tl.store(lse_ptr + s.to(tl.int64) * stride_lse_s + heads * stride_lse_h + split, lse, mask=g_mask)
 
 
 @triton.jit
 def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, stride_p_s, stride_p_h, stride_p_split, stride_lse_s,
-                    stride_lse_h, stride_out_s, stride_out_h, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+                    stride_lse_h, stride_out_s, stride_out_h, num_splits, BLOCK_SPLITS: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     offs_sp = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    sp_mask = offs_sp < NUM_SPLITS
+    sp_mask = offs_sp < num_splits
     lse = tl.load(lse_ptr + s.to(tl.int64) * stride_lse_s + h * stride_lse_h + offs_sp, mask=sp_mask,
                   other=float("-inf"))  # [BLOCK_SPLITS]
     weights = tl.exp(lse - tl.max(lse, 0))  # split 0 always holds key 0, so the max is finite
     part = tl.load(o_part_ptr + s.to(tl.int64) * stride_p_s + h * stride_p_h + offs_sp[:, None] * stride_p_split
-                   + offs_d[None, :], mask=sp_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                   + offs_d[None, :], mask=sp_mask[:, None], other=0.0)
     out = tl.sum(weights[:, None] * part, 0) / tl.sum(weights, 0)  # [BLOCK_D]
-    tl.store(out_ptr + s.to(tl.int64) * stride_out_s + h * stride_out_h + offs_d, out, mask=offs_d < HEAD_DIM)
+    tl.store(out_ptr + s.to(tl.int64) * stride_out_s + h * stride_out_h + offs_d, out)
 
 
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def launch_config(slots: int, n_kv_heads: int, max_len: int, group: int, head_dim: int, sms: int = 132):
-    """(BLOCK_G, BLOCK_D, SPLIT_BLOCKS, NUM_SPLITS, num_warps): the grid is (slots, n_kv_heads, NUM_SPLITS).
-    Splits only when slots * n_kv_heads programs would leave SMs idle; SPLIT_BLOCKS from a fixed set."""
+def launch_config(slots: int, n_kv_heads: int, max_len: int, head_dim: int, sms: int = 132):
+    """(BLOCK_D, SPLIT_BLOCKS, NUM_SPLITS): the grid is (slots, n_kv_heads, NUM_SPLITS). Splits only when
+    slots * n_kv_heads programs would leave SMs idle, into at most MAX_SPLITS."""
     n_blocks = triton.cdiv(max_len, BLOCK_N)
-    want = max(1, math.ceil(PROGRAMS_PER_SM * sms / (slots * n_kv_heads)))  # splits that fill the GPU
-    split_blocks = next((b for b in SPLIT_BLOCKS if b * want >= n_blocks), SPLIT_BLOCKS[-1])
-    block_d = max(16, next_power_of_2(head_dim))
-    return max(16, next_power_of_2(group)), block_d, split_blocks, triton.cdiv(n_blocks, split_blocks), \
-        4 if block_d <= 128 else 8
+    want = min(MAX_SPLITS, max(1, math.ceil(PROGRAMS_PER_SM * sms / (slots * n_kv_heads))))
+    # the fewest tiles per split that need no more than `want` splits, else the most
+    split_blocks = next((b for b in SPLIT_BLOCKS if triton.cdiv(n_blocks, b) <= want), SPLIT_BLOCKS[-1])
+    if triton.cdiv(n_blocks, split_blocks) > MAX_SPLITS:
+        raise ValueError(f"a {max_len}-token cache is longer than the kernel's "
+                         f"{MAX_SPLITS * SPLIT_BLOCKS[-1] * BLOCK_N} keys")
+    return head_dim, split_blocks, triton.cdiv(n_blocks, split_blocks)
+
+
+def kernel_serves(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes these shapes (else the torch path runs)."""
+    return (q.shape[-1] in HEAD_DIMS and q.shape[1] // k_cache.shape[2] <= BLOCK_G
+            and k_cache.shape[1] <= MAX_SPLITS * SPLIT_BLOCKS[-1] * BLOCK_N)
 
 
 def _check(q, k_cache, v_cache, slots, lens):
@@ -130,41 +149,33 @@ def _check(q, k_cache, v_cache, slots, lens):
 
 
 def _decode_attention_triton(q, k_cache, v_cache, slots, lens):
-    S, Hq, D = q.shape
+    R, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     q = q.to(k_cache.dtype)  # RoPE may leave q in fp32 beside a bf16 cache (autocast)
-    block_g, block_d, split_blocks, num_splits, num_warps = launch_config(S, Hkv, L, Hq // Hkv, D,
-                                                                          _sm_count(q.device))
-    out = torch.empty(S, Hq, D, dtype=q.dtype, device=q.device)
-    lens = lens.to(torch.int32)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 only applies to fp32 inputs
-    if num_splits == 1:  # the first kernel writes the output itself
-        part, lse, stride_split = out, out, 0
-    else:
-        part = torch.empty(S, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(S, Hq, num_splits, dtype=torch.float32, device=q.device)
-        stride_split = part.stride(2)
+    block_d, split_blocks, num_splits = launch_config(R, Hkv, L, D, _sm_count(q.device))
+    part = torch.empty(R, Hq, num_splits, D, dtype=torch.float32, device=q.device)  # partial outputs
+    lse = torch.empty(R, Hq, num_splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(R, Hq, D, dtype=q.dtype, device=q.device)
     with device_guard(q):
-        _decode_attn_kernel[(S, Hkv, num_splits)](
-            q, k_cache, v_cache, slots, lens, part, lse, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), part.stride(0),
-            part.stride(1), stride_split, lse.stride(0) if num_splits > 1 else 0,
-            lse.stride(1) if num_splits > 1 else 0, 1.0 / math.sqrt(D), GROUP=Hq // Hkv, HEAD_DIM=D,
-            BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=BLOCK_N, SPLIT_BLOCKS=split_blocks,
-            WRITE_LSE=num_splits > 1, DOT_PRECISION=precision, num_warps=num_warps)
-        if num_splits > 1:
-            _combine_kernel[(S, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-                                     lse.stride(1), out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
-                                     HEAD_DIM=D, BLOCK_SPLITS=max(2, next_power_of_2(num_splits)), BLOCK_D=block_d)
+        _decode_attn_kernel[(R, Hkv, num_splits)](
+            q, k_cache, v_cache, slots, lens.to(torch.int32), part, lse, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+            1.0 / math.sqrt(D), Hq // Hkv, BLOCK_G=BLOCK_G, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+            SPLIT_BLOCKS=split_blocks, DOT_PRECISION="ieee" if q.dtype == torch.float32 or not q.is_cuda else "tf32",
+            UPCAST=not q.is_cuda, num_warps=4)
+        _combine_kernel[(R, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+                                 lse.stride(1), out.stride(0), out.stride(1), num_splits,
+                                 BLOCK_SPLITS=MAX_SPLITS, BLOCK_D=block_d)
     return out
 
 
 def decode_attention(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
     """q [R, Hq, D], k_cache and v_cache [S, L, Hkv, D], slots [R] (int), lens [R] (int, 1 <= lens <= L)
-    -> [R, Hq, D] in the cache's dtype. Triton on CUDA (and under TRITON_INTERPRET=1); else
-    decode_attention_ref."""
+    -> [R, Hq, D] in the cache's dtype. Triton on CUDA (and under TRITON_INTERPRET=1) where
+    kernel_serves the shapes; else decode_attention_ref."""
     _check(q, k_cache, v_cache, slots, lens)
-    if use_triton(q):
+    if use_triton(q) and kernel_serves(q, k_cache):
         return _decode_attention_triton(q, k_cache, v_cache, slots, lens)
     return decode_attention_ref(q, k_cache, v_cache, slots, lens)
 

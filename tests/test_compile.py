@@ -2,8 +2,9 @@
 (sm_80) here, without a GPU: triton.compile(ASTSource(...), target=GPUTarget(...)) builds PTX and cubin.
 This catches what the interpreter lets through (types, shapes, ops that have no GPU lowering).
 
-None of the kernels does a matmul in Triton (the GEMMs are cuBLAS; see kernels/fused_logprobs.py), so
-there is no wgmma to look for; the fused passes are checked for shared memory and bf16 rounding."""
+The training kernels do no matmul in Triton (the GEMMs are cuBLAS; see kernels/fused_logprobs.py); decode
+attention's two small dots per tile must lower to tensor-core MMA in bf16/fp16. Every config is checked
+for shared memory, and the gradient store for bf16 rounding."""
 
 import json
 import os
@@ -18,7 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 # the package re-exports functions under the modules' names: fetch the modules themselves
-bt_loss, dpo_loss, fl = (importlib.import_module(f"mtcore.kernels.{m}") for m in ("bt_loss", "dpo_loss", "fused_logprobs"))
+bt_loss, dpo_loss, fl, da = (importlib.import_module(f"mtcore.kernels.{m}")
+                             for m in ("bt_loss", "dpo_loss", "fused_logprobs", "decode_attention"))
 
 POWERS = [2 ** k for k in range(25)]
 # Tile widths: powers of two up to 4 blocks of the largest (bigger tiles add only trip counts), and the
@@ -52,6 +54,23 @@ for block in sorted({bt_loss.launch_config(n) for n in POWERS}):
                                      "grad_rejected_ptr")}
         sig |= {"n_pairs": "i32", "center_coef": "fp32", "HAS_MARGIN": "constexpr", "BLOCK": "constexpr"}
         jobs.append(("bt", bt_loss._bt_fwd_kernel, sig, {"HAS_MARGIN": has_margin, "BLOCK": block}, 4, "fp32"))
+strides = ("stride_q_s", "stride_q_h", "stride_k_s", "stride_k_l", "stride_k_h", "stride_v_s", "stride_v_l", "stride_v_h",
+           "stride_o_s", "stride_o_h", "stride_o_split", "stride_lse_s", "stride_lse_h")
+for dt in ("fp32", "bf16", "fp16"):
+    for block_d in da.HEAD_DIMS:
+        for split_blocks in da.SPLIT_BLOCKS:
+            sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "slots_ptr": "*i64", "lens_ptr": "*i32",
+                   "o_ptr": "*fp32", "lse_ptr": "*fp32", **{n: "i32" for n in strides}, "scale": "fp32", "group": "i32"}
+            constexprs = {"BLOCK_G": da.BLOCK_G, "BLOCK_D": block_d, "BLOCK_N": da.BLOCK_N, "SPLIT_BLOCKS": split_blocks,
+                          "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "UPCAST": False}
+            sig |= {n: "constexpr" for n in constexprs}
+            jobs.append(("decode_attn", da._decode_attn_kernel, sig, constexprs, 4, dt))
+        sig = {"o_part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": f"*{dt}",
+               **{n: "i32" for n in ("stride_p_s", "stride_p_h", "stride_p_split", "stride_lse_s", "stride_lse_h",
+                                     "stride_out_s", "stride_out_h", "num_splits")},
+               "BLOCK_SPLITS": "constexpr", "BLOCK_D": "constexpr"}
+        jobs.append(("decode_combine", da._combine_kernel, sig, {"BLOCK_SPLITS": da.MAX_SPLITS, "BLOCK_D": block_d}, 4,
+                     dt))
 results = []
 for arch in (90, 80):
     for name, fn, sig, constexprs, num_warps, dt in jobs:
@@ -61,7 +80,7 @@ for arch in (90, 80):
         results.append({"kernel": name, "arch": arch, "dtype": dt, "constexprs": constexprs, "num_warps": num_warps,
                         "shared": k.metadata.shared, "cubin_bytes": len(k.asm["cubin"]),
                         "target": f"sm_{arch}" in ptx, "bf16_rne": "cvt.rn.bf16.f32" in ptx,
-                        "bf16_cvt_any": "bf16.f32" in ptx})
+                        "bf16_cvt_any": "bf16.f32" in ptx, "mma": "mma" in ptx})
 print(json.dumps(results))
 """
 
@@ -79,7 +98,8 @@ def compiled():
 
 def test_every_config_compiles_for_sm90_and_sm80(compiled):
     kernels = {(r["kernel"], r["arch"]) for r in compiled}
-    assert kernels == {(k, a) for k in ("lse_update", "logit_grad", "dpo", "bt") for a in (90, 80)}
+    assert kernels == {(k, a) for k in ("lse_update", "logit_grad", "dpo", "bt", "decode_attn", "decode_combine")
+                       for a in (90, 80)}
     blocks = {r["constexprs"]["BLOCK_V"] for r in compiled if r["kernel"] == "lse_update"}
     assert blocks == {256, 512, 1024, 2048, 4096}
     for r in compiled:
@@ -91,3 +111,11 @@ def test_bf16_gradient_store_rounds_to_nearest_even(compiled):
     """The interpreter truncates fp32 -> bf16 stores; the GPU kernel must round to nearest even."""
     bf16 = [r for r in compiled if r["kernel"] == "logit_grad" and r["dtype"] == "bf16"]
     assert bf16 and all(r["bf16_rne"] for r in bf16)
+
+
+def test_decode_attention_dots_use_tensor_cores(compiled):
+    """Every launchable decode config (3 dtypes x head dims x tiles per split) is there, and the 16-bit
+    ones' dots lower to tensor-core MMA (mma on sm_80, mma or wgmma on sm_90)."""
+    decode = [r for r in compiled if r["kernel"] == "decode_attn"]
+    assert len(decode) == 2 * 3 * 2 * 3
+    assert all(r["mma"] for r in decode if r["dtype"] != "fp32"), [r for r in decode if not r["mma"]]

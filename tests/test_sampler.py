@@ -236,31 +236,45 @@ def hf_greedy(hf, prompt, new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture
-def triton_decode_attention(monkeypatch):
-    """The sampler's decode attention through the Triton kernel, run by the interpreter on the CPU."""
-    import mtcore.sampler as smp
-    from mtcore.kernels.decode_attention import decode_attention
+@pytest.fixture(scope="module")
+def models64(tmp_path_factory):
+    """head_dim 64, a size the Triton decode kernel serves (the tiny models' 16 takes the torch path)."""
+    hf = make_hf_model("policy", seed=12, head_dim=64, num_hidden_layers=2, rope_scaling=LLAMA3_SCALING)
+    return hf, load_model(save_hf(hf, tmp_path_factory.mktemp("policy64")))
 
+
+def triton_decode_attention(monkeypatch) -> list:
+    """Send the sampler's decode attention through the Triton kernel, run by the interpreter on the CPU;
+    returns the list of kernel_serves answers, one per call."""
+    import mtcore.kernels.decode_attention as da
+    import mtcore.sampler as smp
+
+    served = []
+
+    def attention(q, k_cache, v_cache, slots, lens):
+        served.append(da.kernel_serves(q, k_cache))
+        return da.decode_attention(q, k_cache, v_cache, slots, lens)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(smp, "decode_attention_for", lambda device: decode_attention)
+    monkeypatch.setattr(smp, "decode_attention_for", lambda device: attention)
+    return served
 
 
 @pytest.mark.parametrize("mode", ["eager", "triton", "compile"])
-def test_greedy_equals_transformers_in_every_decode_mode(models, mode, request):
+def test_greedy_equals_transformers_in_every_decode_mode(models64, mode, monkeypatch):
     """eager: active slots, columns up to the longest (torch attention); triton: the same with the
     Triton decode-attention kernel (interpreted); compile: the static step (every slot, every column)
     through torch.compile(fullgraph=True), which raises on any graph break, so the step has no host
     sync or data-dependent Python: it is capturable as a CUDA graph."""
-    if mode == "triton":
-        request.getfixturevalue("triton_decode_attention")
-    hf, ours = models
+    served = triton_decode_attention(monkeypatch) if mode == "triton" else None
+    hf, ours = models64
     prompts = ragged_prompts(6, seed=8)
     params = SamplingParams(n=2, temperature=0, max_new_tokens=10, stop_ids=(EOS,))
     got = generate(ours, prompts, params, slots=4, decode_mode="compile" if mode == "compile" else "eager")
     for i, prompt in enumerate(prompts):
         expected = hf_greedy(hf, prompt, 10)
         assert got[i][0].token_ids == expected and got[i][1].token_ids == expected, f"prompt {i}"
+    if served is not None:
+        assert served and all(served)  # every decode step ran the kernel
 
 
 def test_graphs_mode_needs_cuda(models):
