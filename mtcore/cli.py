@@ -157,9 +157,14 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
               help="Sample among the k most likely tokens only (0 = off).")
 @click.option("--max-new-tokens", default=256, show_default=True, type=COUNT, help="Longest response, in tokens.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
-@click.option("--slots", default=None, type=COUNT, help="Concurrent sequences (default: what --kv-cache-gb holds).")
-@click.option("--kv-cache-gb", default=2.0, show_default=True, type=POSITIVE,
-              help="K/V cache budget that sizes the slots, in GiB.")
+@click.option("--slots", default=None, type=COUNT,
+              help="Concurrent sequences (default: what the K/V cache budget holds, at most 256).")
+@click.option("--kv-cache-gb", default=None, type=POSITIVE,
+              help="K/V cache budget that sizes the slots, in GiB (default: on CUDA the free memory after the "
+                   "weights less a reserve of 10%; 2 GiB on the CPU).")
+@click.option("--decode-mode", default="eager", show_default=True, type=click.Choice(["eager", "compile", "graphs"]),
+              help="Decode step: eager; compile (static shapes through torch.compile); graphs (a captured CUDA "
+                   "graph; not yet measured on a GPU, so not the default).")
 @click.option("--max-len", default=None, type=click.IntRange(min=2),
               help="Tokens per cache slot (default: longest prompt + new).")
 @click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")
@@ -169,7 +174,7 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
 def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
-             max_len, skip_overlong, chat_template, logprobs, device, overwrite):
+             decode_mode, max_len, skip_overlong, chat_template, logprobs, device, overwrite):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
     from mtcore.checkpoint import default_device
     from mtcore.outputs import check_out_file
@@ -181,7 +186,8 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
     device = default_device(device)
     counts = generate_jsonl(policy, prompts_file, out_file, params, slots=slots, chat_template=chat_template,
                             skip_overlong=skip_overlong, max_len=max_len, device=device,
-                            kv_budget_bytes=int(kv_cache_gb * 2**30))
+                            kv_budget_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
+                            decode_mode=decode_mode)
     echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
          + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
 

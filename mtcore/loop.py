@@ -44,7 +44,7 @@ from mtcore.data import pack, prompt_of, read_jsonl, stop_ids, write_jsonl
 from mtcore.errors import MtcoreError, check_ranges
 from mtcore.outputs import write_json_file
 from mtcore.parallel import save_model
-from mtcore.sampler import SamplingParams, generate_responses, slot_len
+from mtcore.sampler import DECODE_MODES, SamplingParams, generate_responses, slot_len
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
 from mtcore.train import fitted_examples, forward_flops, sequence_rewards
 
@@ -96,7 +96,8 @@ class LoopConfig:
     # runtime (not part of a run's identity)
     chat_template: str = ""
     reward_chat_template: str = ""
-    kv_cache_gb: float = 2.0
+    kv_cache_gb: float = 0.0  # 0: sampler.cache_budget (free GPU memory less a reserve; 2 GiB off CUDA)
+    decode_mode: str = "eager"
     device: str = ""
     grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
     save_state_every: int = 0  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
@@ -138,7 +139,10 @@ LOOP_HELP = {
     "eval_samples": "Toy world only: test answers per prompt in the gold evaluation.",
     "chat_template": "The policy's chat template: a Jinja file, or 'llama3', when its tokenizer has none.",
     "reward_chat_template": "The reward model's chat template, likewise.",
-    "kv_cache_gb": "GiB of K/V cache for sampling (sizes the concurrent sequences).",
+    "kv_cache_gb": "GiB of K/V cache for sampling, which sizes the concurrent sequences (0: on CUDA the free "
+                   "memory after the weights less a reserve, at most 256 sequences; 2 GiB on the CPU).",
+    "decode_mode": "Sampler decode step: eager; compile (static shapes, torch.compile); graphs (CUDA graphs, "
+                   "not yet measured on a GPU).",
     "device": "cpu, cuda or cuda:N (default: cuda when available).",
     "grad_checkpointing": "Recompute each block's activations in backward (8B needs it).",
     "save_state_every": "DPO/RM steps between resumable sharded state saves (0: never).",
@@ -159,11 +163,12 @@ LOOP_RANGES = {
     "micro_batch_tokens": _at_least(2), "save_every": _at_least(1), "selection_size": _at_least(1),
     "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
     "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
-    "eval_samples": _at_least(1), "kv_cache_gb": (lambda v: v > 0, "> 0"), "save_state_every": _at_least(0),
+    "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
+    "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
 }
 
 
-RUNTIME_KEYS = ("kv_cache_gb", "device", "grad_checkpointing", "save_state_every", "keep_candidates", "rm_eval")
+RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "keep_candidates", "rm_eval")
 TOY_DEFAULTS = dict(iters=3, samples=5, temperature=1.0, top_p=1.0, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
                     selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
@@ -196,7 +201,9 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
     cfg = LoopConfig(**values)
     if real and cfg.policy_split_size:
         raise MtcoreError("--policy-split-size is for the toy world only; real prompts are split evenly over --iters")
-    default_device(cfg.device or None)  # a device string that names none is an error now, not mid-run
+    device = default_device(cfg.device or None)  # a device string that names none is an error now, not mid-run
+    if cfg.decode_mode == "graphs" and device.type != "cuda":
+        raise MtcoreError(f"--decode-mode graphs needs a CUDA device, and this run's is {device}; use eager or compile")
     if cfg.micro_batch_tokens < 2 * cfg.max_length:  # a pair, each side up to max_length, shares a micro-batch
         raise MtcoreError(f"micro_batch_tokens {cfg.micro_batch_tokens} cannot hold a pair of max_length "
                           f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "
@@ -401,7 +408,8 @@ def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, pr
                             seed=seed, stop_ids=tuple(stop_ids(tokenizer, policy_dir)))
     out = [r or [] for r in generate_responses(model, tokenizer, prompt_ids, params,
                                                 max_len=slot_len(model, prompt_ids, params), on_overlong="skip",
-                                                kv_budget_bytes=int(cfg.kv_cache_gb * 2**30), leave=False)]
+                                                kv_budget_bytes=int(cfg.kv_cache_gb * 2**30) or None, leave=False,
+                                                decode_mode=cfg.decode_mode)]
     if stage is not None:
         lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]
         sampled = sum(len(r["token_ids"]) for rs in out for r in rs)  # the head runs for these only
