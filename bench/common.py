@@ -214,3 +214,21 @@ def arg_parser(doc: str, providers: list[str], repeats: int = 3):
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all providers")
     parser.add_argument("--device", default=default_device())
     return parser
+
+
+def random_model(args, kind: str, device: str):
+    """A Llama of random weights built on the device (meta, then in place): fp32 master weights."""
+    from mtcore.model import Llama, RMSNorm
+
+    with torch.device("meta"):
+        model = Llama(args, kind)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, args.initializer_range, generator=gen)
+    model.tie_weights()
+    return model

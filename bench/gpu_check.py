@@ -20,8 +20,9 @@ Sections:
 - train: DPO and RM steps (train.fit) on a random Llama-3.2-1B-shaped model and an 8B-wide slice
   (Llama-3-8B's layers, as many as bench/memory_plan.py computes fit, less 10%): tokens/s, MFU against the
   measured peak and the data sheet's, peak memory against memory_plan's figure;
-- decode: greedy decode at 1, 16 and 64 slots on the 1B shape, against the weight-bandwidth floor
-  (bandwidth measured in this run) and transformers' generate;
+- decode: bench/sampler.py's decode table at 64 slots on the Llama-3.2-1B and Llama-3-8B shapes: mtcore
+  eager and CUDA graphs (tokens compared with eager), against the bandwidth floor (weights + K/V per
+  step over the copy bandwidth measured in this run) and transformers' static-cache generate;
 - toy: one `mtcore train --iters 1` of the toy world.
 """
 
@@ -51,7 +52,7 @@ from mtcore import parallel  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 # (name, time limit in seconds on the GPU); the run's total budget caps each one further.
-SECTIONS = [("environment", 30), ("pytest", 120), ("kernels", 90), ("train", 90), ("decode", 60), ("toy", 90)]
+SECTIONS = [("environment", 30), ("pytest", 120), ("kernels", 90), ("train", 90), ("decode", 150), ("toy", 90)]
 TOTAL_BUDGET = 300
 
 
@@ -224,24 +225,6 @@ def section_kernels(device: str, dry: bool) -> dict:
     return out
 
 
-def random_model(args, kind: str, device: str):
-    """A Llama of random weights built on the device (meta, then in place): fp32 master weights."""
-    from mtcore.model import Llama, RMSNorm
-
-    with torch.device("meta"):
-        model = Llama(args, kind)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.normal_(0.0, args.initializer_range, generator=gen)
-    model.tie_weights()
-    return model
-
-
 def random_pairs(n: int, vocab: int, prompt: int, response: int, seed: int = 0):
     from mtcore.data import Example
 
@@ -289,7 +272,7 @@ def _train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet_peak) 
     from mtcore.train import DPO, BradleyTerry, TrainConfig, fit, forward_flops
 
     profile.reset_peak_memory(device)
-    model = random_model(args, kind, device)
+    model = common.random_model(args, kind, device)
     response = len(pairs[0].seqs[0][0]) - pairs[0].seqs[0][1]
     objective = DPO(torch.zeros(len(pairs), 2), torch.full((len(pairs), 2), response), beta=0.1) \
         if kind == "policy" else BradleyTerry()
@@ -305,68 +288,17 @@ def _train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet_peak) 
             "peak MiB": sig(profile.peak_memory_mib(device)), "memory_plan MiB": sig(planned / 2**20)}
 
 
-def measured_bandwidth(device: str) -> float:
-    """Bytes/s of a device-to-device copy (read + write), the best of a few."""
-    from mtcore import profile
-
-    n = 2**28 if device == "cuda" else 2**24  # 1 GiB / 64 MiB of fp32
-    src = torch.ones(n, device=device)
-    dst = torch.empty_like(src)
-    best = 0.0
-    for _ in range(5):
-        profile.sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        profile.sync(device)
-        best = max(best, 2 * 4 * n / (time.perf_counter() - start))
-    return best
-
-
 def section_decode(device: str, dry: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """bench/sampler.py's decode table: greedy decode at 1, 16 and 64 slots of the 1B and 8B shapes,
+    against the bandwidth floor and transformers' static-cache generate, in each decode mode."""
+    import importlib
 
-    from mtcore import profile
-    from mtcore.checkpoint import args_to_config
-    from mtcore.sampler import SamplingParams, generate
-
-    args, _ = next(iter(model_shapes(dry, device).values()))
-    dtype = parallel.precision(device).dtype
-    ours = random_model(args, "policy", device).to(dtype).eval()
-    with torch.device(device):
-        hf = LlamaForCausalLM(LlamaConfig(**args_to_config(args, "policy", dtype)))
-    hf.load_state_dict(ours.state_dict(), strict=False)
-    hf = hf.to(dtype).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied weights counted once
-    bandwidth = measured_bandwidth(device)
-    prompt_len, new = (8, 4) if dry else (128, 64)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for slots in ((1, 2, 4) if dry else (1, 16, 64)):
-        prompts = [torch.randint(0, args.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(slots)]
-        params = SamplingParams(n=1, temperature=0, max_new_tokens=new)
-        generate(ours, prompts[:1], SamplingParams(n=1, temperature=0, max_new_tokens=2))  # warm-up
-        profile.sync(device)
-        start = time.perf_counter()
-        out = generate(ours, prompts, params, slots=slots)
-        profile.sync(device)
-        mt_s = time.perf_counter() - start
-        tokens = sum(len(c.token_ids) for r in out for c in r)
-        ids = torch.tensor(prompts, device=device)
-        with torch.no_grad():
-            hf.generate(ids[:1], do_sample=False, max_new_tokens=2, min_new_tokens=2, pad_token_id=0)
-            profile.sync(device)
-            start = time.perf_counter()
-            hf_out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
-                                 min_new_tokens=new, pad_token_id=0)
-            profile.sync(device)
-        hf_s = time.perf_counter() - start
-        floor = slots * bandwidth / weight_bytes  # tokens/s if each step only read the weights once
-        rows.append({"slots": slots, "new tokens/slot": new, "mtcore tokens/s": sig(tokens / mt_s),
-                     "transformers tokens/s": sig((hf_out.shape[1] - prompt_len) * slots / hf_s),
-                     "weight-bandwidth floor tokens/s": sig(floor),
-                     "mtcore % of floor": sig(100 * tokens / mt_s / floor)})
-    return {"rows": rows, "notes": [f"{dtype}, weights {weight_bytes / 2**30:.3g} GiB, copy bandwidth "
-                                    f"{bandwidth / 1e9:.3g} GB/s measured; prompts of {prompt_len} tokens, greedy"]}
+    bench_sampler = importlib.import_module("sampler")  # bench/sampler.py (bench/ is on sys.path)
+    if dry:
+        rows, notes = bench_sampler.decode_rows(device, dry=True, slot_counts=(1, 2, 4), prompt_len=8, new=4)
+    else:  # the targets' slot count only: transformers compiles its static-cache step once per batch size
+        rows, notes = bench_sampler.decode_rows(device, slot_counts=(64,), new=64)
+    return {"rows": rows, "notes": notes}
 
 
 def section_toy(device: str, dry: bool, limit: float) -> dict:

@@ -1,13 +1,29 @@
-"""Benchmark: mtcore's KV-cache sampler against transformers' generate doing the same work.
+"""Benchmark: mtcore's KV-cache sampler against transformers' generate doing the same work, with the
+hardware limit beside each speed.
 
-Same model, prompts, n, sampling settings and lengths: every sequence generates exactly
---max-new-tokens tokens (no stop ids), so both produce the same number of tokens. Each provider
-runs in its own process; "process s" is spawn to exit (imports, model load, generation), the
-target's measure; "generate s" is the generation call alone. transformers gets all prompts in one
-left-padded generate call with num_return_sequences = n (its fastest single call).
+Two tables.
 
-    python bench/sampler.py                      # CPU: a random ~34M-parameter Llama-shaped model
-    python bench/sampler.py --policy DIR         # any checkpoint (e.g. 8B on a GPU)
+1. Whole process (the default; CPU rows). Same model, prompts, n, sampling settings and lengths:
+   every sequence generates exactly --max-new-tokens tokens (no stop ids), so both produce the same
+   tokens. Each provider runs in its own process; "process s" is spawn to exit (imports, model load,
+   generation), the target's measure; "generate s" is the generation call alone. transformers gets
+   all prompts in one left-padded generate call with num_return_sequences = n (its fastest single
+   call). "% of matmul peak": the generation's useful FLOPs (each prompt's forward once, each
+   generated token's forward with its attention to its prefix, and the LM head where a token is
+   sampled; computed, profile.matmul_flops) over its seconds, against a dense fp32 (CPU) or bf16 (GPU)
+   matmul measured in this run.
+
+2. Decode (--decode, and bench/gpu_check.py's decode section): greedy decode at 1, 16 and 64 slots of
+   a random model (GPU: the Llama-3.2-1B shape and the Llama-3-8B shape in bf16), each slot a
+   --decode-prompt-token prompt and --decode-new-tokens new tokens. Rows: mtcore in each decode mode
+   (graphs on CUDA only) and transformers' generate with its static cache (which it compiles). The
+   floor: each step must read the weights once and every slot's K/V prefix, so
+       floor tokens/s = slots / ((weight bytes + mean K/V bytes of a step) / copy bandwidth),
+   with the device-to-device copy bandwidth measured in this run. "same as eager" compares tokens.
+
+    python bench/sampler.py                      # whole process, CPU: a random ~34M-parameter Llama
+    python bench/sampler.py --policy DIR         # any checkpoint
+    python bench/sampler.py --decode             # the decode table (on a GPU: 1B and 8B shapes)
 """
 
 import argparse
@@ -22,6 +38,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+
+def sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def generation_flops(args, prompt_lens: list[int], n: int, new: int) -> float:
+    """Useful forward FLOPs of sampling n x new tokens for each prompt (computed): the prompt's forward
+    once (its K/V are shared by the n samples), then each generated token's (the first comes from the
+    prompt's last position), attending to its prefix, with the LM head at every sampled position."""
+    from mtcore.profile import matmul_flops
+
+    total = matmul_flops(args, prompt_lens, head_tokens=len(prompt_lens))
+    for length in prompt_lens:
+        total += n * (matmul_flops(args, [length + new - 1], head_tokens=new - 1) - matmul_flops(args, [length],
+                                                                                                  head_tokens=0))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Whole process
 
 
 def worker(args):
@@ -44,12 +81,7 @@ def worker(args):
 
         model = AutoModelForCausalLM.from_pretrained(args["policy"], dtype=torch.float32 if device == "cpu"
                                                      else torch.bfloat16).to(device).eval()
-        T = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), T, dtype=torch.long)
-        mask = torch.zeros(len(prompts), T, dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding, as generation needs
-            ids[i, T - len(p):] = torch.tensor(p)
-            mask[i, T - len(p):] = 1
+        ids, mask = left_padded(prompts)
         torch.manual_seed(0)
         start = time.perf_counter()
         with torch.no_grad():
@@ -58,8 +90,19 @@ def worker(args):
                                  num_return_sequences=args["n"], max_new_tokens=args["max_new_tokens"],
                                  min_new_tokens=args["max_new_tokens"], pad_token_id=0)
         elapsed = time.perf_counter() - start
-        tokens = (out.shape[1] - T) * out.shape[0]
+        tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
     print(json.dumps({"generate_s": elapsed, "tokens": tokens}))
+
+
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [B, T], left-padded with 0 as generation needs."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids, mask
 
 
 def make_model(path: Path) -> Path:
@@ -71,6 +114,176 @@ def make_model(path: Path) -> Path:
                      pad_token_id=0)
     save_model(Llama(args).init_weights(seed=0), path)
     return path
+
+
+def whole_process(args):
+    from mtcore.checkpoint import inspect_checkpoint
+    from mtcore.profile import _measure_matmul
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = args.policy or str(make_model(Path(tmp) / "policy"))
+        _, model_args, _, n_params, _ = inspect_checkpoint(policy)
+        gen = torch.Generator().manual_seed(0)
+        lens = torch.randint(args.min_prompt, args.max_prompt + 1, (args.prompts,), generator=gen).tolist()
+        prompts = [torch.randint(3, model_args.vocab_size, (L,), generator=gen).tolist() for L in lens]
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        peak = _measure_matmul(torch.device(args.device), dtype, n=2048 if args.device == "cpu" else 8192)
+        flops = generation_flops(model_args, lens, args.n, args.max_new_tokens)
+        print(common.header("sampling: mtcore's KV-cache sampler vs transformers' generate", args.device,
+                            str(dtype).removeprefix("torch."),
+                            f"{n_params / 1e6:.1f}M-parameter Llama, {args.prompts} prompts of {args.min_prompt}-"
+                            f"{args.max_prompt} tokens, n={args.n}, {args.max_new_tokens} new tokens each, "
+                            f"temperature 0.8, top-p 0.95"))
+        print(f"matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s ({str(dtype).removeprefix('torch.')}, "
+              f"square {2048 if args.device == 'cpu' else 8192}); useful generation FLOPs {flops / 1e9:.1f} G "
+              f"(computed)")
+        rows = []
+        for provider in args.providers.split(","):
+            job = dict(provider=provider, policy=policy, prompts=str(prompts_file), device=args.device, n=args.n,
+                       temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, slots=args.slots)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
+                                  text=True)
+            process_s = time.perf_counter() - start
+            if proc.returncode != 0:
+                rows.append((provider, None, (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]))
+                continue
+            rows.append((provider, process_s, json.loads(proc.stdout.strip().splitlines()[-1])))
+            print(f"  {provider}: {rows[-1]}", file=sys.stderr, flush=True)
+    base = next((r for r in rows if r[0] == "transformers" and r[1]), None)
+    print("| provider | process s | generate s | tokens | tokens/s (generate) | % of matmul peak (generate) | "
+          "process speed-up vs transformers |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for provider, process_s, r in rows:
+        if process_s is None:
+            print(f"| {provider} | — | — | — | — | — | not run: {r} |")
+            continue
+        speedup = f"{base[1] / process_s:.2f}x" if base else "—"
+        print(f"| {provider} | {process_s:.1f} | {r['generate_s']:.1f} | {r['tokens']} | "
+              f"{r['tokens'] / r['generate_s']:.0f} | {100 * flops / r['generate_s'] / peak:.1f}% | {speedup} |")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Decode
+
+
+def decode_shapes(device: str, dry: bool) -> dict:
+    """name -> ModelArgs. GPU: Llama-3.2-1B's and Llama-3-8B's shapes; dry (any device): two tiny ones."""
+    from mtcore.model import FLAVOURS, ModelArgs
+
+    if dry:
+        tiny = dict(vocab_size=1000, n_kv_heads=2, head_dim=64, rope_theta=500000.0, max_position_embeddings=512)
+        return {"1b-shaped (tiny)": ModelArgs(dim=128, n_layers=2, n_heads=4, intermediate_size=256,
+                                              tie_word_embeddings=True, **tiny),
+                "8b-shaped (tiny)": ModelArgs(dim=256, n_layers=2, n_heads=8, intermediate_size=512, **tiny)}
+    return {"llama3.2-1b-shaped": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                                            intermediate_size=8192, tie_word_embeddings=True),
+            "llama3-8b-shaped": FLAVOURS["llama3-8b"]}
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a device-to-device copy (read + write), the best of a few."""
+    from mtcore import profile
+
+    n = 2**28 if device == "cuda" else 2**24  # 1 GiB / 64 MiB of fp32
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(5):
+        profile.sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        profile.sync(device)
+        best = max(best, 2 * 4 * n / (time.perf_counter() - start))
+    return best
+
+
+def _timed(fn, device):
+    from mtcore import profile
+
+    profile.sync(device)
+    start = time.perf_counter()
+    out = fn()
+    profile.sync(device)
+    return out, time.perf_counter() - start
+
+
+def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_len: int = 128, new: int = 128,
+                shapes: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """The decode table's rows (and notes): see the module docstring."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mtcore import parallel
+    from mtcore.checkpoint import args_to_config
+    from mtcore.sampler import KVCache, SamplingParams, generate
+
+    dtype = parallel.precision(device).dtype
+    bandwidth = copy_bandwidth(device)
+    modes = ["eager", "graphs"] if device == "cuda" else ["eager"]
+    notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s measured in this run; "
+             f"prompts of {prompt_len} tokens, {new} new tokens, greedy"]
+    rows = []
+    for name, args in decode_shapes(device, dry).items():
+        if shapes and name not in shapes:
+            continue
+        ours = common.random_model(args, "policy", device).to(dtype).eval()
+        with torch.device(device):
+            hf = LlamaForCausalLM(LlamaConfig(**args_to_config(args, "policy", dtype)))
+        hf.load_state_dict(ours.state_dict(), strict=False)
+        hf = hf.to(dtype).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied counted once
+        kv_token = KVCache.bytes_per_token(ours)
+        g = torch.Generator().manual_seed(0)
+        for slots in slot_counts:
+            prompts = [torch.randint(3, args.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(slots)]
+            params = SamplingParams(n=1, temperature=0, max_new_tokens=new)
+            step_bytes = weight_bytes + slots * kv_token * (prompt_len + new / 2)  # mean prefix of a step
+            floor = slots * bandwidth / step_bytes
+            row = {"shape": name, "slots": slots, "floor tokens/s": sig(floor)}
+            eager = None
+            for mode in modes:
+                generate(ours, prompts[:1], SamplingParams(n=1, temperature=0, max_new_tokens=2), decode_mode=mode)
+                out, seconds = _timed(lambda: generate(ours, prompts, params, slots=slots, decode_mode=mode), device)
+                tokens = [c.token_ids for r in out for c in r]
+                eager = eager or tokens
+                rate = sum(map(len, tokens)) / seconds
+                row[f"mtcore {mode} tokens/s"] = sig(rate)
+                row[f"mtcore {mode} % of floor"] = sig(100 * rate / floor)
+                if mode != "eager":
+                    row[f"{mode} same as eager"] = tokens == eager
+            ids = torch.tensor(prompts, device=device)
+            hf_kwargs = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                             attention_mask=torch.ones_like(ids))
+            if device == "cuda":
+                hf_kwargs["cache_implementation"] = "static"
+            with torch.no_grad():
+                hf.generate(ids, **{**hf_kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up (compiles)
+                hf_out, hf_s = _timed(lambda: hf.generate(ids, **hf_kwargs), device)
+            hf_rate = (hf_out.shape[1] - prompt_len) * slots / hf_s
+            row["transformers tokens/s"] = sig(hf_rate)
+            row["mtcore eager / transformers"] = sig(row["mtcore eager tokens/s"] / hf_rate)
+            agree = [a == b for r, h in zip(eager, hf_out[:, prompt_len:].tolist()) for a, b in zip(r, h)]
+            row["tokens equal to transformers %"] = sig(100 * sum(agree) / max(1, len(agree)))
+            rows.append(row)
+            print(f"  {row}", file=sys.stderr, flush=True)
+        del ours, hf
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+def decode_table(args):
+    rows, notes = decode_rows(args.device, dry=args.dry_run, new=args.decode_new_tokens,
+                              prompt_len=args.decode_prompt_tokens)
+    print(common.header("decode: mtcore's sampler vs the bandwidth floor and transformers' generate", args.device,
+                        notes[0].split(";")[0], notes[0].split("; ", 1)[1]))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "—")) for k in keys) + " |")
 
 
 def main():
@@ -86,45 +299,12 @@ def main():
     parser.add_argument("--slots", type=int, default=None, help="mtcore's concurrent sequences (default: all)")
     parser.add_argument("--device", default=common.default_device())
     parser.add_argument("--providers", default="transformers,mtcore")
+    parser.add_argument("--decode", action="store_true", help="the decode table instead of the whole-process one")
+    parser.add_argument("--decode-prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-new-tokens", type=int, default=128)
+    parser.add_argument("--dry-run", action="store_true", help="decode table on tiny shapes (any device)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        policy = args.policy or str(make_model(Path(tmp) / "policy"))
-        from mtcore.checkpoint import inspect_checkpoint
-
-        _, model_args, _, n_params, _ = inspect_checkpoint(policy)
-        gen = torch.Generator().manual_seed(0)
-        lens = torch.randint(args.min_prompt, args.max_prompt + 1, (args.prompts,), generator=gen).tolist()
-        prompts = [torch.randint(3, model_args.vocab_size, (L,), generator=gen).tolist() for L in lens]
-        prompts_file = Path(tmp) / "prompts.json"
-        prompts_file.write_text(json.dumps(prompts))
-        print(common.header("sampling: mtcore's KV-cache sampler vs transformers' generate", args.device,
-                            "fp32" if args.device == "cpu" else "bf16",
-                            f"{n_params / 1e6:.1f}M-parameter Llama, {args.prompts} prompts of {args.min_prompt}-"
-                            f"{args.max_prompt} tokens, n={args.n}, {args.max_new_tokens} new tokens each, "
-                            f"temperature 0.8, top-p 0.95"))
-        rows = []
-        for provider in args.providers.split(","):
-            job = dict(provider=provider, policy=policy, prompts=str(prompts_file), device=args.device, n=args.n,
-                       temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens, slots=args.slots)
-            start = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True,
-                                  text=True)
-            process_s = time.perf_counter() - start
-            if proc.returncode != 0:
-                rows.append((provider, None, proc.stderr.strip().splitlines()[-1][:120]))
-                continue
-            rows.append((provider, process_s, json.loads(proc.stdout.strip().splitlines()[-1])))
-            print(f"  {provider}: {rows[-1]}", file=sys.stderr, flush=True)
-    base = next((r for r in rows if r[0] == "transformers" and r[1]), None)
-    print("| provider | process s | generate s | tokens | tokens/s (generate) | process speed-up vs transformers |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for provider, process_s, r in rows:
-        if process_s is None:
-            print(f"| {provider} | — | — | — | — | not run: {r} |")
-            continue
-        speedup = f"{base[1] / process_s:.2f}x" if base else "—"
-        print(f"| {provider} | {process_s:.1f} | {r['generate_s']:.1f} | {r['tokens']} | "
-              f"{r['tokens'] / r['generate_s']:.0f} | {speedup} |")
+    decode_table(args) if args.decode else whole_process(args)
 
 
 if __name__ == "__main__":

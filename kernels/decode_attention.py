@@ -1,7 +1,8 @@
 """Decode attention: one new query per cache slot against that slot's filled K/V prefix (split-K).
 
 Inputs: q [R, Hq, D] (one query per row); k_cache, v_cache [S, L, Hkv, D] (the cache of one layer,
-any strides with a contiguous last dim); slots [R], the cache slot each row reads; lens [R] int, the
+any strides with a contiguous last dim); slots [R], the cache slot each row reads (None: row r reads
+slot r, R = S); lens [R] int, the
 keys that slot holds (1 <= lens <= L). Query head h reads KV head h // G (G = Hq / Hkv), as
 grouped-query attention does.
     out[r, h] = softmax(q[r, h] . k[slots[r], :lens[r], h // G] / sqrt(D)) @ v[slots[r], :lens[r], h // G]
@@ -25,6 +26,7 @@ other shapes take decode_attention_ref. Every launchable config is compiled in t
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mtcore.kernels.utils import device_guard, tl, triton, use_triton
 
@@ -137,13 +139,16 @@ def kernel_serves(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def _check(q, k_cache, v_cache, slots, lens):
+    if slots is None and q.shape[0] != k_cache.shape[0]:
+        raise ValueError(f"without slots, q's rows ({q.shape[0]}) must be the cache's slots ({k_cache.shape[0]})")
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"need q [R, Hq, D] and k_cache, v_cache [S, L, Hkv, D]; got {tuple(q.shape)}, "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     R, Hq, D = q.shape
-    if k_cache.shape[3] != D or Hq % k_cache.shape[2] or lens.shape != (R,) or slots.shape != (R,):
+    if k_cache.shape[3] != D or Hq % k_cache.shape[2] or lens.shape != (R,) or (
+            slots is not None and slots.shape != (R,)):
         raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, "
-                         f"slots {tuple(slots.shape)}, lens {tuple(lens.shape)}")
+                         f"slots {None if slots is None else tuple(slots.shape)}, lens {tuple(lens.shape)}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q and the caches need a contiguous last (head_dim) dimension")
 
@@ -156,6 +161,8 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lens):
     part = torch.empty(R, Hq, num_splits, D, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(R, Hq, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(R, Hq, D, dtype=q.dtype, device=q.device)
+    if slots is None:
+        slots = torch.arange(R, device=q.device)
     with device_guard(q):
         _decode_attn_kernel[(R, Hkv, num_splits)](
             q, k_cache, v_cache, slots, lens.to(torch.int32), part, lse, q.stride(0), q.stride(1),
@@ -171,7 +178,8 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lens):
 
 
 def decode_attention(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
-    """q [R, Hq, D], k_cache and v_cache [S, L, Hkv, D], slots [R] (int), lens [R] (int, 1 <= lens <= L)
+    """q [R, Hq, D], k_cache and v_cache [S, L, Hkv, D], slots [R] (int) or None (R = S, row r reads slot r),
+    lens [R] (int, 1 <= lens <= L)
     -> [R, Hq, D] in the cache's dtype. Triton on CUDA (and under TRITON_INTERPRET=1) where
     kernel_serves the shapes; else decode_attention_ref."""
     _check(q, k_cache, v_cache, slots, lens)
@@ -181,16 +189,16 @@ def decode_attention(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
 
 
 def decode_attention_ref(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
-    """The specification in plain torch, and the CPU path: query heads folded onto their KV head, so
-    each KV head is read once for its G query heads, never repeated to them. (The rows' slots are
-    gathered first: a copy on the CPU, where the GEMMs dominate.) Softmax in fp32, or float64."""
+    """The specification in plain torch, and the CPU path: the G query heads of a KV head attend as G
+    queries of one SDPA head (no causal mask, a length mask), so each KV head is read once, in place,
+    never repeated to the query heads. (Rows that read other slots than their own gather those first:
+    a copy, on the CPU where the GEMMs dominate.)"""
     R, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
-    q = q.to(k_cache.dtype).view(R, Hkv, Hq // Hkv, D)  # [R, Hkv, G, D]
-    keys, values = k_cache[slots], v_cache[slots]  # [R, L, Hkv, D]
-    scores = torch.einsum("rhgd,rlhd->rhgl", q, keys)  # [R, Hkv, G, L]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) / math.sqrt(D)
+    if slots is not None:
+        k_cache, v_cache = k_cache[slots], v_cache[slots]  # [R, L, Hkv, D]
+    q = q.to(k_cache.dtype).view(R, Hkv, Hq // Hkv, D)  # [R, Hkv, G, D]: the group as a query sequence
     keep = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [R, L]
-    probs = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
-    out = torch.einsum("rhgl,rlhd->rhgd", probs.to(values.dtype), values)  # [R, Hkv, G, D]
+    out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2),  # [R, Hkv, L, D]
+                                         attn_mask=keep[:, None, None, :])  # [R, Hkv, G, D]
     return out.reshape(R, Hq, D)

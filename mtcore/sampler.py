@@ -42,7 +42,7 @@ DECODE_MODES = ("eager", "compile", "graphs")
 CPU_CACHE_BYTES = 2 * 2**30  # the K/V budget off CUDA
 RESERVE_FRACTION = 0.1  # of a GPU's memory kept free beside the cache (prefill activations, logits)
 MIN_RESERVE_BYTES = 2 * 2**30
-MAX_SLOTS = 256  # the default cap on concurrent sequences
+MAX_SLOTS = 256  # the default cap on concurrent sequences on CUDA
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)
 REFILL_EVERY = 8  # decode steps a freed slot may wait for others before a refill
 REFILL_FRACTION = 8  # ... or until 1/REFILL_FRACTION of the slots are free
@@ -105,12 +105,16 @@ def cache_budget(device: torch.device) -> int:
 
 
 def slot_count(model: Llama, max_len: int, requests: int, slots: int | None = None,
-               kv_budget_bytes: int | None = None) -> int:
-    """Concurrent sequences: `slots` if given, else what the budget (default cache_budget) holds, at most
-    MAX_SLOTS; never more than the requests."""
+               kv_budget_bytes: int | None = None, device: torch.device | None = None) -> int:
+    """Concurrent sequences: `slots` if given, else what the budget (default cache_budget) holds, on CUDA
+    at most MAX_SLOTS (past which a decode step gains little); never more than the requests. (On the CPU
+    more rows make the GEMMs more efficient, so only the budget limits them.)"""
     if slots is None:
-        budget = cache_budget(next(model.parameters()).device) if kv_budget_bytes is None else kv_budget_bytes
-        slots = min(MAX_SLOTS, KVCache.slots_for(model, budget, max_len))
+        device = device or next(model.parameters()).device
+        slots = KVCache.slots_for(model, cache_budget(device) if kv_budget_bytes is None else kv_budget_bytes,
+                                  max_len)
+        if device.type == "cuda":
+            slots = min(MAX_SLOTS, slots)
     return max(1, min(slots, requests))
 
 
@@ -125,6 +129,7 @@ class _LayerCache:
     layout: object = None  # prefill: the packed AttnLayout
     kv_len: int = 0  # decode: columns read
     attention: object = None  # decode: decode_attention or decode_attention_ref
+    all_slots: bool = False  # decode: row r is slot r, for every slot (attention reads the cache in place)
 
 
 def _prefill_attend(q, k, v, c: _LayerCache):
@@ -138,7 +143,8 @@ def _decode_attend(q, k, v, c: _LayerCache):
     """q [R, 1, Hq, D], k, v [R, 1, Hkv, D]: write the new K/V at each row's position, attend to its prefix."""
     c.k[c.slots, c.pos] = k[:, 0]
     c.v[c.slots, c.pos] = v[:, 0]
-    return c.attention(q[:, 0], c.k[:, :c.kv_len], c.v[:, :c.kv_len], c.slots, c.pos + 1)[:, None]
+    slots = None if c.all_slots else c.slots
+    return c.attention(q[:, 0], c.k[:, :c.kv_len], c.v[:, :c.kv_len], slots, c.pos + 1)[:, None]
 
 
 def _to_device(values: list[int], device) -> torch.Tensor:
@@ -179,14 +185,16 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
 @torch.no_grad()
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
                 kv_len: int, attention=decode_attention) -> torch.Tensor:
-    """One token for each row: tokens [R] into cache slots [R] at columns pos [R], each attending to its
-    slot's first pos + 1 columns (of the kv_len read). Returns logits [R, V] fp32. No host sync: shapes
-    depend on R and kv_len only, so with R = every slot and kv_len = max_len the step is static."""
+    """One token for each row: tokens [R] into cache slots [R] (distinct, increasing) at columns pos [R],
+    each attending to its slot's first pos + 1 columns (of the kv_len read). Returns logits [R, V] fp32.
+    No host sync: shapes depend on R and kv_len only, so with R = every slot and kv_len = max_len the
+    step is static. With every slot, attention reads the cache in place (no gather of the rows' slots)."""
     body = model.model
     x = body.embed_tokens(tokens[:, None])  # [R, 1, dim]
     cos, sin = rope_cos_sin(cache.inv_freq, pos[:, None], x.dtype)  # [R, 1, head_dim]
     for i, layer in enumerate(body.layers):
-        c = _LayerCache(cache.k[i], cache.v[i], slots, pos, kv_len=kv_len, attention=attention)
+        c = _LayerCache(cache.k[i], cache.v[i], slots, pos, kv_len=kv_len, attention=attention,
+                        all_slots=slots.shape[0] == cache.slots)
         x = layer(x, cos, sin, c, attend_fn=_decode_attend)  # [R, 1, dim]
     return model.lm_head(body.norm(x[:, 0])).float()
 
@@ -234,15 +242,19 @@ def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.
     distribution exactly, at a cost of a few passes over [R, V] instead of a sort (a sort was 70% of
     sampling time on CPU). A draw is rejected with probability <= 1 - top_p."""
     cdf = probs.cumsum(-1)  # [R, V]
-    tokens = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
-    redo = torch.arange(probs.shape[0], device=probs.device)
-    while redo.numel():
-        draw = _draw(probs[redo], cdf[redo], generator)  # [r]
-        p_draw = probs[redo].gather(1, draw[:, None])  # [r, 1]
-        inside = torch.where(probs[redo] > p_draw, probs[redo], 0.0).sum(-1) < top_p  # [r]
-        tokens[redo[inside]] = draw[inside]
-        redo = redo[~inside]
-    return tokens
+    tokens = _draw_in_nucleus(probs, cdf, top_p, generator)  # [R], -1 where rejected
+    while True:
+        redo = (tokens < 0).nonzero().squeeze(1)  # the rows to draw again (only those are copied)
+        if not redo.numel():
+            return tokens
+        tokens[redo] = _draw_in_nucleus(probs[redo], cdf[redo], top_p, generator)
+
+
+def _draw_in_nucleus(probs, cdf, top_p, generator):
+    """One draw per row; -1 where it lies outside the top_p nucleus."""
+    draw = _draw(probs, cdf, generator)  # [R]
+    mass_above = torch.where(probs > probs.gather(1, draw[:, None]), probs, 0.0).sum(-1)  # [R]
+    return torch.where(mass_above < top_p, draw, -1)
 
 
 def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> int:

@@ -39,7 +39,10 @@ def test_dry_run_sections(tmp_path):
         (op, p) for op in ("fused", "DPO") for p in ("naive", "mtcore")}
     assert all(r["ms"] > 0 and r["peak MiB"] >= 0 for r in kernels)
     assert len(records["train"]["rows"]) == 4 and all(r["tokens/s"] > 0 for r in records["train"]["rows"])
-    assert [r["slots"] for r in records["decode"]["rows"]] == [1, 2, 4]
+    decode = records["decode"]["rows"]
+    assert [r["slots"] for r in decode] == [1, 2, 4] * 2  # two shapes
+    assert all(r["mtcore eager tokens/s"] > 0 and 0 < r["mtcore eager % of floor"] for r in decode)
+    assert all(r["tokens equal to transformers %"] == 100 for r in decode)  # fp32, greedy, 4 tokens
     assert "skipped" in records["pytest"]["rows"][0]["summary"]  # no CUDA here: the cuda tests skip
 
 

@@ -315,7 +315,10 @@ def test_cache_sized_from_free_gpu_memory(models, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
     budget = smp.cache_budget(torch.device("cuda"))
     assert budget == 2 * 2**30  # 10 GiB free less the reserve, 10% of 80 GiB
-    assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=budget) == min(smp.MAX_SLOTS, budget // per_slot)
+    assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=budget) == budget // per_slot  # a CPU model: no cap
+    cuda = torch.device("cuda")
+    assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=budget, device=cuda) == min(smp.MAX_SLOTS,
+                                                                                        budget // per_slot)
     assert smp.slot_count(ours, 100, 5, kv_budget_bytes=budget) == 5  # never more than the requests
     assert smp.slot_count(ours, 100, 10**9, slots=3) == 3
     assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=per_slot * 7) == 7
