@@ -30,9 +30,12 @@ Training (dpo, rm): fp32 master weights, bf16 compute, FSDP2 over all G GPUs (mt
 
 Reference log-probs (dpo, before sharding): the full fp32 policy (4P) on every GPU and one forward
   layer's transients (T * (8d + 6I), no graph kept) plus the head's tile.
-Generation (sample, select, msample): the full bf16 policy (2P) on every GPU, the K/V cache (the
-  --kv-cache-gb budget, 2 GiB by default: 2 * L * kv * 2 bytes per token, slots of prompt 1024 +
-  1024 new tokens), and fp32 logits per slot (V * 4 * 2: the row and its softmax).
+Generation (sample, select, msample): the full bf16 policy (2P) on every GPU, the K/V cache, and
+  fp32 logits per slot (V * 4 * 2: the row and its softmax) or a prefill's transients (one layer's at
+  PREFILL_TOKENS), whichever is larger. The cache is the sampler's default
+  (mtcore.sampler.cache_budget): the GPU's memory less the policy, less a reserve of max(10% of the
+  GPU, 2 GiB) (RESERVE_FRACTION is 15%), in slots of --slot-tokens (2 * L * kv * 2 bytes per token), at most MAX_SLOTS; or the
+  --kv-cache-gb budget when given.
 Scoring (score, select, msample): the full bf16 reward model (2P) and one forward layer's
   transients at T tokens.
 
@@ -54,6 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtcore.model import FLAVOURS, ModelArgs  # noqa: E402
+from mtcore.sampler import MAX_SLOTS, MIN_RESERVE_BYTES, PREFILL_TOKENS, RESERVE_FRACTION  # noqa: E402
 
 GIB = 2**30
 RESERVE = 0.10  # of the GPU: CUDA context, NCCL buffers, allocator fragmentation
@@ -120,7 +124,7 @@ def main():
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu-gib", type=float, default=79.6, help="An 80 GB H100 reports 81,559 MiB = 79.6 GiB.")
     p.add_argument("--micro-batch-tokens", type=int, default=8192)
-    p.add_argument("--kv-cache-gb", type=float, default=2.0)
+    p.add_argument("--kv-cache-gb", type=float, default=0.0, help="0: the sampler's default (see above)")
     p.add_argument("--slot-tokens", type=int, default=2048, help="Prompt + new tokens per K/V cache slot.")
     p.add_argument("--dpo-steps", type=int, default=230, help="DPO steps per iteration (paper: ~230 at batch 128).")
     p.add_argument("--save-every", type=int, default=50, help="DPO steps between candidates (paper: 50).")
@@ -136,10 +140,12 @@ def main():
         fits = "yes" if total <= usable else "**no**"
         return f"| {stage} | {cells} | {total / GIB:.1f} | {fits} | {note} |"
 
-    kv_budget = int(args.kv_cache_gb * GIB)
-    slots = kv_budget // (args.slot_tokens * kv_per_token(a))
-    free_for_kv = usable - 2 * policy.total
-    max_slots = int(free_for_kv // (args.slot_tokens * kv_per_token(a) + sampling_logits(a, 1)))
+    per_slot = args.slot_tokens * kv_per_token(a)
+    gpu = args.gpu_gib * GIB
+    default_budget = gpu - 2 * policy.total - max(RESERVE_FRACTION * gpu, MIN_RESERVE_BYTES)
+    slots = int(args.kv_cache_gb * GIB // per_slot) if args.kv_cache_gb else min(MAX_SLOTS,
+                                                                                 int(default_budget // per_slot))
+    kv_budget = slots * per_slot
     print(f"# Memory plan: {args.flavour} policy ({policy.total / 1e9:.2f}B) + reward model "
           f"({reward.total / 1e9:.2f}B), {G} GPUs x {args.gpu_gib} GiB, FSDP2 | computed, not measured")
     print(f"usable per GPU {usable / GIB:.1f} GiB ({RESERVE:.0%} reserved); micro-batch {T} tokens; GiB per GPU")
@@ -154,7 +160,8 @@ def main():
                                            "activations": forward_transients(a, T) + HEAD_TILE, "kv cache": 0},
               "full fp32 policy, before sharding"))
     print(row("generate (policy)", {"parameters": 2 * policy.total, "gradients": 0, "optimizer": 0,
-                                    "activations": sampling_logits(a, slots), "kv cache": kv_budget},
+                                    "activations": max(sampling_logits(a, slots), forward_transients(a, PREFILL_TOKENS)),
+                                    "kv cache": kv_budget},
               f"{slots} slots of {args.slot_tokens} tokens"))
     print(row("score (reward model)", {"parameters": 2 * reward.total, "gradients": 0, "optimizer": 0,
                                        "activations": forward_transients(a, T), "kv cache": 0}, "full bf16"))
@@ -165,9 +172,10 @@ def main():
         print(f"| {name} | {largest_micro_batch(a, kind, G, usable, False):,} | "
               f"{largest_micro_batch(a, kind, G, usable, True):,} |")
     print()
-    print(f"K/V cache: {kv_per_token(a) / 2**10:.0f} KiB per token; the default {args.kv_cache_gb:g} GiB holds "
-          f"{slots} slots of {args.slot_tokens} tokens; the {free_for_kv / GIB:.1f} GiB left beside the bf16 policy "
-          f"would hold {max_slots} (--kv-cache-gb {free_for_kv / GIB * 0.95:.0f}).")
+    budget = f"--kv-cache-gb {args.kv_cache_gb:g}" if args.kv_cache_gb else (
+        f"the default, the {default_budget / GIB:.1f} GiB left beside the bf16 policy and the reserve")
+    print(f"K/V cache: {kv_per_token(a) / 2**10:.0f} KiB per token; {budget} holds {slots} slots of "
+          f"{args.slot_tokens} tokens ({kv_budget / GIB:.1f} GiB).")
     print(f"Activations per token and layer: {act_per_token_layer(a) / 2**10:.0f} KiB without checkpointing, "
           f"{2 * a.dim / 2**10:.0f} KiB kept with it.")
     print()

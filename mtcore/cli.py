@@ -161,7 +161,7 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
               help="Concurrent sequences (default: what the K/V cache budget holds, at most 256).")
 @click.option("--kv-cache-gb", default=None, type=POSITIVE,
               help="K/V cache budget that sizes the slots, in GiB (default: on CUDA the free memory after the "
-                   "weights less a reserve of 10%; 2 GiB on the CPU).")
+                   "weights less a reserve of 15%; 2 GiB on the CPU).")
 @click.option("--decode-mode", default="eager", show_default=True, type=click.Choice(["eager", "compile", "graphs"]),
               help="Decode step: eager; compile (static shapes through torch.compile); graphs (a captured CUDA "
                    "graph; not yet measured on a GPU, so not the default).")

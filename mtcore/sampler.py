@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DECODE_MODES = ("eager", "compile", "graphs")
 CPU_CACHE_BYTES = 2 * 2**30  # the K/V budget off CUDA
-RESERVE_FRACTION = 0.1  # of a GPU's memory kept free beside the cache (prefill activations, logits)
+RESERVE_FRACTION = 0.15  # of a GPU's memory kept beside the cache: prefill activations, logits, fragmentation
 MIN_RESERVE_BYTES = 2 * 2**30
 MAX_SLOTS = 256  # the default cap on concurrent sequences on CUDA
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)

@@ -312,9 +312,9 @@ def test_cache_sized_from_free_gpu_memory(models, monkeypatch):
 
     _, ours = models
     per_slot = smp.KVCache.bytes_per_token(ours) * 100
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 80 * 2**30))
     budget = smp.cache_budget(torch.device("cuda"))
-    assert budget == 2 * 2**30  # 10 GiB free less the reserve, 10% of 80 GiB
+    assert budget == 8 * 2**30  # 20 GiB free less the reserve, 15% of 80 GiB
     assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=budget) == budget // per_slot  # a CPU model: no cap
     cuda = torch.device("cuda")
     assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=budget, device=cuda) == min(smp.MAX_SLOTS,
@@ -322,6 +322,6 @@ def test_cache_sized_from_free_gpu_memory(models, monkeypatch):
     assert smp.slot_count(ours, 100, 5, kv_budget_bytes=budget) == 5  # never more than the requests
     assert smp.slot_count(ours, 100, 10**9, slots=3) == 3
     assert smp.slot_count(ours, 100, 10**9, kv_budget_bytes=per_slot * 7) == 7
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 8 * 2**30))  # reserve: 2 GiB
     assert smp.cache_budget(torch.device("cuda")) == 0 and smp.slot_count(ours, 100, 50, kv_budget_bytes=0) == 1
     assert smp.cache_budget(torch.device("cpu")) == smp.CPU_CACHE_BYTES
