@@ -115,8 +115,16 @@ def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, stride_p_s, stride_p_h, stride
     tl.store(out_ptr + s.to(tl.int64) * stride_out_s + h * stride_out_h + offs_d, out)
 
 
+_SMS: dict[int, int] = {}  # CUDA device index -> SM count, read once (a plain lookup inside torch.compile)
+
+
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    if device.type != "cuda":
+        return 132  # the interpreter: launch as on an H100
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def launch_config(slots: int, n_kv_heads: int, max_len: int, head_dim: int, sms: int = 132):

@@ -31,9 +31,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mtcore.errors import MtcoreError
-from mtcore.kernels.decode_attention import decode_attention, decode_attention_ref
+from mtcore.kernels.decode_attention import _sm_count, decode_attention, decode_attention_ref
 from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -217,22 +218,35 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)  # [R, V]
     if params.top_p >= 1.0:
-        return _draw(probs, probs.cumsum(-1), generator)
+        return _draw(probs, generator)
     nucleus = nucleus_sorted if probs.is_cuda else nucleus_by_rejection
     return nucleus(probs, params.top_p, generator)
 
 
-def _draw(probs, cdf, generator):
-    """One inverse-CDF draw per row of probs [R, V] (unnormalised; cdf its cumsum) -> [R]."""
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[1] - 1)
+DRAW_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One inverse-CDF draw per row of probs [R, V] (unnormalised) -> [R], in two levels: the block of
+    DRAW_BLOCK tokens the draw falls in (a cumsum over block sums), then the token within it (a cumsum
+    of that block only). Exact, and a full-vocabulary cumsum (slow on the CPU) is never built."""
+    R, V = probs.shape
+    padded = F.pad(probs, (0, -V % DRAW_BLOCK)) if V % DRAW_BLOCK else probs  # (Llama-3's 128256 = 501 x 256)
+    blocks = padded.view(R, -1, DRAW_BLOCK)  # [R, nb, B]
+    block_cdf = blocks.sum(-1).cumsum(-1)  # [R, nb]
+    u = torch.rand(R, 1, generator=generator, device=probs.device) * block_cdf[:, -1:]  # [R, 1]
+    b = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [R, 1]
+    within = blocks.gather(1, b[:, :, None].expand(R, 1, DRAW_BLOCK)).squeeze(1).cumsum(-1)  # [R, B]
+    before = block_cdf.gather(1, b) - within[:, -1:]  # the mass of the blocks before b, [R, 1]
+    j = torch.searchsorted(within, u - before, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (b * DRAW_BLOCK + j).squeeze(1).clamp_(max=V - 1)
 
 
 def nucleus_sorted(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
     """Top-p by sorting: keep the most probable tokens whose mass before them is < top_p, draw there."""
     sorted_probs, order = probs.sort(-1, descending=True)  # [R, V]
     kept = torch.where(sorted_probs.cumsum(-1) - sorted_probs < top_p, sorted_probs, 0.0)
-    return order.gather(1, _draw(kept, kept.cumsum(-1), generator)[:, None]).squeeze(1)
+    return order.gather(1, _draw(kept, generator)[:, None]).squeeze(1)
 
 
 def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
@@ -241,19 +255,18 @@ def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.
     Rejection from p restricted to a set samples p renormalised on that set, so this is the nucleus
     distribution exactly, at a cost of a few passes over [R, V] instead of a sort (a sort was 70% of
     sampling time on CPU). A draw is rejected with probability <= 1 - top_p."""
-    cdf = probs.cumsum(-1)  # [R, V]
-    tokens = _draw_in_nucleus(probs, cdf, top_p, generator)  # [R], -1 where rejected
+    tokens = _draw_in_nucleus(probs, top_p, generator)  # [R], -1 where rejected
     while True:
         redo = (tokens < 0).nonzero().squeeze(1)  # the rows to draw again (only those are copied)
         if not redo.numel():
             return tokens
-        tokens[redo] = _draw_in_nucleus(probs[redo], cdf[redo], top_p, generator)
+        tokens[redo] = _draw_in_nucleus(probs[redo], top_p, generator)
 
 
-def _draw_in_nucleus(probs, cdf, top_p, generator):
+def _draw_in_nucleus(probs, top_p, generator):
     """One draw per row; -1 where it lies outside the top_p nucleus."""
-    draw = _draw(probs, cdf, generator)  # [R]
-    mass_above = torch.where(probs > probs.gather(1, draw[:, None]), probs, 0.0).sum(-1)  # [R]
+    draw = _draw(probs, generator)  # [R]
+    mass_above = (probs * (probs > probs.gather(1, draw[:, None]))).sum(-1)  # [R]
     return torch.where(mass_above < top_p, draw, -1)
 
 
@@ -380,6 +393,8 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
         return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention)
 
     if mode == "compile":
+        if device.type == "cuda":
+            _sm_count(device)  # read the SM count now, outside the traced step
         run = torch.compile(forward, fullgraph=True)
     elif device.type != "cuda":
         raise MtcoreError("decode mode 'graphs' needs a CUDA device; use 'eager' or 'compile'")

@@ -325,3 +325,20 @@ def test_cache_sized_from_free_gpu_memory(models, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**30, 8 * 2**30))  # reserve: 2 GiB
     assert smp.cache_budget(torch.device("cuda")) == 0 and smp.slot_count(ours, 100, 50, kv_budget_bytes=0) == 1
     assert smp.cache_budget(torch.device("cpu")) == smp.CPU_CACHE_BYTES
+
+
+@pytest.mark.parametrize("V", [300, 512, 1000])
+def test_two_level_draw_is_exact(V):
+    """The block-then-token inverse CDF draws each token with its probability (unnormalised weights),
+    across block edges and a padded last block, and never a zero-weight token."""
+    from mtcore.sampler import _draw
+
+    weights = torch.zeros(V)
+    support = torch.tensor([0, 255, 256, V - 1, V // 2])
+    weights[support] = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5])
+    gen = torch.Generator().manual_seed(V)
+    tokens = _draw((3 * weights).repeat(40000, 1), gen)
+    freq = torch.bincount(tokens, minlength=V).double() / tokens.numel()
+    expected = weights.double() / weights.sum()
+    assert (freq - expected).abs().max() < 0.01, (freq[support], expected[support])
+    assert freq[weights == 0].sum() == 0
