@@ -17,12 +17,12 @@ Sections:
 - kernels: fused log-probs forward+backward and the DPO loss over the LM head, N=8192, H=4096,
   V=128256, bf16, against naive torch (bench/fused_logprobs.py, bench/dpo_loss.py workers): ms,
   TFLOP/s, % of a bf16 matmul peak measured in this run, peak memory;
-- train: DPO and RM steps (train.fit) on a random Llama-3.2-1B-shaped model and an 8B-wide slice
-  (Llama-3-8B's layers, as many as bench/memory_plan.py computes fit, less 10%): tokens/s, MFU against the
-  measured peak and the data sheet's, peak memory against memory_plan's figure;
 - decode: bench/sampler.py's decode table at 64 slots on the Llama-3.2-1B and Llama-3-8B shapes: mtcore
   eager and CUDA graphs (tokens compared with eager), against the bandwidth floor (weights + K/V per
   step over the copy bandwidth measured in this run) and transformers' static-cache generate;
+- train: DPO and RM steps (train.fit) on a random Llama-3.2-1B-shaped model and an 8B-wide slice
+  (Llama-3-8B's layers, as many as bench/memory_plan.py computes fit, less 10%): tokens/s, MFU against the
+  measured peak and the data sheet's, peak memory against memory_plan's figure;
 - toy: one `mtcore train --iters 1` of the toy world.
 """
 
@@ -52,7 +52,7 @@ from mtcore import parallel  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 # (name, time limit in seconds on the GPU); the run's total budget caps each one further.
-SECTIONS = [("environment", 30), ("pytest", 120), ("kernels", 90), ("train", 90), ("decode", 150), ("toy", 90)]
+SECTIONS = [("environment", 30), ("pytest", 120), ("kernels", 90), ("decode", 150), ("train", 90), ("toy", 90)]
 TOTAL_BUDGET = 300
 
 
@@ -297,7 +297,7 @@ def section_decode(device: str, dry: bool) -> dict:
     if dry:
         rows, notes = bench_sampler.decode_rows(device, dry=True, slot_counts=(1, 2, 4), prompt_len=8, new=4)
     else:  # the targets' slot count only: transformers compiles its static-cache step once per batch size
-        rows, notes = bench_sampler.decode_rows(device, slot_counts=(64,), new=64)
+        rows, notes = bench_sampler.decode_rows(device, slot_counts=(64,), new=64, modes=("eager", "graphs"))
     return {"rows": rows, "notes": notes}
 
 

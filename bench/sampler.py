@@ -16,7 +16,8 @@ Two tables.
 2. Decode (--decode, and bench/gpu_check.py's decode section): greedy decode at 1, 16 and 64 slots of
    a random model (GPU: the Llama-3.2-1B shape and the Llama-3-8B shape in bf16), each slot a
    --decode-prompt-token prompt and --decode-new-tokens new tokens. Rows: mtcore in each decode mode
-   (graphs on CUDA only) and transformers' generate with its static cache (which it compiles). The
+   (on CUDA eager, compile and graphs; eager on the CPU) and transformers' generate with its static
+   cache (which it compiles), each timed on a second, identical call after a warm-up. The
    floor: each step must read the weights once and every slot's K/V prefix, so
        floor tokens/s = slots / ((weight bytes + mean K/V bytes of a step) / copy bandwidth),
    with the device-to-device copy bandwidth measured in this run. "same as eager" compares tokens.
@@ -211,7 +212,7 @@ def _timed(fn, device):
 
 
 def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_len: int = 128, new: int = 128,
-                shapes: list[str] | None = None) -> tuple[list[dict], list[str]]:
+                modes: tuple[str, ...] | None = None) -> tuple[list[dict], list[str]]:
     """The decode table's rows (and notes): see the module docstring."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -221,13 +222,11 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
 
     dtype = parallel.precision(device).dtype
     bandwidth = copy_bandwidth(device)
-    modes = ["eager", "graphs"] if device == "cuda" else ["eager"]
+    modes = modes or (("eager", "compile", "graphs") if device == "cuda" else ("eager",))
     notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s measured in this run; "
              f"prompts of {prompt_len} tokens, {new} new tokens, greedy"]
     rows = []
     for name, args in decode_shapes(device, dry).items():
-        if shapes and name not in shapes:
-            continue
         ours = common.random_model(args, "policy", device).to(dtype).eval()
         with torch.device(device):
             hf = LlamaForCausalLM(LlamaConfig(**args_to_config(args, "policy", dtype)))
@@ -244,7 +243,7 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
             row = {"shape": name, "slots": slots, "floor tokens/s": sig(floor)}
             eager = None
             for mode in modes:
-                generate(ours, prompts[:1], SamplingParams(n=1, temperature=0, max_new_tokens=2), decode_mode=mode)
+                generate(ours, prompts, params, slots=slots, decode_mode=mode)  # warm-up: compiles, captures
                 out, seconds = _timed(lambda: generate(ours, prompts, params, slots=slots, decode_mode=mode), device)
                 tokens = [c.token_ids for r in out for c in r]
                 eager = eager or tokens
@@ -259,7 +258,7 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
             if device == "cuda":
                 hf_kwargs["cache_implementation"] = "static"
             with torch.no_grad():
-                hf.generate(ids, **{**hf_kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up (compiles)
+                hf.generate(ids, **hf_kwargs)  # warm-up, the same call: its static cache is sized by the call
                 hf_out, hf_s = _timed(lambda: hf.generate(ids, **hf_kwargs), device)
             hf_rate = (hf_out.shape[1] - prompt_len) * slots / hf_s
             row["transformers tokens/s"] = sig(hf_rate)

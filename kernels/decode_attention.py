@@ -13,10 +13,12 @@ heads or upcast in memory: the G query heads of a KV head are one [BLOCK_G, D] t
 that streams that head's keys, so decode reads the cache at the memory-bandwidth floor.
 
 Split-K: a long prefix and few rows would leave most of the GPU idle, so each (row, KV head) is cut
-into NUM_SPLITS <= MAX_SPLITS ranges of SPLIT_BLOCKS * BLOCK_N keys, each with its own program writing
-a partial output and its log-sum-exp (fp32); a second kernel combines them exactly, in the output
-dtype. Programs over keys beyond a slot's length do no work, so the grid is fixed by (R, Hkv, L)
-alone: the launch is the same at every step (CUDA-graph safe). Scores, softmax and the accumulator
+into num_splits <= MAX_SPLITS ranges of split_len keys, each with its own program writing a partial
+output and its log-sum-exp (fp32); a second kernel combines them exactly, in the output dtype. A
+program loops over its range only up to the slot's length (a runtime bound, so the loop is
+pipelined), and one past it does no work; the grid is fixed by (R, Hkv, L) alone: the launch is the
+same at every step (CUDA-graph safe). The runtime bound needs triton >= 3.7's interpreter on the CPU
+(3.6's int()s a one-element array, which numpy >= 2.4 refuses); compiled, any version. Scores, softmax and the accumulator
 are fp32; the two dots take the cache dtype (fp32 dots in IEEE precision, not TF32).
 
 The kernel serves head_dim 64 and 128 (the Llama-3 family) with up to 16 query heads per KV head;
@@ -33,7 +35,6 @@ from mtcore.kernels.utils import device_guard, tl, triton, use_triton
 BLOCK_N = 64  # keys per tile
 BLOCK_G = 16  # query heads per program (tl.dot's smallest tile), masked to the group size
 HEAD_DIMS = (64, 128)  # the head sizes the kernel serves
-SPLIT_BLOCKS = (1, 16, 256)  # tiles per split: the only values launched
 MAX_SPLITS = 16
 PROGRAMS_PER_SM = 2  # split until the grid holds about this many programs per SM
 
@@ -44,8 +45,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr
                         stride_v_s, stride_v_l, stride_v_h, stride_o_s, stride_o_h, stride_o_split,
                         stride_lse_s, stride_lse_h, scale, group,
                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_N: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        split_len, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """UPCAST (interpreter only): its bf16 arithmetic is wrong, so tiles are cast to fp32 after loading;
     on the GPU the dots take the cache dtype."""
     s = tl.program_id(0)
@@ -66,29 +66,27 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    first = split * (SPLIT_BLOCKS * BLOCK_N)
-    for b in range(SPLIT_BLOCKS):
-        start = first + b * BLOCK_N
-        if start < n_keys:
-            offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-            n_mask = offs_n < n_keys
-            kv_mask = n_mask[:, None]
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_k_l + offs_d[None, :], mask=kv_mask,
-                        other=0.0)  # [BLOCK_N, BLOCK_D]
-            if UPCAST:
-                k = k.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
-            scores = tl.where(n_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))  # finite: the tile holds at least one key
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_v_l + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m = m_new
+    first = split * split_len
+    last = tl.minimum(first + split_len, n_keys)  # this split's keys: [first, last), none past the slot's
+    for start in range(first, last, BLOCK_N):  # a runtime bound: the loop is pipelined, and stops at the prefix
+        offs_n = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        n_mask = offs_n < last
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_k_l + offs_d[None, :], mask=n_mask[:, None],
+                    other=0.0)  # [BLOCK_N, BLOCK_D]
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale  # [BLOCK_G, BLOCK_N] fp32
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))  # finite: the tile holds at least one key
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_v_l + offs_d[None, :], mask=n_mask[:, None],
+                    other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
     has_keys = denom > 0  # a split past the slot's length has none
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, denom, 1.0)[:, None], 0.0)
     tl.store(o_ptr + s.to(tl.int64) * stride_o_s + heads[:, None] * stride_o_h + split * stride_o_split
@@ -127,23 +125,18 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[index]
 
 
-def launch_config(slots: int, n_kv_heads: int, max_len: int, head_dim: int, sms: int = 132):
-    """(BLOCK_D, SPLIT_BLOCKS, NUM_SPLITS): the grid is (slots, n_kv_heads, NUM_SPLITS). Splits only when
-    slots * n_kv_heads programs would leave SMs idle, into at most MAX_SPLITS."""
-    n_blocks = triton.cdiv(max_len, BLOCK_N)
-    want = min(MAX_SPLITS, max(1, math.ceil(PROGRAMS_PER_SM * sms / (slots * n_kv_heads))))
-    # the fewest tiles per split that need no more than `want` splits, else the most
-    split_blocks = next((b for b in SPLIT_BLOCKS if triton.cdiv(n_blocks, b) <= want), SPLIT_BLOCKS[-1])
-    if triton.cdiv(n_blocks, split_blocks) > MAX_SPLITS:
-        raise ValueError(f"a {max_len}-token cache is longer than the kernel's "
-                         f"{MAX_SPLITS * SPLIT_BLOCKS[-1] * BLOCK_N} keys")
-    return head_dim, split_blocks, triton.cdiv(n_blocks, split_blocks)
+def launch_config(rows: int, n_kv_heads: int, max_len: int, sms: int = 132) -> tuple[int, int]:
+    """(split_len, num_splits): the grid is (rows, n_kv_heads, num_splits), each split split_len keys (a
+    multiple of BLOCK_N). Splits only when rows * n_kv_heads programs would leave SMs idle, into at most
+    MAX_SPLITS. Depends on the cache's length, not the slots' fill, so every step launches the same."""
+    want = min(MAX_SPLITS, max(1, math.ceil(PROGRAMS_PER_SM * sms / (rows * n_kv_heads))))
+    split_len = triton.cdiv(triton.cdiv(max_len, want), BLOCK_N) * BLOCK_N
+    return split_len, triton.cdiv(max_len, split_len)
 
 
 def kernel_serves(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the Triton kernel takes these shapes (else the torch path runs)."""
-    return (q.shape[-1] in HEAD_DIMS and q.shape[1] // k_cache.shape[2] <= BLOCK_G
-            and k_cache.shape[1] <= MAX_SPLITS * SPLIT_BLOCKS[-1] * BLOCK_N)
+    return q.shape[-1] in HEAD_DIMS and q.shape[1] // k_cache.shape[2] <= BLOCK_G
 
 
 def _check(q, k_cache, v_cache, slots, lens):
@@ -165,7 +158,7 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lens):
     R, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     q = q.to(k_cache.dtype)  # RoPE may leave q in fp32 beside a bf16 cache (autocast)
-    block_d, split_blocks, num_splits = launch_config(R, Hkv, L, D, _sm_count(q.device))
+    split_len, num_splits = launch_config(R, Hkv, L, _sm_count(q.device))
     part = torch.empty(R, Hq, num_splits, D, dtype=torch.float32, device=q.device)  # partial outputs
     lse = torch.empty(R, Hq, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(R, Hq, D, dtype=q.dtype, device=q.device)
@@ -176,12 +169,12 @@ def _decode_attention_triton(q, k_cache, v_cache, slots, lens):
             q, k_cache, v_cache, slots, lens.to(torch.int32), part, lse, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
             v_cache.stride(2), part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            1.0 / math.sqrt(D), Hq // Hkv, BLOCK_G=BLOCK_G, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-            SPLIT_BLOCKS=split_blocks, DOT_PRECISION="ieee" if q.dtype == torch.float32 or not q.is_cuda else "tf32",
+            1.0 / math.sqrt(D), Hq // Hkv, BLOCK_G=BLOCK_G, BLOCK_D=D, split_len=split_len, BLOCK_N=BLOCK_N,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 or not q.is_cuda else "tf32",
             UPCAST=not q.is_cuda, num_warps=4)
         _combine_kernel[(R, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
                                  lse.stride(1), out.stride(0), out.stride(1), num_splits,
-                                 BLOCK_SPLITS=MAX_SPLITS, BLOCK_D=block_d)
+                                 BLOCK_SPLITS=MAX_SPLITS, BLOCK_D=D)
     return out
 
 

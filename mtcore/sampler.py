@@ -79,9 +79,12 @@ class KVCache:
     def __init__(self, model: Llama, slots: int, max_len: int):
         a = model.args
         p = next(model.parameters())
-        shape = (a.n_layers, slots, max_len, a.n_kv_heads, a.head_dim)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        shape = (slots, max_len, a.n_kv_heads, a.head_dim)
+        # One tensor per layer, written in place with index_put_: under torch.compile, a write into a
+        # view of one [layers, ...] tensor became a copy of the whole layer's cache at every step.
+        self.k = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)]
+        self.v = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(a.n_layers)]
+        self.device = p.device
         self.inv_freq = model.model.inv_freq(p.device)  # [head_dim // 2]
         self.slots, self.max_len = slots, max_len
 
@@ -101,6 +104,7 @@ def cache_budget(device: torch.device) -> int:
     max(RESERVE_FRACTION of the GPU, MIN_RESERVE_BYTES); elsewhere CPU_CACHE_BYTES."""
     if device.type != "cuda":
         return CPU_CACHE_BYTES
+    torch.cuda.empty_cache()  # what the allocator holds unused (after a training stage: most of it) is free too
     free, total = torch.cuda.mem_get_info(device)
     return max(0, free - max(int(RESERVE_FRACTION * total), MIN_RESERVE_BYTES))
 
@@ -135,15 +139,15 @@ class _LayerCache:
 
 def _prefill_attend(q, k, v, c: _LayerCache):
     """q [N, Hq, D], k, v [N, Hkv, D] packed: write each prompt's K/V into its slots, attend packed."""
-    c.k[c.slots, c.pos] = k[c.src]
-    c.v[c.slots, c.pos] = v[c.src]
+    c.k.index_put_((c.slots, c.pos), k[c.src])
+    c.v.index_put_((c.slots, c.pos), v[c.src])
     return attend(q, k, v, c.layout)
 
 
 def _decode_attend(q, k, v, c: _LayerCache):
     """q [R, 1, Hq, D], k, v [R, 1, Hkv, D]: write the new K/V at each row's position, attend to its prefix."""
-    c.k[c.slots, c.pos] = k[:, 0]
-    c.v[c.slots, c.pos] = v[:, 0]
+    c.k.index_put_((c.slots, c.pos), k[:, 0])
+    c.v.index_put_((c.slots, c.pos), v[:, 0])
     slots = None if c.all_slots else c.slots
     return c.attention(q[:, 0], c.k[:, :c.kv_len], c.v[:, :c.kv_len], slots, c.pos + 1)[:, None]
 
@@ -161,7 +165,7 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
     prompts[p]: token ids; slots[p]: the cache slots that sample from prompt p.
     Returns the last-position logits, [len(prompts), V] fp32.
     """
-    device = cache.k.device
+    device = cache.device
     lens = [len(p) for p in prompts]
     starts = [0]
     for n in lens:
@@ -235,11 +239,19 @@ def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
     blocks = padded.view(R, -1, DRAW_BLOCK)  # [R, nb, B]
     block_cdf = blocks.sum(-1).cumsum(-1)  # [R, nb]
     u = torch.rand(R, 1, generator=generator, device=probs.device) * block_cdf[:, -1:]  # [R, 1]
-    b = torch.searchsorted(block_cdf, u, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [R, 1]
+    # right=True: the first entry > u, so never a zero-weight token (u may be 0); the clamps keep a draw
+    # that rounding put at the very top on the last block, then token, with weight
+    b = torch.minimum(torch.searchsorted(block_cdf, u, right=True), _last_positive(block_cdf))  # [R, 1]
     within = blocks.gather(1, b[:, :, None].expand(R, 1, DRAW_BLOCK)).squeeze(1).cumsum(-1)  # [R, B]
     before = block_cdf.gather(1, b) - within[:, -1:]  # the mass of the blocks before b, [R, 1]
-    j = torch.searchsorted(within, u - before, right=True).clamp_(max=DRAW_BLOCK - 1)
-    return (b * DRAW_BLOCK + j).squeeze(1).clamp_(max=V - 1)
+    j = torch.minimum(torch.searchsorted(within, (u - before).clamp_(min=0), right=True), _last_positive(within))
+    return (b * DRAW_BLOCK + j).squeeze(1)
+
+
+def _last_positive(cdf: torch.Tensor) -> torch.Tensor:
+    """[R, n] cumulative weights -> [R, 1] the index of the last entry with weight (where the cdf first
+    reaches its total)."""
+    return (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
 
 
 def nucleus_sorted(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
@@ -260,7 +272,10 @@ def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.
         redo = (tokens < 0).nonzero().squeeze(1)  # the rows to draw again (only those are copied)
         if not redo.numel():
             return tokens
-        tokens[redo] = _draw_in_nucleus(probs[redo], top_p, generator)
+        again = probs[redo]
+        if torch.isnan(again).any():  # a NaN row is never accepted
+            raise MtcoreError("sampling: the logits hold NaN (the model's weights or inputs do)")
+        tokens[redo] = _draw_in_nucleus(again, top_p, generator)
 
 
 def _draw_in_nucleus(probs, top_p, generator):
@@ -370,13 +385,13 @@ def accept(batch: Batch, slot_ids: list[int], logits: torch.Tensor, job: _Job) -
 
 def eager_decoder(model: Llama, cache: KVCache):
     """Decode the active slots only, over the columns up to the longest: shapes change step to step."""
-    attention = decode_attention_for(cache.k.device)
+    attention = decode_attention_for(cache.device)
 
     def step(batch: Batch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
         positions = [batch.position(s) for s in active]
-        slots = _to_device(active, cache.k.device)
-        return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.k.device),
+        slots = _to_device(active, cache.device)
+        return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.device),
                                    max(positions) + 1, attention)
     return step
 
@@ -384,7 +399,7 @@ def eager_decoder(model: Llama, cache: KVCache):
 def static_decoder(model: Llama, cache: KVCache, mode: str):
     """Decode every slot over every column (a free slot writes column 0 of its own, unused, cache): the
     same shapes at every step, compiled (mode "compile") or captured as a CUDA graph ("graphs")."""
-    device = cache.k.device
+    device = cache.device
     attention = decode_attention_for(device)
     all_slots = torch.arange(cache.slots, device=device)
     pos = torch.zeros(cache.slots, dtype=torch.long, device=device)  # the step's input, updated in place
@@ -418,6 +433,10 @@ def _cuda_graph(forward, device):
     graph, out = torch.cuda.CUDAGraph(), None
 
     def run(last):
+        with torch.cuda.device(device):  # capture and replay on the cache's GPU, whichever is current
+            return capture_or_replay(last)
+
+    def capture_or_replay(last):
         nonlocal static_tokens, out
         if static_tokens is None:
             static_tokens = last.clone()
@@ -459,7 +478,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     if not requests:
         return results
     cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
-    device = cache.k.device
+    device = cache.device
     job = _Job(prompts, requests, params, max_len, results, torch.Generator(device=device).manual_seed(params.seed),
                set(params.stop_ids))
     decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)

@@ -10,7 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
-ALL = ["environment", "pytest", "kernels", "train", "decode", "toy"]
+ALL = ["environment", "pytest", "kernels", "decode", "train", "toy"]
 
 
 def dry_run(out: Path, only: list[str]) -> dict:

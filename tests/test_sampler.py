@@ -342,3 +342,20 @@ def test_two_level_draw_is_exact(V):
     expected = weights.double() / weights.sum()
     assert (freq - expected).abs().max() < 0.01, (freq[support], expected[support])
     assert freq[weights == 0].sum() == 0
+
+
+def test_draw_edges_never_pick_a_zero_weight_token(monkeypatch):
+    """A uniform draw of exactly 0, or one that rounds up to the total, still lands on a token with
+    weight; NaN logits under top-p are a clear error, not an endless redraw."""
+    import mtcore.sampler as smp
+
+    weights = torch.zeros(2, 700)
+    weights[:, [300, 301, 600]] = torch.tensor([0.2, 0.5, 0.3])  # blocks 0 and 2 empty at their edges
+    for u in (0.0, 1.0):
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: torch.full((a[0], a[1]), u))
+        assert set(smp._draw(weights, None).tolist()) == {300 if u == 0 else 600}
+    monkeypatch.undo()
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    with pytest.raises(MtcoreError, match="logits hold NaN"):
+        sample(logits, SamplingParams(temperature=1.0, top_p=0.9), torch.Generator().manual_seed(0))
