@@ -92,8 +92,9 @@ def main():
 
 
 DIAG = {"estep_pairs_gold_accuracy": "E-step pairs gold acc", "pseudo_pairs_gold_accuracy": "pseudo gold acc",
-        "pseudo_pairs_gold_ties": "pseudo gold ties", "eps": "eps", "pseudo_pairs": "kept", "filtered": "filtered",
-        "identical": "identical"}
+        "pseudo_pairs_rm_gold_accuracy": "r_{t-1} gold acc on them", "pseudo_pairs_override": "kept against r_{t-1}",
+        "pseudo_pairs_override_gold_accuracy": "their gold acc", "pseudo_pairs_gold_ties": "pseudo gold ties",
+        "eps": "eps", "pseudo_pairs": "kept", "filtered": "filtered", "identical": "identical"}
 
 
 def diagnostics(raw: dict, iters: int) -> None:

@@ -843,6 +843,10 @@ def summary(run: Run, t: int, r: dict) -> str:
             lines.append(f"pairs   gold-right: E-step {e['estep_pairs_gold_accuracy']:.3f} "
                          f"({e['estep_pairs_gold_ties']} gold ties), pseudo-pairs "
                          f"{e['pseudo_pairs_gold_accuracy']:.3f} ({e['pseudo_pairs_gold_ties']} gold ties)")
+        if "pseudo_pairs_rm_gold_accuracy" in e:
+            lines.append(f"        on the pseudo-pairs r_{t - 1} is {e['pseudo_pairs_rm_gold_accuracy']:.3f} gold-right; "
+                         f"{e['pseudo_pairs_override']} kept against it, their labels "
+                         f"{e['pseudo_pairs_override_gold_accuracy']:.3f} gold-right")
     if "rmeval" in r:
         lines.append("RM eval " + rmeval.sections_line(r["rmeval"]))
     lines.append("time    " + ", ".join(f"{k} {v['profile']['seconds']:.1f}s" for k, v in r.items()))

@@ -472,7 +472,13 @@ def evaluate(run, t: int, stage) -> dict:
 def pair_diagnostics(iter_dir: Path) -> dict:
     """What the gold judge says of the pairs an iteration trained on (diagnostics only: no gold label
     reaches training): the share of the E-step's chosen/rejected pairs and of the M-step's kept
-    pseudo-pairs whose chosen side is gold-better (gold ties count half), and how many of each tie."""
+    pseudo-pairs whose chosen side is gold-better (gold ties count half), and how many of each tie.
+
+    For the pseudo-pairs, beside the pseudo-label's gold accuracy: r_{t-1}'s own (its delta's sign, a
+    zero delta half) on the same gold-ordered pairs, and the "override" pairs, kept although r_{t-1}
+    prefers y_old (delta <= 0, inside the epsilon filter), with their pseudo-label's gold accuracy. The
+    M-step can only teach r_{t-1} something through pseudo-labels more right than r_{t-1} itself; the
+    override pairs are the ones that can change its mind, and they need a gold accuracy above 0.5."""
     from mtcore.data import read_jsonl
 
     out = {}
@@ -482,7 +488,20 @@ def pair_diagnostics(iter_dir: Path) -> dict:
         rejected = [gold_score(r["prompt"], r["rejected"]) for r in rows]
         out[f"{name}_gold_accuracy"] = _pairwise_accuracy(chosen, rejected) if rows else float("nan")
         out[f"{name}_gold_ties"] = sum(c == r for c, r in zip(chosen, rejected))
+        if name == "pseudo_pairs":
+            out.update(_override_diagnostics([r["delta"] for r in rows], chosen, rejected))
     return out
+
+
+def _override_diagnostics(deltas: list[float], new: list[float], old: list[float]) -> dict:
+    """r_{t-1}'s gold accuracy on the kept pseudo-pairs it can be judged on (gold not tied), and the
+    override pairs (delta <= 0): how many, and their pseudo-label's gold accuracy."""
+    ordered = [(d, n, o) for d, n, o in zip(deltas, new, old) if n != o]
+    rm_right = [1.0 if (d > 0) == (n > o) and d != 0 else 0.5 if d == 0 else 0.0 for d, n, o in ordered]
+    override = [(n, o) for d, n, o in zip(deltas, new, old) if d <= 0]
+    return {"pseudo_pairs_rm_gold_accuracy": _mean(rm_right) if ordered else float("nan"),
+            "pseudo_pairs_override": len(override),
+            "pseudo_pairs_override_gold_accuracy": _pairwise_accuracy(*zip(*override)) if override else float("nan")}
 
 
 def _mean(xs) -> float:

@@ -217,6 +217,17 @@ def test_pair_diagnostics_by_hand(tmp_path):
     d = pair_diagnostics(tmp_path)
     assert d["estep_pairs_gold_accuracy"] == pytest.approx(0.5) and d["estep_pairs_gold_ties"] == 1
     assert math.isnan(d["pseudo_pairs_gold_accuracy"]) and d["pseudo_pairs_gold_ties"] == 0
+    assert d["pseudo_pairs_override"] == 0 and math.isnan(d["pseudo_pairs_rm_gold_accuracy"])
+    # pseudo-pairs (chosen = y_new) with r_{t-1}'s delta: it agrees with gold on the first, not the
+    # second, is undecided on the third (half); the fourth is a gold tie (not judged). Kept against it
+    # (delta <= 0): the second (label right) and the third (label wrong).
+    pseudo = [("1 2 3", "2 1 3", 1.5), ("1 2 3", "1 3 2", -0.2), ("1 3 2", "1 2 3", 0.0), ("1 2 2", "1 1 3", 0.7)]
+    (tmp_path / "pseudo_pairs.jsonl").write_text("".join(json.dumps(
+        {"prompt": "sort 3 1 2", "chosen": c, "rejected": r, "delta": delta}) + "\n" for c, r, delta in pseudo))
+    d = pair_diagnostics(tmp_path)
+    assert d["pseudo_pairs_gold_accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert d["pseudo_pairs_rm_gold_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert d["pseudo_pairs_override"] == 2 and d["pseudo_pairs_override_gold_accuracy"] == pytest.approx(0.5)
 
 
 # --- experiments: the off-policy base RM's pairs, another asset directory ---
