@@ -300,7 +300,7 @@ def _gold_pairs(prompts, samples, rng, per_prompt=1):
 
 
 def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False, base_rm: str = "onpolicy") -> Path:
-    """Build every toy asset from `seed`, deterministically (CPU, fp32):
+    """Build every toy asset from `seed`, deterministically (CPU, fp32, one torch thread):
     1. the tokenizer; 2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations
     of the "sft" prompts (half carry an error); 3. a reward model, initialised from that policy with a
     fresh score head, Bradley-Terry-trained on BASE_PAIRS gold-labelled pairs per "rm_base" prompt, drawn from
@@ -308,7 +308,7 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts. out_dir is replaced whole
     (outputs.check_out_dir's rules), at the end.
 
-    base_rm="offpolicy" (an experiment; the default builds today's bytes): steps 3 and 4 draw the
+    base_rm="offpolicy" (an experiment; the default builds the committed world): steps 3 and 4 draw the
     pairs from BASE_SAMPLES `offpolicy_answer`s per prompt instead of the policy's samples (their own
     random stream, so the tokenizer and SFT policy are the default build's), so the base RM is off-policy
     and rm_accuracy_heldout is its accuracy on its own distribution."""
@@ -316,17 +316,31 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
         raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
     import torch
 
-    from mtcore.checkpoint import save_model, write_json
-    from mtcore.data import Example, encode_pair, encode_sequence, load_tokenizer, write_jsonl
-    from mtcore.model import Llama, ModelArgs
-    from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
-
     from mtcore.outputs import check_out_dir, commit_dir, open_partial
 
     # The whole set is built in OUT.partial and swapped in at the end: an interrupted build leaves
     # the previous assets, never a new policy beside an old reward model.
     final = check_out_dir(out_dir, "build-toy", (), overwrite)
     out = open_partial(final, "build-toy", keep=())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU sums split by thread: one thread makes the bytes the same on any core count
+    try:
+        _build_into(out, seed, base_rm)
+    finally:
+        torch.set_num_threads(threads)
+    commit_dir(out, final, "build-toy")
+    return final
+
+
+def _build_into(out: Path, seed: int, base_rm: str) -> None:
+    """build_assets' four steps, into the directory out."""
+    import torch
+
+    from mtcore.checkpoint import save_model, write_json
+    from mtcore.data import Example, encode_pair, encode_sequence, load_tokenizer, write_jsonl
+    from mtcore.model import Llama, ModelArgs
+    from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
+
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(build_tokenizer(out / "tokenizer"))
     splits = make_splits(seed, 0)
@@ -362,8 +376,6 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
         "rm_train_accuracy": rm_log[-1]["accuracy"], "base_pairs": len(base_pairs), "heldout_pairs": len(heldout),
         "initial_gold_mean": sum(flat) / len(flat), "initial_perfect": sum(f == 1.0 for f in flat) / len(flat),
         **({} if base_rm == "onpolicy" else {"base_rm": base_rm})})
-    commit_dir(out, final, "build-toy")
-    return final
 
 
 def offpolicy_pairs(base_prompts, heldout_prompts, seed: int) -> tuple[list[dict], list[dict]]:
