@@ -1,0 +1,101 @@
+"""An experiment for issue #14: does an M-step on *greedy* pseudo-pairs make r_1 better than r_0?
+
+Section 7 of bench/results/toy_world_research_202611.md found greedy pi_1-vs-pi_0 labels at iteration 1
+of the duplicates-only world to be the one configuration more right than r_0 (0.81 vs 0.66), but on
+only ~22 of 160 prompts. Here, for each stored Mutual-Taught run's iteration 1 (pi_0 = the world's
+policy, pi_1 = the run's, r_0 = the world's RM), on --prompts fresh prompts:
+- pi_1 and pi_0 answer greedily; r_0 scores both; the loop's own rule (loop.pseudo_pair_filter, identical
+  texts dropped) makes the pseudo-pairs;
+- r_0 is retrained the loop's way (Bradley-Terry from r_0, the run's RM settings) on (a) the greedy
+  pseudo-pairs alone, (b) them plus the run's E-step pairs;
+- every RM (r_0, the run's own r_1, (a), (b)) is scored on gold-ordered pairs of pi_1's test answers
+  (rm_accuracy_current_policy, the metric the M-step should raise) and on the held-out pairs.
+The gold judge reads only; no gold label reaches training.
+
+    python bench/toy_greedy_mstep.py --world /tmp/world_dup --runs /tmp/study_dup_tau0 --seeds 0 1 2 3 4
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True, help="the asset directory the runs used")
+    ap.add_argument("--runs", type=Path, required=True, help="bench/study.py's output directory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--prompts", type=int, default=640)
+    a = ap.parse_args()
+
+    import os
+
+    os.environ["MTCORE_TOY_ASSETS"] = str(a.world)
+    import torch
+
+    from mtcore import toy
+    from mtcore.checkpoint import load_model, save_model
+    from mtcore.data import encode_pair, load_tokenizer, read_jsonl
+    from mtcore.loop import first_answers, pseudo_pair_filter, read_config_file, resolve_config, score_responses
+    from mtcore.train import BradleyTerry, TrainConfig, fit, fitted_examples
+
+    device = torch.device("cpu")
+    rows = []
+    for seed in a.seeds:
+        start = time.perf_counter()
+        run = a.runs / f"mutual-taught_seed{seed}"
+        cfg = resolve_config(read_config_file(run / "config.toml"), {})
+        greedy = dataclasses.replace(cfg, temperature=0.0)
+        pi0, pi1, r0, r1 = a.world / "policy", run / "iter_1" / "policy", a.world / "reward", run / "iter_1" / "reward"
+        test = toy.make_splits(toy.ASSET_SEED, 0)["test"]
+        prompts = [p for p in toy.make_prompts(a.prompts + len(test), seed=10_000 + seed) if p not in set(test)]
+        prompts = prompts[:a.prompts]  # fresh prompts, none a test prompt
+        new = first_answers(greedy, device, pi1, prompts, seed)
+        old = first_answers(greedy, device, pi0, prompts, seed)
+        scores = score_responses(cfg, device, r0, prompts, [[x, y] for x, y in zip(new, old)])
+        keep, eps = pseudo_pair_filter([s[0] for s in scores], [s[1] for s in scores])
+        pseudo = [{"prompt": p, "chosen": x, "rejected": y, "delta": s[0] - s[1]}
+                  for p, x, y, s, k in zip(prompts, new, old, scores, keep) if k and x != y]
+        diag = toy._override_diagnostics([r["delta"] for r in pseudo],
+                                         [toy.gold_score(r["prompt"], r["chosen"]) for r in pseudo],
+                                         [toy.gold_score(r["prompt"], r["rejected"]) for r in pseudo])
+        gold_acc = toy._pairwise_accuracy([toy.gold_score(r["prompt"], r["chosen"]) for r in pseudo],
+                                          [toy.gold_score(r["prompt"], r["rejected"]) for r in pseudo])
+        estep = read_jsonl(run / "iter_1" / "pairs.jsonl")
+        answers = toy._test_answers(cfg, device, pi1, test, seed)
+        policy_pairs = toy._policy_pairs(test, answers)
+        heldout = read_jsonl(a.world / "heldout_pairs.jsonl")
+        row = {"seed": seed, "differing": sum(x != y for x, y in zip(new, old)), "kept": len(pseudo),
+               "eps": eps, "pseudo_gold_acc": gold_acc, **diag}
+        with tempfile.TemporaryDirectory() as tmp:
+            rms = {"r0": r0, "r1 (run)": r1}
+            tokenizer = load_tokenizer(r0)
+            for name, train_rows in (("greedy", pseudo), ("greedy+estep", pseudo + estep)):
+                examples = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
+                train_cfg = TrainConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size,
+                                        micro_batch_tokens=cfg.micro_batch_tokens, warmup_ratio=cfg.warmup_ratio,
+                                        seed=seed)
+                examples, _ = fitted_examples(examples, name, cfg.max_length, train_cfg)
+                model = load_model(r0, "reward", dtype=torch.float32, device=device)
+                fit(model, examples, BradleyTerry(), train_cfg, desc=f"seed {seed} {name}")
+                rms[name] = Path(tmp) / name
+                save_model(model, rms[name], tokenizer=tokenizer)
+            for name, path in rms.items():
+                row[f"{name} policy"] = toy._rm_accuracy(cfg, device, path, policy_pairs)
+                row[f"{name} heldout"] = toy._rm_accuracy(cfg, device, path, heldout)
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    keys = [k for k in rows[0] if k != "seed"]
+    print("\n| quantity | mean ± sd over seeds " + str(a.seeds) + " |\n|---|---:|")
+    for k in keys:
+        xs = [r[k] for r in rows if r[k] == r[k]]
+        print(f"| {k} | {statistics.fmean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
