@@ -184,6 +184,11 @@ def table(rows: list[dict], baseline: str = "naive", rate_unit: str = "TFLOP/s",
     return "\n".join(lines)
 
 
+def sig(x: float) -> float:
+    """Three significant digits (tiny CPU figures and large GPU ones alike)."""
+    return float(f"{x:.3g}")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

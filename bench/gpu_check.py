@@ -91,11 +91,6 @@ def model_shapes(dry: bool, device: str) -> dict:
 # Sections: each returns {"rows": [dict, ...], "notes": [str, ...]} (and may raise)
 # ------------------------------------------------------------------------------------------------
 
-def sig(x: float) -> float:
-    """Three significant digits (tiny CPU figures and large GPU ones alike)."""
-    return float(f"{x:.3g}")
-
-
 def _first_line(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -211,8 +206,8 @@ def section_kernels(device: str, dry: bool) -> dict:
                 rows.append({**row, "error": r["error"]})
                 continue
             tflops = flops / (r["ms"] * 1e-3) / 1e12
-            rows.append({**row, "ms": sig(r["ms"]), "TFLOP/s": sig(tflops),
-                         "% of matmul peak": sig(100 * tflops / peak), "peak MiB": sig(r["peak_mib"])})
+            rows.append({**row, "ms": common.sig(r["ms"]), "TFLOP/s": common.sig(tflops),
+                         "% of matmul peak": common.sig(100 * tflops / peak), "peak MiB": common.sig(r["peak_mib"])})
         naive, ours = results["naive"], results["mtcore"]
         if "error" not in naive and "error" not in ours:
             rows[-1]["time vs naive"] = round(ours["ms"] / naive["ms"], 3)
@@ -282,6 +277,7 @@ def _train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet_peak) 
     seconds = statistics.median(r["seconds"] for r in timed)
     flops = 3 * forward_flops(model, pairs[:per_step])
     planned = sum(memory_plan.training(args, kind, 1, timed[0]["tokens"], False).values())
+    sig = common.sig
     return {"params (B)": sig(sum(p.numel() for p in model.parameters()) / 1e9),
             "tokens/step": timed[0]["tokens"], "s/step": sig(seconds), "tokens/s": sig(timed[0]["tokens"] / seconds),
             "MFU (measured peak)": sig(flops / seconds / peak), "MFU (data sheet)": sig(flops / seconds / sheet_peak),

@@ -41,10 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def sig(x: float) -> float:
-    return float(f"{x:.3g}")
-
-
 def generation_flops(args, prompt_lens: list[int], n: int, new: int) -> float:
     """Useful forward FLOPs of sampling n x new tokens for each prompt (computed): the prompt's forward
     once (its K/V are shared by the n samples), then each generated token's (the first comes from the
@@ -240,7 +236,7 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
             params = SamplingParams(n=1, temperature=0, max_new_tokens=new)
             step_bytes = weight_bytes + slots * kv_token * (prompt_len + new / 2)  # mean prefix of a step
             floor = slots * bandwidth / step_bytes
-            row = {"shape": name, "slots": slots, "floor tokens/s": sig(floor)}
+            row = {"shape": name, "slots": slots, "floor tokens/s": common.sig(floor)}
             eager = None
             for mode in modes:
                 generate(ours, prompts, params, slots=slots, decode_mode=mode)  # warm-up: compiles, captures
@@ -248,8 +244,8 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
                 tokens = [c.token_ids for r in out for c in r]
                 eager = eager or tokens
                 rate = sum(map(len, tokens)) / seconds
-                row[f"mtcore {mode} tokens/s"] = sig(rate)
-                row[f"mtcore {mode} % of floor"] = sig(100 * rate / floor)
+                row[f"mtcore {mode} tokens/s"] = common.sig(rate)
+                row[f"mtcore {mode} % of floor"] = common.sig(100 * rate / floor)
                 if mode != "eager":
                     row[f"{mode} same as eager"] = tokens == eager
             ids = torch.tensor(prompts, device=device)
@@ -261,10 +257,10 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
                 hf.generate(ids, **hf_kwargs)  # warm-up, the same call: its static cache is sized by the call
                 hf_out, hf_s = _timed(lambda: hf.generate(ids, **hf_kwargs), device)
             hf_rate = (hf_out.shape[1] - prompt_len) * slots / hf_s
-            row["transformers tokens/s"] = sig(hf_rate)
-            row["mtcore eager / transformers"] = sig(row["mtcore eager tokens/s"] / hf_rate)
+            row["transformers tokens/s"] = common.sig(hf_rate)
+            row["mtcore eager / transformers"] = common.sig(row["mtcore eager tokens/s"] / hf_rate)
             agree = [a == b for r, h in zip(eager, hf_out[:, prompt_len:].tolist()) for a, b in zip(r, h)]
-            row["tokens equal to transformers %"] = sig(100 * sum(agree) / max(1, len(agree)))
+            row["tokens equal to transformers %"] = common.sig(100 * sum(agree) / max(1, len(agree)))
             rows.append(row)
             print(f"  {row}", file=sys.stderr, flush=True)
         del ours, hf

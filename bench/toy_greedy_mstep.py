@@ -60,11 +60,10 @@ def main():
         keep, eps = pseudo_pair_filter([s[0] for s in scores], [s[1] for s in scores])
         pseudo = [{"prompt": p, "chosen": x, "rejected": y, "delta": s[0] - s[1]}
                   for p, x, y, s, k in zip(prompts, new, old, scores, keep) if k and x != y]
-        diag = toy._override_diagnostics([r["delta"] for r in pseudo],
-                                         [toy.gold_score(r["prompt"], r["chosen"]) for r in pseudo],
-                                         [toy.gold_score(r["prompt"], r["rejected"]) for r in pseudo])
-        gold_acc = toy._pairwise_accuracy([toy.gold_score(r["prompt"], r["chosen"]) for r in pseudo],
-                                          [toy.gold_score(r["prompt"], r["rejected"]) for r in pseudo])
+        gold_new = [toy.gold_score(r["prompt"], r["chosen"]) for r in pseudo]
+        gold_old = [toy.gold_score(r["prompt"], r["rejected"]) for r in pseudo]
+        diag = toy._override_diagnostics([r["delta"] for r in pseudo], gold_new, gold_old)
+        gold_acc = toy._pairwise_accuracy(gold_new, gold_old)
         estep = read_jsonl(run / "iter_1" / "pairs.jsonl")
         answers = toy._test_answers(cfg, device, pi1, test, seed)
         policy_pairs = toy._policy_pairs(test, answers)

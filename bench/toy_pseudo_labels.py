@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 GROUPS = ("agree", "override", "dropped")
+LENGTHS = ("shorter", "samelen", "longer")  # y_new against y_old, in digits
 
 
 def tally(prompts, new, old, new_r, old_r, gold_score) -> dict:
@@ -124,6 +125,11 @@ def main():
     report(rows, modes)
 
 
+def pooled(rows, mode, prefix, keys) -> list[int]:
+    """For one answer mode, the sum over runs and iterations of each count f"{prefix}_{key}"."""
+    return [sum(r.get(f"{prefix}_{k}", 0) for r in rows if r["mode"] == mode) for k in keys]
+
+
 def acc(b, w):
     return b / (b + w) if b + w else float("nan")
 
@@ -156,25 +162,22 @@ def report(rows, modes):
     print("| mode | y_new is | pairs | pseudo-label acc | r_{t-1} acc |")
     print("|---|---|---:|---:|---:|")
     for mode in modes:
-        rs = [r for r in rows if r["mode"] == mode]
-        for rel in ("shorter", "samelen", "longer"):
-            b, w, right = (sum(r.get(f"{rel}_{k}", 0) for r in rs) for k in ("better", "worse", "rm_right"))
+        for rel in LENGTHS:
+            b, w, right = pooled(rows, mode, rel, ("better", "worse", "rm_right"))
             print(f"| {mode} | {rel} | {b + w} | {acc(b, w):.3f} | {acc(right, b + w - right):.3f} |")
     print("\nPooled, the override pairs (-eps < delta <= 0, kept against r_{t-1}) by length:\n")
     print("| mode | y_new is | override pairs (non-tie) | y_new gold-better | pseudo-label acc |")
     print("|---|---|---:|---:|---:|")
     for mode in modes:
-        rs = [r for r in rows if r["mode"] == mode]
-        for rel in ("shorter", "samelen", "longer"):
-            b, w = (sum(r.get(f"override_{rel}_{k}", 0) for r in rs) for k in ("better", "worse"))
+        for rel in LENGTHS:
+            b, w = pooled(rows, mode, f"override_{rel}", ("better", "worse"))
             print(f"| {mode} | {rel} | {b + w} | {b} | {acc(b, w):.3f} |")
     print("\nPooled over runs and iterations (pairs with y_new != y_old):\n")
     print("| mode | group | pairs | y_new gold-better | gold-worse | tie | pseudo-label acc (non-tie) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for mode in modes:
-        rs = [r for r in rows if r["mode"] == mode]
         for grp in GROUPS:
-            b, w, tie = (sum(r.get(f"{grp}_{k}", 0) for r in rs) for k in ("better", "worse", "tie"))
+            b, w, tie = pooled(rows, mode, grp, ("better", "worse", "tie"))
             print(f"| {mode} | {grp} | {b + w + tie} | {b} | {w} | {tie} | {acc(b, w):.3f} |")
 
 

@@ -18,8 +18,8 @@ output and its log-sum-exp (fp32); a second kernel combines them exactly, in the
 program loops over its range only up to the slot's length (a runtime bound, so the loop is
 pipelined), and one past it does no work; the grid is fixed by (R, Hkv, L) alone: the launch is the
 same at every step (CUDA-graph safe). The runtime bound needs triton >= 3.7's interpreter on the CPU
-(3.6's int()s a one-element array, which numpy >= 2.4 refuses); compiled, any version. Scores, softmax and the accumulator
-are fp32; the two dots take the cache dtype (fp32 dots in IEEE precision, not TF32).
+(3.6's int()s a one-element array, which numpy >= 2.4 refuses); compiled, any version. Scores, softmax
+and the accumulator are fp32; the two dots take the cache dtype (fp32 dots in IEEE precision, not TF32).
 
 The kernel serves head_dim 64 and 128 (the Llama-3 family) with up to 16 query heads per KV head;
 other shapes take decode_attention_ref. Every launchable config is compiled in tests/test_compile.py.

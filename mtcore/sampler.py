@@ -152,10 +152,15 @@ def _decode_attend(q, k, v, c: _LayerCache):
     return c.attention(q[:, 0], c.k[:, :c.kv_len], c.v[:, :c.kv_len], slots, c.pos + 1)[:, None]
 
 
-def _to_device(values: list[int], device) -> torch.Tensor:
-    """A host list as a device tensor without a host sync (pinned memory, non-blocking copy)."""
+def _to_device(values: list[int], device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A host list as a device tensor (or copied into `out`) without a host sync: pinned memory and a
+    non-blocking copy on CUDA."""
     t = torch.tensor(values, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    if out is not None:
+        return out.copy_(t, non_blocking=True)
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 @torch.no_grad()
@@ -421,7 +426,7 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
         positions = [0] * cache.slots
         for s in active:
             positions[s] = batch.position(s)
-        pos.copy_(_to_device(positions, device), non_blocking=True)
+        _to_device(positions, device, out=pos)
         return active, run(batch.last)[_to_device(active, device)]  # only the active rows are sampled
     return step
 
