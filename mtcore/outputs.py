@@ -82,7 +82,12 @@ def written_by(directory: Path, command: str) -> bool:
 
 
 def write_marker(directory: Path, command: str) -> None:
-    (directory / MARKER).write_text(json.dumps({"command": command}) + "\n")
+    """The marker, whole or not at all: written beside the directory, then renamed into it. A kill
+    mid-write had left a truncated marker in OUT.partial, which the next run then refused as another
+    program's (an empty OUT.partial is accepted)."""
+    tmp = directory.parent / f".{directory.name}{MARKER}.{os.getpid()}"
+    tmp.write_text(json.dumps({"command": command}) + "\n")
+    os.replace(tmp, directory / MARKER)
 
 
 def _holds(outer: Path, inner: Path) -> bool:

@@ -435,6 +435,25 @@ def test_exchange_swaps_directories_atomically(tmp_path):
     assert (b / "new").read_text() == "new" and not (b / "old").exists() and not a.exists()
 
 
+def test_an_interrupted_marker_write_leaves_the_work_directory_reusable(tmp_path, monkeypatch):
+    """OUT.partial's marker appears whole or not at all: stopped just before its rename, the new
+    OUT.partial is still empty, and the next run takes it (a truncated marker had made it refuse)."""
+    import mtcore.outputs as outputs
+
+    out = tmp_path / "o"
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(outputs.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.open_partial(out, "dpo")
+    assert outputs.partial_dir(out).is_dir() and not any(outputs.partial_dir(out).iterdir())
+    monkeypatch.undo()
+    assert outputs.check_out_dir(out, "dpo") == out
+    partial = outputs.open_partial(out, "dpo")
+    assert outputs.written_by(partial, "dpo") and [p.name for p in partial.iterdir()] == [outputs.MARKER]
+
+
 def test_a_write_error_of_safetensors_is_one_line(world, tmp_path, monkeypatch):
     """safetensors' own error (not an OSError) while writing weights: one line, and no output."""
     from safetensors import SafetensorError
