@@ -168,14 +168,16 @@ def section_environment(device: str, dry: bool) -> dict:
 
 def section_pytest(device: str, dry: bool, limit: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MTCORE_DEVICE")}
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", "tests"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "--tb=short", "-p", "no:cacheprovider", "tests"]
     proc = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True, timeout=max(10, limit - 5))
     summary = next((line for line in reversed(proc.stdout.strip().splitlines()) if re.search(
         r"\d+ (passed|failed|skipped|error)", line)), "no summary")
     failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    if proc.returncode != 0:
-        raise RuntimeError(f"pytest -m cuda: {summary.strip('= ')}; " + "; ".join(failed)[:600])
-    return {"rows": [{"command": " ".join(cmd[1:]), "summary": summary.strip("= ")}]}
+    out = {"rows": [{"command": " ".join(cmd[1:]), "summary": summary.strip("= ")}]}
+    if proc.returncode != 0:  # the tracebacks' tail goes to the .jsonl record
+        raise SectionError(f"pytest -m cuda: {summary.strip('= ')}; " + "; ".join(failed)[:600],
+                           {**out, "output_tail": proc.stdout[-6000:]})
+    return out
 
 
 def measured_peak_tflops(device: str) -> float:

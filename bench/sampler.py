@@ -207,6 +207,23 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
+def argmax_agreement(hf, prompts: list[list[int]], completions: list[list[int]], device: str) -> float:
+    """% of the completions' tokens that are transformers' argmax given the same prefix, read off one
+    full forward over prompt + completion (teacher forcing): greedy decoding's definition, which stays
+    comparable after two decoders part at a near-tie (random weights in bf16 have many)."""
+    hits = total = 0
+    for i in range(0, len(prompts), 16):  # 16 rows a forward: 16 x L x vocab logits
+        rows = [p + c for p, c in zip(prompts[i:i + 16], completions[i:i + 16])]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # right-padded
+        with torch.no_grad():
+            best = hf(ids).logits.argmax(-1).tolist()  # [rows, width]: the next token's argmax
+        for r, p, c in zip(best, prompts[i:i + 16], completions[i:i + 16]):
+            hits += sum(r[len(p) - 1 + j] == t for j, t in enumerate(c))
+            total += len(c)
+    return 100 * hits / max(1, total)
+
+
 def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_len: int = 128, new: int = 128,
                 modes: tuple[str, ...] | None = None) -> tuple[list[dict], list[str]]:
     """The decode table's rows (and notes): see the module docstring."""
@@ -259,8 +276,12 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
             hf_rate = (hf_out.shape[1] - prompt_len) * slots / hf_s
             row["transformers tokens/s"] = common.sig(hf_rate)
             row["mtcore eager / transformers"] = common.sig(row["mtcore eager tokens/s"] / hf_rate)
-            agree = [a == b for r, h in zip(eager, hf_out[:, prompt_len:].tolist()) for a, b in zip(r, h)]
+            hf_tokens = hf_out[:, prompt_len:].tolist()
+            agree = [a == b for r, h in zip(eager, hf_tokens) for a, b in zip(r, h)]
             row["tokens equal to transformers %"] = common.sig(100 * sum(agree) / max(1, len(agree)))
+            # teacher-forced: each decoder's tokens against transformers' full-forward argmax
+            row["mtcore tokens = argmax %"] = common.sig(argmax_agreement(hf, prompts, eager, device))
+            row["transformers tokens = argmax %"] = common.sig(argmax_agreement(hf, prompts, hf_tokens, device))
             rows.append(row)
             print(f"  {row}", file=sys.stderr, flush=True)
         del ours, hf

@@ -189,6 +189,20 @@ def decode_attention(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
     return decode_attention_ref(q, k_cache, v_cache, slots, lens)
 
 
+@torch.library.custom_op("mtcore::decode_attention", mutates_args=())
+def decode_attention_opaque(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slots: torch.Tensor | None, lens: torch.Tensor) -> torch.Tensor:
+    """decode_attention (on CUDA) or decode_attention_ref (elsewhere) as one opaque operator, for
+    torch.compile: inductor calls it as it is instead of re-compiling the Triton kernel inside its own
+    graph (torch 2.11 with triton 3.6 failed to, on an H100)."""
+    return (decode_attention if q.is_cuda else decode_attention_ref)(q, k_cache, v_cache, slots, lens)
+
+
+@decode_attention_opaque.register_fake
+def _(q, k_cache, v_cache, slots, lens):
+    return q.new_empty(q.shape, dtype=k_cache.dtype)
+
+
 def decode_attention_ref(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
     """The specification in plain torch, and the CPU path: the G query heads of a KV head attend as G
     queries of one SDPA head (no causal mask, a length mask), so each KV head is read once, in place,

@@ -162,9 +162,10 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 @click.option("--kv-cache-gb", default=None, type=POSITIVE,
               help="K/V cache budget that sizes the slots, in GiB (default: on CUDA the free memory after the "
                    "weights less a reserve of 15%; 2 GiB on the CPU).")
-@click.option("--decode-mode", default="eager", show_default=True, type=click.Choice(["eager", "compile", "graphs"]),
-              help="Decode step: eager; compile (static shapes through torch.compile); graphs (a captured CUDA "
-                   "graph; not yet measured on a GPU, so not the default).")
+@click.option("--decode-mode", default="auto", show_default=True,
+              type=click.Choice(["auto", "eager", "compile", "graphs"]),
+              help="Decode step: auto (graphs on CUDA, else eager); eager (the active slots only); compile "
+                   "(static shapes through torch.compile); graphs (a captured CUDA graph, replayed).")
 @click.option("--max-len", default=None, type=click.IntRange(min=2),
               help="Tokens per cache slot (default: longest prompt + new).")
 @click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")

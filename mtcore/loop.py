@@ -97,7 +97,7 @@ class LoopConfig:
     chat_template: str = ""
     reward_chat_template: str = ""
     kv_cache_gb: float = 0.0  # 0: sampler.cache_budget (free GPU memory less a reserve; 2 GiB off CUDA)
-    decode_mode: str = "eager"
+    decode_mode: str = "auto"
     device: str = ""
     grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
     save_state_every: int = 0  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
@@ -141,8 +141,8 @@ LOOP_HELP = {
     "reward_chat_template": "The reward model's chat template, likewise.",
     "kv_cache_gb": "GiB of K/V cache for sampling, which sizes the concurrent sequences (0: on CUDA the free "
                    "memory after the weights less a reserve, at most 256 sequences; 2 GiB on the CPU).",
-    "decode_mode": "Sampler decode step: eager; compile (static shapes, torch.compile); graphs (CUDA graphs, "
-                   "not yet measured on a GPU).",
+    "decode_mode": "Sampler decode step: auto (graphs on CUDA, else eager); eager; compile (static shapes, "
+                   "torch.compile); graphs (a captured CUDA graph, replayed).",
     "device": "cpu, cuda or cuda:N (default: cuda when available).",
     "grad_checkpointing": "Recompute each block's activations in backward (8B needs it).",
     "save_state_every": "DPO/RM steps between resumable sharded state saves (0: never).",

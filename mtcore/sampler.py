@@ -14,11 +14,13 @@
   one device-to-host copy per step is the sampled tokens, for the stop checks.
 
 Decode modes (DECODE_MODES), all giving the same tokens:
-- eager (the default): each step runs the active slots only, over the columns up to the longest one;
+- auto (the default): graphs on CUDA, eager elsewhere;
+- eager: each step runs the active slots only, over the columns up to the longest one;
 - compile: the static step (every slot, every column: the same shapes at every step) through
-  torch.compile(fullgraph=True);
-- graphs: the static step captured once as a CUDA graph and replayed (CUDA only). Off by default until
-  a GPU run has shown it equal to eager, token for token, and faster: none has run yet.
+  torch.compile(fullgraph=True), the decode attention as one opaque operator;
+- graphs: the static step captured once as a CUDA graph and replayed (CUDA only). On an H100
+  (bench/results/gpu_nvidia-h100-80gb-hbm3_20261127.md) it gave eager's tokens and ran 3.6x faster
+  on the Llama-3.2-1B shape and 2.1x on Llama-3-8B's, at 64 slots: eager's step is bound by the host.
 
 The model's modules are reused as they are: each Block is handed an attention function that also
 writes the cache (model.py knows nothing of caches). Greedy results do not depend on the slot count,
@@ -34,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from mtcore.errors import MtcoreError
-from mtcore.kernels.decode_attention import _sm_count, decode_attention, decode_attention_ref
+from mtcore.kernels.decode_attention import decode_attention, decode_attention_opaque, decode_attention_ref
 from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("eager", "compile", "graphs")
+DECODE_MODES = ("auto", "eager", "compile", "graphs")
 CPU_CACHE_BYTES = 2 * 2**30  # the K/V budget off CUDA
 RESERVE_FRACTION = 0.15  # of a GPU's memory kept beside the cache: prefill activations, logits, fragmentation
 MIN_RESERVE_BYTES = 2 * 2**30
@@ -405,7 +407,8 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
     """Decode every slot over every column (a free slot writes column 0 of its own, unused, cache): the
     same shapes at every step, compiled (mode "compile") or captured as a CUDA graph ("graphs")."""
     device = cache.device
-    attention = decode_attention_for(device)
+    # compile: the attention as one opaque operator (inductor does not re-compile the Triton kernel)
+    attention = decode_attention_opaque if mode == "compile" else decode_attention_for(device)
     all_slots = torch.arange(cache.slots, device=device)
     pos = torch.zeros(cache.slots, dtype=torch.long, device=device)  # the step's input, updated in place
 
@@ -413,8 +416,6 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
         return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention)
 
     if mode == "compile":
-        if device.type == "cuda":
-            _sm_count(device)  # read the SM count now, outside the traced step
         run = torch.compile(forward, fullgraph=True)
     elif device.type != "cuda":
         raise MtcoreError("decode mode 'graphs' needs a CUDA device; use 'eager' or 'compile'")
@@ -461,7 +462,7 @@ def _cuda_graph(forward, device):
 
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
              max_len: int | None = None, on_overlong: str = "error", progress=None,
-             kv_budget_bytes: int | None = None, decode_mode: str = "eager") -> list[list[Completion] | None]:
+             kv_budget_bytes: int | None = None, decode_mode: str = "auto") -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
 
@@ -486,6 +487,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     device = cache.device
     job = _Job(prompts, requests, params, max_len, results, torch.Generator(device=device).manual_seed(params.seed),
                set(params.stop_ids))
+    if decode_mode == "auto":
+        decode_mode = "graphs" if device.type == "cuda" else "eager"
     decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
     batch, queue = Batch.empty(cache.slots, device), deque(range(len(requests)))
     while True:
@@ -535,7 +538,7 @@ def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
                        kv_budget_bytes: int | None = None, leave: bool = True,
-                       decode_mode: str = "eager") -> list[list[dict] | None]:
+                       decode_mode: str = "auto") -> list[list[dict] | None]:
     """generate, with a progress bar, as response dicts {"text", "token_ids", "finish_reason"
     (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
     each rank samples every world_size-th prompt (seed + rank) and every rank gets them all."""
@@ -571,7 +574,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
 
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
-                   device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "eager") -> dict:
+                   device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "auto") -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
     Under torchrun each rank samples every world_size-th prompt (seed + rank) and rank 0 writes them all."""
     from mtcore import parallel
