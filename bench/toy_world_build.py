@@ -6,6 +6,7 @@ the RM never saw a wrong length) or in its view (swaps). Everything else is buil
 is narrowed for the build. Not a default: the committed assets are untouched.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/toy_world_build.py --out DIR --errors duplicate
+        [--p-error 0.8]   # a weaker initial policy: that share of its demonstrations is wrong (default 0.5)
     python bench/study.py --assets DIR ...
 """
 import argparse
@@ -18,6 +19,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--errors", choices=("duplicate", "swap"), required=True,
                     help="the demonstrations' only corruption")
+    ap.add_argument("--p-error", type=float, default=0.5, help="the share of wrong demonstrations (toy's 0.5)")
     a = ap.parse_args()
 
     import torch
@@ -26,9 +28,11 @@ def main():
 
     torch.set_num_threads(1)
     toy.CORRUPTIONS = {"duplicate": (toy._duplicate_digit,), "swap": (toy._swap_adjacent,)}[a.errors]
+    demonstration = toy.demonstration  # read by build_assets at each call, like CORRUPTIONS
+    toy.demonstration = lambda prompt, rng: demonstration(prompt, rng, p_error=a.p_error)
     t0 = time.perf_counter()
     toy.build_assets(a.out, base_rm="offpolicy")
-    print(f"built {a.out} (demonstration errors: {a.errors} only) in {time.perf_counter() - t0:.0f} s")
+    print(f"built {a.out} (demonstration errors: {a.errors} only, p_error {a.p_error}) in {time.perf_counter() - t0:.0f} s")
     print((a.out / "build.json").read_text())
 
 
