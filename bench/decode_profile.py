@@ -1,7 +1,9 @@
 """Where a greedy decode's time goes: one generate of random Llama weights under torch.profiler, per
 decode mode. Prints, for each mode, the wall time, the GPU's busy time (the kernels' summed time) and
 its share of the wall, the top kernels by time, and the top host ops by self time; so a slow mode
-reads as host-bound (the GPU idles between launches) or device-bound (which kernels).
+reads as host-bound (the GPU idles between launches) or device-bound (which kernels). The sampler's
+phases (mtcore.refill, .decode, .accept, .capture: torch.profiler.record_function) get their host
+time: a phase that waits on the GPU (accept's token copy) counts that wait.
 
     python bench/decode_profile.py                          # 1B shape, 64 slots, eager and graphs
     python bench/decode_profile.py --shape llama3-8b-shaped --modes eager,compile,graphs
@@ -48,6 +50,10 @@ def profile_mode(model, prompts, params, slots: int, mode: str, device: str, top
         for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
             lines.append(f"| {name[:90].replace('|', '/')} | {len(times)} | {sum(times) / 1e3:.2f} | "
                          f"{100 * sum(times) / 1e6 / busy:.1f} |")
+    phases = [e for e in prof.key_averages() if e.key.startswith("mtcore.")]  # the sampler's record_function
+    lines += ["", "| phase (host) | calls | host ms | ms per call |", "|---|---:|---:|---:|"]
+    lines += [f"| {e.key} | {e.count} | {e.cpu_time_total / 1e3:.1f} | {e.cpu_time_total / 1e3 / e.count:.2f} |"
+              for e in sorted(phases, key=lambda e: -e.cpu_time_total)]
     lines += ["", "host ops by self CPU time:", "```",
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60),
               "```"]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_opaque, decode_attention_ref
@@ -440,23 +441,24 @@ def _cuda_graph(forward, device):
 
     def run(last):
         with torch.cuda.device(device):  # capture and replay on the cache's GPU, whichever is current
-            return capture_or_replay(last)
+            if static_tokens is None:
+                with record_function("mtcore.capture"):
+                    capture(last)
+            static_tokens.copy_(last)
+            graph.replay()
+            return out
 
-    def capture_or_replay(last):
+    def capture(last):
         nonlocal static_tokens, out
-        if static_tokens is None:
-            static_tokens = last.clone()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    forward(static_tokens)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            with torch.cuda.graph(graph):
-                out = forward(static_tokens)
-        static_tokens.copy_(last)
-        graph.replay()
-        return out
+        static_tokens = last.clone()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                forward(static_tokens)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            out = forward(static_tokens)
     return run
 
 
@@ -495,14 +497,17 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         active, free = batch.active(), len(batch.free())
         if queue and free and (not active or free * REFILL_FRACTION >= cache.slots
                                or batch.idle_steps >= REFILL_EVERY):
-            slot_ids, logits = refill(model, cache, admit(batch, queue, job), job)
+            with record_function("mtcore.refill"):  # the phases, named for torch.profiler (bench/decode_profile.py)
+                slot_ids, logits = refill(model, cache, admit(batch, queue, job), job)
             batch.idle_steps = 0
         elif active:
-            slot_ids, logits = decode(batch)
+            with record_function("mtcore.decode"):
+                slot_ids, logits = decode(batch)
             batch.idle_steps += bool(queue and free)
         else:
             return results
-        finished = accept(batch, slot_ids, logits, job)
+        with record_function("mtcore.accept"):
+            finished = accept(batch, slot_ids, logits, job)
         if progress and finished:
             progress(finished)
 
