@@ -359,3 +359,37 @@ def test_draw_edges_never_pick_a_zero_weight_token(monkeypatch):
     logits[1, 7] = float("nan")
     with pytest.raises(MtcoreError, match="logits hold NaN"):
         sample(logits, SamplingParams(temperature=1.0, top_p=0.9), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("attention", ["torch", "kernel"])
+def test_bf16_decode_step_is_as_accurate_as_the_full_forward(attention):
+    """In bf16, the cached decode step's logits are as close to float64's as the bf16 full forward's at the
+    same positions (teacher-forced): writing K/V into the bf16 cache, RoPE at one position and the decode
+    attention (torch's, or the Triton kernel interpreted) add no rounding beyond what the full forward has.
+    8B head geometry: head_dim 128, 4 query heads per KV head. bench/decode_precision.py measures the same
+    at larger shapes (bench/results/decode_bf16_precision_cpu.md)."""
+    import copy
+
+    from mtcore.kernels.decode_attention import decode_attention, decode_attention_ref
+    from mtcore.model import Llama, ModelArgs
+    from mtcore.sampler import KVCache, decode_step, prefill
+
+    args = ModelArgs(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=128,
+                     intermediate_size=512, max_position_embeddings=256)
+    base = Llama(args).init_weights(seed=0).eval()
+    ours, ref = copy.deepcopy(base).to(torch.bfloat16), copy.deepcopy(base).double()
+    B, P, new = 4, 48, 16
+    ids = torch.randint(3, args.vocab_size, (B, P + new), generator=torch.Generator().manual_seed(0))
+    cache, slots = KVCache(ours, B, P + new), torch.arange(B)
+    with torch.no_grad():
+        prefill(ours, cache, ids[:, :P].tolist(), [[s] for s in range(B)])
+        steps = torch.stack([decode_step(ours, cache, ids[:, j], slots, torch.full((B,), j), j + 1,
+                                         decode_attention if attention == "kernel" else decode_attention_ref)
+                             for j in range(P, P + new)], 1)  # [B, new, V]: the logits at positions P..
+        full = ours.logits(ids)[:, P:].float()
+        exact = ref.logits(ids)[:, P:]
+
+    def error(logits):
+        return ((logits.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).mean().item()
+    assert 1e-3 < error(full) < 0.05  # bf16's rounding, measurably
+    assert error(steps) <= 1.05 * error(full), (error(steps), error(full))
