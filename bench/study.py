@@ -91,7 +91,8 @@ def main():
     plot(results, args.iters, Path(args.plot or Path(args.out) / "study.png"))
 
 
-DIAG = {"estep_pairs_gold_accuracy": "E-step pairs gold acc", "pseudo_pairs_gold_accuracy": "pseudo gold acc",
+DIAG = {"rm_accuracy_current_policy_base_rm": "r_0 on the same policy pairs",
+        "m_step_gain": "RM acc (policy) - r_0's, same pairs", "estep_pairs_gold_accuracy": "E-step pairs gold acc", "pseudo_pairs_gold_accuracy": "pseudo gold acc",
         "pseudo_pairs_rm_gold_accuracy": "r_{t-1} gold acc on them", "pseudo_pairs_override": "kept against r_{t-1}",
         "pseudo_pairs_override_gold_accuracy": "their gold acc", "pseudo_pairs_gold_ties": "pseudo gold ties",
         "eps": "eps", "pseudo_pairs": "kept", "filtered": "filtered", "identical": "identical"}
@@ -109,7 +110,8 @@ def diagnostics(raw: dict, iters: int) -> None:
                 continue
             cells = []
             for key in DIAG:
-                xs = [e.get(key, e.get("msample", {}).get(key)) for e in entries]
+                xs = [e["rm_accuracy_current_policy"] - e.get("rm_accuracy_current_policy_base_rm", float("nan"))
+                      if key == "m_step_gain" else e.get(key, e.get("msample", {}).get(key)) for e in entries]
                 xs = [x for x in xs if isinstance(x, (int, float)) and x == x]
                 cells.append(spread(xs) if xs else "-")
             print(f"| {t} | {method} | {len(entries)} | " + " | ".join(cells) + " |")

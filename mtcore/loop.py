@@ -837,8 +837,10 @@ def summary(run: Run, t: int, r: dict) -> str:
     if "eval" in r:
         e = r["eval"]
         lines.append(f"gold    win rate vs initial {e['gold_win_rate_vs_initial']:.3f}, gold score "
-                     f"{e['gold_score']:.3f}; RM accuracy: current policy {e['rm_accuracy_current_policy']:.3f}, "
-                     f"held-out {e['rm_accuracy_heldout']:.3f}")
+                     f"{e['gold_score']:.3f}; RM accuracy: current policy {e['rm_accuracy_current_policy']:.3f}"
+                     + (f" (r_0 on the same pairs {e['rm_accuracy_current_policy_base_rm']:.3f})"
+                        if run.cfg.m_step and "rm_accuracy_current_policy_base_rm" in e else "")
+                     + f", held-out {e['rm_accuracy_heldout']:.3f}")
         if "estep_pairs_gold_accuracy" in e:
             lines.append(f"pairs   gold-right: E-step {e['estep_pairs_gold_accuracy']:.3f} "
                          f"({e['estep_pairs_gold_ties']} gold ties), pseudo-pairs "

@@ -469,7 +469,12 @@ def evaluate(run, t: int, stage) -> dict:
     """Iteration t's gold-judged numbers: the policy pi_t against the initial policy on the test
     prompts (ties half), its mean gold score, and r_t's accuracy on gold-ordered pairs of pi_t's own
     answers and on the fixed held-out pairs of the initial policy's answers. (A run stopped early at
-    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.) t = 0: evaluate_initial."""
+    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.) t = 0: evaluate_initial.
+
+    Beside r_t's accuracy on pi_t's pairs, the base RM r_0's on the same pairs
+    (rm_accuracy_current_policy_base_rm): the M-step's gain, paired. Comparing with the fixed-RM
+    baseline's own rm_accuracy_current_policy reads two RMs on two policies' pairs, whose difficulty
+    differs with the policy."""
     from mtcore.data import read_jsonl
 
     if t == 0:
@@ -477,8 +482,10 @@ def evaluate(run, t: int, stage) -> dict:
     prompts = run.splits["test"]
     answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), stage)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
-    return {**_metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage),
-            **pair_diagnostics(run.iter_dir(t))}
+    metrics = _metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage)
+    base = metrics["rm_accuracy_current_policy"] if run.reward(t) == run.reward(0) else _rm_accuracy(
+        run.cfg, run.device, run.reward(0), _policy_pairs(prompts, answers), stage)
+    return {**metrics, "rm_accuracy_current_policy_base_rm": base, **pair_diagnostics(run.iter_dir(t))}
 
 
 def pair_diagnostics(iter_dir: Path) -> dict:

@@ -239,10 +239,12 @@ def test_toy_world_iterations_give_checkpoints_transformers_loads(tmp_path):
     result = CliRunner().invoke(main, ["train", "--iters", "2", "--tau", "0.5", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "── iteration 2 ──" in result.output and "gold    win rate vs initial" in result.output
+    assert "(r_0 on the same pairs 0." in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["iteration"] for e in metrics["iterations"]] == [1, 2]
     for entry in metrics["iterations"]:
-        for key in ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout"):
+        for key in ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout",
+                    "rm_accuracy_current_policy_base_rm"):
             assert 0.0 <= entry[key] <= 1.0
         d = tmp_path / "run" / f"iter_{entry['iteration']}"
         AutoModelForCausalLM.from_pretrained(str(d / "policy"))

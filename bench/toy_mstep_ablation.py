@@ -1,0 +1,83 @@
+"""An experiment for issue #14: which part of the M-step's data keeps r_1 from beating r_0?
+
+At iteration 1 of the p_error-0.8 duplicates world with the paper's sampling (temperature 0.8, top-p
+0.95), the run's kept pseudo-pairs were more right than r_0 on the same pairs (0.796 vs 0.759), yet
+the run's r_1 was less right than r_0 on pi_1's pairs (0.724 vs 0.745). For each stored Mutual-Taught
+run's iteration 1, r_0 is retrained the loop's way (Bradley-Terry from r_0, the run's RM settings) on
+the run's own stored data:
+- (a) its kept pseudo-pairs (iter_1/pseudo_pairs.jsonl) alone;
+- (b) its E-step pairs (iter_1/pairs.jsonl, labelled by r_0) alone;
+- (c) both, as the loop does (a retrain of the run's r_1 with the same data, for the spread);
+and every RM (r_0, the run's r_1, (a), (b), (c)) is scored on gold-ordered pairs of pi_1's test answers
+(rm_accuracy_current_policy) and on the held-out pairs. The gold judge only reads.
+
+    python bench/toy_mstep_ablation.py --world /tmp/world_dup80 --runs /tmp/study_dup80_t08 --seeds 0 1 2
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True, help="the asset directory the runs used")
+    ap.add_argument("--runs", type=Path, required=True, help="bench/study.py's output directory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a = ap.parse_args()
+
+    import os
+
+    os.environ["MTCORE_TOY_ASSETS"] = str(a.world)
+    import torch
+
+    from mtcore import toy
+    from mtcore.checkpoint import load_model, save_model
+    from mtcore.data import encode_pair, load_tokenizer, read_jsonl
+    from mtcore.loop import read_config_file, resolve_config
+    from mtcore.train import BradleyTerry, TrainConfig, fit, fitted_examples
+
+    device = torch.device("cpu")
+    rows = []
+    for seed in a.seeds:
+        start = time.perf_counter()
+        run = a.runs / f"mutual-taught_seed{seed}"
+        cfg = resolve_config(read_config_file(run / "config.toml"), {})
+        pi1, r0, r1 = run / "iter_1" / "policy", a.world / "reward", run / "iter_1" / "reward"
+        pseudo = read_jsonl(run / "iter_1" / "pseudo_pairs.jsonl")
+        estep = read_jsonl(run / "iter_1" / "pairs.jsonl")
+        test = toy.make_splits(toy.ASSET_SEED, 0)["test"]
+        policy_pairs = toy._policy_pairs(test, toy._test_answers(cfg, device, pi1, test, seed))
+        heldout = read_jsonl(a.world / "heldout_pairs.jsonl")
+        row = {"seed": seed, "pseudo": len(pseudo), "estep": len(estep)}
+        with tempfile.TemporaryDirectory() as tmp:
+            rms = {"r0": r0, "r1 (run)": r1}
+            tokenizer = load_tokenizer(r0)
+            for name, train_rows in (("pseudo", pseudo), ("estep", estep), ("both", pseudo + estep)):
+                examples = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
+                train_cfg = TrainConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size,
+                                        micro_batch_tokens=cfg.micro_batch_tokens, warmup_ratio=cfg.warmup_ratio,
+                                        seed=seed)
+                examples, _ = fitted_examples(examples, name, cfg.max_length, train_cfg)
+                model = load_model(r0, "reward", dtype=torch.float32, device=device)
+                fit(model, examples, BradleyTerry(), train_cfg, desc=f"seed {seed} {name}")
+                rms[name] = Path(tmp) / name
+                save_model(model, rms[name], tokenizer=tokenizer)
+            for name, path in rms.items():
+                row[f"{name} policy"] = toy._rm_accuracy(cfg, device, path, policy_pairs)
+                row[f"{name} heldout"] = toy._rm_accuracy(cfg, device, path, heldout)
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    keys = [k for k in rows[0] if k != "seed"]
+    print("\n| quantity | mean ± sd over seeds " + str(a.seeds) + " |\n|---|---:|")
+    for k in keys:
+        xs = [r[k] for r in rows if r[k] == r[k]]
+        print(f"| {k} | {statistics.fmean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
