@@ -24,6 +24,35 @@ import time
 from pathlib import Path
 
 
+def retrained_accuracies(cfg, device, r0, train_sets: dict, seed: int, rms: dict, policy_pairs, heldout) -> dict:
+    """r_0 retrained the loop's way (Bradley-Terry from r_0, cfg's RM settings) on each named set of pairs
+    (train_sets: name -> rows), then every RM (those, and the named checkpoints in rms) scored on
+    policy_pairs and heldout: {"<name> policy": accuracy, "<name> heldout": accuracy}."""
+    import torch
+
+    from mtcore import toy
+    from mtcore.checkpoint import load_model, save_model
+    from mtcore.data import encode_pair, load_tokenizer
+    from mtcore.train import BradleyTerry, TrainConfig, fit, fitted_examples
+
+    out, rms = {}, dict(rms)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(r0)
+        for name, train_rows in train_sets.items():
+            examples = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
+            train_cfg = TrainConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size,
+                                    micro_batch_tokens=cfg.micro_batch_tokens, warmup_ratio=cfg.warmup_ratio, seed=seed)
+            examples, _ = fitted_examples(examples, name, cfg.max_length, train_cfg)
+            model = load_model(r0, "reward", dtype=torch.float32, device=device)
+            fit(model, examples, BradleyTerry(), train_cfg, desc=f"seed {seed} {name}")
+            rms[name] = Path(tmp) / name
+            save_model(model, rms[name], tokenizer=tokenizer)
+        for name, path in rms.items():
+            out[f"{name} policy"] = toy._rm_accuracy(cfg, device, path, policy_pairs)
+            out[f"{name} heldout"] = toy._rm_accuracy(cfg, device, path, heldout)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=Path, required=True, help="the asset directory the runs used")
@@ -38,10 +67,8 @@ def main():
     import torch
 
     from mtcore import toy
-    from mtcore.checkpoint import load_model, save_model
-    from mtcore.data import encode_pair, load_tokenizer, read_jsonl
+    from mtcore.data import read_jsonl
     from mtcore.loop import first_answers, pseudo_pair_filter, read_config_file, resolve_config, score_responses
-    from mtcore.train import BradleyTerry, TrainConfig, fit, fitted_examples
 
     device = torch.device("cpu")
     rows = []
@@ -70,22 +97,8 @@ def main():
         heldout = read_jsonl(a.world / "heldout_pairs.jsonl")
         row = {"seed": seed, "differing": sum(x != y for x, y in zip(new, old)), "kept": len(pseudo),
                "eps": eps, "pseudo_gold_acc": gold_acc, **diag}
-        with tempfile.TemporaryDirectory() as tmp:
-            rms = {"r0": r0, "r1 (run)": r1}
-            tokenizer = load_tokenizer(r0)
-            for name, train_rows in (("greedy", pseudo), ("greedy+estep", pseudo + estep)):
-                examples = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
-                train_cfg = TrainConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size,
-                                        micro_batch_tokens=cfg.micro_batch_tokens, warmup_ratio=cfg.warmup_ratio,
-                                        seed=seed)
-                examples, _ = fitted_examples(examples, name, cfg.max_length, train_cfg)
-                model = load_model(r0, "reward", dtype=torch.float32, device=device)
-                fit(model, examples, BradleyTerry(), train_cfg, desc=f"seed {seed} {name}")
-                rms[name] = Path(tmp) / name
-                save_model(model, rms[name], tokenizer=tokenizer)
-            for name, path in rms.items():
-                row[f"{name} policy"] = toy._rm_accuracy(cfg, device, path, policy_pairs)
-                row[f"{name} heldout"] = toy._rm_accuracy(cfg, device, path, heldout)
+        row.update(retrained_accuracies(cfg, device, r0, {"greedy": pseudo, "greedy+estep": pseudo + estep}, seed,
+                                        {"r0": r0, "r1 (run)": r1}, policy_pairs, heldout))
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -17,9 +17,12 @@ and every RM (r_0, the run's r_1, (a), (b), (c)) is scored on gold-ordered pairs
 import argparse
 import json
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toy_greedy_mstep import retrained_accuracies  # noqa: E402 (bench/)
 
 
 def main():
@@ -35,10 +38,8 @@ def main():
     import torch
 
     from mtcore import toy
-    from mtcore.checkpoint import load_model, save_model
-    from mtcore.data import encode_pair, load_tokenizer, read_jsonl
+    from mtcore.data import read_jsonl
     from mtcore.loop import read_config_file, resolve_config
-    from mtcore.train import BradleyTerry, TrainConfig, fit, fitted_examples
 
     device = torch.device("cpu")
     rows = []
@@ -53,22 +54,8 @@ def main():
         policy_pairs = toy._policy_pairs(test, toy._test_answers(cfg, device, pi1, test, seed))
         heldout = read_jsonl(a.world / "heldout_pairs.jsonl")
         row = {"seed": seed, "pseudo": len(pseudo), "estep": len(estep)}
-        with tempfile.TemporaryDirectory() as tmp:
-            rms = {"r0": r0, "r1 (run)": r1}
-            tokenizer = load_tokenizer(r0)
-            for name, train_rows in (("pseudo", pseudo), ("estep", estep), ("both", pseudo + estep)):
-                examples = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
-                train_cfg = TrainConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size,
-                                        micro_batch_tokens=cfg.micro_batch_tokens, warmup_ratio=cfg.warmup_ratio,
-                                        seed=seed)
-                examples, _ = fitted_examples(examples, name, cfg.max_length, train_cfg)
-                model = load_model(r0, "reward", dtype=torch.float32, device=device)
-                fit(model, examples, BradleyTerry(), train_cfg, desc=f"seed {seed} {name}")
-                rms[name] = Path(tmp) / name
-                save_model(model, rms[name], tokenizer=tokenizer)
-            for name, path in rms.items():
-                row[f"{name} policy"] = toy._rm_accuracy(cfg, device, path, policy_pairs)
-                row[f"{name} heldout"] = toy._rm_accuracy(cfg, device, path, heldout)
+        row.update(retrained_accuracies(cfg, device, r0, {"pseudo": pseudo, "estep": estep, "both": pseudo + estep},
+                                        seed, {"r0": r0, "r1 (run)": r1}, policy_pairs, heldout))
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row), flush=True)
