@@ -18,10 +18,40 @@ The gold judge reads only; no gold label reaches training.
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+
+def runs_parser(doc: str, seeds: list[int]) -> argparse.ArgumentParser:
+    """The research scripts' common options: the world, the stored study runs, the seeds."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True, help="the asset directory the runs used")
+    ap.add_argument("--runs", type=Path, required=True, help="bench/study.py's output directory")
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    return ap
+
+
+def print_summary(rows: list[dict], seeds: list[int]) -> None:
+    """Mean ± sd over the seeds of every quantity in the rows (NaNs left out)."""
+    print("\n| quantity | mean ± sd over seeds " + str(seeds) + " |\n|---|---:|")
+    for k in [k for k in rows[0] if k != "seed"]:
+        xs = [r[k] for r in rows if r[k] == r[k]]
+        print(f"| {k} | {statistics.fmean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f} |")
+
+
+def stored_iteration_1(world: Path, runs: Path, seed: int):
+    """A stored Mutual-Taught run's iteration 1: (its directory, its config, the models' directories
+    {pi0, pi1, r0, r1}, the toy test prompts)."""
+    from mtcore import toy
+    from mtcore.loop import read_config_file, resolve_config
+
+    run = runs / f"mutual-taught_seed{seed}"
+    models = {"pi0": world / "policy", "pi1": run / "iter_1" / "policy", "r0": world / "reward",
+              "r1": run / "iter_1" / "reward"}
+    return run, resolve_config(read_config_file(run / "config.toml"), {}), models, toy.make_splits(toy.ASSET_SEED, 0)["test"]
 
 
 def retrained_accuracies(cfg, device, r0, train_sets: dict, seed: int, rms: dict, policy_pairs, heldout) -> dict:
@@ -54,31 +84,23 @@ def retrained_accuracies(cfg, device, r0, train_sets: dict, seed: int, rms: dict
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=Path, required=True, help="the asset directory the runs used")
-    ap.add_argument("--runs", type=Path, required=True, help="bench/study.py's output directory")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap = runs_parser(__doc__, [0, 1, 2, 3, 4])
     ap.add_argument("--prompts", type=int, default=640)
     a = ap.parse_args()
-
-    import os
-
     os.environ["MTCORE_TOY_ASSETS"] = str(a.world)
     import torch
 
     from mtcore import toy
     from mtcore.data import read_jsonl
-    from mtcore.loop import first_answers, pseudo_pair_filter, read_config_file, resolve_config, score_responses
+    from mtcore.loop import first_answers, pseudo_pair_filter, score_responses
 
     device = torch.device("cpu")
     rows = []
     for seed in a.seeds:
         start = time.perf_counter()
-        run = a.runs / f"mutual-taught_seed{seed}"
-        cfg = resolve_config(read_config_file(run / "config.toml"), {})
+        run, cfg, models, test = stored_iteration_1(a.world, a.runs, seed)
+        pi0, pi1, r0, r1 = models["pi0"], models["pi1"], models["r0"], models["r1"]
         greedy = dataclasses.replace(cfg, temperature=0.0)
-        pi0, pi1, r0, r1 = a.world / "policy", run / "iter_1" / "policy", a.world / "reward", run / "iter_1" / "reward"
-        test = toy.make_splits(toy.ASSET_SEED, 0)["test"]
         prompts = [p for p in toy.make_prompts(a.prompts + len(test), seed=10_000 + seed) if p not in set(test)]
         prompts = prompts[:a.prompts]  # fresh prompts, none a test prompt
         new = first_answers(greedy, device, pi1, prompts, seed)
@@ -102,11 +124,7 @@ def main():
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row), flush=True)
-    keys = [k for k in rows[0] if k != "seed"]
-    print("\n| quantity | mean ± sd over seeds " + str(a.seeds) + " |\n|---|---:|")
-    for k in keys:
-        xs = [r[k] for r in rows if r[k] == r[k]]
-        print(f"| {k} | {statistics.fmean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f} |")
+    print_summary(rows, a.seeds)
 
 
 if __name__ == "__main__":

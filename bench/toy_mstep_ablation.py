@@ -14,44 +14,33 @@ and every RM (r_0, the run's r_1, (a), (b), (c)) is scored on gold-ordered pairs
     python bench/toy_mstep_ablation.py --world /tmp/world_dup80 --runs /tmp/study_dup80_t08 --seeds 0 1 2
 """
 
-import argparse
 import json
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_greedy_mstep import retrained_accuracies  # noqa: E402 (bench/)
+from toy_greedy_mstep import print_summary, retrained_accuracies, runs_parser, stored_iteration_1  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--world", type=Path, required=True, help="the asset directory the runs used")
-    ap.add_argument("--runs", type=Path, required=True, help="bench/study.py's output directory")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    a = ap.parse_args()
-
-    import os
-
+    a = runs_parser(__doc__, [0, 1, 2]).parse_args()
     os.environ["MTCORE_TOY_ASSETS"] = str(a.world)
     import torch
 
     from mtcore import toy
     from mtcore.data import read_jsonl
-    from mtcore.loop import read_config_file, resolve_config
 
     device = torch.device("cpu")
     rows = []
     for seed in a.seeds:
         start = time.perf_counter()
-        run = a.runs / f"mutual-taught_seed{seed}"
-        cfg = resolve_config(read_config_file(run / "config.toml"), {})
-        pi1, r0, r1 = run / "iter_1" / "policy", a.world / "reward", run / "iter_1" / "reward"
+        run, cfg, models, test = stored_iteration_1(a.world, a.runs, seed)
+        r0, r1 = models["r0"], models["r1"]
         pseudo = read_jsonl(run / "iter_1" / "pseudo_pairs.jsonl")
         estep = read_jsonl(run / "iter_1" / "pairs.jsonl")
-        test = toy.make_splits(toy.ASSET_SEED, 0)["test"]
-        policy_pairs = toy._policy_pairs(test, toy._test_answers(cfg, device, pi1, test, seed))
+        policy_pairs = toy._policy_pairs(test, toy._test_answers(cfg, device, models["pi1"], test, seed))
         heldout = read_jsonl(a.world / "heldout_pairs.jsonl")
         row = {"seed": seed, "pseudo": len(pseudo), "estep": len(estep)}
         row.update(retrained_accuracies(cfg, device, r0, {"pseudo": pseudo, "estep": estep, "both": pseudo + estep},
@@ -59,11 +48,7 @@ def main():
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(json.dumps(row), flush=True)
-    keys = [k for k in rows[0] if k != "seed"]
-    print("\n| quantity | mean ± sd over seeds " + str(a.seeds) + " |\n|---|---:|")
-    for k in keys:
-        xs = [r[k] for r in rows if r[k] == r[k]]
-        print(f"| {k} | {statistics.fmean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.3f} |")
+    print_summary(rows, a.seeds)
 
 
 if __name__ == "__main__":
