@@ -92,10 +92,19 @@ def main():
 
 
 DIAG = {"rm_accuracy_current_policy_base_rm": "r_0 on the same policy pairs",
-        "m_step_gain": "RM acc (policy) - r_0's, same pairs", "estep_pairs_gold_accuracy": "E-step pairs gold acc", "pseudo_pairs_gold_accuracy": "pseudo gold acc",
+        "m_step_gain": "RM acc (policy) - r_0's, same pairs",
+        "estep_pairs_gold_accuracy": "E-step pairs gold acc", "pseudo_pairs_gold_accuracy": "pseudo gold acc",
         "pseudo_pairs_rm_gold_accuracy": "r_{t-1} gold acc on them", "pseudo_pairs_override": "kept against r_{t-1}",
         "pseudo_pairs_override_gold_accuracy": "their gold acc", "pseudo_pairs_gold_ties": "pseudo gold ties",
         "eps": "eps", "pseudo_pairs": "kept", "filtered": "filtered", "identical": "identical"}
+
+
+def diag_value(entry: dict, key: str):
+    """One DIAG value of an iteration's metrics entry (msample's counts sit under "msample"); m_step_gain
+    is derived: the run's RM minus r_0 on the same policy pairs."""
+    if key == "m_step_gain":
+        return entry["rm_accuracy_current_policy"] - entry.get("rm_accuracy_current_policy_base_rm", float("nan"))
+    return entry.get(key, entry.get("msample", {}).get(key))
 
 
 def diagnostics(raw: dict, iters: int) -> None:
@@ -110,8 +119,7 @@ def diagnostics(raw: dict, iters: int) -> None:
                 continue
             cells = []
             for key in DIAG:
-                xs = [e["rm_accuracy_current_policy"] - e.get("rm_accuracy_current_policy_base_rm", float("nan"))
-                      if key == "m_step_gain" else e.get(key, e.get("msample", {}).get(key)) for e in entries]
+                xs = [diag_value(e, key) for e in entries]
                 xs = [x for x in xs if isinstance(x, (int, float)) and x == x]
                 cells.append(spread(xs) if xs else "-")
             print(f"| {t} | {method} | {len(entries)} | " + " | ".join(cells) + " |")

@@ -113,7 +113,7 @@ def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, stride_p_s, stride_p_h, stride
     tl.store(out_ptr + s.to(tl.int64) * stride_out_s + h * stride_out_h + offs_d, out)
 
 
-_SMS: dict[int, int] = {}  # CUDA device index -> SM count, read once (a plain lookup inside torch.compile)
+_SMS: dict[int, int] = {}  # CUDA device index -> SM count, read once
 
 
 def _sm_count(device: torch.device) -> int:
@@ -189,13 +189,19 @@ def decode_attention(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
     return decode_attention_ref(q, k_cache, v_cache, slots, lens)
 
 
+def decode_attention_for(device: torch.device):
+    """The decode attention a device runs: the Triton kernel on CUDA, the folded torch reference on the
+    CPU (where the interpreter, TRITON_INTERPRET=1, would be far slower; tests run it explicitly)."""
+    return decode_attention if device.type == "cuda" else decode_attention_ref
+
+
 @torch.library.custom_op("mtcore::decode_attention", mutates_args=())
 def decode_attention_opaque(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slots: torch.Tensor | None, lens: torch.Tensor) -> torch.Tensor:
-    """decode_attention (on CUDA) or decode_attention_ref (elsewhere) as one opaque operator, for
-    torch.compile: inductor calls it as it is instead of re-compiling the Triton kernel inside its own
-    graph (torch 2.11 with triton 3.6 failed to, on an H100)."""
-    return (decode_attention if q.is_cuda else decode_attention_ref)(q, k_cache, v_cache, slots, lens)
+    """decode_attention_for(q's device) as one opaque operator, for torch.compile: inductor calls it as
+    it is instead of re-compiling the Triton kernel inside its own graph (torch 2.11 with triton 3.6
+    failed to, on an H100)."""
+    return decode_attention_for(q.device)(q, k_cache, v_cache, slots, lens)
 
 
 @decode_attention_opaque.register_fake

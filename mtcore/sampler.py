@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from mtcore.errors import MtcoreError
-from mtcore.kernels.decode_attention import decode_attention, decode_attention_opaque, decode_attention_ref
+from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
 from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,6 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
                         all_slots=slots.shape[0] == cache.slots)
         x = layer(x, cos, sin, c, attend_fn=_decode_attend)  # [R, 1, dim]
     return model.lm_head(body.norm(x[:, 0])).float()
-
-
-def decode_attention_for(device: torch.device):
-    """The decode attention a device runs: the Triton kernel on CUDA, the folded torch reference on the
-    CPU (where the interpreter, TRITON_INTERPRET=1, would be far slower; tests run it explicitly)."""
-    return decode_attention if device.type == "cuda" else decode_attention_ref
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:

@@ -413,18 +413,23 @@ def _test_answers(cfg, device, policy_dir, prompts, seed, stage=None) -> list[li
             for rs in sample_responses(cfg, device, policy_dir, prompts, cfg.eval_samples, seed, stage)]
 
 
-def _metrics(cfg, device, reward_dir, prompts, answers, initial, stage=None) -> dict:
+def _metrics(cfg, device, reward_dir, prompts, answers, initial, stage=None, base_reward_dir=None) -> dict:
     """The four gold-judged numbers (METRIC_KEYS) of a policy's test answers against the initial
-    policy's, and of the RM on gold-ordered pairs of those answers and on the held-out pairs."""
+    policy's, and of the RM on gold-ordered pairs of those answers and on the held-out pairs. With
+    base_reward_dir, also that RM's accuracy on the same pairs (rm_accuracy_current_policy_base_rm)."""
     from mtcore.data import read_jsonl
 
     mine = [gold_score(p, a) for p, ts in zip(prompts, answers) for a in ts]
     theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
-    return {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
-            "rm_accuracy_current_policy": _rm_accuracy(cfg, device, reward_dir, _policy_pairs(prompts, answers),
-                                                       stage),
-            "rm_accuracy_heldout": _rm_accuracy(cfg, device, reward_dir, read_jsonl(asset("heldout_pairs.jsonl")),
-                                                stage)}
+    pairs = _policy_pairs(prompts, answers)
+    out = {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
+           "rm_accuracy_current_policy": _rm_accuracy(cfg, device, reward_dir, pairs, stage),
+           "rm_accuracy_heldout": _rm_accuracy(cfg, device, reward_dir, read_jsonl(asset("heldout_pairs.jsonl")),
+                                               stage)}
+    if base_reward_dir is not None:
+        out["rm_accuracy_current_policy_base_rm"] = out["rm_accuracy_current_policy"] \
+            if base_reward_dir == reward_dir else _rm_accuracy(cfg, device, base_reward_dir, pairs, stage)
+    return out
 
 
 def _policy_pairs(prompts, answers) -> list[dict]:
@@ -482,10 +487,8 @@ def evaluate(run, t: int, stage) -> dict:
     prompts = run.splits["test"]
     answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), stage)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
-    metrics = _metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage)
-    base = metrics["rm_accuracy_current_policy"] if run.reward(t) == run.reward(0) else _rm_accuracy(
-        run.cfg, run.device, run.reward(0), _policy_pairs(prompts, answers), stage)
-    return {**metrics, "rm_accuracy_current_policy_base_rm": base, **pair_diagnostics(run.iter_dir(t))}
+    return {**_metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage, run.reward(0)),
+            **pair_diagnostics(run.iter_dir(t))}
 
 
 def pair_diagnostics(iter_dir: Path) -> dict:
