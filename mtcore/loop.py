@@ -821,6 +821,11 @@ def write_metrics(run: Run) -> dict:
     return metrics
 
 
+def _three(x) -> str:
+    """An accuracy to three decimals; "-" for none (NaN, which a finished stage's JSON stores as null)."""
+    return "-" if x is None or x != x else f"{x:.3f}"
+
+
 def summary(run: Run, t: int, r: dict) -> str:
     """One screen after an iteration."""
     lines = [f"── iteration {t} ──"]
@@ -835,20 +840,20 @@ def summary(run: Run, t: int, r: dict) -> str:
                      f"{m['identical']} identical); RM {rm['steps']} steps, loss {rm['loss']:.4f}, "
                      f"accuracy {rm['accuracy']:.3f}")
     if "eval" in r:
-        e = r["eval"]
-        lines.append(f"gold    win rate vs initial {e['gold_win_rate_vs_initial']:.3f}, gold score "
-                     f"{e['gold_score']:.3f}; RM accuracy: current policy {e['rm_accuracy_current_policy']:.3f}"
-                     + (f" (r_0 on the same pairs {e['rm_accuracy_current_policy_base_rm']:.3f})"
+        e, f = r["eval"], _three
+        lines.append(f"gold    win rate vs initial {f(e['gold_win_rate_vs_initial'])}, gold score "
+                     f"{f(e['gold_score'])}; RM accuracy: current policy {f(e['rm_accuracy_current_policy'])}"
+                     + (f" (r_0 on the same pairs {f(e['rm_accuracy_current_policy_base_rm'])})"
                         if run.cfg.m_step and "rm_accuracy_current_policy_base_rm" in e else "")
-                     + f", held-out {e['rm_accuracy_heldout']:.3f}")
+                     + f", held-out {f(e['rm_accuracy_heldout'])}")
         if "estep_pairs_gold_accuracy" in e:
-            lines.append(f"pairs   gold-right: E-step {e['estep_pairs_gold_accuracy']:.3f} "
+            lines.append(f"pairs   gold-right: E-step {f(e['estep_pairs_gold_accuracy'])} "
                          f"({e['estep_pairs_gold_ties']} gold ties), pseudo-pairs "
-                         f"{e['pseudo_pairs_gold_accuracy']:.3f} ({e['pseudo_pairs_gold_ties']} gold ties)")
+                         f"{f(e['pseudo_pairs_gold_accuracy'])} ({e['pseudo_pairs_gold_ties']} gold ties)")
         if "pseudo_pairs_rm_gold_accuracy" in e:
-            lines.append(f"        on the pseudo-pairs r_{t - 1} is {e['pseudo_pairs_rm_gold_accuracy']:.3f} gold-right; "
+            lines.append(f"        on the pseudo-pairs r_{t - 1} is {f(e['pseudo_pairs_rm_gold_accuracy'])} gold-right; "
                          f"{e['pseudo_pairs_override']} kept against it, their labels "
-                         f"{e['pseudo_pairs_override_gold_accuracy']:.3f} gold-right")
+                         f"{f(e['pseudo_pairs_override_gold_accuracy'])} gold-right")
     if "rmeval" in r:
         lines.append("RM eval " + rmeval.sections_line(r["rmeval"]))
     lines.append("time    " + ", ".join(f"{k} {v['profile']['seconds']:.1f}s" for k, v in r.items()))

@@ -260,3 +260,23 @@ def test_loop_does_not_import_the_toy_world():
     code = "import sys, mtcore.loop; print('mtcore.toy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_summary_of_a_finished_stage_read_back_with_null_accuracies():
+    """Resuming a finished run prints each iteration's summary from the stages' JSON, where NaN is
+    stored as null (a fixed-RM run has no pseudo-pairs): the summary shows "-", not a traceback."""
+    from types import SimpleNamespace
+
+    from mtcore.loop import summary
+
+    prof = {"profile": {"seconds": 1.0}}
+    r = {"sample": {"responses": 10, "prompts": 2, **prof}, "pairs": {"pairs": 2, "prompts_without_pair": 0, **prof},
+         "dpo": {"steps": 1, "loss": 0.69, "accuracy": 0.5, **prof},
+         "select": {"win_rate": 0.6, "best_step": 1, **prof},
+         "eval": {"gold_win_rate_vs_initial": 0.5, "gold_score": 0.7, "rm_accuracy_current_policy": None,
+                  "rm_accuracy_heldout": 0.9, "estep_pairs_gold_accuracy": 0.95, "estep_pairs_gold_ties": 1,
+                  "pseudo_pairs_gold_accuracy": None, "pseudo_pairs_gold_ties": 0, **prof}}
+    text = summary(SimpleNamespace(cfg=SimpleNamespace(tau=0.6, m_step=False)), 1, json.loads(json.dumps(r)))
+    assert "current policy -, held-out 0.900" in text and "pseudo-pairs - (0 gold ties)" in text
+    r["eval"]["rm_accuracy_current_policy"] = float("nan")  # as a fresh run holds it
+    assert "current policy -, held-out" in summary(SimpleNamespace(cfg=SimpleNamespace(tau=0.6, m_step=False)), 1, r)
