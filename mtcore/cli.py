@@ -341,14 +341,26 @@ def train(out, config_file, **options):
               help="Where to write the assets (default: the package's toy_assets).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of every asset.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--base-rm", default="onpolicy", show_default=True, type=click.Choice(["onpolicy", "offpolicy"]),
-              help="The base RM's pairs: the initial policy's samples, or synthetic swaps (an experiment; use --out).")
+@click.option("--base-rm", default="offpolicy", show_default=True, type=click.Choice(["offpolicy", "onpolicy"]),
+              help="The base RM's gold-labelled pairs: synthetic swaps of the sorted digits (never a wrong "
+                   "length), or the initial policy's own samples.")
+@click.option("--demo-errors", default="duplicate", show_default=True, type=click.Choice(["duplicate", "swap", "both"]),
+              help="The kind of error in the SFT demonstrations, hence in the initial policy's answers.")
+@click.option("--p-error", default=0.9, show_default=True, type=Finite(0, 1),
+              help="The share of SFT demonstrations that are wrong (lower: a stronger initial policy).")
 @user_errors
-def build_toy(out, seed, overwrite, base_rm):
-    """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed."""
+def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error):
+    """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed.
+
+    The defaults rebuild the committed assets byte for byte (one torch thread, x86-64 CPU; about
+    2.5 minutes). The first toy world, whose study the README keeps: --base-rm onpolicy
+    --demo-errors both --p-error 0.5. Anything but the defaults is an experiment: give --out, and
+    point `mtcore train` at it with MTCORE_TOY_ASSETS=DIR."""
     from mtcore import toy
 
-    click.echo(f"wrote {toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm)}")
+    built = toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm, demo_errors=demo_errors,
+                             p_error=p_error)
+    click.echo(f"wrote {built}")
 
 
 @main.command()
@@ -385,7 +397,7 @@ def score(reward, in_file, out_file, chat_template, max_length, micro_batch_toke
               help='With --reward: RM accuracy on JSONL pairs {"prompt" | "messages", "chosen", "rejected", '
                    '"subset"?} per subset and RewardBench section.')
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Output JSON.")
-@click.option("--temperature", default=None, type=AT_LEAST_0, help="Default: greedy (real models), 1.0 (toy world).")
+@click.option("--temperature", default=None, type=AT_LEAST_0, help="Default: greedy (real models), 0.8 with top-p 0.95 (toy world).")
 @click.option("--max-new-tokens", default=None, type=COUNT, help="Default: 1024 (real models), 20 (toy world).")
 @click.option("--samples", default=4, show_default=True, type=COUNT, help="Toy world: test answers per prompt.")
 @click.option("--generator", default=None, help="AlpacaEval's generator name (default: the policy's directory name).")

@@ -169,7 +169,7 @@ LOOP_RANGES = {
 
 
 RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "keep_candidates", "rm_eval")
-TOY_DEFAULTS = dict(iters=3, samples=5, temperature=1.0, top_p=1.0, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
+TOY_DEFAULTS = dict(iters=3, samples=5, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
                     selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
                     policy_split_size=320)

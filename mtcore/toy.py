@@ -7,15 +7,17 @@ the right digit, over max(len(target), len(response)). A wrong order earns parti
 missing digit, a duplicated digit or rambling on past the answer are penalised through the
 denominator (and, for a dropped or inserted digit, through the shift of every later position).
 
-Why a fixed reward model becomes exploitable here. The initial policy is fine-tuned on imperfect
-demonstrations (`demonstration`: the answer with an adjacent swap or a duplicated digit),
-so its samples are roughly the right length and differ mostly in order. A Bradley-Terry RM trained on
-pairs of those samples learns order well and length only weakly: it rarely sees an answer much longer
-than its prompt. As DPO moves the policy, its samples drift toward what the RM cannot tell apart
-(repeated digits, answers that run on), the RM's preferences stop tracking the gold judge there, and
-the policy can raise its RM reward while its gold score falls. Retraining the RM on the current
-policy's samples (the M-step) is what should close that gap, and the gold judge measures whether it
-does: RM accuracy on held-out pairs and the policy's gold score are both exact here.
+Why a fixed reward model falls behind here (the paper's conditions, by design; issue #14). The
+base RM is off-policy, as the paper's was: it is trained on gold-labelled pairs of synthetic answers
+(`offpolicy_answer`: the sorted digits after a few swaps), so it learns order, and it never sees an
+answer of the wrong length. The initial policy is weak and its errors are of the other kind: it is
+fine-tuned on demonstrations of which 90% are wrong, each by one or two duplicated digits
+(`demonstration`). So the base RM starts well below its held-out accuracy on the policy's own pairs
+(metrics.json shows both), and DPO on its labels leaves the policy's length errors to chance. The
+M-step retrains the RM on the policy's own answers (the E-step's pairs, labelled by r_{t-1}, and the
+new-versus-old pseudo-pairs), which is what should keep it up with the moving policy; the gold judge
+measures whether it does. `build_assets`' arguments build other worlds (FIRST_WORLD: the first one,
+with an on-policy base RM and a stronger policy).
 
 `make_splits` draws the disjoint prompt sets of one run; `build_tokenizer` writes a small byte-level
 BPE tokenizer with Llama-3's special tokens and chat template, so the real code paths run unchanged.
@@ -23,8 +25,7 @@ BPE tokenizer with Llama-3's special tokens and chat template, so the real code 
 The assets (`asset`) are read from the package's `toy_assets/`, or from the directory named by the
 environment variable MTCORE_TOY_ASSETS when it is set (read at each call, so experiments can point
 `mtcore train`/`eval` at an alternative set built with `mtcore build-toy --out DIR` without touching
-the committed one). `build_assets(base_rm="offpolicy")` builds such a set with an off-policy base RM
-(`offpolicy_answer`'s synthetic corruptions instead of the initial policy's samples).
+the committed one).
 """
 
 import logging
@@ -124,11 +125,13 @@ def _duplicate_digit(digits: list[str], rng: random.Random) -> list[str]:
     return digits[:i + 1] + digits[i:]
 
 
-# No dropped digits: every error keeps or adds length, so, as with real RMs' taste for longer answers,
-# a longer answer is never the better one here, and the gold judge penalises what a length-blind RM
-# rewards. (With drops, shortness also meant a lost digit, and the length-controlled pairing rule
-# chose those: in a 2-seed study the policy then fell behind the fixed-RM baseline's.)
-CORRUPTIONS = (_swap_adjacent, _duplicate_digit)
+# The demonstrations' errors, by build_assets' demo_errors. No dropped digits: every error keeps or adds
+# length, so, as with real RMs' taste for longer answers, a longer answer is never the better one here,
+# and the gold judge penalises what a length-blind RM rewards. (With drops, shortness also meant a lost
+# digit, and the length-controlled pairing rule chose those: in a 2-seed study the policy then fell
+# behind the fixed-RM baseline's.)
+CORRUPTIONS = {"both": (_swap_adjacent, _duplicate_digit), "duplicate": (_duplicate_digit,),
+               "swap": (_swap_adjacent,)}
 
 
 def _swap_random(digits: list[str], rng: random.Random) -> list[str]:
@@ -151,22 +154,24 @@ def offpolicy_answer(prompt: str, rng: random.Random) -> str:
     return " ".join(digits)
 
 
-def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5) -> str:
+def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5, errors: str = "both") -> str:
     """An imperfect demonstration: with probability 1 - p_error the perfect answer, else one that is wrong.
 
-    A wrong one is the sorted digits after one or two corruptions (an adjacent swap, a duplicated
-    digit), redrawn until it differs from the perfect answer (swapping equal digits would not), so
-    exactly a p_error share of demonstrations are wrong in expectation.
+    A wrong one is the sorted digits after one or two corruptions of CORRUPTIONS[errors] (an adjacent
+    swap, a duplicated digit, or either), redrawn until it differs from the perfect answer (swapping
+    equal digits would not), so exactly a p_error share of demonstrations are wrong in expectation.
     """
     if not 0.0 <= p_error <= 1.0:
         raise ValueError(f"p_error must be in [0, 1], got {p_error}")
+    if errors not in CORRUPTIONS:
+        raise ValueError(f"errors must be one of {sorted(CORRUPTIONS)}, got {errors!r}")
     digits = sorted(parse_prompt(prompt))
-    if rng.random() >= p_error:
-        return " ".join(digits)
+    if rng.random() >= p_error or (errors == "swap" and len(set(digits)) == 1):
+        return " ".join(digits)  # (no swap changes "1 1 1 1": such a prompt has no error of that kind)
     while True:
         noisy = digits
         for _ in range(rng.randint(1, 2)):
-            noisy = rng.choice(CORRUPTIONS)(noisy, rng)
+            noisy = rng.choice(CORRUPTIONS[errors])(noisy, rng)
         if noisy != digits:
             return " ".join(noisy)
 
@@ -257,6 +262,11 @@ ASSET_SEED = 0
 ASSETS = Path(__file__).parent / "toy_assets"
 ASSETS_ENV = "MTCORE_TOY_ASSETS"  # when set, the directory asset() reads instead of ASSETS
 BASE_RMS = ("onpolicy", "offpolicy")  # build_assets's base_rm: what the base RM's gold-labelled pairs are drawn from
+# The committed world, build_assets' defaults: an off-policy base RM, and a weak initial policy whose
+# errors (90% of its demonstrations, all duplicated digits) are what that RM never saw.
+WORLD = dict(base_rm="offpolicy", demo_errors="duplicate", p_error=0.9)
+# The first world (until issue #14): an on-policy base RM, half the demonstrations wrong, either error.
+FIRST_WORLD = dict(base_rm="onpolicy", demo_errors="both", p_error=0.5)
 # 0.8M parameters: the shape the feasibility run used (hidden 128, 4 layers, GQA 4/2).
 MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=344, max_position_embeddings=128,
                    rope_theta=10000.0)
@@ -299,21 +309,27 @@ def _gold_pairs(prompts, samples, rng, per_prompt=1):
     return rows
 
 
-def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False, base_rm: str = "onpolicy") -> Path:
+def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False, base_rm: str = WORLD["base_rm"],
+                 demo_errors: str = WORLD["demo_errors"], p_error: float = WORLD["p_error"]) -> Path:
     """Build every toy asset from `seed`, deterministically (CPU, fp32, one torch thread):
-    1. the tokenizer; 2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations
-    of the "sft" prompts (half carry an error); 3. a reward model, initialised from that policy with a
-    fresh score head, Bradley-Terry-trained on BASE_PAIRS gold-labelled pairs per "rm_base" prompt, drawn from
-    the initial policy's samples (the stand-in for human preference data; no gold label is used after
-    it); 4. held-out RM pairs, the same way, on the "heldout_rm" prompts. out_dir is replaced whole
-    (outputs.check_out_dir's rules), at the end.
-
-    base_rm="offpolicy" (an experiment; the default builds the committed world): steps 3 and 4 draw the
-    pairs from BASE_SAMPLES `offpolicy_answer`s per prompt instead of the policy's samples (their own
-    random stream, so the tokenizer and SFT policy are the default build's), so the base RM is off-policy
-    and rm_accuracy_heldout is its accuracy on its own distribution."""
+    1. the tokenizer;
+    2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations of the "sft"
+       prompts (a p_error share carry one or two errors of kind demo_errors: see `demonstration`);
+    3. a reward model, initialised from that policy with a fresh score head, Bradley-Terry-trained on
+       BASE_PAIRS gold-labelled pairs per "rm_base" prompt: the stand-in for human preference data (no
+       gold label is used after it). base_rm="offpolicy" draws them from BASE_SAMPLES `offpolicy_answer`s
+       per prompt (synthetic swaps, from a random stream of their own, so steps 1 and 2 do not depend
+       on it); "onpolicy" from the initial policy's samples;
+    4. held-out RM pairs, the same way, on the "heldout_rm" prompts: rm_accuracy_heldout is the RM's
+       accuracy on its own training distribution.
+    The defaults build the committed world (WORLD); FIRST_WORLD's arguments build the first one. out_dir
+    is replaced whole (outputs.check_out_dir's rules), at the end."""
     if base_rm not in BASE_RMS:
         raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
+    if demo_errors not in CORRUPTIONS:
+        raise ValueError(f"demo_errors must be one of {sorted(CORRUPTIONS)}, got {demo_errors!r}")
+    if not 0.0 <= p_error <= 1.0:
+        raise ValueError(f"p_error must be in [0, 1], got {p_error}")
     import torch
 
     from mtcore.outputs import check_out_dir, commit_dir, open_partial
@@ -325,14 +341,14 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU sums split by thread: one thread makes the bytes the same on any core count
     try:
-        _build_into(out, seed, base_rm)
+        _build_into(out, seed, dict(base_rm=base_rm, demo_errors=demo_errors, p_error=p_error))
     finally:
         torch.set_num_threads(threads)
     commit_dir(out, final, "build-toy")
     return final
 
 
-def _build_into(out: Path, seed: int, base_rm: str) -> None:
+def _build_into(out: Path, seed: int, world: dict) -> None:
     """build_assets' four steps, into the directory out."""
     import torch
 
@@ -351,13 +367,13 @@ def _build_into(out: Path, seed: int, base_rm: str) -> None:
     policy = Llama(args, "policy").init_weights(seed)
     demos = []
     for p in splits["sft"]:
-        ids, n = encode_sequence(tokenizer, p, demonstration(p, rng))
+        ids, n = encode_sequence(tokenizer, p, demonstration(p, rng, world["p_error"], world["demo_errors"]))
         demos.append(Example(((ids, n),)))
     sft_log = fit(policy, demos, SFT(), TrainConfig(seed=seed, **SFT_TRAINING), desc="toy sft")
     save_model(policy, out / "policy", tokenizer=tokenizer)
 
     samples = _sample_texts(policy.eval(), tokenizer, splits["rm_base"], BASE_SAMPLES, seed)
-    if base_rm == "offpolicy":
+    if world["base_rm"] == "offpolicy":
         base_pairs, heldout = offpolicy_pairs(splits["rm_base"], splits["heldout_rm"], seed)
     else:
         base_pairs = _gold_pairs(splits["rm_base"], samples, rng, BASE_PAIRS)
@@ -375,7 +391,7 @@ def _build_into(out: Path, seed: int, base_rm: str) -> None:
         "sft_final_nll": sft_log[-1]["nll"], "rm_final_loss": rm_log[-1]["loss"],
         "rm_train_accuracy": rm_log[-1]["accuracy"], "base_pairs": len(base_pairs), "heldout_pairs": len(heldout),
         "initial_gold_mean": sum(flat) / len(flat), "initial_perfect": sum(f == 1.0 for f in flat) / len(flat),
-        **({} if base_rm == "onpolicy" else {"base_rm": base_rm})})
+        "world": world})
 
 
 def offpolicy_pairs(base_prompts, heldout_prompts, seed: int) -> tuple[list[dict], list[dict]]:

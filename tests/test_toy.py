@@ -102,9 +102,29 @@ def test_demonstration_errors_are_small_and_varied():
     assert shorter == 0 and min(longer, reordered) > 200, (shorter, longer, reordered)
 
 
-def test_demonstration_rejects_bad_p_error():
+@pytest.mark.parametrize("errors", ["duplicate", "swap"])
+def test_demonstration_errors_of_one_kind(errors):
+    """The committed world's demonstrations are wrong only by duplicated digits (longer, the right order);
+    "swap" only by order (the right length and digits)."""
+    prompts = make_prompts(500, seed=5)
+    rng = random.Random(0)
+    same = "sort 7 7 7 7"  # swaps cannot make it wrong: the demonstration is then the answer, not an endless redraw
+    assert demonstration(same, rng, p_error=1.0, errors="swap") == solve(same)
+    for prompt in prompts:
+        demo = demonstration(prompt, rng, p_error=1.0, errors=errors).split()
+        answer = solve(prompt).split()
+        assert demo != answer or (errors == "swap" and len(set(answer)) == 1), prompt
+        if errors == "duplicate":
+            assert 1 <= len(demo) - len(answer) <= 2 and demo == sorted(demo) and set(demo) == set(answer), (prompt, demo)
+        else:
+            assert sorted(demo) == answer, (prompt, demo)
+
+
+def test_demonstration_rejects_bad_arguments():
     with pytest.raises(ValueError, match="p_error"):
         demonstration("sort 1 2 3 4", random.Random(0), p_error=1.5)
+    with pytest.raises(ValueError, match="errors"):
+        demonstration("sort 1 2 3 4", random.Random(0), errors="drop")
 
 
 # --- splits ---
@@ -256,12 +276,27 @@ def test_offpolicy_pairs_gold_ordered_and_deterministic():
         assert row["gold"][0] > row["gold"][1]
 
 
-def test_build_assets_rejects_unknown_base_rm(tmp_path):
+@pytest.mark.parametrize("bad, match", [(dict(base_rm="bogus"), "base_rm"), (dict(demo_errors="drop"), "demo_errors"),
+                                        (dict(p_error=-0.1), "p_error")])
+def test_build_assets_rejects_bad_world(tmp_path, bad, match):
     from mtcore.toy import build_assets
 
-    with pytest.raises(ValueError, match="base_rm"):
-        build_assets(tmp_path / "x", base_rm="bogus")
+    with pytest.raises(ValueError, match=match):
+        build_assets(tmp_path / "x", **bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_committed_assets_are_the_default_world():
+    """build.json records the world it was built as; build_assets' defaults (hence `mtcore build-toy`'s) are it."""
+    import inspect
+    import json
+
+    from mtcore import toy
+
+    built = json.loads((toy.ASSETS / "build.json").read_text())
+    assert built["world"] == toy.WORLD and built["seed"] == toy.ASSET_SEED
+    defaults = inspect.signature(toy.build_assets).parameters
+    assert {k: defaults[k].default for k in toy.WORLD} == toy.WORLD
 
 
 def test_assets_env_var_is_read_at_call_time(tmp_path, monkeypatch):
