@@ -16,8 +16,8 @@ fine-tuned on demonstrations of which 90% are wrong, each by one or two duplicat
 (metrics.json shows both), and DPO on its labels leaves the policy's length errors to chance. The
 M-step retrains the RM on the policy's own answers (the E-step's pairs, labelled by r_{t-1}, and the
 new-versus-old pseudo-pairs), which is what should keep it up with the moving policy; the gold judge
-measures whether it does. `build_assets`' arguments build other worlds (FIRST_WORLD: the first one,
-with an on-policy base RM and a stronger policy).
+measures whether it does. `build_assets`' arguments build other worlds, such as the first one
+(until issue #14): base_rm="onpolicy", demo_errors="both", p_error=0.5.
 
 `make_splits` draws the disjoint prompt sets of one run; `build_tokenizer` writes a small byte-level
 BPE tokenizer with Llama-3's special tokens and chat template, so the real code paths run unchanged.
@@ -160,6 +160,7 @@ def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5, errors:
     A wrong one is the sorted digits after one or two corruptions of CORRUPTIONS[errors] (an adjacent
     swap, a duplicated digit, or either), redrawn until it differs from the perfect answer (swapping
     equal digits would not), so exactly a p_error share of demonstrations are wrong in expectation.
+    (Swaps cannot make "sort 1 1 1 1" wrong: with errors="swap", such a prompt's demonstration is its answer.)
     """
     if not 0.0 <= p_error <= 1.0:
         raise ValueError(f"p_error must be in [0, 1], got {p_error}")
@@ -167,7 +168,7 @@ def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5, errors:
         raise ValueError(f"errors must be one of {sorted(CORRUPTIONS)}, got {errors!r}")
     digits = sorted(parse_prompt(prompt))
     if rng.random() >= p_error or (errors == "swap" and len(set(digits)) == 1):
-        return " ".join(digits)  # (no swap changes "1 1 1 1": such a prompt has no error of that kind)
+        return " ".join(digits)
     while True:
         noisy = digits
         for _ in range(rng.randint(1, 2)):
@@ -265,8 +266,6 @@ BASE_RMS = ("onpolicy", "offpolicy")  # build_assets's base_rm: what the base RM
 # The committed world, build_assets' defaults: an off-policy base RM, and a weak initial policy whose
 # errors (90% of its demonstrations, all duplicated digits) are what that RM never saw.
 WORLD = dict(base_rm="offpolicy", demo_errors="duplicate", p_error=0.9)
-# The first world (until issue #14): an on-policy base RM, half the demonstrations wrong, either error.
-FIRST_WORLD = dict(base_rm="onpolicy", demo_errors="both", p_error=0.5)
 # 0.8M parameters: the shape the feasibility run used (hidden 128, 4 layers, GQA 4/2).
 MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=344, max_position_embeddings=128,
                    rope_theta=10000.0)
@@ -322,8 +321,8 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
        on it); "onpolicy" from the initial policy's samples;
     4. held-out RM pairs, the same way, on the "heldout_rm" prompts: rm_accuracy_heldout is the RM's
        accuracy on its own training distribution.
-    The defaults build the committed world (WORLD); FIRST_WORLD's arguments build the first one. out_dir
-    is replaced whole (outputs.check_out_dir's rules), at the end."""
+    The defaults build the committed world (WORLD). out_dir is replaced whole (outputs.check_out_dir's
+    rules), at the end."""
     if base_rm not in BASE_RMS:
         raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
     if demo_errors not in CORRUPTIONS:
