@@ -8,10 +8,10 @@ accuracy on the non-tied differing pairs, split by what r_{t-1} says:
   override  -eps < delta <= 0                          (kept; the only pairs that can change its mind)
   dropped   delta <= -eps                              (the eps filter drops them)
 Answer modes (pi_t and pi_{t-1} answer the same way):
-  sample1   one temperature-1 sample, the loop's own msample seed (what the M-step used)
+  sample1   one sample at the run's temperature and top-p, the loop's own msample seed (what the M-step used)
   greedy    temperature 0
-  mode{k}   the most frequent of k temperature-1 samples (first seen wins a tie); uses no RM
-  rbest{k}  of k temperature-1 samples, the one r_{t-1} scores highest
+  mode{k}   the most frequent of k samples at the run's settings (first seen wins a tie); uses no RM
+  rbest{k}  of k samples at the run's settings, the one r_{t-1} scores highest
 The M-step needs the override pairs' pseudo-label accuracy above 0.5 to improve the RM.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/toy_pseudo_labels.py --base WORLD_ASSETS \
