@@ -154,6 +154,14 @@ def offpolicy_answer(prompt: str, rng: random.Random) -> str:
     return " ".join(digits)
 
 
+def check_demonstrations(p_error: float, errors: str) -> None:
+    """ValueError unless p_error is a share and errors a kind of CORRUPTIONS: `demonstration`'s arguments."""
+    if not 0.0 <= p_error <= 1.0:
+        raise ValueError(f"p_error must be in [0, 1], got {p_error}")
+    if errors not in CORRUPTIONS:
+        raise ValueError(f"demo_errors must be one of {sorted(CORRUPTIONS)}, got {errors!r}")
+
+
 def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5, errors: str = "both") -> str:
     """An imperfect demonstration: with probability 1 - p_error the perfect answer, else one that is wrong.
 
@@ -162,10 +170,7 @@ def demonstration(prompt: str, rng: random.Random, p_error: float = 0.5, errors:
     equal digits would not), so exactly a p_error share of demonstrations are wrong in expectation.
     (Swaps cannot make "sort 1 1 1 1" wrong: with errors="swap", such a prompt's demonstration is its answer.)
     """
-    if not 0.0 <= p_error <= 1.0:
-        raise ValueError(f"p_error must be in [0, 1], got {p_error}")
-    if errors not in CORRUPTIONS:
-        raise ValueError(f"errors must be one of {sorted(CORRUPTIONS)}, got {errors!r}")
+    check_demonstrations(p_error, errors)
     digits = sorted(parse_prompt(prompt))
     if rng.random() >= p_error or (errors == "swap" and len(set(digits)) == 1):
         return " ".join(digits)
@@ -325,10 +330,7 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     rules), at the end."""
     if base_rm not in BASE_RMS:
         raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
-    if demo_errors not in CORRUPTIONS:
-        raise ValueError(f"demo_errors must be one of {sorted(CORRUPTIONS)}, got {demo_errors!r}")
-    if not 0.0 <= p_error <= 1.0:
-        raise ValueError(f"p_error must be in [0, 1], got {p_error}")
+    check_demonstrations(p_error, demo_errors)  # before anything is written
     import torch
 
     from mtcore.outputs import check_out_dir, commit_dir, open_partial

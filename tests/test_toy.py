@@ -287,7 +287,7 @@ def test_build_assets_rejects_bad_world(tmp_path, bad, match):
 
 
 def test_committed_assets_are_the_default_world():
-    """build.json records the world it was built as; build_assets' defaults (hence `mtcore build-toy`'s) are it."""
+    """build.json records the world it was built as; build_assets' defaults and `mtcore build-toy`'s are it."""
     import inspect
     import json
 
@@ -297,6 +297,9 @@ def test_committed_assets_are_the_default_world():
     assert built["world"] == toy.WORLD and built["seed"] == toy.ASSET_SEED
     defaults = inspect.signature(toy.build_assets).parameters
     assert {k: defaults[k].default for k in toy.WORLD} == toy.WORLD
+    # the command line repeats them as literals (importing toy would cost --help torch's import)
+    from mtcore.cli import build_toy
+    assert {p.name: p.default for p in build_toy.params if p.name in toy.WORLD} == toy.WORLD
 
 
 def test_assets_env_var_is_read_at_call_time(tmp_path, monkeypatch):
