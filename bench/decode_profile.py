@@ -70,14 +70,14 @@ def main():
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, on the CPU")
     args = parser.parse_args()
-    from mtcore import parallel
+    from mtcore.device import precision
     from mtcore.sampler import SamplingParams
 
     device = "cpu" if args.dry_run else common.default_device()
     shapes = bench_sampler.decode_shapes(device, args.dry_run)
     name = args.shape if args.shape in shapes else next(iter(shapes))
     modes = args.modes.split(",") if args.modes else (["eager", "graphs"] if device == "cuda" else ["eager"])
-    dtype = parallel.precision(device).dtype
+    dtype = precision(device).dtype
     model = common.random_model(shapes[name], "policy", device).to(dtype).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, shapes[name].vocab_size, (args.prompt_tokens,), generator=g).tolist()

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import memory_plan  # noqa: E402
 
-from mtcore import parallel  # noqa: E402
+from mtcore.device import precision  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 # (name, time limit in seconds on the GPU); the run's total budget caps each one further.
@@ -128,7 +128,7 @@ def section_environment(device: str, dry: bool) -> dict:
             {"item": "MTCORE_TORCH_KERNELS", "value": os.environ.get("MTCORE_TORCH_KERNELS", "(unset: Triton)")},
             {"item": "flash-attn", "value": "installed" if importlib.util.find_spec("flash_attn") else "not installed"},
             {"item": "torch varlen_attn", "value": "found" if m._varlen_attn() else "none"}]
-    dtype = parallel.precision(device).dtype
+    dtype = precision(device).dtype
     rows.append({"item": "mm(out_dtype=fp32) for bf16", "value": str(_mm_out_dtype_works(torch.device(device),
                                                                                            torch.bfloat16))})
     # mtcore's attention calls, at 8B head counts: packed buckets and full sequences (causal, GQA),

@@ -41,9 +41,9 @@ def main():
                  f"{world}; MFU peak: {entry['sample']['profile']['peak_flops_source']}"))
     print("| stage | seconds | share | tokens | tokens/s | MFU | peak MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    from mtcore.loop import E_STAGES, M_STAGES
+    from mtcore.mutual_taught import E_STEP, M_STEP
 
-    order = [name for name, _ in E_STAGES + M_STAGES] + ["eval"]  # the loop's (metrics.json sorts its keys)
+    order = [*E_STEP, *M_STEP, "eval"]  # the loop's (metrics.json sorts its keys)
     stages = {k: entry[k]["profile"] for k in order if k in entry}
     total = sum(p["seconds"] for p in stages.values())
     for name, p in stages.items():

@@ -243,10 +243,10 @@ def transformers_twin(ours, dtype, device):
 def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_len: int = 128, new: int = 128,
                 modes: tuple[str, ...] | None = None) -> tuple[list[dict], list[str]]:
     """The decode table's rows (and notes): see the module docstring."""
-    from mtcore import parallel
+    from mtcore.device import precision
     from mtcore.sampler import KVCache, SamplingParams, generate
 
-    dtype = parallel.precision(device).dtype
+    dtype = precision(device).dtype
     bandwidth = copy_bandwidth(device)
     modes = modes or (("eager", "compile", "graphs") if device == "cuda" else ("eager",))
     notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s measured in this run; "

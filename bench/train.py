@@ -147,6 +147,7 @@ def run_mtcore(args: dict, pairs: list[dict]) -> dict:
         objective = BradleyTerry()
     setup_peak = common._rss_mib()[1]
     rss0 = _trim_and_reset_peak()
+    parallel.parallelize(model, cfg.grad_checkpointing)
     history = fit(model, examples, objective, cfg)
     train_peak = common._rss_mib()[1]
     steps = [(row["seconds"], row["tokens"]) for row in history]

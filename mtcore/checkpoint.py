@@ -20,7 +20,10 @@ from safetensors.torch import save_file
 
 from mtcore.errors import MtcoreError
 from mtcore.model import Llama, ModelArgs
-from mtcore.outputs import finite, replace_dir
+from mtcore.outputs import check_out_dir, commit_dir, open_partial
+from mtcore import parallel
+from mtcore.device import default_dtype
+from mtcore.files import default_file_mode, read_json, replace_dir, write_json
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -65,37 +68,6 @@ def resolve(src: str | os.PathLike) -> Path:
         raise MtcoreError(f"{name}: not a local directory, not in the Hugging Face cache, and the hub gave: {reason}; "
                           f"run `hf download {name}` (after `hf auth login` for gated models) "
                           f"where the hub is reachable, or pass a local directory") from None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise MtcoreError(f"{path}: missing; a Hugging Face checkpoint directory needs it") from None
-    except OSError as e:
-        raise MtcoreError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise MtcoreError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise MtcoreError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it over `path`: never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _field(cfg: dict, key: str, where: str, kind=int, default=None, positive=True):
@@ -235,31 +207,6 @@ def _open_safetensors(f: Path):
         raise MtcoreError(f"{f}: not a readable safetensors file ({e})") from None
 
 
-def default_device(device=None) -> torch.device:
-    """`device` as given, else $MTCORE_DEVICE (the tests pin themselves to the CPU with it), else
-    CUDA where there is a GPU, else the CPU. A device this machine does not
-    have, or a string that names none, is a one-line error."""
-    device = device or os.environ.get("MTCORE_DEVICE")
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MtcoreError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise MtcoreError(f"--device {device!r}: mtcore runs on cpu or cuda")
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise MtcoreError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return dev
-
-
-def default_dtype(device) -> torch.dtype:
-    """The dtype inference loads weights in on `device`: parallel.precision's compute dtype."""
-    from mtcore.parallel import precision
-
-    return precision(device).dtype
-
-
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
@@ -361,8 +308,6 @@ def _portable_tokenizer_config(out: Path) -> None:
 def convert(src, dst, kind=None, dtype="bf16", max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
     """`mtcore convert`: re-save the checkpoint src into the directory dst (outputs.check_out_dir's
     rules: dst never holds src, and is replaced only when it is convert's own earlier output)."""
-    from mtcore.outputs import check_out_dir, commit_dir, open_partial
-
     path = resolve(src)
     dst = check_out_dir(dst, "convert", (path,), overwrite)
     kind = kind or kind_of(read_json(path / "config.json"))
@@ -374,14 +319,6 @@ def convert(src, dst, kind=None, dtype="bf16", max_shard_bytes: int = 5 * 2**30,
 
 def _dtype_of(model: Llama) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def default_file_mode() -> int:
-    """0o666 less the process's umask: the mode open() gives a new file (os.umask can only be read
-    by setting it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def stored_dtype(src) -> torch.dtype:
@@ -405,8 +342,19 @@ def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**
     The tokenizer is `tokenizer.save_pretrained`'s output when given, else the tokenizer files of the
     checkpoint the model was loaded from. generation_config.json is copied from there too, or built
     from the config's bos/eos ids.
+
+    Under torchrun every rank calls it: a sharded model is gathered to rank 0's CPU first
+    (parallel.full_model), rank 0 alone writes, and every rank returns once it is written.
     """
-    dst = Path(dst)
+    if parallel.is_sharded(model):
+        model = parallel.full_model(model)
+    if parallel.is_main():
+        _save_atomic(model, Path(dst), tokenizer, max_shard_bytes, dtype)
+    parallel.barrier()
+    return Path(dst)
+
+
+def _save_atomic(model: Llama, dst: Path, tokenizer, max_shard_bytes: int, dtype) -> None:
     if dst.exists() and not dst.is_dir():
         raise MtcoreError(f"{dst}: exists and is not a directory; choose another output path")
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -424,7 +372,6 @@ def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**
         raise MtcoreError(f"{dst}: cannot write the checkpoint ({reason})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int, dtype=None) -> None:

@@ -177,7 +177,7 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
              decode_mode, max_len, skip_overlong, chat_template, logprobs, device, overwrite):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
-    from mtcore.checkpoint import default_device
+    from mtcore.device import default_device
     from mtcore.outputs import check_out_file
     from mtcore.sampler import SamplingParams, generate_jsonl
 
@@ -305,7 +305,7 @@ def sft(policy, data_file, **kw):
 def loop_options(fn):
     """One option per LoopConfig field (default None: the config file's value, then the defaults),
     each with its line of help, the paper's value and the toy world's where it differs."""
-    from mtcore.loop import LOOP_HELP, TOY_DEFAULTS, LoopConfig
+    from mtcore.config import LOOP_HELP, TOY_DEFAULTS, LoopConfig
 
     for f in reversed(dataclasses.fields(LoopConfig)):
         values = ([f"paper: {f.default!r}"] if f.default != "" else []) + (
@@ -326,9 +326,11 @@ def train(out, config_file, **options):
 
     --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
     from mtcore import loop, toy
+    from mtcore.config import read_config_file, resolve_config
+    from mtcore.rundir import Run
 
-    cfg = loop.resolve_config(loop.read_config_file(config_file) if config_file else {}, options)
-    run = loop.Run(out, cfg, world=None if cfg.policy else toy.world())
+    cfg = resolve_config(read_config_file(config_file) if config_file else {}, options)
+    run = Run(out, cfg, world=None if cfg.policy else toy.world())
     echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
          f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
     metrics = loop.train(run, echo=echo)
@@ -379,7 +381,7 @@ def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error):
 @user_errors
 def score(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device, overwrite):
     """Score every response with a reward model: the same rows plus "rewards"."""
-    from mtcore.loop import score_jsonl
+    from mtcore.commands import score_jsonl
     from mtcore.outputs import check_out_file
 
     check_out_file(out_file, (in_file, chat_template), overwrite, looks_like=lambda row: "rewards" in row)
@@ -406,12 +408,14 @@ def score(reward, in_file, out_file, chat_template, max_length, micro_batch_toke
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
-def evaluate(policy, reward, prompts_file, pairs_file, out_file, temperature, max_new_tokens, samples, generator,
+def eval_command(policy, reward, prompts_file, pairs_file, out_file, temperature, max_new_tokens, samples, generator,
              seed, chat_template, device, overwrite):
     """Evaluate a policy: toy world gold metrics (no --prompts), or AlpacaEval outputs (--prompts); or an RM
     on preference pairs (--reward --pairs: RewardBench's sections)."""
-    from mtcore import loop, rmeval, toy
-    from mtcore.checkpoint import default_device, resolve
+    from mtcore import commands, rmeval, toy
+    from mtcore.checkpoint import resolve
+    from mtcore.config import LoopConfig, resolve_config
+    from mtcore.device import default_device
     from mtcore.outputs import check_out_file, write_json_file
 
     check_out_file(out_file, (prompts_file, pairs_file, chat_template), overwrite, jsonl=False,
@@ -420,21 +424,21 @@ def evaluate(policy, reward, prompts_file, pairs_file, out_file, temperature, ma
     if pairs_file:
         if not reward:
             raise MtcoreError("--pairs needs --reward")
-        result = loop.rm_eval_file(reward, pairs_file, out_file, chat_template=chat_template, device=device)
+        result = commands.rm_eval_file(reward, pairs_file, out_file, chat_template=chat_template, device=device)
         echo(f"{rmeval.table(result)}\nwrote {out_file}")
         return
     if prompts_file:
         if not policy:
             raise MtcoreError("--prompts needs --policy")
-        cfg = loop.LoopConfig(temperature=0.0 if temperature is None else temperature, top_p=1.0,
-                              max_new_tokens=max_new_tokens or 1024, seed=seed, chat_template=chat_template or "")
-        n = loop.alpaca_eval_outputs(cfg, device, policy, prompts_file, out_file,
-                                     generator or resolve(policy).name)
+        cfg = LoopConfig(temperature=0.0 if temperature is None else temperature, top_p=1.0,
+                         max_new_tokens=max_new_tokens or 1024, seed=seed, chat_template=chat_template or "")
+        n = commands.alpaca_eval_outputs(cfg, device, policy, prompts_file, out_file,
+                                         generator or resolve(policy).name)
         echo(f"wrote {out_file}: {n} AlpacaEval outputs")
         return
-    cfg = loop.resolve_config({}, {"temperature": temperature, "max_new_tokens": max_new_tokens,
-                                   "eval_samples": samples})
-    result = toy.evaluate_models(cfg, device, resolve(policy) if policy else toy.asset("policy"),
+    cfg = resolve_config({}, {"temperature": temperature, "max_new_tokens": max_new_tokens,
+                              "eval_samples": samples})
+    result = toy.gold_metrics_of(cfg, device, resolve(policy) if policy else toy.asset("policy"),
                                  resolve(reward) if reward else toy.asset("reward"), seed)
     write_json_file(out_file, result)
     echo(", ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -8,13 +8,15 @@ scores the response ids and the end-of-turn id; the reward model reads the last 
 pad id (train.reward_index: the end-of-turn id, or the token before it when the pad id is <|eot_id|>).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mtcore.checkpoint import read_json, resolve
+from mtcore.checkpoint import config_to_args, resolve
 from mtcore.errors import MtcoreError
+from mtcore.files import read_json, write_text_atomic
 
 
 # Meta-Llama-3-8B-Instruct's chat template, for tokenizers that ship without one (`--chat-template llama3`).
@@ -40,7 +42,6 @@ def load_tokenizer(src, chat_template: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
         if (path / "config.json").is_file():  # a bad config.json breaks the tokenizer too: name the real cause
-            from mtcore.checkpoint import config_to_args, read_json
             config_to_args(read_json(path / "config.json"), str(path / "config.json"))
         raise MtcoreError(
             f"{path}: no usable tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -129,8 +130,6 @@ def encode_sequence(tokenizer, prompt, response: str, where: str = "prompt") -> 
 
 def read_jsonl(path) -> list[dict]:
     """JSON objects, one per line (blank lines skipped); a malformed line is an error naming it."""
-    import json
-
     rows = []
     try:
         with open(path, "rb") as f:
@@ -156,11 +155,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path, rows) -> None:
-    """Write rows atomically (checkpoint.write_text_atomic), dropping the "_line" bookkeeping field."""
-    import json
-
-    from mtcore.checkpoint import write_text_atomic
-
+    """Write rows atomically (files.write_text_atomic), dropping the "_line" bookkeeping field."""
     write_text_atomic(path, "".join(json.dumps({k: v for k, v in row.items() if k != "_line"}, ensure_ascii=False)
                                     + "\n" for row in rows))
 
@@ -197,7 +192,7 @@ class Example:
         return sum(len(ids) for ids, _ in self.seqs)
 
 
-def _fit(ids: list[int], n_prompt: int, max_length: int) -> list[int] | None:
+def _cut(ids: list[int], n_prompt: int, max_length: int) -> list[int] | None:
     """The length rule: the prompt is never cut; a response is cut at its end to fit max_length
     (losing its end-of-turn id); a prompt that leaves no room for one response token drops the example."""
     if n_prompt >= max_length:
@@ -205,16 +200,16 @@ def _fit(ids: list[int], n_prompt: int, max_length: int) -> list[int] | None:
     return ids[:max_length]
 
 
-def fit_examples(examples: list[Example], max_length: int) -> tuple[list[Example], dict]:
+def cut_to_length(examples: list[Example], max_length: int) -> tuple[list[Example], dict]:
     """Apply the length rule to every sequence. Returns (kept examples, {"kept", "truncated", "dropped"})."""
     kept, truncated = [], 0
     for ex in examples:
-        fitted = [_fit(ids, n_prompt, max_length) for ids, n_prompt in ex.seqs]
-        if any(f is None for f in fitted):
+        cut = [_cut(ids, n_prompt, max_length) for ids, n_prompt in ex.seqs]
+        if any(c is None for c in cut):
             continue
-        if any(len(f) < len(ids) for f, (ids, _) in zip(fitted, ex.seqs)):
+        if any(len(f) < len(ids) for f, (ids, _) in zip(cut, ex.seqs)):
             truncated += 1
-        kept.append(Example(tuple((f, n_prompt) for f, (_, n_prompt) in zip(fitted, ex.seqs)), ex.line, ex.margin))
+        kept.append(Example(tuple((f, n_prompt) for f, (_, n_prompt) in zip(cut, ex.seqs)), ex.line, ex.margin))
     return kept, {"kept": len(kept), "truncated": truncated, "dropped": len(examples) - len(kept)}
 
 

@@ -13,14 +13,14 @@ command leaves either the previous output or the new one, never a mix of the two
   does not look like the command's own output is refused unless --overwrite.
 """
 
-import ctypes
-import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
+from mtcore import parallel
 from mtcore.errors import MtcoreError
+from mtcore.files import finite, replace_dir, write_text_atomic
 
 MARKER = ".mtcore-output"
 # Outputs written before the marker existed: the file that identifies each command's output.
@@ -28,37 +28,6 @@ _LEGACY = {"dpo": ("summary.json", "dpo"), "rm": ("summary.json", "rm"), "sft": 
            "build-toy": ("build.json", None)}
 _ANOTHER = "choose another --out"
 _OVERWRITE_HINT = f"{_ANOTHER}, or pass --overwrite to replace it"
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing directories (Linux renameat2 RENAME_EXCHANGE). False where the
-    system or filesystem lacks it; an OSError for any other failure."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Put the finished directory `tmp` in the place of `dst` (whatever dst held is removed): one
-    atomic exchange where the system has it, else two renames; dst is never half a directory."""
-    tmp, dst = Path(tmp), Path(dst)
-    if dst.exists() and _exchange(tmp, dst):
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old dst
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def written_by(directory: Path, command: str) -> bool:
@@ -188,21 +157,7 @@ def check_out_file(out, inputs=(), overwrite: bool = False, looks_like=None, jso
     return out
 
 
-def finite(obj):
-    """obj with every NaN or infinite float replaced by None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
 def write_json_file(path, obj) -> None:
     """A command's JSON output, written atomically by rank 0; NaN (e.g. an accuracy over no pairs) is null."""
-    from mtcore import parallel
-    from mtcore.checkpoint import write_text_atomic
-
     if parallel.is_main():
         write_text_atomic(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")

@@ -29,12 +29,13 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from mtcore.device import precision, default_device
 from mtcore.errors import MtcoreError
+from mtcore.files import read_json, replace_dir, write_json
 from mtcore.model import Llama
 
 
@@ -46,8 +47,6 @@ def init() -> None:
     """Join the process group when torchrun started this process (it sets WORLD_SIZE); else nothing.
     NCCL carries CUDA tensors, gloo CPU ones (and everything on a machine without CUDA, or where
     MTCORE_DEVICE=cpu keeps the run off its GPUs)."""
-    from mtcore.checkpoint import default_device
-
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     if default_device().type == "cuda":
@@ -56,29 +55,6 @@ def init() -> None:
     else:
         dist.init_process_group("gloo")
     atexit.register(_destroy)
-
-
-class Precision(NamedTuple):
-    device: torch.device
-    dtype: torch.dtype  # what the matmuls compute in; inference loads its weights in it
-    autocast: torch.autocast  # the context training and scoring compute under (re-enterable, not nestable)
-    fsdp: "MixedPrecisionPolicy"  # how FSDP2 gathers parameters and reduces gradients
-
-
-def precision(device=None) -> Precision:
-    """The one device and precision policy, as nanoGPT's device/dtype/ctx block: on CUDA bf16 compute
-    (autocast over fp32 master weights in training; bf16 weights for inference) and FSDP gathering
-    parameters in bf16 and reducing gradients in fp32; on the CPU fp32 throughout, autocast off.
-    device: as given, else checkpoint.default_device's choice ($MTCORE_DEVICE, then CUDA if any)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    from mtcore.checkpoint import default_device
-
-    device = torch.device(device) if device is not None else default_device()
-    cuda = device.type == "cuda"
-    return Precision(device, torch.bfloat16 if cuda else torch.float32,
-                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
-                     MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32))
 
 
 def _destroy() -> None:
@@ -232,6 +208,15 @@ def shard_model(model: Llama) -> Llama:
     return model
 
 
+def parallelize(model: Llama, grad_checkpointing: bool = False) -> Llama:
+    """How a model trains here, applied from outside it, once, before train.fit (torchtitan's
+    parallelize_fn): activation checkpointing per block if asked, then FSDP2 over all ranks (in one
+    process, unsharded). Returns the model, changed in place."""
+    if grad_checkpointing:
+        checkpoint_blocks(model)
+    return shard_model(model)
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_ over parameters sharded or not: returns the total L2 norm of all
     the gradients before clipping, on every rank (a sharded norm is reduced over the shards first)."""
@@ -249,29 +234,20 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
-def save_model(model: Llama, dst, tokenizer=None, dtype=None) -> Path:
-    """checkpoint.save_model for a sharded model too: the full state dict is gathered to rank 0's
-    CPU, which alone writes the Hugging Face checkpoint (in `dtype`, default the model's); every rank
-    returns once it is written."""
-    from mtcore import checkpoint
-
-    if not is_sharded(model):
-        if is_main():
-            checkpoint.save_model(model, dst, tokenizer=tokenizer, dtype=dtype)
-        barrier()
-        return Path(dst)
+def full_model(model: Llama) -> Llama | None:
+    """A sharded model's full state dict gathered onto rank 0's CPU, as a plain Llama there (None on
+    the other ranks). Every rank must call it: the gather is a collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if is_main():
-        with torch.device("meta"):
-            full = Llama(model.args, model.kind)
-        full.load_state_dict(state, assign=True)
-        full.tie_weights()
-        full.source = getattr(model, "source", None)
-        checkpoint.save_model(full, dst, tokenizer=tokenizer, dtype=dtype)
-    barrier()
-    return Path(dst)
+    if not is_main():
+        return None
+    with torch.device("meta"):
+        full = Llama(model.args, model.kind)
+    full.load_state_dict(state, assign=True)
+    full.tie_weights()
+    full.source = getattr(model, "source", None)
+    return full
 
 
 @contextlib.contextmanager
@@ -287,8 +263,6 @@ def save_train_state(path, model, optimizer, trainer: dict) -> None:
     `trainer` (JSON: step, schedule, metrics so far) into `path`, replacing what is there."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from mtcore.checkpoint import replace_dir, write_json
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -310,8 +284,6 @@ def load_train_state(path, model, optimizer) -> dict | None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from mtcore.checkpoint import read_json
 
     path = Path(path)
     if not (path / "trainer.json").exists():

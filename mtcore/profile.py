@@ -90,9 +90,9 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class Stage:
-    """Times a stage and collects what it processed: `with Stage(device) as s: ...; s.add(tokens, flops)`.
-    s.record() -> {seconds, tokens, tokens_per_s, mfu, peak_memory_mib} (mfu against peak_flops)."""
+class Meter:
+    """Times a piece of work and counts what it processed: `with Meter(device) as m: ...; m.add(tokens, flops)`.
+    m.record() -> {seconds, tokens, tokens_per_s, mfu, peak_memory_mib} (mfu against peak_flops)."""
 
     def __init__(self, device):
         self.device, self.tokens, self.flops = str(device), 0, 0.0

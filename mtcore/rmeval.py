@@ -18,9 +18,12 @@ Sources, allenai/reward-bench on GitHub:
 """
 
 import math
+from pathlib import Path
 
+from mtcore.config import LoopConfig
 from mtcore.data import prompt_of, read_jsonl
 from mtcore.errors import MtcoreError
+from mtcore.inference import Scorer
 
 SECTIONS = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
@@ -126,3 +129,16 @@ def table(result: dict) -> str:
                      f"{pct(result['score_with_prior_sets'])}")
     lines.append(f"all pairs: {result['pairs']}, accuracy {pct(result['accuracy'])}")
     return "\n".join(lines)
+
+
+def rm_accuracy(cfg: LoopConfig, device, reward_dir: Path, pairs_file, meter=None) -> dict:
+    """RM accuracy on preference pairs the RewardBench way: every chosen and rejected
+    response scored by Scorer (sharded under torchrun), ties counting half. Sequences over
+    cfg.max_length are cut to it (counted in "truncated")."""
+    prompts, chosen, rejected, subsets = read_pairs(pairs_file)
+    scorer = Scorer(cfg, device, Path(reward_dir))
+    scores = scorer(prompts, [[c, r] for c, r in zip(chosen, rejected)], meter)
+    result = summarize(subsets, [s[0] for s in scores], [s[1] for s in scores])
+    result["truncated"] = scorer.truncated
+    result["reward"], result["pairs_file"] = str(reward_dir), str(pairs_file)
+    return result

@@ -353,7 +353,9 @@ def _build_into(out: Path, seed: int, world: dict) -> None:
     """build_assets' four steps, into the directory out."""
     import torch
 
-    from mtcore.checkpoint import save_model, write_json
+    from mtcore.checkpoint import save_model
+
+    from mtcore.files import write_json
     from mtcore.data import Example, encode_pair, encode_sequence, load_tokenizer, write_jsonl
     from mtcore.model import Llama, ModelArgs
     from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
@@ -413,24 +415,24 @@ def _pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
     return hits / max(1, len(chosen))
 
 
-def _rm_accuracy(cfg, device, reward_dir, pairs: list[dict], stage=None) -> float:
-    from mtcore.loop import score_responses
+def _rm_accuracy(cfg, device, reward_dir, pairs: list[dict], meter=None) -> float:
+    from mtcore.inference import score_responses
 
     if not pairs:
         return float("nan")
     scores = score_responses(cfg, device, reward_dir, [p["prompt"] for p in pairs],
-                             [[p["chosen"], p["rejected"]] for p in pairs], stage)
+                             [[p["chosen"], p["rejected"]] for p in pairs], meter)
     return _pairwise_accuracy([s[0] for s in scores], [s[1] for s in scores])
 
 
-def _test_answers(cfg, device, policy_dir, prompts, seed, stage=None) -> list[list[str]]:
-    from mtcore.loop import sample_responses
+def _test_answers(cfg, device, policy_dir, prompts, seed, meter=None) -> list[list[str]]:
+    from mtcore.inference import sample_responses
 
     return [[r["text"] for r in rs]
-            for rs in sample_responses(cfg, device, policy_dir, prompts, cfg.eval_samples, seed, stage)]
+            for rs in sample_responses(cfg, device, policy_dir, prompts, cfg.eval_samples, seed, meter)]
 
 
-def _metrics(cfg, device, reward_dir, prompts, answers, initial, stage=None, base_reward_dir=None) -> dict:
+def _metrics(cfg, device, reward_dir, prompts, answers, initial, meter=None, base_reward_dir=None) -> dict:
     """The four gold-judged numbers (METRIC_KEYS) of a policy's test answers against the initial
     policy's, and of the RM on gold-ordered pairs of those answers and on the held-out pairs. With
     base_reward_dir, also that RM's accuracy on the same pairs (rm_accuracy_current_policy_base_rm)."""
@@ -440,12 +442,12 @@ def _metrics(cfg, device, reward_dir, prompts, answers, initial, stage=None, bas
     theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
     pairs = _policy_pairs(prompts, answers)
     out = {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
-           "rm_accuracy_current_policy": _rm_accuracy(cfg, device, reward_dir, pairs, stage),
+           "rm_accuracy_current_policy": _rm_accuracy(cfg, device, reward_dir, pairs, meter),
            "rm_accuracy_heldout": _rm_accuracy(cfg, device, reward_dir, read_jsonl(asset("heldout_pairs.jsonl")),
-                                               stage)}
+                                               meter)}
     if base_reward_dir is not None:
         out["rm_accuracy_current_policy_base_rm"] = out["rm_accuracy_current_policy"] \
-            if base_reward_dir == reward_dir else _rm_accuracy(cfg, device, base_reward_dir, pairs, stage)
+            if base_reward_dir == reward_dir else _rm_accuracy(cfg, device, base_reward_dir, pairs, meter)
     return out
 
 
@@ -463,35 +465,35 @@ def _policy_pairs(prompts, answers) -> list[dict]:
 
 
 def world():
-    """The toy world as the loop meets it (loop.World): the built-in models, the toy splits, the
-    gold-judged evaluation and the plot."""
-    from mtcore.loop import World
+    """The toy world as the loop meets it (rundir.World): the built-in models, the toy splits, the
+    gold-judged metrics and the plot."""
+    from mtcore.rundir import World
 
     def splits(cfg):
         return make_splits(cfg.seed, cfg.iters, {"policy": cfg.policy_split_size, "rm": cfg.rm_split_size,
                                                  "selection": cfg.selection_size})
 
-    return World(asset("policy"), asset("reward"), splits, evaluate, plot)
+    return World(asset("policy"), asset("reward"), splits, gold_metrics, plot)
 
 
-def evaluate_initial(run, stage) -> dict:
+def _gold_metrics_initial(run, meter) -> dict:
     """The initial policy's test answers (kept for the win rates; rank 0 writes them) and the base RM's
     accuracies: `mtcore train`'s evaluation at t = 0."""
     from mtcore import parallel
     from mtcore.data import write_jsonl
 
     prompts = run.splits["test"]
-    answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), stage)
+    answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), meter)
     if parallel.is_main():
         write_jsonl(run.dir / "initial_test.jsonl", [{"prompt": p, "answers": a} for p, a in zip(prompts, answers)])
-    return _metrics(run.cfg, run.device, run.reward(0), prompts, answers, answers, stage)  # win rate: 0.5
+    return _metrics(run.cfg, run.device, run.reward(0), prompts, answers, answers, meter)  # win rate: 0.5
 
 
-def evaluate(run, t: int, stage) -> dict:
+def gold_metrics(run, t: int, meter) -> dict:
     """Iteration t's gold-judged numbers: the policy pi_t against the initial policy on the test
     prompts (ties half), its mean gold score, and r_t's accuracy on gold-ordered pairs of pi_t's own
     answers and on the fixed held-out pairs of the initial policy's answers. (A run stopped early at
-    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.) t = 0: evaluate_initial.
+    t has no evaluation for t: it kept pi_{t-1}, evaluated at t - 1.) t = 0: the initial models.
 
     Beside r_t's accuracy on pi_t's pairs, the base RM r_0's on the same pairs
     (rm_accuracy_current_policy_base_rm): the M-step's gain, paired. Comparing with the fixed-RM
@@ -500,11 +502,11 @@ def evaluate(run, t: int, stage) -> dict:
     from mtcore.data import read_jsonl
 
     if t == 0:
-        return evaluate_initial(run, stage)
+        return _gold_metrics_initial(run, meter)
     prompts = run.splits["test"]
-    answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), stage)
+    answers = _test_answers(run.cfg, run.device, run.policy(t), prompts, run.seed(t, "eval"), meter)
     initial = [r["answers"] for r in read_jsonl(run.dir / "initial_test.jsonl")]
-    return {**_metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, stage, run.reward(0)),
+    return {**_metrics(run.cfg, run.device, run.reward(t), prompts, answers, initial, meter, run.reward(0)),
             **pair_diagnostics(run.iter_dir(t))}
 
 
@@ -575,7 +577,7 @@ def plot(path, metrics: dict) -> None:
     tmp.replace(path)
 
 
-def evaluate_models(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:
+def gold_metrics_of(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:
     """`mtcore eval` on the toy world: the four gold-judged numbers of any policy and RM, against the
     built-in initial policy, on the toy test prompts (the same as `mtcore train`'s, seed 0 splits)."""
     prompts = make_splits(ASSET_SEED, 0)["test"]

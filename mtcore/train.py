@@ -15,8 +15,9 @@ computes the mean over the global batch whatever the micro-batching. AdamW, cosi
 linear warm-up, gradient clipping on the total L2 norm. A NaN or inf loss stops before the optimizer
 step that would use it, so the model in memory is still the last good one.
 
-Under torchrun (mtcore/parallel.py) fit shards the model with FSDP2 and each rank runs its share of
-every global batch; the loss, its gradient and the metrics are still the global batch's.
+Under torchrun the caller shards the model first (parallel.parallelize, once, from outside), and each
+rank runs its share of every global batch; the loss, its gradient and the metrics are still the global
+batch's.
 """
 
 import functools
@@ -33,8 +34,10 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import default_device, default_file_mode, load_model, resolve, stored_dtype
-from mtcore.data import Batch, Example, make_batch, pack, read_demonstrations, read_pairs
+from mtcore.checkpoint import load_model, resolve, save_model, stored_dtype
+from mtcore.data import Batch, Example, cut_to_length, load_tokenizer, make_batch, pack, read_demonstrations, read_pairs
+from mtcore.device import default_device, precision
+from mtcore.files import default_file_mode, write_json, write_text_atomic
 from mtcore.errors import MtcoreError, check_ranges
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
 from mtcore.kernels import sequence_logps
@@ -217,7 +220,7 @@ def micro_batches(examples: list[Example], index: list[int], cfg: TrainConfig) -
     return [[index[j] for j in b] for b in bins]
 
 
-def check_fits(examples: list[Example], cfg: TrainConfig, where: str) -> None:
+def check_micro_batches(examples: list[Example], cfg: TrainConfig, where: str) -> None:
     """Every example must fit one micro-batch: say which does not, and what to change."""
     for ex in examples:
         if ex.n_tokens > cfg.micro_batch_tokens:
@@ -258,7 +261,7 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
     for k, micro in enumerate(micros):
         real = k < n_real
         batch = make_batch(examples, micro, padded=cfg.padded).to(device)
-        with parallel.precision(device).autocast:
+        with precision(device).autocast:
             loss, stats = objective(model, batch, cfg.reference_ops)
         (loss * (float(real) * parallel.world_size()) / units).backward()
         for name, v in stats.items():
@@ -283,9 +286,9 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
     step (also written, atomically after each step, to metrics_file as JSONL when given).
     on_step(step, n_steps, model), if given, runs after each optimizer step (e.g. to save checkpoints).
 
-    Under torchrun the model is sharded with FSDP2 here (it stays so: save it with
-    parallel.save_model) and each rank runs its share of every global batch; the metrics are the
-    global batch's. With state_dir, the model and optimizer state are saved there every
+    Under torchrun the model must be sharded already (parallel.parallelize, called by the caller;
+    checkpoint.save_model saves it either way), and each rank runs its share of every global batch;
+    the metrics are the global batch's. With state_dir, the model and optimizer state are saved there every
     cfg.save_state_every steps, and a fit that finds a state there resumes after its step.
 
     Raises NonFiniteLoss at a NaN/inf loss or gradient norm, before the optimizer step that would
@@ -294,9 +297,8 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
 
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
-    if cfg.grad_checkpointing:
-        parallel.checkpoint_blocks(model)
-    parallel.shard_model(model)
+    if parallel.world_size() > 1 and not parallel.is_sharded(model):
+        raise ValueError("fit under torchrun needs a sharded model: call parallel.parallelize(model) first")
     steps = global_batches(examples, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     history = []
@@ -336,7 +338,7 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
                 row["mfu"] = 3 * forward_flops(model, [examples[i] for i in index]) / seconds / peak
             history.append(row)
             if metrics_file is not None:
-                write_metrics(metrics_file, history)
+                write_history(metrics_file, history)
             if on_step is not None:
                 on_step(step, len(steps), model)
             if state_dir is not None and cfg.save_state_every and step % cfg.save_state_every == 0 \
@@ -358,10 +360,8 @@ def forward_flops(model: Llama, examples: list[Example]) -> float:
     return profile.matmul_flops(model.args, [len(ids) for ids, _ in seqs], head_tokens=scored)
 
 
-def write_metrics(path, rows: list[dict]) -> None:
+def write_history(path, rows: list[dict]) -> None:
     """The metrics rows as JSONL, written by rank 0 alone."""
-    from mtcore.checkpoint import write_text_atomic
-
     if parallel.is_main():
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -388,7 +388,7 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
         for p in range(n_passes):
             index = mine[p] if p < len(mine) else bins[0]  # a repeat only keeps the ranks in step
             batch = make_batch(examples, index, padded=padded).to(device)
-            with parallel.precision(device).autocast:
+            with precision(device).autocast:
                 s, c = response_logps(model, batch, reference_ops)
             if p < len(mine):
                 sums[index] = s.view(-1, k).float().cpu()
@@ -453,8 +453,6 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
 
 def _load(path: Path, kind, device, chat_template):
     """(tokenizer, model): the model first, so that a bad config.json is reported as such."""
-    from mtcore.data import load_tokenizer
-
     # fp32 master weights everywhere; CUDA computes in bf16 under autocast.
     model = load_model(path, kind=kind, dtype=torch.float32, device=device)
     bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
@@ -464,47 +462,44 @@ def _load(path: Path, kind, device, chat_template):
 
 
 def _read(read_fn, data_file, tokenizer, max_length, cfg):
-    return fitted_examples(read_fn(data_file, tokenizer), data_file, max_length, cfg)
+    return prepare_examples(read_fn(data_file, tokenizer), data_file, max_length, cfg)
 
 
-def fitted_examples(examples: list[Example], where, max_length: int, cfg: TrainConfig) -> tuple[list[Example], dict]:
-    """fit_examples (the length rule, its counts logged), then the checks a fit needs: something
+def prepare_examples(examples: list[Example], where, max_length: int, cfg: TrainConfig) -> tuple[list[Example], dict]:
+    """cut_to_length (the length rule, its counts logged), then the checks training needs: something
     left to train on, and every example within one micro-batch (a one-line error naming it)."""
-    from mtcore.data import fit_examples
-
-    examples, report = fit_examples(examples, max_length)
+    examples, report = cut_to_length(examples, max_length)
     if report["truncated"] or report["dropped"]:
         log.warning("%s: %d examples cut to --max-length %d, %d dropped (prompt alone >= --max-length)",
                     where, report["truncated"], max_length, report["dropped"])
     if not examples:
         raise MtcoreError(f"{where}: every example was dropped: each prompt alone is >= --max-length {max_length}")
-    check_fits(examples, cfg, str(where))
+    check_micro_batches(examples, cfg, str(where))
     return examples, report
 
 
-def _fit_and_save(model, tokenizer, examples, objective, cfg, out: Path, summary):
+def _train_and_commit(model, tokenizer, examples, objective, cfg, out: Path, summary):
     """fit in OUT.partial (metrics.jsonl, and the resumable state in train_state with
     --save-state-every), then save the model, metrics.jsonl and summary.json there and swap the whole
     directory in for OUT (outputs.commit_dir): OUT is the old output or the new one, never a mix. At a
     NaN/inf, OUT is left as it was and the last good model is saved in OUT.partial/last_good."""
-    from mtcore.checkpoint import write_json
-
     command, dtype = summary["command"], stored_dtype(model.source)  # saved as the source is kept
     work = open_partial(out, command) if parallel.is_main() else partial_dir(out)
     parallel.barrier()
     metrics_file = work / "metrics.jsonl"
+    parallel.parallelize(model, cfg.grad_checkpointing)
     try:
         history = fit(model, examples, objective, cfg, metrics_file, desc=command, state_dir=work / "train_state")
     except NonFiniteLoss as e:
-        parallel.save_model(model, work / "last_good", tokenizer=tokenizer, dtype=dtype)
+        save_model(model, work / "last_good", tokenizer=tokenizer, dtype=dtype)
         good = f"the good steps' metrics in {metrics_file}" if metrics_file.exists() else "no step completed"
         raise NonFiniteLoss(f"{e}; {out} is unchanged; the model before that step is in {work / 'last_good'} "
                             f"({good}); lower --lr, or check the examples named") from None
-    finished = parallel.save_model(model, work / "model", tokenizer=tokenizer, dtype=dtype)
+    finished = save_model(model, work / "model", tokenizer=tokenizer, dtype=dtype)
     summary.update(config=asdict(cfg), world_size=parallel.world_size(), steps=len(history),
                    final=history[-1] if history else None)
     if parallel.is_main():
-        write_metrics(finished / "metrics.jsonl", history)
+        write_history(finished / "metrics.jsonl", history)
         write_json(finished / "summary.json", summary)
         commit_dir(finished, out, command)
     parallel.barrier()
@@ -532,7 +527,7 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),
                "data": report, "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
                "length_normalize": length_normalize, "max_length": max_length, "ref_cache": str(cache)}
-    return _fit_and_save(model, tokenizer, examples, objective, cfg, out, summary)
+    return _train_and_commit(model, tokenizer, examples, objective, cfg, out, summary)
 
 
 def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_length=2048, chat_template=None,
@@ -545,7 +540,7 @@ def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_lengt
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
     summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
                "center_coef": center_coef, "max_length": max_length}
-    return _fit_and_save(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary)
+    return _train_and_commit(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary)
 
 
 def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None,
@@ -558,4 +553,4 @@ def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_temp
     examples, report = _read(read_demonstrations, data_file, tokenizer, max_length, cfg)
     summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
                "max_length": max_length}
-    return _fit_and_save(model, tokenizer, examples, SFT(), cfg, out, summary)
+    return _train_and_commit(model, tokenizer, examples, SFT(), cfg, out, summary)

@@ -55,7 +55,7 @@ def _edit_weights(src: Path, dst: Path, edit) -> None:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Inputs good and bad, earlier outputs, and a user's own files, in one directory."""
-    from mtcore import loop
+    from mtcore import config
 
     w = tmp_path_factory.mktemp("world")
     policy, reward, prompts = tiny_world(w)
@@ -112,7 +112,7 @@ def world(tmp_path_factory):
     assert result.exit_code == 0, result.output
     (w / "strange_out.partial").mkdir()
     (w / "strange_out.partial" / "data.bin").write_bytes(b"user data")
-    toy_identity = loop.to_toml(loop.identity(loop.resolve_config({}, {})))
+    toy_identity = config.to_toml(config.identity(config.resolve_config({}, {})))
     for name, state, splits in (("run_other", None, None), ("run_bad_state", "[1, 2]", None),
                                 ("run_state_not_json", "{", None), ("run_bad_splits", None, '{"rm": 3}')):
         (w / name).mkdir()
@@ -395,8 +395,10 @@ def test_a_refused_value_leaves_the_run_directory_free(world, tmp_path):
     out = tmp_path / "run"
     assert CliRunner().invoke(main, ["train", "--out", str(out), "--top-p", "0"]).exit_code == 2
     assert not out.exists()
-    from mtcore import loop, toy
-    run = loop.Run(out, loop.resolve_config({}, {"top_p": 0.9, "iters": 1}), toy.world())
+    from mtcore import toy
+    from mtcore.config import resolve_config
+    from mtcore.rundir import Run
+    run = Run(out, resolve_config({}, {"top_p": 0.9, "iters": 1}), toy.world())
     assert (out / "config.toml").exists() and run.splits["policy_1"]
 
 
@@ -425,7 +427,8 @@ def test_replacing_an_own_output_and_overwrite(world, tmp_path):
 
 def test_exchange_swaps_directories_atomically(tmp_path):
     """replace_dir's rename exchange: the old directory ends up in tmp's place, then removed."""
-    from mtcore.outputs import _exchange, replace_dir
+    from mtcore.outputs import _exchange
+    from mtcore.files import replace_dir
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -589,7 +592,7 @@ def test_loop_nan_keeps_last_good_and_a_lower_lr_redoes_the_stage(tmp_path):
 def test_interrupted_train_leaves_whole_files_and_resumes(tmp_path, sig, stage):
     """mtcore train killed inside iteration 1: every file it left is whole (state.json lists only stages
     whose outputs exist), and the rerun completes."""
-    from mtcore.loop import read_state
+    from mtcore.rundir import read_state
 
     out = tmp_path / "run"
     args = ["train", "--iters", "1", "--out", out]

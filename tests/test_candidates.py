@@ -78,8 +78,9 @@ class Killed(BaseException):
 
 
 def test_a_kill_during_or_after_select_resumes_to_the_same_result(tmp_path, monkeypatch):
-    from mtcore import loop
-    from mtcore.loop import Run, train
+    from mtcore import mutual_taught
+    from mtcore.loop import train
+    from mtcore.rundir import Run
 
     policy, reward, prompts = tiny_world(tmp_path)
     cfg = tiny_config(policy, reward, prompts, iters=1, m_step=False, save_every=1)  # 4 DPO steps, 4 candidates
@@ -91,7 +92,7 @@ def test_a_kill_during_or_after_select_resumes_to_the_same_result(tmp_path, monk
     # killed in the middle of select (after a candidate was judged): rerun, keeping every candidate this
     # time (a runtime option), then once more without --keep-candidates: the others go then
     calls = []
-    real_win_rate = loop.win_rate
+    real_win_rate = mutual_taught.win_rate
 
     def dying_win_rate(*args):
         calls.append(1)
@@ -100,7 +101,7 @@ def test_a_kill_during_or_after_select_resumes_to_the_same_result(tmp_path, monk
         return real_win_rate(*args)
 
     with monkeypatch.context() as patch, pytest.raises(Killed):  # undoes only this patch (not torch_cpu_path's)
-        patch.setattr(loop, "win_rate", dying_win_rate)
+        patch.setattr(mutual_taught, "win_rate", dying_win_rate)
         train(Run(tmp_path / "in_select", cfg), echo=lambda s: None)
     state = json.loads((tmp_path / "in_select" / "state.json").read_text())
     assert "iter_1/dpo" in state["done"] and "iter_1/select" not in state["done"]

@@ -332,7 +332,7 @@ def test_tests_without_the_cuda_mark_are_pinned_to_the_cpu(monkeypatch):
     (so a GPU machine runs the CPU suite on the CPU), and an explicit device still wins."""
     import os
 
-    from mtcore.checkpoint import default_device
+    from mtcore.device import default_device
 
     assert os.environ["MTCORE_DEVICE"] == "cpu" and default_device() == torch.device("cpu")
     monkeypatch.setenv("MTCORE_DEVICE", "meta")

@@ -15,8 +15,10 @@ import torch
 
 from conftest import tiny_world
 from mtcore import MtcoreError
-from mtcore.loop import (Run, best_worst_pair, mutual_pair, pseudo_pair_filter, resolve_config, train,
-                         win_rate)
+from mtcore.config import resolve_config
+from mtcore.loop import train
+from mtcore.mutual_taught import best_worst_pair, mutual_pair, pseudo_pair_filter, win_rate
+from mtcore.rundir import Run
 
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
@@ -72,7 +74,7 @@ def refit_rm(iter_dir, reward, seed):
     """An iteration's RM stage redone here from its files: the base RM fitted with Bradley-Terry on the
     pseudo-pairs and the E-step's pairs, each encoded by hand (not through mtcore's encode_pair)."""
     from mtcore import load_model
-    from mtcore.data import Example, encode_prompt, encode_sequence, fit_examples, load_tokenizer
+    from mtcore.data import Example, encode_prompt, encode_sequence, cut_to_length, load_tokenizer
     from mtcore.train import BradleyTerry, TrainConfig, fit
 
     tok = load_tokenizer(reward)
@@ -81,7 +83,7 @@ def refit_rm(iter_dir, reward, seed):
         n = len(encode_prompt(tok, row["prompt"]))
         examples.append(Example(((encode_sequence(tok, row["prompt"], row["chosen"])[0], n),
                                  (encode_sequence(tok, row["prompt"], row["rejected"])[0], n))))
-    examples, _ = fit_examples(examples, TINY["max_length"])
+    examples, _ = cut_to_length(examples, TINY["max_length"])
     model = load_model(reward, kind="reward", dtype=torch.float32)
     fit(model, examples, BradleyTerry(), TrainConfig(lr=TINY["rm_lr"], batch_size=TINY["rm_batch_size"],
                                                      micro_batch_tokens=TINY["micro_batch_tokens"], seed=seed))
@@ -253,7 +255,7 @@ def test_toy_world_iterations_give_checkpoints_transformers_loads(tmp_path):
 
 
 def test_loop_does_not_import_the_toy_world():
-    """The loop meets a world through loop.World; importing it loads no toy module."""
+    """The loop meets a world through rundir.World; importing it loads no toy module."""
     import subprocess
     import sys
 

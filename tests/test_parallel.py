@@ -14,6 +14,7 @@ import torch
 from conftest import make_hf_model, save_hf, tiny_world
 from test_loop import read_jsonl
 from mtcore import parallel
+from mtcore.checkpoint import save_model
 
 WORLD = 2
 
@@ -98,6 +99,7 @@ def _train(kind, model_dir, pairs, grad_checkpointing=False):
         sums, objective = None, BradleyTerry(center_coef=0.01)
     cfg = TrainConfig(lr=1e-3, batch_size=5, micro_batch_tokens=48, warmup_ratio=0.0, max_grad_norm=0.05,
                       grad_checkpointing=grad_checkpointing)
+    parallel.parallelize(model, cfg.grad_checkpointing)
     return model, fit(model, pairs, objective, cfg), sums
 
 
@@ -108,7 +110,7 @@ def _train_worker(tmp):
     for kind in ("policy", "reward"):
         model, history, sums = _train(kind, tmp / kind, pairs, grad_checkpointing=kind == "policy")
         assert parallel.is_sharded(model)
-        parallel.save_model(model, tmp / f"{kind}_2ranks")
+        save_model(model, tmp / f"{kind}_2ranks")
         if parallel.is_main():
             (tmp / f"{kind}_2ranks.json").write_text(json.dumps(history))
             if sums is not None:
@@ -169,7 +171,7 @@ def _resume_run(tmp, tag):
     cfg = TrainConfig(lr=1e-3, batch_size=3, micro_batch_tokens=48, warmup_ratio=0.3, save_state_every=2)
 
     def run(**kw):
-        model = load_model(tmp / "reward", kind="reward", dtype=torch.float32)
+        model = parallel.parallelize(load_model(tmp / "reward", kind="reward", dtype=torch.float32))
         return model, fit(model, pairs, BradleyTerry(), cfg, **kw)
 
     def stop_at_3(step, n_steps, model):
@@ -296,7 +298,8 @@ def test_torchrun_train_iteration_completes(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from mtcore import load_model
-    from mtcore.loop import Run, mutual_pair
+    from mtcore.mutual_taught import mutual_pair
+    from mtcore.rundir import Run
     from test_loop import TINY, refit_rm, tiny_config
 
     policy, reward, prompts, _ = world

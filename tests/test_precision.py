@@ -51,34 +51,34 @@ def test_one_precision_policy():
     off even inside an outer autocast. Built without a GPU: only the policy is read."""
     import warnings
 
-    from mtcore import checkpoint, parallel
+    from mtcore import device
 
-    cpu = parallel.precision("cpu")
+    cpu = device.precision("cpu")
     assert cpu.device == torch.device("cpu") and cpu.dtype == torch.float32
     assert cpu.fsdp.param_dtype is None and cpu.fsdp.reduce_dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with cpu.autocast:
             assert not torch.is_autocast_enabled("cpu")
-    assert parallel.precision().device == torch.device("cpu")  # MTCORE_DEVICE=cpu in the tests
+    assert device.precision().device == torch.device("cpu")  # MTCORE_DEVICE=cpu in the tests
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.autocast warns that CUDA is missing here
-        cuda = parallel.precision("cuda")
-        assert checkpoint.default_dtype("cuda") == torch.bfloat16
+        cuda = device.precision("cuda")
+        assert device.default_dtype("cuda") == torch.bfloat16
     assert cuda.dtype == torch.bfloat16 and cuda.autocast.fast_dtype == torch.bfloat16
     assert cuda.fsdp.param_dtype == torch.bfloat16 and cuda.fsdp.reduce_dtype == torch.float32
-    assert checkpoint.default_dtype("cpu") == torch.float32
+    assert device.default_dtype("cpu") == torch.float32
 
 
 def test_the_trainer_computes_under_the_policy(monkeypatch):
-    """accumulate_gradients takes its autocast from parallel.precision (a bf16 policy stood in for
+    """accumulate_gradients takes its autocast from device.precision (a bf16 policy stood in for
     CUDA's on the CPU: the rewards then come from bf16 hidden states)."""
-    from mtcore import parallel
+    from mtcore import train
     from mtcore.train import BradleyTerry, TrainConfig, accumulate_gradients
 
     model = Llama(ModelArgs(**ARGS), kind="reward").init_weights(seed=0)
     pairs = [Example(((list(range(3, 9)), 2), (list(range(4, 13)), 2)), line=1)]
     seen = []
-    real = parallel.precision
+    real = train.precision
 
     def bf16_policy(device=None):
         seen.append(torch.device(device).type)
@@ -87,6 +87,6 @@ def test_the_trainer_computes_under_the_policy(monkeypatch):
 
     cfg = TrainConfig(batch_size=1, micro_batch_tokens=64)
     fp32_loss = accumulate_gradients(model, pairs, [0], BradleyTerry(), cfg)[0]
-    monkeypatch.setattr(parallel, "precision", bf16_policy)
+    monkeypatch.setattr(train, "precision", bf16_policy)
     bf16_loss = accumulate_gradients(model, pairs, [0], BradleyTerry(), cfg)[0]
     assert seen == ["cpu"] and bf16_loss != fp32_loss

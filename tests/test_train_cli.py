@@ -150,7 +150,7 @@ def test_every_option_of_every_command_explains_itself():
     TrainConfig), with the paper's value where the option has one."""
     import click
 
-    from mtcore.loop import LOOP_HELP, LoopConfig
+    from mtcore.config import LOOP_HELP, LoopConfig
 
     assert set(LOOP_HELP) == {f.name for f in __import__("dataclasses").fields(LoopConfig)}
     for name, command in main.commands.items():

@@ -14,7 +14,7 @@ Answer modes (pi_t and pi_{t-1} answer the same way):
   rbest{k}  of k samples at the run's settings, the one r_{t-1} scores highest
 The M-step needs the override pairs' pseudo-label accuracy above 0.5 to improve the RM.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/toy_pseudo_labels.py --base WORLD_ASSETS \
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/research/toy_pseudo_labels.py --base WORLD_ASSETS \
         --k 8 --json out.json RUN_DIR [RUN_DIR ...]
 
 RUN_DIR: a `mtcore train` output (mutual-taught, M-step on); --base: the world's assets directory
@@ -36,7 +36,7 @@ def tally(prompts, new, old, new_r, old_r, gold_score) -> dict:
     """Counts for one iteration and one answer mode."""
     n = len(old_r)
     mean = sum(old_r) / n
-    eps = (sum((r - mean) ** 2 for r in old_r) / n) ** 0.5  # loop.pseudo_pair_filter's eps
+    eps = (sum((r - mean) ** 2 for r in old_r) / n) ** 0.5  # mutual_taught.pseudo_pair_filter's eps
     c = collections.Counter()
     for p, a, b, ra, rb in zip(prompts, new, old, new_r, old_r):
         ga, gb = gold_score(p, a), gold_score(p, b)
@@ -63,8 +63,8 @@ def tally(prompts, new, old, new_r, old_r, gold_score) -> dict:
 
 
 def answers(cfg, device, policy_dir, prompts, mode, k, seed, scorer):
-    """One answer per prompt in `mode`; scorer is r_{t-1} (loop.Scorer)."""
-    from mtcore.loop import first_answers, sample_responses
+    """One answer per prompt in `mode`; scorer is r_{t-1} (inference.Scorer)."""
+    from mtcore.inference import first_answers, sample_responses
 
     if mode == "sample1":
         return first_answers(cfg, device, policy_dir, prompts, seed)
@@ -89,7 +89,8 @@ def main():
 
     import torch
 
-    from mtcore.loop import LoopConfig, Scorer
+    from mtcore.config import LoopConfig
+    from mtcore.inference import Scorer
     from mtcore.toy import gold_score
 
     torch.set_num_threads(1)

@@ -4,7 +4,7 @@ Section 7 of bench/results/toy_world_research_202611.md found greedy pi_1-vs-pi_
 of the duplicates-only world to be the one configuration more right than r_0 (0.81 vs 0.66), but on
 only ~22 of 160 prompts. Here, for each stored Mutual-Taught run's iteration 1 (pi_0 = the world's
 policy, pi_1 = the run's, r_0 = the world's RM), on --prompts fresh prompts:
-- pi_1 and pi_0 answer greedily; r_0 scores both; the loop's own rule (loop.pseudo_pair_filter, identical
+- pi_1 and pi_0 answer greedily; r_0 scores both; the loop's own rule (mutual_taught.pseudo_pair_filter, identical
   texts dropped) makes the pseudo-pairs;
 - r_0 is retrained the loop's way (Bradley-Terry from r_0, the run's RM settings) on (a) the greedy
   pseudo-pairs alone, (b) them plus the run's E-step pairs;
@@ -12,7 +12,7 @@ policy, pi_1 = the run's, r_0 = the world's RM), on --prompts fresh prompts:
   (rm_accuracy_current_policy, the metric the M-step should raise) and on the held-out pairs.
 The gold judge reads only; no gold label reaches training.
 
-    python bench/toy_greedy_mstep.py --world /tmp/world_dup --runs /tmp/study_dup_tau0 --seeds 0 1 2 3 4
+    python bench/research/toy_greedy_mstep.py --world /tmp/world_dup --runs /tmp/study_dup_tau0 --seeds 0 1 2 3 4
 """
 
 import argparse
@@ -46,7 +46,7 @@ def stored_iteration_1(world: Path, runs: Path, seed: int):
     """A stored Mutual-Taught run's iteration 1: (its directory, its config, the models' directories
     {pi0, pi1, r0, r1}, the toy test prompts)."""
     from mtcore import toy
-    from mtcore.loop import read_config_file, resolve_config
+    from mtcore.config import read_config_file, resolve_config
 
     run = runs / f"mutual-taught_seed{seed}"
     models = {"pi0": world / "policy", "pi1": run / "iter_1" / "policy", "r0": world / "reward",
@@ -63,7 +63,7 @@ def retrained_accuracies(cfg, device, r0, train_sets: dict, seed: int, rms: dict
     from mtcore import toy
     from mtcore.checkpoint import load_model, save_model
     from mtcore.data import encode_pair, load_tokenizer
-    from mtcore.train import BradleyTerry, TrainConfig, fit, fitted_examples
+    from mtcore.train import BradleyTerry, TrainConfig, fit, prepare_examples
 
     out, rms = {}, dict(rms)
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +72,7 @@ def retrained_accuracies(cfg, device, r0, train_sets: dict, seed: int, rms: dict
             examples = [encode_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
             train_cfg = TrainConfig(lr=cfg.rm_lr, epochs=cfg.rm_epochs, batch_size=cfg.rm_batch_size,
                                     micro_batch_tokens=cfg.micro_batch_tokens, warmup_ratio=cfg.warmup_ratio, seed=seed)
-            examples, _ = fitted_examples(examples, name, cfg.max_length, train_cfg)
+            examples, _ = prepare_examples(examples, name, cfg.max_length, train_cfg)
             model = load_model(r0, "reward", dtype=torch.float32, device=device)
             fit(model, examples, BradleyTerry(), train_cfg, desc=f"seed {seed} {name}")
             rms[name] = Path(tmp) / name
@@ -92,7 +92,8 @@ def main():
 
     from mtcore import toy
     from mtcore.data import read_jsonl
-    from mtcore.loop import first_answers, pseudo_pair_filter, score_responses
+    from mtcore.inference import first_answers, score_responses
+    from mtcore.mutual_taught import pseudo_pair_filter
 
     device = torch.device("cpu")
     rows = []

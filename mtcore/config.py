@@ -1,0 +1,190 @@
+"""The run's configuration: every hyper-parameter of Mutual-Taught and every runtime setting, one
+dataclass field each, which is also a `mtcore train` option and a key of the TOML file --config reads.
+The defaults are the paper's (8B); TOY_DEFAULTS scales them to the built-in toy world. A run
+directory's config.toml holds the fields that identify it (all but RUNTIME_KEYS)."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from mtcore.device import default_device
+from mtcore.errors import MtcoreError, check_ranges
+from mtcore.sampler import DECODE_MODES
+
+DEFAULT_REWARD = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
+
+
+@dataclass
+class LoopConfig:
+    """Every hyper-parameter of the method. The defaults are the paper's (8B); TOY_DEFAULTS scales
+    them to the built-in toy world. Each field is a `mtcore train` option and a TOML key."""
+    policy: str = ""  # empty: the built-in toy world
+    reward: str = ""
+    prompts: str = ""
+    iters: int = 2
+    seed: int = 0
+    m_step: bool = True  # False: the fixed-RM iterative-DPO baseline (best vs worst of M)
+    # E-step sampling
+    samples: int = 5
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 1024
+    # DPO
+    beta: float = 0.01
+    dpo_lr: float = 7e-7
+    dpo_batch_size: int = 128
+    dpo_epochs: int = 1
+    warmup_ratio: float = 0.1
+    max_length: int = 2048
+    micro_batch_tokens: int = 8192
+    # checkpoint selection
+    save_every: int = 50
+    selection_size: int = 2000
+    tau: float = 0.6
+    # M-step
+    rm_split_size: int = 2000
+    rm_lr: float = 2e-6
+    rm_batch_size: int = 512
+    rm_epochs: int = 1
+    # toy world only
+    policy_split_size: int = 0  # prompts per E-step split (real data: all prompts, split evenly)
+    eval_samples: int = 4  # test-set samples per prompt for the gold evaluation
+    # runtime (not part of a run's identity)
+    chat_template: str = ""
+    reward_chat_template: str = ""
+    kv_cache_gb: float = 0.0  # 0: sampler.cache_budget (free GPU memory less a reserve; 2 GiB off CUDA)
+    decode_mode: str = "auto"
+    device: str = ""
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
+    save_state_every: int = 0  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
+    keep_candidates: bool = False  # keep every DPO candidate after select (default: the chosen one only)
+    rm_eval: str = ""  # preference pairs JSONL: each iteration's RM is evaluated on it (RewardBench sections)
+
+    def __post_init__(self):
+        check_ranges(self, LOOP_RANGES)
+
+
+# One line of `mtcore train --help` per field: what it does (the paper's and the toy world's values
+# are added from the defaults).
+LOOP_HELP = {
+    "policy": "Initial policy pi_0: checkpoint directory or hub id (none: the built-in toy world).",
+    "reward": "Base reward model r_0: directory or hub id (default with --policy: sfairXC/FsfairX-LLaMA3-RM-v0.1).",
+    "prompts": "Prompts JSONL ({\"prompt\": ...} or {\"messages\": [...]}), split into selection, RM and policy sets.",
+    "iters": "Mutual-Taught iterations (E-step + M-step each).",
+    "seed": "Seed of the prompt splits and of every stage's sampling and training.",
+    "m_step": "Retrain the RM every iteration; --no-m-step is the fixed-RM iterative-DPO baseline.",
+    "samples": "Responses sampled per prompt in the E-step (M).",
+    "temperature": "Sampling temperature (0: greedy).",
+    "top_p": "Nucleus sampling mass, in (0, 1].",
+    "max_new_tokens": "Longest response, in tokens.",
+    "beta": "DPO's beta (strength of the pull to the reference policy).",
+    "dpo_lr": "DPO peak learning rate (cosine schedule).",
+    "dpo_batch_size": "DPO pairs per optimizer step.",
+    "dpo_epochs": "DPO epochs over each iteration's pairs.",
+    "warmup_ratio": "Share of DPO and RM steps spent in linear warm-up, in [0, 1).",
+    "max_length": "Tokens per sequence in DPO and RM training (responses are cut to fit).",
+    "micro_batch_tokens": "Token budget of one packed forward/backward (at least twice --max-length).",
+    "save_every": "DPO steps between candidate checkpoints for the selection.",
+    "selection_size": "Prompts on which each candidate is judged against pi_{t-1}.",
+    "tau": "Stop when the best candidate's win rate against pi_{t-1} is below this, in [0, 1].",
+    "rm_split_size": "Prompts on which pi_t and pi_{t-1} answer to make the M-step's pseudo-pairs.",
+    "rm_lr": "Reward-model peak learning rate (Bradley-Terry, from the base RM every iteration).",
+    "rm_batch_size": "Reward-model pairs per optimizer step.",
+    "rm_epochs": "Reward-model epochs over each iteration's pairs.",
+    "policy_split_size": "Toy world only: prompts per E-step split (real prompts are split evenly).",
+    "eval_samples": "Toy world only: test answers per prompt in the gold evaluation.",
+    "chat_template": "The policy's chat template: a Jinja file, or 'llama3', when its tokenizer has none.",
+    "reward_chat_template": "The reward model's chat template, likewise.",
+    "kv_cache_gb": "GiB of K/V cache for sampling, which sizes the concurrent sequences (0: on CUDA the free "
+                   "memory after the weights less a reserve, at most 256 sequences; 2 GiB on the CPU).",
+    "decode_mode": "Sampler decode step: auto (graphs on CUDA, else eager); eager; compile (static shapes, "
+                   "torch.compile); graphs (a captured CUDA graph, replayed).",
+    "device": "cpu, cuda or cuda:N (default: cuda when available).",
+    "grad_checkpointing": "Recompute each block's activations in backward (8B needs it).",
+    "save_state_every": "DPO/RM steps between resumable sharded state saves (0: never).",
+    "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
+    "rm_eval": "Preference pairs JSONL (RewardBench's format): r_0 and each iteration's RM are evaluated on it.",
+}
+
+
+def _at_least(n):
+    return lambda v: v >= n, f">= {n}"
+
+
+LOOP_RANGES = {
+    "iters": _at_least(1), "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"), "samples": _at_least(2),
+    "temperature": _at_least(0), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "max_new_tokens": _at_least(1),
+    "beta": (lambda v: v > 0, "> 0"), "dpo_lr": (lambda v: v > 0, "> 0"), "dpo_batch_size": _at_least(1),
+    "dpo_epochs": _at_least(1), "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "max_length": _at_least(2),
+    "micro_batch_tokens": _at_least(2), "save_every": _at_least(1), "selection_size": _at_least(1),
+    "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
+    "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
+    "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
+    "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
+}
+
+
+RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "keep_candidates", "rm_eval")
+TOY_DEFAULTS = dict(iters=3, samples=5, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
+                    dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
+                    selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
+                    policy_split_size=320)
+
+
+def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
+    """Defaults (the paper's, or the toy world's), then the config file, then the command line."""
+    fields = {f.name: f for f in dataclasses.fields(LoopConfig)}
+    for key in list(file_values) + list(cli_values):
+        if key not in fields:
+            raise MtcoreError(f"unknown config key {key!r}; the keys are {', '.join(fields)}")
+    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    real = [k for k in ("policy", "reward", "prompts") if merged.get(k)]
+    if real and not merged.get("policy"):
+        raise MtcoreError(f"--{real[0]} without --policy: give --policy (and --prompts) for real models, "
+                          f"or none of them for the built-in toy world")
+    values = {} if real else dict(TOY_DEFAULTS)
+    values.update(merged)
+    if real:
+        values.setdefault("reward", DEFAULT_REWARD)
+        if not values.get("prompts"):
+            raise MtcoreError("--policy needs --prompts FILE (JSONL of {\"prompt\": ...}, e.g. UltraFeedback's prompts)")
+    for key, value in values.items():
+        want = fields[key].type
+        if want is float and type(value) is int:
+            value = values[key] = float(value)
+        if type(value) is not want:
+            raise MtcoreError(f"config key {key}: expected {want.__name__}, got {value!r}")
+    cfg = LoopConfig(**values)
+    if real and cfg.policy_split_size:
+        raise MtcoreError("--policy-split-size is for the toy world only; real prompts are split evenly over --iters")
+    device = default_device(cfg.device or None)  # a device string that names none is an error now, not mid-run
+    if cfg.decode_mode == "graphs" and device.type != "cuda":
+        raise MtcoreError(f"--decode-mode graphs needs a CUDA device, and this run's is {device}; use eager or compile")
+    if cfg.micro_batch_tokens < 2 * cfg.max_length:  # a pair, each side up to max_length, shares a micro-batch
+        raise MtcoreError(f"micro_batch_tokens {cfg.micro_batch_tokens} cannot hold a pair of max_length "
+                          f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "
+                          f"--max-length")
+    return cfg
+
+
+def read_config_file(path) -> dict:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise MtcoreError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise MtcoreError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MtcoreError(f"{path}: not valid TOML ({e})") from None
+
+
+def to_toml(values: dict) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def identity(cfg: LoopConfig) -> dict:
+    """What must match for a run directory to be resumed."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_KEYS}
