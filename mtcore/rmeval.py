@@ -44,7 +44,7 @@ PRIOR_SETS = ("anthropic_helpful", "anthropic_hhh", "shp", "summarize")
 NO_SUBSET = "all"  # the subset of rows without one
 
 
-def read_pairs(path) -> tuple[list, list[str], list[str], list[str]]:
+def read_eval_pairs(path) -> tuple[list, list[str], list[str], list[str]]:
     """(prompts, chosen texts, rejected texts, subsets) of JSONL rows {"prompt" | "messages", "chosen",
     "rejected", "subset"?}, as in RewardBench's filtered set; a malformed row is an error naming its line."""
     prompts, chosen, rejected, subsets = [], [], [], []
@@ -135,7 +135,7 @@ def rm_accuracy(cfg: LoopConfig, device, reward_dir: Path, pairs_file, meter=Non
     """RM accuracy on preference pairs the RewardBench way: every chosen and rejected
     response scored by Scorer (sharded under torchrun), ties counting half. Sequences over
     cfg.max_length are cut to it (counted in "truncated")."""
-    prompts, chosen, rejected, subsets = read_pairs(pairs_file)
+    prompts, chosen, rejected, subsets = read_eval_pairs(pairs_file)
     scorer = Scorer(cfg, device, Path(reward_dir))
     scores = scorer(prompts, [[c, r] for c, r in zip(chosen, rejected)], meter)
     result = summarize(subsets, [s[0] for s in scores], [s[1] for s in scores])

@@ -108,7 +108,7 @@ class Run:
             check_checkpoint(self.base_policy, "policy")
             check_checkpoint(self.base_reward, "reward")
             if self.cfg.rm_eval:
-                rmeval.read_pairs(self.cfg.rm_eval)
+                rmeval.read_eval_pairs(self.cfg.rm_eval)
             if parallel.is_main():
                 write_text_atomic(config_file, to_toml(identity(self.cfg)))
         if not splits_file.exists():

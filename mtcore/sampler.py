@@ -9,7 +9,7 @@
 - decode_step: one token for each row (slot), at its own position, attending to its own filled prefix
   through kernels/decode_attention.py (Triton on CUDA: each KV head read once, in the cache's dtype).
 - sample: greedy, temperature, top-k, top-p, on the logits' device with a generator there.
-- generate: the scheduler, as small functions (admit, refill, decode, accept) over a Batch that holds
+- generate: the scheduler, as small functions (admit, refill, decode, accept) over a SlotBatch that holds
   the slots' state on the host. The host knows every slot's length without reading the device; the
   one device-to-host copy per step is the sampled tokens, for the stop checks.
 
@@ -294,7 +294,7 @@ def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> 
 
 
 @dataclass
-class Batch:
+class SlotBatch:
     """The scheduler's view of the cache slots, on the host; `last` is the one device-side piece."""
     last: torch.Tensor  # [S] the token each slot feeds to the next decode step
     request: list[int] = field(default_factory=list)  # per slot: index into the requests; -1 = free
@@ -304,7 +304,7 @@ class Batch:
     idle_steps: int = 0  # decode steps run while a slot was free and requests waited
 
     @classmethod
-    def empty(cls, slots: int, device) -> "Batch":
+    def empty(cls, slots: int, device) -> "SlotBatch":
         return cls(torch.zeros(slots, dtype=torch.long, device=device), [-1] * slots, [0] * slots,
                    [[] for _ in range(slots)], [[] for _ in range(slots)])
 
@@ -331,7 +331,7 @@ class _Job:
     stops: set[int]
 
 
-def admit(batch: Batch, queue: deque, job: _Job) -> dict[int, list[int]]:
+def admit(batch: SlotBatch, queue: deque, job: _Job) -> dict[int, list[int]]:
     """Give free slots to waiting requests: {prompt index: its newly assigned slots}."""
     groups: dict[int, list[int]] = {}
     for s in batch.free()[:len(queue)]:
@@ -357,7 +357,7 @@ def refill(model: Llama, cache: KVCache, groups: dict[int, list[int]], job: _Job
     return [s for i in order for s in groups[i]], logits[rows]
 
 
-def accept(batch: Batch, slot_ids: list[int], logits: torch.Tensor, job: _Job) -> int:
+def accept(batch: SlotBatch, slot_ids: list[int], logits: torch.Tensor, job: _Job) -> int:
     """Sample a token for each slot from its logits row; finish the slots that stop. The tokens (and
     log-probs) come to the host in one copy, the step's only sync. Returns the number finished."""
     params = job.params
@@ -389,7 +389,7 @@ def eager_decoder(model: Llama, cache: KVCache):
     """Decode the active slots only, over the columns up to the longest: shapes change step to step."""
     attention = decode_attention_for(cache.device)
 
-    def step(batch: Batch) -> tuple[list[int], torch.Tensor]:
+    def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
         positions = [batch.position(s) for s in active]
         slots = _to_device(active, cache.device)
@@ -417,7 +417,7 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
     else:
         run = _cuda_graph(forward, device)
 
-    def step(batch: Batch) -> tuple[list[int], torch.Tensor]:
+    def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
         positions = [0] * cache.slots
         for s in active:
@@ -486,7 +486,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     if decode_mode == "auto":
         decode_mode = "graphs" if device.type == "cuda" else "eager"
     decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
-    batch, queue = Batch.empty(cache.slots, device), deque(range(len(requests)))
+    batch, queue = SlotBatch.empty(cache.slots, device), deque(range(len(requests)))
     while True:
         active, free = batch.active(), len(batch.free())
         if queue and free and (not active or free * REFILL_FRACTION >= cache.slots

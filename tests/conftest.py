@@ -5,7 +5,7 @@ decorated for the interpreter and run on CPU tensors; a test that wants the torc
 0 (dispatch reads it at call time). Triton decides at decoration time, so one session cannot both
 interpret and compile: a session that selects GPU tests alone (`pytest -m cuda`) compiles them.
 
-Devices: every test not marked `cuda` runs with MTCORE_DEVICE=cpu (checkpoint.default_device and
+Devices: every test not marked `cuda` runs with MTCORE_DEVICE=cpu (device.default_device and
 parallel.init honour it; subprocesses and spawned workers inherit it), so the suite stays on the CPU
 on a GPU machine. Tests marked `cuda` are skipped where CUDA is not available.
 """

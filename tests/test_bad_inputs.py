@@ -427,7 +427,7 @@ def test_replacing_an_own_output_and_overwrite(world, tmp_path):
 
 def test_exchange_swaps_directories_atomically(tmp_path):
     """replace_dir's rename exchange: the old directory ends up in tmp's place, then removed."""
-    from mtcore.outputs import _exchange
+    from mtcore.files import _exchange
     from mtcore.files import replace_dir
 
     a, b = tmp_path / "a", tmp_path / "b"

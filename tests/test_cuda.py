@@ -346,7 +346,7 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
     """Greedy: eager, compile and CUDA graphs give the same tokens as transformers; a decode step
     (eager and graphs) runs under torch.cuda.set_sync_debug_mode("error"), so it never syncs."""
     from mtcore import load_model
-    from mtcore.sampler import Batch, KVCache, SamplingParams, eager_decoder, generate, prefill, sample, static_decoder
+    from mtcore.sampler import KVCache, SamplingParams, SlotBatch, eager_decoder, generate, prefill, sample, static_decoder
 
     hf = make_hf_model("policy", seed=13, rope_scaling=LLAMA3_SCALING, num_hidden_layers=3, head_dim=64)
     ours = load_model(save_hf(hf, _tmp_dir()), dtype=torch.float32, device=DEVICE)
@@ -364,7 +364,7 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
         assert [[c.token_ids for c in r] for r in got] == [[e, e] for e in expected], mode
     for make in (eager_decoder, lambda m, c: static_decoder(m, c, "graphs")):
         cache = KVCache(ours, 3, 64)
-        batch = Batch.empty(3, torch.device(DEVICE))
+        batch = SlotBatch.empty(3, torch.device(DEVICE))
         prefill(ours, cache, [prompts[1]], [[0, 1, 2]])
         batch.request, batch.prompt_len, batch.tokens = [0, 1, 2], [7] * 3, [[5], [6], [7]]
         step = make(ours, cache)

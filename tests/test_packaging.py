@@ -72,6 +72,9 @@ def test_regular_install(tmp_path):
 
 
 def test_console_script_lists_commands():
-    result = subprocess.run(["mtcore", "--help"], capture_output=True, text=True)
+    """The installed `mtcore` script, found beside the interpreter (its venv's bin need not be on PATH)."""
+    script = Path(sys.executable).parent / "mtcore"
+    assert script.is_file(), f"{script}: no console script beside the interpreter; pip install -e ."
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout and "info" in result.stdout
     assert mtcore.__version__

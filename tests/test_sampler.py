@@ -366,7 +366,7 @@ def test_bf16_decode_step_is_as_accurate_as_the_full_forward(attention):
     """In bf16, the cached decode step's logits are as close to float64's as the bf16 full forward's at the
     same positions (teacher-forced): writing K/V into the bf16 cache, RoPE at one position and the decode
     attention (torch's, or the Triton kernel interpreted) add no rounding beyond what the full forward has.
-    8B head geometry: head_dim 128, 4 query heads per KV head. bench/decode_precision.py measures the same
+    8B head geometry: head_dim 128, 4 query heads per KV head. bench/research/decode_precision.py measures the same
     at larger shapes (bench/results/decode_bf16_precision_cpu.md)."""
     import copy
 

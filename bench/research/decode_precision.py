@@ -25,10 +25,10 @@ whose argmax equals the reference's; the same against the old judge (transformer
 with bf16 inv_freq: bench/sampler.argmax_agreement's metric as the H100 table measured it); and the
 distance to that judge's logits.
 
-    OMP_NUM_THREADS=1 python bench/decode_precision.py                 # 8B head geometry (D 128, G 4), ~2 min
-    OMP_NUM_THREADS=1 python bench/decode_precision.py --head-dim 64 --heads 16 --kv-heads 4
-    OMP_NUM_THREADS=1 python bench/decode_precision.py --triton --layers 4 --rows 4 --new 16
-    python bench/decode_precision.py --device cuda --shape llama3-8b --ref float32 --rows 16 --new 64
+    OMP_NUM_THREADS=1 python bench/research/decode_precision.py        # 8B head geometry (D 128, G 4), ~2 min
+    OMP_NUM_THREADS=1 python bench/research/decode_precision.py --head-dim 64 --heads 16 --kv-heads 4
+    OMP_NUM_THREADS=1 python bench/research/decode_precision.py --triton --layers 4 --rows 4 --new 16
+    python bench/research/decode_precision.py --device cuda --shape llama3-8b --ref float32 --rows 16 --new 64
 """
 
 import argparse
@@ -42,7 +42,7 @@ if "--triton" in sys.argv:
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common.py, sampler.py
 import common  # noqa: E402
 from sampler import transformers_twin  # noqa: E402
 

@@ -11,7 +11,7 @@ the run's own stored data:
 and every RM (r_0, the run's r_1, (a), (b), (c)) is scored on gold-ordered pairs of pi_1's test answers
 (rm_accuracy_current_policy) and on the held-out pairs. The gold judge only reads.
 
-    python bench/toy_mstep_ablation.py --world /tmp/world_dup80 --runs /tmp/study_dup80_t08 --seeds 0 1 2
+    python bench/research/toy_mstep_ablation.py --world /tmp/world_dup80 --runs /tmp/study_dup80_t08 --seeds 0 1 2
 """
 
 import json
