@@ -140,8 +140,10 @@ def info(src):
 def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
     """Re-save the checkpoint SRC into the directory DST (dtype, sharding) in Hugging Face format."""
     from mtcore import checkpoint
+    from mtcore.outputs import one_writer
 
-    echo(f"wrote {checkpoint.convert(src, dst, kind, dtype, int(max_shard_gb * 2**30), overwrite)}")
+    with one_writer(dst):
+        echo(f"wrote {checkpoint.convert(src, dst, kind, dtype, int(max_shard_gb * 2**30), overwrite)}")
 
 
 @main.command()
@@ -258,13 +260,15 @@ def _report(out, history):
 @user_errors
 def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, **kw):
     """DPO of a policy on preference pairs, with reference log-probs computed once (cached beside PAIRS)."""
+    from mtcore.outputs import one_writer
     from mtcore.train import run_dpo
 
     cfg = _train_config(kw)
-    history = run_dpo(policy, pairs_file, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
-                      label_smoothing=label_smoothing, length_normalize=length_normalize,
-                      max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"],
-                      overwrite=kw["overwrite"])
+    with one_writer(kw["out"]):
+        history = run_dpo(policy, pairs_file, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
+                          label_smoothing=label_smoothing, length_normalize=length_normalize,
+                          max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"],
+                          overwrite=kw["overwrite"])
     _report(kw["out"], history)
 
 
@@ -278,11 +282,13 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
 @user_errors
 def rm(reward, pairs_file, center_coef, **kw):
     """Bradley-Terry training of a reward model on preference pairs."""
+    from mtcore.outputs import one_writer
     from mtcore.train import run_rm
 
     cfg = _train_config(kw)
-    history = run_rm(reward, pairs_file, kw["out"], cfg, center_coef=center_coef, max_length=kw["max_length"],
-                     chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
+    with one_writer(kw["out"]):
+        history = run_rm(reward, pairs_file, kw["out"], cfg, center_coef=center_coef, max_length=kw["max_length"],
+                         chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
     _report(kw["out"], history)
 
 
@@ -294,11 +300,13 @@ def rm(reward, pairs_file, center_coef, **kw):
 @user_errors
 def sft(policy, data_file, **kw):
     """Supervised fine-tuning: the mean NLL of the response tokens."""
+    from mtcore.outputs import one_writer
     from mtcore.train import run_sft
 
     cfg = _train_config(kw)
-    history = run_sft(policy, data_file, kw["out"], cfg, max_length=kw["max_length"],
-                      chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
+    with one_writer(kw["out"]):
+        history = run_sft(policy, data_file, kw["out"], cfg, max_length=kw["max_length"],
+                          chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
     _report(kw["out"], history)
 
 
@@ -327,13 +335,15 @@ def train(out, config_file, **options):
     --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
     from mtcore import loop, toy
     from mtcore.config import read_config_file, resolve_config
+    from mtcore.outputs import one_writer
     from mtcore.rundir import Run
 
     cfg = resolve_config(read_config_file(config_file) if config_file else {}, options)
-    run = Run(out, cfg, world=None if cfg.policy else toy.world())
-    echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
-         f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
-    metrics = loop.train(run, echo=echo)
+    with one_writer(out):
+        run = Run(out, cfg, world=None if cfg.policy else toy.world())
+        echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
+             f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
+        metrics = loop.train(run, echo=echo)
     echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
          f"metrics in {out}/metrics.json")
 
@@ -359,9 +369,11 @@ def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error):
     --demo-errors both --p-error 0.5. Anything but the defaults is an experiment: give --out, and
     point `mtcore train` at it with MTCORE_TOY_ASSETS=DIR."""
     from mtcore import toy
+    from mtcore.outputs import one_writer
 
-    built = toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm, demo_errors=demo_errors,
-                             p_error=p_error)
+    with one_writer(out or toy.ASSETS):
+        built = toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm,
+                                 demo_errors=demo_errors, p_error=p_error)
     click.echo(f"wrote {built}")
 
 

@@ -8,17 +8,21 @@ command leaves either the previous output or the new one, never a mix of the two
 - Each output directory carries a marker file, MARKER, naming the command that wrote it. An --out
   that holds anything else is refused unless --overwrite is given; an --out that holds one of the
   command's inputs, or the current directory, is refused always.
+- One process per output: a command that writes a directory (`mtcore train`'s run directory
+  too) holds its lock (mtcore/lock.py, `<OUT>.lock` beside it) from before it reads OUT until it
+  ends; a second process on the same OUT is refused, naming the holder.
 - A command that writes one file (`mtcore generate|score|eval`) writes it atomically (write to a
   temp file, rename); an existing --out that is one of its inputs is refused always, and one that
   does not look like the command's own output is refused unless --overwrite.
 """
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-from mtcore import parallel
+from mtcore import lock, parallel
 from mtcore.errors import MtcoreError
 from mtcore.files import finite, replace_dir, write_text_atomic
 
@@ -28,6 +32,24 @@ _LEGACY = {"dpo": ("summary.json", "dpo"), "rm": ("summary.json", "rm"), "sft": 
            "build-toy": ("build.json", None)}
 _ANOTHER = "choose another --out"
 _OVERWRITE_HINT = f"{_ANOTHER}, or pass --overwrite to replace it"
+
+
+@contextlib.contextmanager
+def one_writer(out):
+    """The lock of the output `out` (lock.acquire) while the block runs, released at its end, error or
+    not. Under torchrun rank 0 holds it, and every rank stops when rank 0 is refused."""
+    path, text, refused = lock.lock_path(out), None, None
+    if parallel.is_main():
+        try:
+            text = lock.acquire(path)
+        except MtcoreError as e:
+            refused = e
+    if parallel.all_max(int(refused is not None)):
+        raise refused or MtcoreError(f"{out}: in use by another process (rank 0 says which)")
+    try:
+        yield path
+    finally:
+        lock.release(path, text)
 
 
 def written_by(directory: Path, command: str) -> bool:
