@@ -10,6 +10,7 @@ parallel.init honour it; subprocesses and spawned workers inherit it), so the su
 on a GPU machine. Tests marked `cuda` are skipped where CUDA is not available.
 """
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -35,6 +36,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+# triton 3.6's interpreter cannot run the decode-attention kernel's runtime loop bound (it int()s a
+# one-element array, which numpy >= 2.4 refuses); compiled, the kernel runs on any version
+# (tests/test_compile.py, tests/test_cuda.py). The interpreted cases skip there.
+# The version from the package metadata: importing triton here, before pytest_configure sets
+# TRITON_INTERPRET, would fix its settings too early.
+OLD_INTERPRETER = pytest.mark.skipif(
+    tuple(int(x) for x in importlib.metadata.version("triton").split(".")[:2]) < (3, 7),
+    reason="triton < 3.7 interprets no runtime loop bound (the decode-attention kernel)")
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mtcore.kernels.decode_attention as da
-
-# triton 3.6's interpreter cannot run the kernel's runtime loop bound (it int()s a one-element array,
-# which numpy >= 2.4 refuses); compiled, it runs on any version (tests/test_compile.py, tests/test_cuda.py).
-OLD_INTERPRETER = tuple(int(x) for x in __import__("triton").__version__.split(".")[:2]) < (3, 7)
+from conftest import OLD_INTERPRETER
 
 
 def sdpa64(q, k_cache, v_cache, slots, lens):
@@ -38,11 +35,9 @@ SHAPES = [(3, 5, 47, 8, 2, 64, 132), (2, 2, 300, 32, 8, 128, 132), (4, 4, 1300, 
           (1, 3, 130, 16, 16, 64, 132), (1, 1, 1000, 16, 1, 64, 132), (5, 7, 9, 12, 3, 64, 1)]
 
 
-@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("path", [pytest.param("triton", marks=OLD_INTERPRETER), "torch"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_fp32_equals_float64(shape, path, monkeypatch):
-    if path == "triton" and OLD_INTERPRETER:
-        pytest.skip("triton < 3.7 interprets no runtime loop bound")
     R, S, L, Hq, Hkv, D, sms = shape
     monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "triton" else "0")
     monkeypatch.setattr(da, "_sm_count", lambda device: sms)
@@ -68,7 +63,7 @@ def test_splits_are_exercised():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.skipif(OLD_INTERPRETER, reason="triton < 3.7 interprets no runtime loop bound")
+@OLD_INTERPRETER
 def test_half_no_worse_than_twice_torch(dtype, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(da, "_sm_count", lambda device: 132)

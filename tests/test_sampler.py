@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import LLAMA3_SCALING, make_hf_model, save_hf
+from conftest import LLAMA3_SCALING, OLD_INTERPRETER, make_hf_model, save_hf
 from mtcore import load_model
 from mtcore.errors import MtcoreError
 from mtcore.sampler import SamplingParams, generate, sample
@@ -259,7 +259,7 @@ def triton_decode_attention(monkeypatch) -> list:
     return served
 
 
-@pytest.mark.parametrize("mode", ["eager", "triton", "compile"])
+@pytest.mark.parametrize("mode", ["eager", pytest.param("triton", marks=OLD_INTERPRETER), "compile"])
 def test_greedy_equals_transformers_in_every_decode_mode(models64, mode, monkeypatch):
     """eager: active slots, columns up to the longest (torch attention); triton: the same with the
     Triton decode-attention kernel (interpreted); compile: the static step (every slot, every column)
@@ -361,7 +361,7 @@ def test_draw_edges_never_pick_a_zero_weight_token(monkeypatch):
         sample(logits, SamplingParams(temperature=1.0, top_p=0.9), torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("attention", ["torch", "kernel"])
+@pytest.mark.parametrize("attention", ["torch", pytest.param("kernel", marks=OLD_INTERPRETER)])
 def test_bf16_decode_step_is_as_accurate_as_the_full_forward(attention):
     """In bf16, the cached decode step's logits are as close to float64's as the bf16 full forward's at the
     same positions (teacher-forced): writing K/V into the bf16 cache, RoPE at one position and the decode
