@@ -44,8 +44,10 @@ dtype (bf16 for Llama-3-8B and FsfairX: 2 bytes per parameter). DPO writes a can
 --save-every steps and at its last step: ceil(steps / save_every) candidates. select installs the
 chosen one as iter_t/policy by hard links (0 extra bytes on one filesystem) and then removes the others
 unless --keep-candidates. The M-step writes iter_t/reward. While a training stage runs with
---save-state-every, its resumable state (fp32 weights 4P + AdamW's two fp32 moments 8P) is on disk
-too, and removed when the stage ends. Samples, pairs and reference log-probs are megabytes.
+--save-state-every, its resumable state (fp32 weights 4P + AdamW's two fp32 moments 8P,
+mtcore.train.STATE_BYTES_PER_PARAM) is on disk too, and removed when the stage ends; while a new one is
+written it sits beside the last. Samples, pairs and reference log-probs are megabytes. The trainer
+checks the free space against these rules before a stage that writes them (mtcore.train.check_training_disk).
 """
 
 import math
@@ -58,6 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mtcore.model import FLAVOURS, ModelArgs  # noqa: E402
 from mtcore.sampler import MAX_SLOTS, MIN_RESERVE_BYTES, PREFILL_TOKENS, RESERVE_FRACTION  # noqa: E402
+from mtcore.train import STATE_BYTES_PER_PARAM  # noqa: E402
 
 GIB = 2**30
 RESERVE = 0.10  # of the GPU: CUDA context, NCCL buffers, allocator fragmentation
@@ -191,7 +194,7 @@ def disk_plan(policy_params: int, reward_params: int, steps: int, save_every: in
             "default, no hard links": 2 * cand + rm,
             "keep candidates": n * cand + rm,  # the chosen candidate and the policy share files
             "peak before select": n * cand,  # every candidate, before the M-step writes the RM
-            "dpo state": 12 * policy_params, "rm state": 12 * reward_params,
+            "dpo state": STATE_BYTES_PER_PARAM * policy_params, "rm state": STATE_BYTES_PER_PARAM * reward_params,
             "fp32, all kept (before #15)": n * 4 * policy_params + 4 * reward_params}
 
 

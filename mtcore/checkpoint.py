@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 
 from mtcore.errors import MtcoreError
 from mtcore.model import Llama, ModelArgs
-from mtcore.outputs import check_out_dir, commit_dir, open_partial
+from mtcore.outputs import check_out_dir, commit_dir, open_partial, partial_dir
 from mtcore import parallel
 from mtcore.device import default_dtype
-from mtcore.files import default_file_mode, read_json, replace_dir, write_json
+from mtcore.files import check_free_space, default_file_mode, read_json, replace_dir, write_json
 
 
 WEIGHTS_NAME = "model.safetensors"
@@ -200,7 +200,32 @@ def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
     return grouped
 
 
+HEADER_LIMIT = 100_000_000  # safetensors refuses a longer header
+
+
+def check_weights_size(f: Path) -> None:
+    """A safetensors file is 8 bytes (n, the header's length, little-endian), n bytes of JSON header,
+    then the tensors, which the header's data_offsets place: their end is the file's end. A file cut
+    short (a copy or a save that stopped, a full disk) is found from the header alone, before any
+    tensor is read. A header that cannot be read is left to safetensors to report."""
+    try:
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            n = int.from_bytes(fh.read(8), "little")
+            if n > HEADER_LIMIT:  # not a header's length: not a safetensors file at all
+                return
+            if 8 + n > size:
+                raise MtcoreError(f"{f}: truncated or damaged ({size} bytes, less than its header's length)")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+        return
+    if 8 + n + end != size:
+        raise MtcoreError(f"{f}: truncated or damaged ({size} bytes; its header describes {8 + n + end})")
+
+
 def _open_safetensors(f: Path):
+    check_weights_size(f)
     try:
         return safe_open(str(f), framework="pt", device="cpu")
     except Exception as e:
@@ -311,6 +336,9 @@ def convert(src, dst, kind=None, dtype="bf16", max_shard_bytes: int = 5 * 2**30,
     path = resolve(src)
     dst = check_out_dir(dst, "convert", (path,), overwrite)
     kind = kind or kind_of(read_json(path / "config.json"))
+    n_params = inspect_checkpoint(path)[3]
+    nbytes = (DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype or torch.float32).itemsize
+    check_free_space(partial_dir(dst), n_params * nbytes, "the converted checkpoint")
     model = load_model(path, kind=kind, dtype=dtype)
     work = open_partial(dst, "convert", keep=())
     commit_dir(save_model(model, work / "model", max_shard_bytes=max_shard_bytes), dst, "convert")

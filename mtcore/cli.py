@@ -5,6 +5,7 @@ library code raises MtcoreError, `user_errors` prints it, and `OneLineGroup` pri
 """
 
 import dataclasses
+import errno
 import functools
 import logging
 import math
@@ -19,14 +20,27 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+# A disk that is full or cannot be written: the user's to mend, wherever in the code it is met.
+DISK_ERRORS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+               errno.EROFS: "make it writable or write elsewhere", errno.EACCES: "make it writable or write elsewhere",
+               errno.EPERM: "make it writable or write elsewhere"}
+
+
 def user_errors(fn):
-    """Report a MtcoreError as one line on stderr and exit 2, without a traceback."""
+    """Report a MtcoreError, or a disk's error (DISK_ERRORS) that no handler named, as one line on
+    stderr and exit 2, without a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MtcoreError as e:
             click.echo(f"error: {_one_line(e)}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            click.echo(f"error: {e.filename or 'a file'}: {e.strerror}; {DISK_ERRORS[e.errno]}, then rerun the same "
+                       f"command (what was written whole is kept)", err=True)
             sys.exit(2)
     return wrapper
 
@@ -327,9 +341,12 @@ def loop_options(fn):
               help="Run directory; re-running the same command there resumes it.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="TOML file of the options below (keys with underscores).")
+@click.option("--redo", default=None, metavar="STAGE",
+              help="Do the finished stage STAGE (as state.json's \"done\" names it, e.g. iter_1/dpo) and every "
+                   "stage after it again, e.g. when a model it wrote is damaged.")
 @loop_options
 @user_errors
-def train(out, config_file, **options):
+def train(out, config_file, redo, **options):
     """The Mutual-Taught iteration. With no --policy/--reward/--prompts: the built-in toy world.
 
     --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
@@ -340,7 +357,7 @@ def train(out, config_file, **options):
 
     cfg = resolve_config(read_config_file(config_file) if config_file else {}, options)
     with one_writer(out):
-        run = Run(out, cfg, world=None if cfg.policy else toy.world())
+        run = Run(out, cfg, world=None if cfg.policy else toy.world(), redo=redo)
         echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
              f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
         metrics = loop.train(run, echo=echo)

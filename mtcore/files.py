@@ -29,17 +29,41 @@ def read_json(path: Path) -> dict:
         raise MtcoreError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it over `path`: never half a file."""
+def holds_text(path: Path, text: str) -> bool:
+    """Whether the file `path` holds exactly `text` (UTF-8): its size is compared first, so a file
+    of another size is not read."""
+    data = text.encode("utf-8", "surrogatepass")
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a temp file after a failed write; a failure here (a read-only or vanished disk) is not
+    the error to report, and must not hide it."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def write_text_atomic(path, text: str) -> bool:
+    """Write `text` to a temp file beside `path`, then rename it over `path`: never half a file. A
+    file that already holds `text` is left alone (a rerun of a finished run writes nothing, so it
+    also runs on a read-only mount). Returns whether it wrote."""
     path = Path(path)
+    if holds_text(path, text):
+        return False
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
         raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
+    return True
 
 
 def finite(obj):
@@ -53,9 +77,26 @@ def finite(obj):
     return obj
 
 
-def write_json(path: Path, obj) -> None:
-    """obj as JSON (sorted keys, NaN as null), atomically."""
-    write_text_atomic(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+def write_json(path: Path, obj) -> bool:
+    """obj as JSON (sorted keys, NaN as null), atomically; unless the file holds it already. Returns
+    whether it wrote."""
+    return write_text_atomic(path, json.dumps(finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def check_free_space(where, need: int, what: str) -> None:
+    """Refuse, before any work, what would write `need` bytes (an estimate: the stage's models and
+    resumable state) where the filesystem that will hold `where` has less free space; the error gives
+    both numbers."""
+    where = Path(where).absolute()
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise MtcoreError(f"{where}: {what} needs about {_size(need)} on disk, and its filesystem has "
+                          f"{_size(free)} free; free some space or write elsewhere, then rerun")
 
 
 def default_file_mode() -> int:

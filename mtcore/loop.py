@@ -77,7 +77,8 @@ def train(run: Run, echo=print) -> dict:
 
 
 def write_run_metrics(run: Run) -> dict:
-    """metrics.json from the per-stage result files: one entry per finished iteration."""
+    """metrics.json from the per-stage result files: one entry per finished iteration. It and the plot
+    are written only when their numbers changed: a rerun of a finished run writes nothing."""
     iterations = []
     for t in range(1, run.cfg.iters + 1):
         entry = {"iteration": t}
@@ -98,9 +99,9 @@ def write_run_metrics(run: Run) -> dict:
         metrics["initial"] = read_json(run.dir / "initial.json")
     if (run.dir / "initial_rmeval.json").exists():
         metrics["initial_rmeval"] = read_json(run.dir / "initial_rmeval.json")
-    if parallel.is_main():
-        write_json(run.dir / "metrics.json", metrics)
-    if run.world is not None and iterations and parallel.is_main():
+    changed = parallel.is_main() and write_json(run.dir / "metrics.json", metrics)
+    if run.world is not None and iterations and parallel.is_main() and (
+            changed or not (run.dir / "metrics.png").exists()):
         run.world.plot(run.dir / "metrics.png", metrics)
     return metrics
 

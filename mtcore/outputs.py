@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mtcore import lock, parallel
 from mtcore.errors import MtcoreError
-from mtcore.files import finite, replace_dir, write_text_atomic
+from mtcore.files import finite, remove_quietly, replace_dir, write_text_atomic
 
 MARKER = ".mtcore-output"
 # Outputs written before the marker existed: the file that identifies each command's output.
@@ -77,8 +77,12 @@ def write_marker(directory: Path, command: str) -> None:
     mid-write had left a truncated marker in OUT.partial, which the next run then refused as another
     program's (an empty OUT.partial is accepted)."""
     tmp = directory.parent / f".{directory.name}{MARKER}.{os.getpid()}"
-    tmp.write_text(json.dumps({"command": command}) + "\n")
-    os.replace(tmp, directory / MARKER)
+    try:
+        tmp.write_text(json.dumps({"command": command}) + "\n")
+        os.replace(tmp, directory / MARKER)
+    except OSError:
+        remove_quietly(tmp)
+        raise
 
 
 def _holds(outer: Path, inner: Path) -> bool:

@@ -262,6 +262,7 @@ def save_train_state(path, model, optimizer, trainer: dict) -> None:
     """Model and optimizer state, sharded as they are, through torch.distributed.checkpoint, and
     `trainer` (JSON: step, schedule, metrics so far) into `path`, replacing what is there."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     path = Path(path)
@@ -270,12 +271,31 @@ def save_train_state(path, model, optimizer, trainer: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _one_process_dcp():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=world_size() == 1)
-    if is_main():  # trainer.json last, then one rename: a directory holding it is complete
-        write_json(tmp / "trainer.json", trainer)
-        replace_dir(tmp, path)
+    try:
+        with _one_process_dcp():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=world_size() == 1)
+        if is_main():  # trainer.json last, then one rename: a directory holding it is complete
+            write_json(tmp / "trainer.json", trainer)
+            replace_dir(tmp, path)
+    except (Exception, CheckpointException) as e:  # a full or read-only disk; the last state stays
+        if isinstance(e, MtcoreError):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MtcoreError(f"{path}: cannot save the training state ({_dcp_reason(e)}); the last one saved, if any, "
+                          f"is unchanged") from None
     barrier()
+
+
+def _dcp_reason(e: BaseException) -> str:
+    """The cause of a torch.distributed.checkpoint error in a few words: DCP's CheckpointException
+    wraps each rank's exception (an OSError's strerror, e.g. "No space left on device")."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def load_train_state(path, model, optimizer) -> dict | None:
@@ -298,8 +318,7 @@ def load_train_state(path, model, optimizer) -> dict | None:
         with _one_process_dcp():
             dcp.load(state, checkpoint_id=path, no_dist=world_size() == 1)
     except (Exception, CheckpointException) as e:  # DCP's errors (its CheckpointException is a BaseException)
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise MtcoreError(f"{path}: unreadable training state ({reason}); delete it to start this training "
+        raise MtcoreError(f"{path}: unreadable training state ({_dcp_reason(e)}); delete it to start this training "
                           f"from its first step") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return trainer

@@ -24,7 +24,7 @@ from mtcore.files import replace_dir
 from mtcore.inference import Scorer, first_answers, sample_responses, score_responses
 from mtcore.rundir import Run
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
-from mtcore.train import forward_flops, prepare_examples
+from mtcore.train import check_training_disk, forward_flops, global_batches, prepare_examples
 
 # ------------------------------------------------------------------------------------------------
 # E-step
@@ -105,6 +105,9 @@ def stage_dpo(run: Run, t: int, meter) -> dict:
         examples.append(Example(((prompt + row["chosen_ids"], n), (prompt + row["rejected_ids"], n)), row["_line"]))
     train_cfg = train_config_for(run, cfg.dpo_lr, cfg.dpo_batch_size, cfg.dpo_epochs, t, "dpo")
     examples, report = prepare_examples(examples, out / "pairs.jsonl", cfg.max_length, train_cfg)
+    n_candidates = _candidates_left(out / "candidates", len(global_batches(examples, train_cfg)), cfg.save_every)
+    check_training_disk(out, policy_dir, examples, train_cfg, n_candidates, f"iteration {t}'s dpo stage "
+                        f"({n_candidates} candidates and the resumable state)", _state_saved(out / "dpo_state"))
     model = load_model(policy_dir, "policy", dtype=torch.float32, device=run.device)
     ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens)
     candidates = out / "candidates"
@@ -123,6 +126,17 @@ def stage_dpo(run: Run, t: int, meter) -> dict:
     last = history[-1]
     return {"pairs": report, "steps": len(history), "loss": last["loss"], "accuracy": last["accuracy"],
             "margin": last["margin"], "mean_loss": sum(r["loss"] for r in history) / len(history)}
+
+
+def _candidates_left(candidates: Path, n_steps: int, save_every: int) -> int:
+    """How many candidates a DPO stage of n_steps has still to save (one every save_every steps and one
+    at the end; a resumed stage saved some)."""
+    steps = set(range(save_every, n_steps + 1, save_every)) | {n_steps}
+    return sum(not (candidates / f"step_{step}").exists() for step in steps)
+
+
+def _state_saved(state_dir: Path) -> bool:
+    return (state_dir / "trainer.json").exists()
 
 
 def stage_select(run: Run, t: int, meter) -> dict:
@@ -167,9 +181,14 @@ def _install(src: Path, dst: Path) -> None:
             shutil.copy2(a, b)
 
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=link)
-    replace_dir(tmp, dst)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, copy_function=link)
+        replace_dir(tmp, dst)
+    except OSError as e:  # a full or read-only disk; shutil.Error gathers copytree's (src, dst, why)
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.args[0][0][2] if isinstance(e, shutil.Error) else e.strerror or e
+        raise MtcoreError(f"{dst}: cannot install {src} there ({reason})") from None
 
 
 def prune_candidates(run: Run, t: int, best_step: int) -> None:
@@ -213,6 +232,8 @@ def stage_rm(run: Run, t: int, meter) -> dict:
     examples = [encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in rows]
     train_cfg = train_config_for(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t, "rm")
     examples, report = prepare_examples(examples, f"iteration {t}'s RM pairs", cfg.max_length, train_cfg)
+    check_training_disk(out, run.base_reward, examples, train_cfg, 1, f"iteration {t}'s rm stage (the reward model "
+                        f"and the resumable state)", _state_saved(out / "rm_state"))
     model = load_model(run.base_reward, "reward", dtype=torch.float32, device=run.device)
     history = _train_stage(model, examples, BradleyTerry(), train_cfg, out, "rm", tokenizer)
     save_model(model, out / "reward", tokenizer=tokenizer, dtype=stored_dtype(run.base_reward))

@@ -559,6 +559,9 @@ def plot(path, metrics: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mtcore.errors import MtcoreError
+    from mtcore.files import remove_quietly
+
     entries = ([metrics["initial"]] if "initial" in metrics else []) + [e for e in metrics["iterations"] if
                                                                         "gold_score" in e]
     xs = ([0] if "initial" in metrics else []) + [e["iteration"] for e in metrics["iterations"] if "gold_score" in e]
@@ -572,9 +575,14 @@ def plot(path, metrics: dict) -> None:
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
 
 
 def gold_metrics_of(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 from mtcore import parallel, profile
-from mtcore.checkpoint import load_model, resolve, save_model, stored_dtype
+from mtcore.checkpoint import inspect_checkpoint, load_model, resolve, save_model, stored_dtype
 from mtcore.data import Batch, Example, cut_to_length, load_tokenizer, make_batch, pack, read_demonstrations, read_pairs
 from mtcore.device import default_device, precision
-from mtcore.files import default_file_mode, write_json, write_text_atomic
+from mtcore.files import check_free_space, default_file_mode, remove_quietly, write_json, write_text_atomic
 from mtcore.errors import MtcoreError, check_ranges
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
 from mtcore.kernels import sequence_logps
@@ -227,6 +227,29 @@ def check_micro_batches(examples: list[Example], cfg: TrainConfig, where: str) -
             raise MtcoreError(f"{where}:{ex.line}: {ex.n_tokens} tokens ({'+'.join(str(len(s)) for s, _ in ex.seqs)}) "
                               f"do not fit --micro-batch-tokens {cfg.micro_batch_tokens}; raise it to at least twice "
                               f"--max-length, or lower --max-length")
+
+
+# Resumable state on disk: fp32 weights (4 bytes a parameter) and AdamW's two fp32 moments (8).
+STATE_BYTES_PER_PARAM = 12
+
+
+def state_disk_bytes(n_params: int, n_steps: int, cfg: TrainConfig, saved: bool = False) -> int:
+    """Bytes the resumable state (fit's state_dir) takes on disk at most while training runs: each save
+    writes a whole new state beside the last one before it replaces it, so two are there when a state
+    is saved again (one already there when `saved`, from an interrupted run). None without
+    --save-state-every."""
+    saves = (n_steps - 1) // cfg.save_state_every if cfg.save_state_every else 0
+    return max(0, min(saves, 2) - saved) * STATE_BYTES_PER_PARAM * n_params
+
+
+def check_training_disk(where: Path, src: Path, examples: list[Example], cfg: TrainConfig, models: int, what: str,
+                        saved: bool = False) -> None:
+    """Refuse, before training starts, a training whose writes will not fit the disk of `where`:
+    `models` checkpoints the size of `src` (in its stored dtype) and the resumable state."""
+    n_params = inspect_checkpoint(src)[3]
+    need = (models * n_params * stored_dtype(src).itemsize
+            + state_disk_bytes(n_params, len(global_batches(examples, cfg)), cfg, saved))
+    check_free_space(where, need, what)
 
 
 def make_optimizer(model: Llama, cfg: TrainConfig, total_steps: int):
@@ -424,7 +447,9 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
                            reference_ops: bool = False):
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
     reference: the reference model, or a function that loads it (called only when the cache misses).
-    A cache that cannot be written is a warning, not an error: training goes on without it."""
+    A cache that cannot be written (a read-only or full disk) is a warning, not an error: training goes
+    on without it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     if cache_file.exists():
@@ -445,9 +470,10 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
         save_file({"sums": sums.contiguous(), "counts": counts.contiguous()}, str(tmp))
         os.chmod(tmp, default_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp, cache_file)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        log.warning("%s: cannot cache the reference log-probs (%s)", cache_file, e.strerror or e)
+    except (OSError, SafetensorError) as e:  # safetensors wraps the disk's error in its own
+        remove_quietly(tmp)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        log.warning("%s: cannot cache the reference log-probs (%s)", cache_file, reason)
     return sums, counts
 
 
@@ -459,6 +485,13 @@ def _load(path: Path, kind, device, chat_template):
     if bad is not None:
         raise MtcoreError(f"{path}: {bad} holds NaN or inf values; this checkpoint cannot be trained")
     return load_tokenizer(path, chat_template), model
+
+
+def _check_disk(out: Path, src: Path, examples, cfg: TrainConfig, command: str) -> None:
+    """`mtcore <command>` writes one model and, with --save-state-every, its resumable state in OUT.partial."""
+    saved = (partial_dir(out) / "train_state" / "trainer.json").exists()
+    check_training_disk(partial_dir(out), src, examples, cfg, 1, f"`mtcore {command}`'s model and resumable state",
+                        saved)
 
 
 def _read(read_fn, data_file, tokenizer, max_length, cfg):
@@ -515,6 +548,7 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     out = check_out_dir(out, "dpo", (path, pairs_file, ref_path, chat_template), overwrite)
     tokenizer, model = _load(path, "policy", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
+    _check_disk(out, path, examples, cfg, "dpo")
     ref_path = ref_path or path
     reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,
                                                             device=device)  # loaded only if the cache misses
@@ -538,6 +572,7 @@ def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_lengt
     out = check_out_dir(out, "rm", (path, pairs_file, chat_template), overwrite)
     tokenizer, model = _load(path, "reward", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
+    _check_disk(out, path, examples, cfg, "rm")
     summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
                "center_coef": center_coef, "max_length": max_length}
     return _train_and_commit(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary)
@@ -551,6 +586,7 @@ def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_temp
     out = check_out_dir(out, "sft", (path, data_file, chat_template), overwrite)
     tokenizer, model = _load(path, "policy", device, chat_template)
     examples, report = _read(read_demonstrations, data_file, tokenizer, max_length, cfg)
+    _check_disk(out, path, examples, cfg, "sft")
     summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
                "max_length": max_length}
     return _train_and_commit(model, tokenizer, examples, SFT(), cfg, out, summary)
