@@ -88,16 +88,24 @@ def stop_ids(tokenizer, checkpoint_dir=None) -> list[int]:
     return sorted(set(ids))
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def as_messages(prompt, where: str = "prompt") -> list[dict]:
-    """A prompt string or a chat message list -> a validated message list."""
+    """A prompt string or a chat message list -> a validated message list (roles: ROLES; another one,
+    e.g. "tool", is refused rather than passed to a template that may render it as anything)."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(
+    if not (isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt):
-        return prompt
-    raise MtcoreError(f"{where}: a prompt must be a string or a non-empty list of "
-                      f'{{"role": ..., "content": ...}} messages')
+            for m in prompt)):
+        raise MtcoreError(f"{where}: a prompt must be a string or a non-empty list of "
+                          f'{{"role": ..., "content": ...}} messages')
+    bad = next((i for i, m in enumerate(prompt) if m["role"] not in ROLES), None)
+    if bad is not None:
+        raise MtcoreError(f'{where}: message {bad} has the role {prompt[bad]["role"]!r}; roles are '
+                          f'{", ".join(ROLES)}')
+    return prompt
 
 
 def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
@@ -128,8 +136,40 @@ def encode_sequence(tokenizer, prompt, response: str, where: str = "prompt") -> 
     return prompt_ids + encode_response(tokenizer, response), len(prompt_ids)
 
 
+def not_text(value, field: str = "") -> str | None:
+    """The field (e.g. 'messages[1].content') of the first string in a JSON value that is not text a
+    tokenizer can take, or None: a lone surrogate, which JSON's "\\ud800" escapes decode to and UTF-8
+    cannot hold (tokenizers raise a TypeError on it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return field or "the row"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        name = f"{field}[{key}]" if isinstance(key, int) else f"{field}.{shown}" if field else shown
+        bad = not_text(key, name + " (its name)") if isinstance(key, str) else None
+        bad = bad or not_text(item, name)
+        if bad:
+            return bad
+    return None
+
+
+def _check_text(row: dict, raw: bytes, where: str) -> None:
+    """A row whose strings hold a lone surrogate is one error naming the field. Only a line with a
+    \\u escape can hold one, so other lines cost nothing."""
+    if b"\\u" in raw:
+        field = not_text(row)
+        if field:
+            raise MtcoreError(f'{where}: "{field}" holds a lone surrogate (a \\ud800-\\udfff escape that is half '
+                              f'of a pair), which is not text; fix or remove it')
+
+
 def read_jsonl(path) -> list[dict]:
-    """JSON objects, one per line (blank lines skipped); a malformed line is an error naming it."""
+    """JSON objects, one per line (blank lines skipped); a malformed line, or one holding a string
+    that is not text (not_text), is an error naming it."""
     rows = []
     try:
         with open(path, "rb") as f:
@@ -147,6 +187,7 @@ def read_jsonl(path) -> list[dict]:
                     raise MtcoreError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
                     raise MtcoreError(f"{path}:{lineno}: each line must be a JSON object")
+                _check_text(row, raw, f"{path}:{lineno}")
                 row["_line"] = lineno
                 rows.append(row)
     except OSError as e:

@@ -76,6 +76,15 @@ def world(tmp_path_factory):
         "bad.toml": b"iters = [\n", "not_utf8.toml": b"iters = 3 # \xff\n", "unknown_key.toml": b"itres = 3\n",
         "wrong_type.toml": b'iters = "3"\n', "notes.txt": b"a user's notes\n", "template_not_utf8.jinja": b"\xff\xfe",
         "user_out.jsonl": b"my own results, not mtcore's\n", "user_out.json": b"not json at all\n",
+        # lone surrogates (legal JSON escapes, not text) and a role no chat template knows
+        "surrogate_prompts.jsonl": b'{"prompt": "sort 2 1 \\ud800"}\n',
+        "surrogate_messages.jsonl": b'{"messages": [{"role": "user", "content": "sort 2 1 \\udfff"}]}\n',
+        "surrogate_pairs.jsonl": b'{"prompt": "sort 1 2", "chosen": "1 2\\ud800", "rejected": "2 1"}\n',
+        "surrogate_demos.jsonl": b'{"prompt": "sort 2 1", "response": "\\udc00"}\n',
+        "surrogate_responses.jsonl": b'{"prompt": "sort 2 1", "responses": ["1 2", "\\ud800"]}\n',
+        "wizard.jsonl": b'{"messages": [{"role": "wizard", "content": "sort 2 1"}]}\n',
+        "wizard_pairs.jsonl": b'{"messages": [{"role": "wizard", "content": "sort 2 1"}], "chosen": "1 2", '
+                              b'"rejected": "2 1"}\n',
     }
     for name, data in files.items():
         (w / name).write_bytes(data)
@@ -114,9 +123,14 @@ def world(tmp_path_factory):
     (w / "strange_out.partial" / "data.bin").write_bytes(b"user data")
     toy_identity = config.to_toml(config.identity(config.resolve_config({}, {})))
     for name, state, splits in (("run_other", None, None), ("run_bad_state", "[1, 2]", None),
-                                ("run_state_not_json", "{", None), ("run_bad_splits", None, '{"rm": 3}')):
+                                ("run_state_not_json", "{", None), ("run_bad_splits", None, '{"rm": 3}'),
+                                ("run_state_empty", "", None), ("run_splits_cut", None, '{"rm": ["sort 1'),
+                                ("run_config_empty", None, None), ("run_config_cut", None, None),
+                                ("run_new", None, None)):
         (w / name).mkdir()
-        (w / name / "config.toml").write_text("seed = 5\n" if name == "run_other" else toy_identity)
+        config = {"run_other": "seed = 5\n", "run_config_empty": "",
+                  "run_config_cut": "".join(toy_identity.splitlines(keepends=True)[:5])}.get(name, toy_identity)
+        (w / name / "config.toml").write_text(config)
         if state is not None:
             (w / name / "state.json").write_text(state)
         if splits is not None:
@@ -227,6 +241,12 @@ CASES = [
     ("gen-policy-zero-heads", "generate --policy {w}/zero_heads --prompts {w}/prompts.jsonl --out {w}/g.jsonl",
      "num_attention_heads", ["g.jsonl"]),
     ("gen-no-policy", "generate --prompts {w}/prompts.jsonl --out {w}/g.jsonl", "Missing option", ["g.jsonl"]),
+    ("gen-surrogate", "generate {P} --prompts {w}/surrogate_prompts.jsonl --out {w}/g.jsonl",
+     'surrogate_prompts.jsonl:1: "prompt" holds a lone surrogate', ["g.jsonl"]),
+    ("gen-surrogate-messages", "generate {P} --prompts {w}/surrogate_messages.jsonl --out {w}/g.jsonl",
+     'surrogate_messages.jsonl:1: "messages[0].content" holds a lone surrogate', ["g.jsonl"]),
+    ("gen-role-wizard", "generate {P} --prompts {w}/wizard.jsonl --out {w}/g.jsonl",
+     "wizard.jsonl:1: message 0 has the role 'wizard'; roles are system, user, assistant", ["g.jsonl"]),
     # mtcore score
     ("score-no-responses", "score {R} --prompts-with-responses {w}/no_responses.jsonl --out {w}/s.jsonl",
      'needs "responses"', ["s.jsonl"]),
@@ -242,6 +262,10 @@ CASES = [
      ["s.jsonl"]),
     ("score-out-user-file", SCORE + " --out {w}/user_out.jsonl", "does not look like"),
     ("score-device", SCORE + " --out {w}/s.jsonl --device gpu0", "not a device", ["s.jsonl"]),
+    ("score-surrogate", "score {R} --prompts-with-responses {w}/surrogate_responses.jsonl --out {w}/s.jsonl",
+     'surrogate_responses.jsonl:1: "responses[1]" holds a lone surrogate', ["s.jsonl"]),
+    ("score-role-wizard", "score {R} --prompts-with-responses {w}/wizard.jsonl --out {w}/s.jsonl", "role 'wizard'",
+     ["s.jsonl"]),
     # mtcore eval
     ("eval-pairs-no-reward", "eval --pairs {w}/pairs.jsonl --out {w}/e.json", "--pairs needs --reward", ["e.json"]),
     ("eval-prompts-no-policy", "eval --prompts {w}/prompts.jsonl --out {w}/e.json", "--prompts needs --policy",
@@ -254,6 +278,12 @@ CASES = [
     ("eval-seed-neg", "eval --seed -3 --out {w}/e.json", "--seed", ["e.json"]),
     ("eval-pairs-no-chosen", "eval {R} --pairs {w}/no_chosen.jsonl --out {w}/e.json", "no_chosen.jsonl:1", ["e.json"]),
     ("eval-pairs-not-utf8", "eval {R} --pairs {w}/not_utf8.jsonl --out {w}/e.json", "not UTF-8", ["e.json"]),
+    ("eval-pairs-surrogate", "eval {R} --pairs {w}/surrogate_pairs.jsonl --out {w}/e.json",
+     'surrogate_pairs.jsonl:1: "chosen" holds a lone surrogate', ["e.json"]),
+    ("eval-prompts-surrogate", "eval {P} --prompts {w}/surrogate_messages.jsonl --out {w}/e.json",
+     '"messages[0].content" holds a lone surrogate', ["e.json"]),
+    ("eval-pairs-role-wizard", "eval {R} --pairs {w}/wizard_pairs.jsonl --out {w}/e.json", "role 'wizard'",
+     ["e.json"]),
     # mtcore dpo / rm / sft: --out
     ("dpo-out-user-dir", DPO + " --out {w}/user_dir", "did not write"),
     ("dpo-out-policy", DPO + " --out {w}/policy", "holds the input"),
@@ -300,6 +330,13 @@ CASES = [
     ("dpo-damaged-shards", DPO + " --out {w}/dcp_damaged --save-state-every 1", "unreadable training state",
      ["dcp_damaged"]),
     ("dpo-no-pairs-option", "dpo {P} --out {w}/o", "Missing option '--pairs'", ["o", "o.partial"]),
+    ("dpo-surrogate", "dpo {P} --pairs {w}/surrogate_pairs.jsonl --out {w}/o",
+     'surrogate_pairs.jsonl:1: "chosen" holds a lone surrogate', ["o", "o.partial"]),
+    ("dpo-role-wizard", "dpo {P} --pairs {w}/wizard_pairs.jsonl --out {w}/o", "role 'wizard'", ["o", "o.partial"]),
+    ("rm-surrogate", "rm {R} --pairs {w}/surrogate_pairs.jsonl --out {w}/o", '"chosen" holds a lone surrogate',
+     ["o", "o.partial"]),
+    ("sft-surrogate", "sft {P} --data {w}/surrogate_demos.jsonl --out {w}/o",
+     'surrogate_demos.jsonl:1: "response" holds a lone surrogate', ["o", "o.partial"]),
     ("rm-reward-is-policy", "rm --reward {w}/policy --pairs {w}/pairs.jsonl --out {w}/o", "score.weight",
      ["o", "o.partial"]),
     ("rm-bad-margin", "rm {R} --pairs {w}/bad_margin.jsonl --out {w}/o", "margin", ["o", "o.partial"]),
@@ -329,6 +366,11 @@ CASES = [
     ("train-reward-only", "train {R} --out {w}/r", "without --policy", ["r"]),
     ("train-no-prompts", "train {P} --out {w}/r", "--policy needs --prompts", ["r"]),
     ("train-prompts-not-utf8", "train {P} {R} --prompts {w}/not_utf8.jsonl --out {w}/r", "not UTF-8", ["r"]),
+    ("train-prompts-surrogate", "train {P} {R} --prompts {w}/surrogate_prompts.jsonl --out {w}/r",
+     '"prompt" holds a lone surrogate', ["r"]),
+    ("train-prompts-role-wizard", "train {P} {R} --prompts {w}/wizard.jsonl --out {w}/r", "role 'wizard'", ["r"]),
+    ("train-rm-eval-surrogate", "train --out {w}/r --rm-eval {w}/surrogate_pairs.jsonl",
+     '"chosen" holds a lone surrogate', ["r"]),
     ("train-config-bad", "train --config {w}/bad.toml --out {w}/r", "not valid TOML", ["r"]),
     ("train-config-not-utf8", "train --config {w}/not_utf8.toml --out {w}/r", "not UTF-8", ["r"]),
     ("train-config-unknown", "train --config {w}/unknown_key.toml --out {w}/r", "unknown config key", ["r"]),
@@ -340,6 +382,15 @@ CASES = [
     ("train-bad-state", "train --out {w}/run_bad_state", "state.json: not a run state"),
     ("train-state-not-json", "train --out {w}/run_state_not_json", "not valid JSON"),
     ("train-bad-splits", "train --out {w}/run_bad_splits", "splits.json: not the prompt splits"),
+    ("train-state-empty", "train --out {w}/run_state_empty", "state.json: empty; state.json is damaged: restore it, "
+                                                             "or delete it to run every stage again"),
+    ("train-state-not-json-advice", "train --out {w}/run_state_not_json", "is damaged: restore it, or delete it"),
+    ("train-splits-cut", "train --out {w}/run_splits_cut", "not valid JSON (Unterminated string starting at); "
+                                                           "splits.json is damaged: restore it"),
+    ("train-config-empty", "train --out {w}/run_config_empty", "config.toml: empty; config.toml is damaged"),
+    ("train-config-cut", "train --out {w}/run_config_cut", "(cut short, or written by another version of mtcore)"),
+    ("train-redo-not-done", "train --out {w}/run_new --redo iter_1/dpo", "not a finished stage", ["run_new/state.json"]),
+    ("train-redo-new-run", "train --out {w}/r --redo iter_1/dpo", "holds no run yet", ["r"]),
     ("train-rm-eval-missing", "train --out {w}/r --rm-eval {w}/nope.jsonl", "cannot read", ["r"]),
     ("train-rm-eval-bad", "train --out {w}/r --rm-eval {w}/no_chosen.jsonl", "no_chosen.jsonl:1", ["r"]),
     ("train-bool-value", "train --out {w}/r --m-step maybe", "unexpected extra argument", ["r"]),
