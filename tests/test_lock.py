@@ -197,3 +197,18 @@ def test_an_output_under_a_file_is_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(MtcoreError, match="a_file is not a directory"):
         lock.acquire(lock.lock_path(tmp_path / "a_file" / "sub" / "o"))
+
+
+def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops_when_it_is_refused(tmp_path, monkeypatch):
+    """The other ranks take no lock; when rank 0 is refused (the all-reduce says so), they stop too."""
+    from mtcore import outputs, parallel
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(parallel, "is_main", lambda: False)
+    monkeypatch.setattr(parallel, "all_max", lambda value: 0)  # rank 0 took it
+    with outputs.one_writer(out):
+        assert not lock.lock_path(out).exists()
+    monkeypatch.setattr(parallel, "all_max", lambda value: 1)  # rank 0 was refused
+    with pytest.raises(MtcoreError, match="in use by another process"):
+        with outputs.one_writer(out):
+            pytest.fail("a rank went on while rank 0 was refused")
