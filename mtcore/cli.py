@@ -45,6 +45,24 @@ def user_errors(fn):
     return wrapper
 
 
+def stops_at_safe_points(fn):
+    """SIGTERM and SIGUSR1 stop the command at its next safe point (mtcore/preempt.py): one line saying
+    where, and exit 143; the same command resumes."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from mtcore import preempt
+
+        preempt.install()
+        try:
+            return fn(*args, **kwargs)
+        except preempt.Preempted as e:
+            click.echo(_one_line(e), err=True)
+            sys.exit(preempt.EXIT_STATUS)
+        finally:
+            preempt.uninstall()
+    return wrapper
+
+
 class OneLineGroup(click.Group):
     """click's usage errors (unknown option, bad value, missing argument) as one `error:` line and
     exit 2, where click prints three; Ctrl-C as one line and exit 130."""
@@ -272,6 +290,7 @@ def _report(out, history):
 @click.option("--length-normalize", is_flag=True, help="Mean instead of sum of the response tokens' log-probs.")
 @training_options(lr=7e-7, batch_size=128)
 @user_errors
+@stops_at_safe_points
 def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, **kw):
     """DPO of a policy on preference pairs, with reference log-probs computed once (cached beside PAIRS)."""
     from mtcore.outputs import one_writer
@@ -294,6 +313,7 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
               help="Weight of the reward-centering term (mean squared reward).")
 @training_options(lr=2e-6, batch_size=512)
 @user_errors
+@stops_at_safe_points
 def rm(reward, pairs_file, center_coef, **kw):
     """Bradley-Terry training of a reward model on preference pairs."""
     from mtcore.outputs import one_writer
@@ -312,6 +332,7 @@ def rm(reward, pairs_file, center_coef, **kw):
               help='JSONL: {"prompt": str | messages, "response": str}.')
 @training_options(lr=1e-5, batch_size=64)
 @user_errors
+@stops_at_safe_points
 def sft(policy, data_file, **kw):
     """Supervised fine-tuning: the mean NLL of the response tokens."""
     from mtcore.outputs import one_writer
@@ -346,6 +367,7 @@ def loop_options(fn):
                    "stage after it again, e.g. when a model it wrote is damaged.")
 @loop_options
 @user_errors
+@stops_at_safe_points
 def train(out, config_file, redo, **options):
     """The Mutual-Taught iteration. With no --policy/--reward/--prompts: the built-in toy world.
 

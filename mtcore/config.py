@@ -56,7 +56,8 @@ class LoopConfig:
     decode_mode: str = "auto"
     device: str = ""
     grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
-    save_state_every: int = 0  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
+    save_state_every: int = 25  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
+    shard_prompts: int = 256  # prompts per rank between the saves of a sampling or scoring stage
     keep_candidates: bool = False  # keep every DPO candidate after select (default: the chosen one only)
     rm_eval: str = ""  # preference pairs JSONL: each iteration's RM is evaluated on it (RewardBench sections)
 
@@ -101,7 +102,12 @@ LOOP_HELP = {
                    "torch.compile); graphs (a captured CUDA graph, replayed).",
     "device": "cpu, cuda or cuda:N (default: cuda when available).",
     "grad_checkpointing": "Recompute each block's activations in backward (8B needs it).",
-    "save_state_every": "DPO/RM steps between resumable sharded state saves (0: never).",
+    "save_state_every": "DPO/RM steps between resumable state saves (0: never), so a killed stage redoes at "
+                        "most this many steps; SIGTERM/SIGUSR1 save the state at the end of the current step.",
+    "shard_prompts": "Prompts per rank in each saved shard of the sample, score, select and msample stages: a "
+                     "killed stage redoes at most one shard, and SIGTERM/SIGUSR1 stop the run after the current "
+                     "one (256 prompts x 5 samples of up to 1024 tokens at the 3,960 tokens/s measured for the "
+                     "8B shape on an H100: 2 to 6 minutes, computed).",
     "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
     "rm_eval": "Preference pairs JSONL (RewardBench's format): r_0 and each iteration's RM are evaluated on it.",
 }
@@ -120,11 +126,13 @@ LOOP_RANGES = {
     "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
     "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
     "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
+    "shard_prompts": _at_least(1),
     "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
 }
 
 
-RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "keep_candidates", "rm_eval")
+RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "shard_prompts",
+                "keep_candidates", "rm_eval")
 TOY_DEFAULTS = dict(iters=3, samples=5, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
                     selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,

@@ -19,31 +19,53 @@ from mtcore.sampler import SamplingParams, generate_responses, slot_len
 from mtcore.train import sequence_rewards
 
 
-def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, n: int, seed: int, meter=None) -> list[list[dict]]:
-    """n responses per prompt from a policy: [{"text", "token_ids", "finish_reason"}] per prompt (none
-    for a prompt too long for the model). Under torchrun each rank samples every world_size-th
-    prompt (seed + rank); all get them all."""
-    tokenizer = load_tokenizer(policy_dir, cfg.chat_template or None)
-    prompt_ids = [encode_prompt(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
-    model = load_model(policy_dir, "policy", device=device).eval()
-    params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                            seed=seed, stop_ids=tuple(stop_ids(tokenizer, policy_dir)))
-    out = [r or [] for r in generate_responses(model, tokenizer, prompt_ids, params,
-                                                max_len=slot_len(model, prompt_ids, params), on_overlong="skip",
-                                                kv_budget_bytes=int(cfg.kv_cache_gb * 2**30) or None, leave=False,
-                                                decode_mode=cfg.decode_mode)]
-    if meter is not None:
-        lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]
-        sampled = sum(len(r["token_ids"]) for rs in out for r in rs)  # the head runs for these only
-        meter.add(sum(lens), profile.matmul_flops(model.args, lens, head_tokens=sampled))
-    del model
-    return out
+class Sampler:
+    """A policy for several sampling calls: its tokenizer now, the model at the first call (a stage
+    whose shards are all saved never loads it)."""
+
+    def __init__(self, cfg: LoopConfig, device: torch.device, policy_dir: Path):
+        self.cfg, self.device, self.policy_dir = cfg, device, policy_dir
+        self.tokenizer = load_tokenizer(policy_dir, cfg.chat_template or None)
+        self.model = None
+
+    def __call__(self, prompts: list, n: int, seed: int, meter=None,
+                 prompt_keys: list[int] | None = None) -> list[list[dict]]:
+        """n responses per prompt: [{"text", "token_ids", "finish_reason"}] per prompt (none for a prompt
+        too long for the model). Prompt i draws from the random streams of (seed, prompt_keys[i])
+        (default: its index here), so a prompt's samples do not depend on the others or on the ranks.
+        Under torchrun each rank samples every world_size-th prompt; all get them all."""
+        cfg, tokenizer = self.cfg, self.tokenizer
+        prompt_ids = [encode_prompt(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
+        if self.model is None:
+            self.model = load_model(self.policy_dir, "policy", device=self.device).eval()
+        params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                seed=seed, stop_ids=tuple(stop_ids(tokenizer, self.policy_dir)))
+        out = [r or [] for r in generate_responses(self.model, tokenizer, prompt_ids, params,
+                                                    max_len=slot_len(self.model, prompt_ids, params),
+                                                    on_overlong="skip",
+                                                    kv_budget_bytes=int(cfg.kv_cache_gb * 2**30) or None, leave=False,
+                                                    decode_mode=cfg.decode_mode, prompt_keys=prompt_keys)]
+        if meter is not None:
+            lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]
+            sampled = sum(len(r["token_ids"]) for rs in out for r in rs)  # the head runs for these only
+            meter.add(sum(lens), profile.matmul_flops(self.model.args, lens, head_tokens=sampled))
+        return out
+
+    def first_answers(self, prompts: list, seed: int, meter=None, prompt_keys: list[int] | None = None) -> list[str]:
+        """One response text per prompt ("" for a prompt too long for the model)."""
+        return [r[0]["text"] if r else "" for r in self(prompts, 1, seed, meter, prompt_keys)]
+
+
+def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, n: int, seed: int,
+                     meter=None) -> list[list[dict]]:
+    """Sampler(...)(prompts, n, seed): one call, the model freed after it."""
+    return Sampler(cfg, device, policy_dir)(prompts, n, seed, meter)
 
 
 def first_answers(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, seed: int,
                   meter=None) -> list[str]:
     """One response text per prompt ("" for a prompt too long for the model)."""
-    return [r[0]["text"] if r else "" for r in sample_responses(cfg, device, policy_dir, prompts, 1, seed, meter)]
+    return Sampler(cfg, device, policy_dir).first_answers(prompts, seed, meter)
 
 
 def score_responses(cfg: LoopConfig, device: torch.device, reward_dir: Path, prompts: list, responses: list[list[str]], meter=None) -> list[list[float]]:
@@ -53,16 +75,19 @@ def score_responses(cfg: LoopConfig, device: torch.device, reward_dir: Path, pro
 
 
 class Scorer:
-    """A reward model loaded once (the tokenizer with it) for several score_responses calls."""
+    """A reward model for several score_responses calls: its tokenizer now, the model at the first
+    call (a stage whose shards are all saved never loads it)."""
 
     def __init__(self, cfg: LoopConfig, device: torch.device, reward_dir: Path):
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.reward_dir = cfg, device, reward_dir
         self.tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
-        self.model = load_model(reward_dir, "reward", device=device).eval()
+        self.model = None
         self.truncated = 0  # sequences cut to cfg.max_length, over every call
 
     @torch.no_grad()
     def __call__(self, prompts: list, responses: list[list[str]], meter=None) -> list[list[float]]:
+        if self.model is None:
+            self.model = load_model(self.reward_dir, "reward", device=self.device).eval()
         cfg, device, tokenizer, model = self.cfg, self.device, self.tokenizer, self.model
         examples, owner = [], []
         for i, (p, texts) in enumerate(zip(prompts, responses)):

@@ -13,6 +13,7 @@ ends as an uninterrupted run. Its numbers go to iter_t/<stage>.json and then int
 """
 
 import logging
+import shutil
 from pathlib import Path
 
 from mtcore import parallel, profile, rmeval, stages
@@ -42,6 +43,8 @@ def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path 
     if parallel.is_main():
         write_json(result_file, result)
     run.mark_done(key)
+    if parallel.is_main():  # the stage's shards are in its output now
+        shutil.rmtree(stages.shard_dir(run, t, name), ignore_errors=True)
     parallel.barrier()
     return result
 

@@ -8,7 +8,7 @@
   and are prefilled together.
 - decode_step: one token for each row (slot), at its own position, attending to its own filled prefix
   through kernels/decode_attention.py (Triton on CUDA: each KV head read once, in the cache's dtype).
-- sample: greedy, temperature, top-k, top-p, on the logits' device with a generator there.
+- sample: greedy, temperature, top-k, top-p, on the logits' device, each row from its own random stream.
 - generate: the scheduler, as small functions (admit, refill, decode, accept) over a SlotBatch that holds
   the slots' state on the host. The host knows every slot's length without reading the device; the
   one device-to-host copy per step is the sampled tokens, for the stop checks.
@@ -24,8 +24,9 @@ Decode modes (DECODE_MODES), all giving the same tokens:
 
 The model's modules are reused as they are: each Block is handed an attention function that also
 writes the cache (model.py knows nothing of caches). Greedy results do not depend on the slot count,
-the mode or queue order beyond floating-point noise; sampled results are reproducible for a given
-seed, slot count and device.
+the mode or queue order beyond floating-point noise. Sampled ones draw from one counter-based random
+stream per request (mtcore/draws.py): for a seed they do not depend on the slot count, the ranks or
+the order either, on one kind of device.
 """
 
 import logging
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
 from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
@@ -212,10 +214,11 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
     return model.lm_head(body.norm(x[:, 0])).float()
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """logits [R, V] fp32 -> token ids [R], on the logits' device (generator on that device too). Order as
-    transformers: temperature, top-k, top-p. Top-p on CUDA sorts (no host sync); on the CPU it draws
-    by rejection (nucleus_by_rejection), which is faster there and where a sync costs nothing."""
+def sample(logits: torch.Tensor, params: SamplingParams, draws: Draws) -> torch.Tensor:
+    """logits [R, V] fp32 -> token ids [R], on the logits' device, each row drawing from its own random
+    stream (draws: one row per logits row). Order as transformers: temperature, top-k, top-p. Top-p on
+    CUDA sorts (no host sync); on the CPU it draws by rejection (nucleus_by_rejection), which is faster
+    there and where a sync costs nothing."""
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = logits / params.temperature
@@ -224,23 +227,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)  # [R, V]
     if params.top_p >= 1.0:
-        return _draw(probs, generator)
+        return _draw(probs, draws.uniform())
     nucleus = nucleus_sorted if probs.is_cuda else nucleus_by_rejection
-    return nucleus(probs, params.top_p, generator)
+    return nucleus(probs, params.top_p, draws)
 
 
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse CDF
 
 
-def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One inverse-CDF draw per row of probs [R, V] (unnormalised) -> [R], in two levels: the block of
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One inverse-CDF draw per row of probs [R, V] (unnormalised), at the uniforms u [R, 1] in [0, 1)
+    -> [R], in two levels: the block of
     DRAW_BLOCK tokens the draw falls in (a cumsum over block sums), then the token within it (a cumsum
     of that block only). Exact, and a full-vocabulary cumsum (slow on the CPU) is never built."""
     R, V = probs.shape
     padded = F.pad(probs, (0, -V % DRAW_BLOCK)) if V % DRAW_BLOCK else probs  # (Llama-3's 128256 = 501 x 256)
     blocks = padded.view(R, -1, DRAW_BLOCK)  # [R, nb, B]
     block_cdf = blocks.sum(-1).cumsum(-1)  # [R, nb]
-    u = torch.rand(R, 1, generator=generator, device=probs.device) * block_cdf[:, -1:]  # [R, 1]
+    u = u.to(probs.device) * block_cdf[:, -1:]  # [R, 1]
     # right=True: the first entry > u, so never a zero-weight token (u may be 0); the clamps keep a draw
     # that rounding put at the very top on the last block, then token, with weight
     b = torch.minimum(torch.searchsorted(block_cdf, u, right=True), _last_positive(block_cdf))  # [R, 1]
@@ -256,20 +260,22 @@ def _last_positive(cdf: torch.Tensor) -> torch.Tensor:
     return (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
 
 
-def nucleus_sorted(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+def nucleus_sorted(probs: torch.Tensor, top_p: float, draws: Draws) -> torch.Tensor:
     """Top-p by sorting: keep the most probable tokens whose mass before them is < top_p, draw there."""
     sorted_probs, order = probs.sort(-1, descending=True)  # [R, V]
     kept = torch.where(sorted_probs.cumsum(-1) - sorted_probs < top_p, sorted_probs, 0.0)
-    return order.gather(1, _draw(kept, generator)[:, None]).squeeze(1)
+    return order.gather(1, _draw(kept, draws.uniform())[:, None]).squeeze(1)
 
 
-def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+def nucleus_by_rejection(probs: torch.Tensor, top_p: float, draws: Draws) -> torch.Tensor:
     """Top-p without sorting the vocabulary: draw from probs by inverse CDF, and keep the draw if it lies
     in the nucleus (the probability mass strictly above it is < top_p); redraw the rows that do not.
     Rejection from p restricted to a set samples p renormalised on that set, so this is the nucleus
     distribution exactly, at a cost of a few passes over [R, V] instead of a sort (a sort was 70% of
-    sampling time on CPU). A draw is rejected with probability <= 1 - top_p."""
-    tokens = _draw_in_nucleus(probs, top_p, generator)  # [R], -1 where rejected
+    sampling time on CPU). A draw is rejected with probability <= 1 - top_p. A row's k-th redraw is its
+    stream's attempt k at this position, so it does not depend on the other rows."""
+    tokens = _draw_in_nucleus(probs, top_p, draws.uniform())  # [R], -1 where rejected
+    attempt = 0
     while True:
         redo = (tokens < 0).nonzero().squeeze(1)  # the rows to draw again (only those are copied)
         if not redo.numel():
@@ -277,12 +283,13 @@ def nucleus_by_rejection(probs: torch.Tensor, top_p: float, generator) -> torch.
         again = probs[redo]
         if torch.isnan(again).any():  # a NaN row is never accepted
             raise MtcoreError("sampling: the logits hold NaN (the model's weights or inputs do)")
-        tokens[redo] = _draw_in_nucleus(again, top_p, generator)
+        attempt += 1
+        tokens[redo] = _draw_in_nucleus(again, top_p, draws.uniform(attempt, redo))
 
 
-def _draw_in_nucleus(probs, top_p, generator):
-    """One draw per row; -1 where it lies outside the top_p nucleus."""
-    draw = _draw(probs, generator)  # [R]
+def _draw_in_nucleus(probs, top_p, u):
+    """One draw per row at the uniforms u [R, 1]; -1 where it lies outside the top_p nucleus."""
+    draw = _draw(probs, u)  # [R]
     mass_above = (probs * (probs > probs.gather(1, draw[:, None]))).sum(-1)  # [R]
     return torch.where(mass_above < top_p, draw, -1)
 
@@ -301,12 +308,13 @@ class SlotBatch:
     prompt_len: list[int] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)  # generated so far
     logprobs: list[list[float]] = field(default_factory=list)
+    word: list[int] = field(default_factory=list)  # per slot: its request's random stream (draws.request_word)
     idle_steps: int = 0  # decode steps run while a slot was free and requests waited
 
     @classmethod
     def empty(cls, slots: int, device) -> "SlotBatch":
         return cls(torch.zeros(slots, dtype=torch.long, device=device), [-1] * slots, [0] * slots,
-                   [[] for _ in range(slots)], [[] for _ in range(slots)])
+                   [[] for _ in range(slots)], [[] for _ in range(slots)], [0] * slots)
 
     def free(self) -> list[int]:
         return [s for s, r in enumerate(self.request) if r < 0]
@@ -327,7 +335,7 @@ class _Job:
     params: SamplingParams
     max_len: int
     results: list
-    generator: torch.Generator
+    prompt_keys: list[int]  # per prompt: the key of its random streams (its index in the caller's whole list)
     stops: set[int]
 
 
@@ -336,9 +344,10 @@ def admit(batch: SlotBatch, queue: deque, job: _Job) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = {}
     for s in batch.free()[:len(queue)]:
         r = queue.popleft()
-        prompt = job.requests[r][0]
+        prompt, sample_index = job.requests[r]
         batch.request[s], batch.prompt_len[s] = r, len(job.prompts[prompt])
         batch.tokens[s], batch.logprobs[s] = [], []
+        batch.word[s] = request_word(job.params.seed, job.prompt_keys[prompt], sample_index)
         groups.setdefault(prompt, []).append(s)
     return groups
 
@@ -361,7 +370,9 @@ def accept(batch: SlotBatch, slot_ids: list[int], logits: torch.Tensor, job: _Jo
     """Sample a token for each slot from its logits row; finish the slots that stop. The tokens (and
     log-probs) come to the host in one copy, the step's only sync. Returns the number finished."""
     params = job.params
-    tokens = sample(logits, params, job.generator)  # [R]
+    draws = None if params.temperature == 0 else Draws(
+        _to_device([[batch.word[s], len(batch.tokens[s])] for s in slot_ids], logits.device))  # [R, 2]
+    tokens = sample(logits, params, draws)  # [R]
     batch.last[_to_device(slot_ids, tokens.device)] = tokens
     if params.logprobs:
         logps = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)  # [R]
@@ -458,9 +469,14 @@ def _cuda_graph(forward, device):
 
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
              max_len: int | None = None, on_overlong: str = "error", progress=None,
-             kv_budget_bytes: int | None = None, decode_mode: str = "auto") -> list[list[Completion] | None]:
+             kv_budget_bytes: int | None = None, decode_mode: str = "auto",
+             prompt_keys: list[int] | None = None) -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
+
+    Sample j of prompt i draws from its own random stream, keyed by (params.seed, prompt_keys[i], j)
+    (default keys: the prompts' indices): it does not depend on the slots, the other prompts, or the
+    order they are served in. Give each prompt its index in the whole list when serving a part of it.
 
     slots: concurrent sequences (default: slot_count, from kv_budget_bytes or the free GPU memory).
     max_len: tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings).
@@ -481,8 +497,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         return results
     cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
     device = cache.device
-    job = _Job(prompts, requests, params, max_len, results, torch.Generator(device=device).manual_seed(params.seed),
-               set(params.stop_ids))
+    prompt_keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
+    job = _Job(prompts, requests, params, max_len, results, prompt_keys, set(params.stop_ids))
     if decode_mode == "auto":
         decode_mode = "graphs" if device.type == "cuda" else "eager"
     decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
@@ -537,23 +553,23 @@ def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
                        kv_budget_bytes: int | None = None, leave: bool = True,
-                       decode_mode: str = "auto") -> list[list[dict] | None]:
+                       decode_mode: str = "auto", prompt_keys: list[int] | None = None) -> list[list[dict] | None]:
     """generate, with a progress bar, as response dicts {"text", "token_ids", "finish_reason"
     (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
-    each rank samples every world_size-th prompt (seed + rank) and every rank gets them all."""
-    from dataclasses import replace
-
+    each rank samples every world_size-th prompt and every rank gets them all; each prompt keeps its
+    random streams (prompt_keys, default its index here), so the samples do not depend on the ranks."""
     from tqdm import tqdm
 
     from mtcore import parallel
 
-    mine = replace(params, seed=params.seed + parallel.rank())  # world size 1: params as given
+    keyed = list(zip(range(len(prompts)) if prompt_keys is None else prompt_keys, prompts))
     with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * params.n, desc="generate", unit="seq",
               disable=parallel.progress_disabled(), leave=leave) as bar:
         results = parallel.map_shards(
-            lambda share: generate(model, share, mine, slots=slots, max_len=max_len, on_overlong=on_overlong,
-                                   progress=bar.update, kv_budget_bytes=kv_budget_bytes, decode_mode=decode_mode),
-            prompts)
+            lambda share: generate(model, [p for _, p in share], params, slots=slots, max_len=max_len,
+                                   on_overlong=on_overlong, progress=bar.update, kv_budget_bytes=kv_budget_bytes,
+                                   decode_mode=decode_mode, prompt_keys=[k for k, _ in share]),
+            keyed)
     stops = set(params.stop_ids)
     out = []
     for completions in results:
@@ -575,7 +591,7 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
                    device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "auto") -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
-    Under torchrun each rank samples every world_size-th prompt (seed + rank) and rank 0 writes them all."""
+    Under torchrun each rank samples every world_size-th prompt and rank 0 writes them all."""
     from mtcore import parallel
     from mtcore.checkpoint import load_model, resolve
     from mtcore.data import encode_prompt, load_tokenizer, prompt_of, read_jsonl, stop_ids, write_jsonl

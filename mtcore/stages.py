@@ -10,21 +10,87 @@ Under torchrun every rank runs each stage alike (generation, scoring and trainin
 gathered); rank 0 alone writes the run's files.
 """
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from mtcore import mutual_taught, parallel, profile, rmeval
+from mtcore import mutual_taught, parallel, preempt, profile, rmeval
 from mtcore.checkpoint import load_model, save_model, stored_dtype
 from mtcore.data import Example, encode_pair, encode_prompt, load_tokenizer, read_jsonl, write_jsonl
 from mtcore.errors import MtcoreError
-from mtcore.files import replace_dir
-from mtcore.inference import Scorer, first_answers, sample_responses, score_responses
+from mtcore.files import replace_dir, write_text_atomic
+from mtcore.inference import Sampler, Scorer
 from mtcore.rundir import Run
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
 from mtcore.train import check_training_disk, forward_flops, global_batches, prepare_examples
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# Shards: the long stages save their work as they go
+# ------------------------------------------------------------------------------------------------
+
+def shard_dir(run: Run, t: int, stage: str) -> Path:
+    """Where a stage keeps its finished shards until it is done (loop.run_stage removes it then)."""
+    return run.iter_dir(t) / f"{stage}.shards"
+
+
+def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn) -> list:
+    """fn(indices) -> one JSON-able result per index, over the items 0..n-1 in shards of
+    cfg.shard_prompts per rank (consecutive, on a fixed grid: the same in a resumed run as in an
+    uninterrupted one). Each finished shard is saved in <stage>.shards/<part>/ before the next starts,
+    and a rerun reads the saved ones instead of computing them again: a kill loses at most the shard
+    in progress. After each shard, a stop signal stops the run here (preempt.check)."""
+    directory = shard_dir(run, t, stage) / part
+    saved = _read_shards(directory)
+    size = run.cfg.shard_prompts * parallel.world_size()
+    results = [saved.get(i) for i in range(n)]
+    for start in range(0, n, size):
+        todo = [i for i in range(start, min(n, start + size)) if i not in saved]
+        if not todo:
+            continue
+        for i, r in zip(todo, fn(todo)):
+            results[i] = r
+        if parallel.is_main():
+            write_text_atomic(directory / f"{todo[0]:07d}-{todo[-1]:07d}.json",
+                              json.dumps({"indices": todo, "results": [results[i] for i in todo]}))
+        parallel.barrier()
+        preempt.check(f"in iteration {t}'s {stage} stage, with {min(n, start + size)} of {n} items of "
+                      f"{part} saved in {directory}")
+    return results
+
+
+def _read_shards(directory: Path) -> dict:
+    """{item index: result} of the shards saved in directory; a file that is not one is skipped (its
+    items are computed again)."""
+    saved = {}
+    for f in sorted(directory.glob("*.json")) if directory.is_dir() else ():
+        try:
+            shard = json.loads(f.read_text(encoding="utf-8"))
+            saved.update(zip(shard["indices"], shard["results"], strict=True))
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            log.warning("%s: not a shard mtcore wrote (%s); its items are computed again", f, e)
+    if saved:
+        log.info("%s: %d items saved by an earlier run", directory, len(saved))
+    return saved
+
+
+def _answers(run: Run, t: int, stage: str, part: str, sampler: Sampler, prompts: list, seed: int, meter) -> list[str]:
+    """One answer per prompt from `sampler`, in shards; prompt i draws from the streams of (seed, i)."""
+    return in_shards(run, t, stage, part, len(prompts),
+                     lambda idx: sampler.first_answers([prompts[i] for i in idx], seed, meter, prompt_keys=idx))
+
+
+def _scores(run: Run, t: int, stage: str, part: str, scorer: Scorer, prompts: list, responses: list[list[str]],
+            meter) -> list[list[float]]:
+    """scorer's rewards of every response, in shards of prompts."""
+    return in_shards(run, t, stage, part, len(prompts),
+                     lambda idx: scorer([prompts[i] for i in idx], [responses[i] for i in idx], meter))
+
 
 # ------------------------------------------------------------------------------------------------
 # E-step
@@ -32,10 +98,12 @@ from mtcore.train import check_training_disk, forward_flops, global_batches, pre
 
 
 def stage_sample(run: Run, t: int, meter) -> dict:
-    """pi_{t-1} samples M responses to each prompt of the split policy_t."""
-    prompts = run.splits[f"policy_{t}"]
-    responses = sample_responses(run.cfg, run.device, run.policy(t - 1), prompts, run.cfg.samples,
-                                 run.seed(t, "sample"), meter)
+    """pi_{t-1} samples M responses to each prompt of the split policy_t (prompt i from the random
+    streams of (seed, i), in shards)."""
+    prompts, seed = run.splits[f"policy_{t}"], run.seed(t, "sample")
+    sampler = Sampler(run.cfg, run.device, run.policy(t - 1))
+    responses = in_shards(run, t, "sample", "responses", len(prompts),
+                          lambda idx: sampler([prompts[i] for i in idx], run.cfg.samples, seed, meter, prompt_keys=idx))
     if parallel.is_main():
         write_jsonl(run.iter_dir(t) / "samples.jsonl",
                     [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
@@ -43,10 +111,10 @@ def stage_sample(run: Run, t: int, meter) -> dict:
 
 
 def stage_score(run: Run, t: int, meter) -> dict:
-    """r_{t-1} scores every response (re-tokenised with the reward model's own tokenizer)."""
+    """r_{t-1} scores every response (re-tokenised with the reward model's own tokenizer), in shards."""
     rows = read_jsonl(run.iter_dir(t) / "samples.jsonl")
-    scores = score_responses(run.cfg, run.device, run.reward(t - 1), [r["prompt"] for r in rows],
-                             [[x["text"] for x in r["responses"]] for r in rows], meter)
+    scores = _scores(run, t, "score", "rewards", Scorer(run.cfg, run.device, run.reward(t - 1)),
+                     [r["prompt"] for r in rows], [[x["text"] for x in r["responses"]] for r in rows], meter)
     for row, s in zip(rows, scores):
         row["rewards"] = s
     if parallel.is_main():
@@ -147,15 +215,20 @@ def stage_select(run: Run, t: int, meter) -> dict:
     seed = run.seed(t, "select")  # the same for every side: common random numbers
     steps = sorted(int(p.name.split("_")[1]) for p in (out / "candidates").glob("step_*"))
     # Every policy answers first (one model in memory at a time), then r_{t-1} is loaded once to
-    # judge them all, each candidate in a call of its own as pi_{t-1}'s.
-    previous = first_answers(cfg, run.device, run.policy(t - 1), prompts, seed, meter)
-    answers = {step: first_answers(cfg, run.device, out / "candidates" / f"step_{step}", prompts, seed, meter)
-               for step in steps}
+    # judge them all, each candidate in a call of its own as pi_{t-1}'s. Each part is saved in shards.
+    def answers_of(part, policy_dir):
+        return _answers(run, t, "select", part, Sampler(cfg, run.device, policy_dir), prompts, seed, meter)
+
+    def rewards(part, texts):
+        scored = _scores(run, t, "select", f"{part}_rewards", scorer, prompts, [[a] for a in texts], meter)
+        return [s[0] for s in scored]
+
+    previous = answers_of("previous", run.policy(t - 1))
+    answers = {step: answers_of(f"step_{step}", out / "candidates" / f"step_{step}") for step in steps}
     scorer = Scorer(cfg, run.device, run.reward(t - 1))
-    previous = [s[0] for s in scorer(prompts, [[a] for a in previous], meter)]
-    rates = {step: mutual_taught.win_rate([s[0] for s in scorer(prompts, [[a] for a in answers[step]], meter)],
-                                          previous)
-             for step in steps}
+
+    previous = rewards("previous", previous)
+    rates = {step: mutual_taught.win_rate(rewards(f"step_{step}", answers[step]), previous) for step in steps}
     del scorer
     best, stopped = mutual_taught.choose_candidate(rates, cfg.tau)
     if not stopped:
@@ -212,10 +285,10 @@ def stage_msample(run: Run, t: int, meter) -> dict:
     (mutual_taught.pseudo_pairs)."""
     prompts = run.splits["rm"]
     seed = run.seed(t, "msample")  # the same for both sides: common random numbers
-    new = first_answers(run.cfg, run.device, run.policy(t), prompts, seed, meter)
-    old = first_answers(run.cfg, run.device, run.policy(t - 1), prompts, seed, meter)
-    scores = score_responses(run.cfg, run.device, run.reward(t - 1), prompts, [[a, b] for a, b in zip(new, old)],
-                             meter)
+    new = _answers(run, t, "msample", "new", Sampler(run.cfg, run.device, run.policy(t)), prompts, seed, meter)
+    old = _answers(run, t, "msample", "old", Sampler(run.cfg, run.device, run.policy(t - 1)), prompts, seed, meter)
+    scores = _scores(run, t, "msample", "rewards", Scorer(run.cfg, run.device, run.reward(t - 1)), prompts,
+                     [[a, b] for a, b in zip(new, old)], meter)
     new_rewards, old_rewards = [s[0] for s in scores], [s[1] for s in scores]
     pairs, counts = mutual_taught.pseudo_pairs(prompts, new, old, new_rewards, old_rewards)
     if parallel.is_main():

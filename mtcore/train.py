@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from mtcore import parallel, profile
+from mtcore import parallel, preempt, profile
 from mtcore.checkpoint import inspect_checkpoint, load_model, resolve, save_model, stored_dtype
 from mtcore.data import Batch, Example, cut_to_length, load_tokenizer, make_batch, pack, read_demonstrations, read_pairs
 from mtcore.device import default_device, precision
@@ -315,7 +315,8 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
     cfg.save_state_every steps, and a fit that finds a state there resumes after its step.
 
     Raises NonFiniteLoss at a NaN/inf loss or gradient norm, before the optimizer step that would
-    apply it: the model is then as it was after the last good step."""
+    apply it: the model is then as it was after the last good step. After a stop signal
+    (mtcore/preempt.py) the state is saved at the end of the step and Preempted raised."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -364,10 +365,14 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
                 write_history(metrics_file, history)
             if on_step is not None:
                 on_step(step, len(steps), model)
-            if state_dir is not None and cfg.save_state_every and step % cfg.save_state_every == 0 \
-                    and step < len(steps):
+            stop = step < len(steps) and preempt.requested()
+            if state_dir is not None and step < len(steps) and (
+                    stop or cfg.save_state_every and step % cfg.save_state_every == 0):
                 parallel.save_train_state(state_dir, model, optimizer, {
                     "run": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            if stop:
+                raise preempt.Preempted(f"after step {step} of {len(steps)} of {desc}"
+                                        + (f" (its state saved in {state_dir})" if state_dir is not None else ""))
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row
                                                           else {}))

@@ -346,6 +346,7 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
     """Greedy: eager, compile and CUDA graphs give the same tokens as transformers; a decode step
     (eager and graphs) runs under torch.cuda.set_sync_debug_mode("error"), so it never syncs."""
     from mtcore import load_model
+    from mtcore.draws import Draws
     from mtcore.sampler import KVCache, SamplingParams, SlotBatch, eager_decoder, generate, prefill, sample, static_decoder
 
     hf = make_hf_model("policy", seed=13, rope_scaling=LLAMA3_SCALING, num_hidden_layers=3, head_dim=64)
@@ -373,8 +374,8 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
         torch.cuda.set_sync_debug_mode("error")
         try:  # the step, and the device side of accepting its tokens: sampling and the write of `last`
             slot_ids, logits = step(batch)
-            tokens = sample(logits, SamplingParams(temperature=0.8, top_p=0.9, top_k=20),
-                            torch.Generator(device=DEVICE).manual_seed(0))
+            keys = torch.tensor([[11, 1], [12, 1], [13, 1]]).pin_memory().to(DEVICE, non_blocking=True)
+            tokens = sample(logits, SamplingParams(temperature=0.8, top_p=0.9, top_k=20), Draws(keys))
             batch.last[torch.tensor(slot_ids).pin_memory().to(DEVICE, non_blocking=True)] = tokens
         finally:
             torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,188 @@
+"""A run survives its cluster: SIGTERM stops `mtcore train` at a safe point (a saved shard, a training
+step and its state), with one line and exit 143, and the rerun ends exactly as an uninterrupted run;
+a kill inside a sampling stage loses at most the shard in progress. Real signals, sent to this process
+from inside the stage (the handler is the one `mtcore train` installs)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import tiny_world
+from mtcore.cli import main
+from test_loop import TINY
+
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
+
+OUTPUTS = ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "pseudo_pairs.jsonl", "dpo_metrics.jsonl",
+           "rm_metrics.jsonl", "policy/model.safetensors", "reward/model.safetensors")
+TIMING = ("seconds", "tokens_per_s", "peak_memory_mib", "profile")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def train_args(world, out, **extra):
+    policy, reward, prompts = world
+    args = ["train", "--policy", str(policy), "--reward", str(reward), "--prompts", str(prompts), "--iters", "1",
+            "--out", str(out), "--shard-prompts", "3", "--save-state-every", "0"]
+    for k, v in {**TINY, **extra}.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+def jsonl_without_timing(path: Path):
+    return [without_timing(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path):
+    """Every output of iteration 1 byte for byte (metrics rows without their timing columns), and every
+    stage's numbers."""
+    for name in OUTPUTS:
+        fa, fb = a / "iter_1" / name, b / "iter_1" / name
+        if name.endswith("_metrics.jsonl"):
+            assert jsonl_without_timing(fa) == jsonl_without_timing(fb), name
+        else:
+            assert fa.read_bytes() == fb.read_bytes(), name
+    for stage in ("sample", "score", "pairs", "dpo", "select", "msample", "rm"):
+        ra = without_timing(json.loads((a / "iter_1" / f"{stage}.json").read_text()))
+        rb = without_timing(json.loads((b / "iter_1" / f"{stage}.json").read_text()))
+        assert ra == rb, stage
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    with pytest.MonkeyPatch.context() as patch:  # as torch_cpu_path does for the tests (a function fixture)
+        patch.setenv("TRITON_INTERPRET", "0")
+        result = CliRunner().invoke(main, train_args(world, out), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def sigterm_on_call(monkeypatch, owner, name, at_call):
+    """owner.name, wrapped: its at_call-th call sends SIGTERM to this process (after doing its work)."""
+    real, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["sampling", "scoring", "training"])
+def test_sigterm_stops_at_a_safe_point_and_the_rerun_equals_an_uninterrupted_run(world, uninterrupted, tmp_path,
+                                                                                  monkeypatch, where):
+    from mtcore import inference, train
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:  # undoes only this patch (not torch_cpu_path's)
+        if where == "sampling":  # the 2nd shard of the sample stage (14 prompts: shards of 3)
+            sigterm_on_call(patch, inference.Sampler, "__call__", 2)
+        elif where == "scoring":
+            sigterm_on_call(patch, inference.Scorer, "__call__", 2)
+        else:  # DPO's 2nd optimizer step
+            sigterm_on_call(patch, train, "accumulate_gradients", 2)
+        result = CliRunner().invoke(main, train_args(world, out))
+    assert result.exit_code == 143, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM") and last.endswith("rerun the same command to resume"), last
+    state = json.loads((out / "state.json").read_text()) if (out / "state.json").exists() else {"done": []}
+    if where == "sampling":
+        assert "shards" in last and state["done"] == []
+        assert len(list((out / "iter_1" / "sample.shards" / "responses").glob("*.json"))) == 2
+    elif where == "scoring":
+        assert state["done"] == ["iter_1/sample"]
+    else:
+        assert "after step 2 of" in last and (out / "iter_1" / "dpo_state" / "trainer.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the command gave the handler back
+    result = CliRunner().invoke(main, train_args(world, out), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert_same_run(uninterrupted, out)
+    assert not list((out / "iter_1").glob("*.shards"))  # a done stage keeps its output, not its shards
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing of the process runs after it."""
+
+
+def test_a_kill_in_sampling_redoes_at_most_one_shard(world, uninterrupted, tmp_path, monkeypatch):
+    from mtcore import inference
+
+    out = tmp_path / "run"
+    real, calls = inference.Sampler.__call__, []
+
+    def dies_in_the_third_shard(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):  # undoes only this patch
+        patch.setattr(inference.Sampler, "__call__", dies_in_the_third_shard)
+        CliRunner().invoke(main, train_args(world, out), catch_exceptions=False)
+    assert len(list((out / "iter_1" / "sample.shards" / "responses").glob("*.json"))) == 2
+    counted = []
+
+    def counting(self, prompts, *args, **kwargs):
+        counted.append(len(prompts))
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(inference.Sampler, "__call__", counting)
+    result = CliRunner().invoke(main, train_args(world, out), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    n_policy = 24 - TINY["selection_size"] - TINY["rm_split_size"]
+    # the sample stage's remaining prompts only (14 - 6 saved), then select's and msample's answers
+    assert counted[:3] == [3, 3, 2] and sum(counted[:3]) == n_policy - 6
+    assert (out / "iter_1" / "samples.jsonl").read_bytes() == (uninterrupted / "iter_1" / "samples.jsonl").read_bytes()
+    assert_same_run(uninterrupted, out)
+
+
+def test_a_second_signal_stops_at_once():
+    """After the first SIGTERM a command goes on to its safe point; a second one ends it at once, by the
+    signal (exit status -15 to the parent), with the first one's line printed."""
+    code = ("import os, signal, time\n"
+            "from mtcore import preempt\n"
+            "preempt.install()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "assert preempt.requested()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "time.sleep(5)\n"
+            "print('still running')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGTERM, (result.returncode, result.stderr)
+    assert "SIGTERM received: stopping at the next safe point" in result.stderr
+    assert "still running" not in result.stdout
+
+
+def test_sigusr1_stops_like_sigterm():
+    code = ("import os, signal\n"
+            "from mtcore import preempt\n"
+            "preempt.install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "try:\n"
+            "    preempt.check('at the test point')\n"
+            "except preempt.Preempted as e:\n"
+            "    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "stopped by SIGUSR1 at the test point; rerun the same command to resume"
