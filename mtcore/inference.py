@@ -26,6 +26,7 @@ class Sampler:
     def __init__(self, cfg: LoopConfig, device: torch.device, policy_dir: Path):
         self.cfg, self.device, self.policy_dir = cfg, device, policy_dir
         self.tokenizer = load_tokenizer(policy_dir, cfg.chat_template or None)
+        self.stops = tuple(stop_ids(self.tokenizer, policy_dir))  # once, not at every shard
         self.model = None
 
     def __call__(self, prompts: list, n: int, seed: int, meter=None,
@@ -39,7 +40,7 @@ class Sampler:
         if self.model is None:
             self.model = load_model(self.policy_dir, "policy", device=self.device).eval()
         params = SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                seed=seed, stop_ids=tuple(stop_ids(tokenizer, self.policy_dir)))
+                                seed=seed, stop_ids=self.stops)
         out = [r or [] for r in generate_responses(self.model, tokenizer, prompt_ids, params,
                                                     max_len=slot_len(self.model, prompt_ids, params),
                                                     on_overlong="skip",
