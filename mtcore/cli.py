@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import sys
+from pathlib import Path
 
 import click
 
@@ -184,7 +185,9 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
               help='JSONL: {"prompt": ...} or {"messages": [...]}, extra fields kept.')
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Output JSONL: each prompt's row plus its \"responses\".")
-@click.option("--n", default=1, show_default=True, type=COUNT, help="Samples per prompt.")
+@click.option("--samples", "--n", "n", default=1, show_default=True, type=COUNT,
+              help="Samples per prompt (--n is the same option; under torchrun write --samples, since torchrun "
+                   "takes --n for a prefix of its own --nnodes/--nproc-per-node).")
 @click.option("--temperature", default=1.0, show_default=True, type=AT_LEAST_0, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=PROBABILITY, help="Nucleus sampling mass, in (0, 1].")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
@@ -383,8 +386,7 @@ def train(out, config_file, redo, **options):
         echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
              f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
         metrics = loop.train(run, echo=echo)
-    echo(f"done: {len(metrics['iterations'])} iterations; final policy {metrics['final_policy']}; "
-         f"metrics in {out}/metrics.json")
+    echo(loop.ending(Path(out), metrics))
 
 
 @main.command(name="build-toy")

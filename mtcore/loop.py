@@ -95,9 +95,9 @@ def write_run_metrics(run: Run) -> dict:
         if "eval" in entry:
             entry.update({k: v for k, v in entry["eval"].items() if k != "profile"})
         iterations.append(entry)
-    done = [e["iteration"] for e in iterations if (run.iter_dir(e["iteration"]) / "policy").exists()]
-    metrics = {"iterations": iterations, "stopped_at": run.state["stopped_at"],
-               "final_policy": str(run.policy(done[-1] if done else 0))}
+    kept = final_iteration(run, [e["iteration"] for e in iterations])
+    metrics = {"iterations": iterations, "stopped_at": run.state["stopped_at"], "final_iteration": kept,
+               "final_policy": _in_run(run, run.policy(kept)), "final_reward": _in_run(run, run.reward(kept))}
     if (run.dir / "initial.json").exists():
         metrics["initial"] = read_json(run.dir / "initial.json")
     if (run.dir / "initial_rmeval.json").exists():
@@ -107,6 +107,35 @@ def write_run_metrics(run: Run) -> dict:
             changed or not (run.dir / "metrics.png").exists()):
         run.world.plot(run.dir / "metrics.png", metrics)
     return metrics
+
+
+def final_iteration(run: Run, iterations: list[int]) -> int:
+    """The iteration whose models the run ends with: the last one finished, or, where select stopped
+    the run early at t (iter_t keeps the models it started from), t - 1 (0: the base models)."""
+    done = [t for t in iterations if (run.iter_dir(t) / "policy").exists() and t != run.state["stopped_at"]]
+    return done[-1] if done else 0
+
+
+def _in_run(run: Run, path: Path) -> str:
+    """A model's path as metrics.json stores it: relative to the run directory where it lies inside it
+    (a run moved or mounted elsewhere still names its own files), else as given."""
+    try:
+        return str(Path(path).relative_to(run.dir))
+    except ValueError:
+        return str(path)
+
+
+def ending(out: Path, metrics: dict) -> str:
+    """The run's last lines: how it ended, and where its models, metrics and plot are."""
+    n, stopped, kept = len(metrics["iterations"]), metrics["stopped_at"], metrics["final_iteration"]
+    kept_name = f"iteration {kept}'s" if kept else "the base models"
+    head = (f"stopped early at iteration {stopped} (its best win rate was below tau): the final models are "
+            f"{kept_name}" if stopped is not None else f"done: {n} iterations")
+    lines = [head, f"  final policy  {out / metrics['final_policy']}",
+             f"  reward model  {out / metrics['final_reward']}", f"  metrics       {out / 'metrics.json'}"]
+    if (out / "metrics.png").exists():
+        lines.append(f"  plot          {out / 'metrics.png'}")
+    return "\n".join(lines)
 
 
 def _three(x) -> str:
@@ -145,4 +174,7 @@ def summary(run: Run, t: int, r: dict) -> str:
     if "rmeval" in r:
         lines.append("RM eval " + rmeval.sections_line(r["rmeval"]))
     lines.append("time    " + ", ".join(f"{k} {v['profile']['seconds']:.1f}s" for k, v in r.items()))
+    plot = run.dir / "metrics.png"
+    lines.append(f"files   policy {run.policy(t)}, reward model {run.reward(t)}, {run.dir / 'metrics.json'}"
+                 + (f", {plot}" if plot.exists() else ""))
     return "\n".join(lines)

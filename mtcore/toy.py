@@ -550,6 +550,11 @@ def _mean(xs) -> float:
 
 
 METRIC_KEYS = ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout")
+METRIC_TITLES = {"gold_win_rate_vs_initial": "policy: gold win rate vs pi_0", "gold_score": "policy: gold score",
+                 "rm_accuracy_current_policy": "RM: accuracy on the policy's pairs",
+                 "rm_accuracy_heldout": "RM: accuracy on held-out pairs"}
+METRIC_UNITS = {"gold_win_rate_vs_initial": "win rate (ties 1/2)", "gold_score": "mean gold score",
+                "rm_accuracy_current_policy": "accuracy", "rm_accuracy_heldout": "accuracy"}
 
 
 def plot(path, metrics: dict) -> None:
@@ -565,14 +570,18 @@ def plot(path, metrics: dict) -> None:
     entries = ([metrics["initial"]] if "initial" in metrics else []) + [e for e in metrics["iterations"] if
                                                                         "gold_score" in e]
     xs = ([0] if "initial" in metrics else []) + [e["iteration"] for e in metrics["iterations"] if "gold_score" in e]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for key in METRIC_KEYS:
-        ax.plot(xs, [e[key] for e in entries], marker="o", label=key)
-    ax.set_xlabel("iteration")
-    ax.set_xticks(xs)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, len(METRIC_KEYS), figsize=(3.2 * len(METRIC_KEYS), 3.2), dpi=100)
+    for ax, key in zip(axes, METRIC_KEYS):
+        ax.plot(xs, [e[key] for e in entries], marker="o")
+        ax.set_title(METRIC_TITLES[key], fontsize=9)
+        ax.set_xlabel("iteration (0: the initial models)", fontsize=8)
+        ax.set_ylabel(METRIC_UNITS[key], fontsize=8)
+        ax.set_xticks(xs)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"mtcore train on the toy world: gold-judged metrics per iteration"
+                 + (f" (stopped at iteration {metrics['stopped_at']})" if metrics.get("stopped_at") else ""),
+                 fontsize=10)
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     try:

@@ -192,6 +192,8 @@ CASES = [
     ("convert-strange-partial", "convert {w}/policy {w}/strange_out", "was not written by", ["strange_out"]),
     # mtcore generate
     ("gen-n-0", GEN + " --out {w}/g.jsonl --n 0", "--n", ["g.jsonl"]),
+    ("gen-samples-0", GEN + " --out {w}/g.jsonl --samples 0", "--samples", ["g.jsonl"]),
+    ("gen-samples-text", GEN + " --out {w}/g.jsonl --samples two", "--samples", ["g.jsonl"]),
     ("gen-temp-nan", GEN + " --out {w}/g.jsonl --temperature nan", "not a finite number", ["g.jsonl"]),
     ("gen-temp-inf", GEN + " --out {w}/g.jsonl --temperature inf", "not a finite number", ["g.jsonl"]),
     ("gen-temp-neg", GEN + " --out {w}/g.jsonl --temperature -1", "--temperature", ["g.jsonl"]),

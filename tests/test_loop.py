@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_world
 from mtcore import MtcoreError
 from mtcore.config import resolve_config
-from mtcore.loop import train
+from mtcore.loop import ending, train
 from mtcore.mutual_taught import best_worst_pair, mutual_pair, pseudo_pair_filter, win_rate
 from mtcore.rundir import Run
 
@@ -144,8 +144,13 @@ def test_tau_stops_early_and_keeps_the_previous_policy(tmp_path):
     for kind, base in (("policy", policy), ("reward", reward)):
         kept, start = load_model(run.iter_dir(1) / kind, kind=kind), load_model(base, kind=kind)
         assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), start.state_dict().values()))
-    assert metrics["final_policy"] == str(run.iter_dir(1) / "policy")
+    # the run ends with the models of the iteration it kept: the base ones, named by their own paths
+    assert metrics["final_iteration"] == 0
+    assert (metrics["final_policy"], metrics["final_reward"]) == (str(policy), str(reward))
     assert "stopping early" in lines[0]
+    assert ending(run.dir, metrics).splitlines()[:3] == [
+        "stopped early at iteration 1 (its best win rate was below tau): the final models are the base models",
+        f"  final policy  {policy}", f"  reward model  {reward}"]
 
 
 def test_no_m_step_baseline_pairs_best_against_worst(tmp_path):
@@ -278,7 +283,10 @@ def test_summary_of_a_finished_stage_read_back_with_null_accuracies():
          "eval": {"gold_win_rate_vs_initial": 0.5, "gold_score": 0.7, "rm_accuracy_current_policy": None,
                   "rm_accuracy_heldout": 0.9, "estep_pairs_gold_accuracy": 0.95, "estep_pairs_gold_ties": 1,
                   "pseudo_pairs_gold_accuracy": None, "pseudo_pairs_gold_ties": 0, **prof}}
-    text = summary(SimpleNamespace(cfg=SimpleNamespace(tau=0.6, m_step=False)), 1, json.loads(json.dumps(r)))
+    run = SimpleNamespace(cfg=SimpleNamespace(tau=0.6, m_step=False), dir=Path("runs/x"),
+                          policy=lambda t: Path(f"runs/x/iter_{t}/policy"), reward=lambda t: Path("rm"))
+    text = summary(run, 1, json.loads(json.dumps(r)))
     assert "current policy -, held-out 0.900" in text and "pseudo-pairs - (0 gold ties)" in text
+    assert text.splitlines()[-1] == "files   policy runs/x/iter_1/policy, reward model rm, runs/x/metrics.json"
     r["eval"]["rm_accuracy_current_policy"] = float("nan")  # as a fresh run holds it
-    assert "current policy -, held-out" in summary(SimpleNamespace(cfg=SimpleNamespace(tau=0.6, m_step=False)), 1, r)
+    assert "current policy -, held-out" in summary(run, 1, r)

@@ -266,7 +266,7 @@ def test_torchrun_dpo_matches_one_process(world, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_generate_and_score_equal_one_process(world, tmp_path):
-    """Sampled generation (T 0.8, top-p 0.95) gathered from 2 ranks equals 1 rank's
+    """Sampled generation (2 samples per prompt, T 0.8, top-p 0.95) gathered from 2 ranks equals 1 rank's
     token for token, in prompt order: each request draws from its own random stream, whichever rank
     serves it. So do the scores."""
     from click.testing import CliRunner
@@ -276,7 +276,7 @@ def test_torchrun_generate_and_score_equal_one_process(world, tmp_path):
     policy, reward, prompts, _ = world
     runner = CliRunner()
     gen = ["generate", "--policy", policy, "--prompts", prompts, "--temperature", 0.8, "--top-p", 0.95,
-           "--max-new-tokens", 8, "--seed", 7]  # (torchrun takes `--n` for a prefix of its own options)
+           "--samples", 2, "--max-new-tokens", 8, "--seed", 7]  # (not --n: torchrun takes it for its own)
     score = ["score", "--reward", reward, "--micro-batch-tokens", 128]
     for args in (gen + ["--out", tmp_path / "one.jsonl"],
                  score + ["--prompts-with-responses", tmp_path / "one.jsonl", "--out", tmp_path / "one_scored.jsonl"]):
@@ -289,6 +289,7 @@ def test_torchrun_generate_and_score_equal_one_process(world, tmp_path):
     assert [r["id"] for r in two] == list(range(24))
     assert [r["responses"] for r in one] == [r["responses"] for r in two]
     assert len({tuple(r["responses"][0]["token_ids"]) for r in one}) > 1
+    assert any(r["responses"][0]["token_ids"] != r["responses"][1]["token_ids"] for r in one)  # it does sample
     for a, b in zip(one, two):
         assert a["rewards"] == pytest.approx(b["rewards"], rel=1e-5, abs=1e-6)
 
