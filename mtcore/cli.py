@@ -9,6 +9,7 @@ import errno
 import functools
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -111,7 +112,34 @@ COUNT = click.IntRange(min=1)
 SEED = click.IntRange(min=0, max=2**63 - 1)
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)."
 TEMPLATE_HELP = "A Jinja file, or 'llama3', when the tokenizer has none."
+LOG_EVERY_HELP = "Seconds between progress lines in the log when stderr is not a terminal (there: a bar)."
+REPORT_TO_HELP = ("Log every training step (loss, accuracy, lr, ...) to tensorboard, wandb, or both (comma-separated); "
+                  "needs the extra of that name: pip install 'mtcore[tensorboard]'.")
 OVERWRITE_HELP = "Replace an --out that holds something else than this command's previous output."
+SOURCE_HELP = ("JSONL, Parquet, or a Hugging Face dataset (a save_to_disk directory, or a hub id in the local cache: "
+               "never downloaded)")
+COLUMN_HELP = {"prompt": 'The column (JSONL: field) holding each prompt: a string or a messages list ("prompt" also '
+                         'takes "messages").',
+               "chosen": "The column holding the chosen response: a string, or messages ending with it.",
+               "rejected": "The column holding the rejected response, likewise.",
+               "response": "The column holding the response, likewise."}
+
+
+def source_options(option: str, *columns: str):
+    """--OPTION-split, and --COLUMN-field for each column the data needs (data.Source)."""
+    def decorate(fn):
+        for column in reversed(columns):
+            fn = click.option(f"--{column}-field", default=column, show_default=True, help=COLUMN_HELP[column])(fn)
+        return click.option(f"--{option}-split", default=None, metavar="SPLIT",
+                            help=f"The split of a --{option} dataset to read (default: its only one).")(fn)
+    return decorate
+
+
+def _source(path, option: str, kw: dict, *columns: str):
+    """The data.Source of --OPTION with its split and column options (read from kw)."""
+    from mtcore.data import Source
+
+    return Source(path, kw[f"{option}_split"], f"--{option}-split", **{c: kw[f"{c}_field"] for c in columns})
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,27 +150,37 @@ def main(verbose):
 
     Under torchrun (`torchrun --nproc_per_node N -m mtcore ...`) every command runs on all ranks;
     rank 0 alone logs information, shows progress and writes the outputs."""
-    from mtcore import parallel
+    main_rank = True
+    if _under_torchrun():  # (torch is imported only then, or by the command that needs it: --help is quick)
+        from mtcore import parallel
 
-    parallel.init()
-    level = logging.DEBUG if verbose else logging.INFO if parallel.is_main() else logging.WARNING
+        parallel.init()
+        main_rank = parallel.is_main()
+    level = logging.DEBUG if verbose else logging.INFO if main_rank else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
 
 
 @main.result_callback()
 def _finished(*_, **__):
     """After a command that succeeded under torchrun: leave together and exit (parallel.finish)."""
-    from mtcore import parallel
+    if _under_torchrun():
+        from mtcore import parallel
 
-    parallel.finish()
+        parallel.finish()
 
 
 def echo(message: str) -> None:
     """click.echo on rank 0 only (every rank would print the same line)."""
-    from mtcore import parallel
+    if _under_torchrun():
+        from mtcore import parallel
 
-    if parallel.is_main():
-        click.echo(message)
+        if not parallel.is_main():
+            return
+    click.echo(message)
 
 
 @main.command()
@@ -181,8 +219,9 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 
 @main.command()
 @click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
-@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
-              help='JSONL: {"prompt": ...} or {"messages": [...]}, extra fields kept.')
+@click.option("--prompts", "prompts_file", required=True, metavar="SOURCE",
+              help=f'{SOURCE_HELP}: rows {{"prompt": ...}} or {{"messages": [...]}}, extra fields kept.')
+@source_options("prompts", "prompt")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False),
               help="Output JSONL: each prompt's row plus its \"responses\".")
 @click.option("--samples", "--n", "n", default=1, show_default=True, type=COUNT,
@@ -210,9 +249,10 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 @click.option("--logprobs", is_flag=True, help="Also write each sampled token's log-prob.")
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--log-every", default=30.0, show_default=True, type=AT_LEAST_0, help=LOG_EVERY_HELP)
 @user_errors
 def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
-             decode_mode, max_len, skip_overlong, chat_template, logprobs, device, overwrite):
+             decode_mode, max_len, skip_overlong, chat_template, logprobs, device, overwrite, log_every, **source):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
     from mtcore.device import default_device
     from mtcore.outputs import check_out_file
@@ -222,10 +262,11 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                             seed=seed, logprobs=logprobs)
     device = default_device(device)
-    counts = generate_jsonl(policy, prompts_file, out_file, params, slots=slots, chat_template=chat_template,
+    prompts = _source(prompts_file, "prompts", source, "prompt")
+    counts = generate_jsonl(policy, prompts, out_file, params, slots=slots, chat_template=chat_template,
                             skip_overlong=skip_overlong, max_len=max_len, device=device,
                             kv_budget_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
-                            decode_mode=decode_mode)
+                            decode_mode=decode_mode, log_every=log_every)
     echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
          + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
 
@@ -242,7 +283,7 @@ def _field_option(f, default, help_text):
 def training_options(lr, batch_size):
     """The options every trainer command shares: TrainConfig's fields (lr and batch size default to
     the paper's per command; TrainConfig checks the ranges), then the data and output options."""
-    from mtcore.train import TRAIN_HELP, TrainConfig
+    from mtcore.config import TRAIN_HELP, TrainConfig
 
     def decorate(fn):
         defaults = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, "lr": lr, "batch_size": batch_size}
@@ -258,6 +299,10 @@ def training_options(lr, batch_size):
             click.option("--chat-template", default=None, help=TEMPLATE_HELP),
             click.option("--device", default=None, help=DEVICE_HELP),
             click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP),
+            click.option("--report-to", default="", help=REPORT_TO_HELP),
+            click.option("--run-name", default=None, help="The TensorBoard/wandb run's name (default: OUT's name)."),
+            click.option("--logging-dir", default=None, type=click.Path(file_okay=False),
+                         help="Where --report-to writes (default: OUT/tb, swapped in with the model)."),
         ]
         for option in reversed(options):
             fn = option(fn)
@@ -267,9 +312,19 @@ def training_options(lr, batch_size):
 
 def _train_config(kw):
     """TrainConfig from the options (it checks every range), the rest left in kw."""
-    from mtcore.train import TrainConfig
+    from mtcore.config import TrainConfig
 
     return TrainConfig(**{f.name: kw.pop(f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def _reporter(kw):
+    """--report-to's report.Reporter (None without it), checked before any work; its options left out of kw."""
+    from pathlib import Path
+
+    from mtcore import report
+
+    report_to, run_name, logging_dir = kw.pop("report_to"), kw.pop("run_name"), kw.pop("logging_dir")
+    return report.reporter(report_to, run_name or Path(kw["out"]).name, logging_dir)
 
 
 def _report(out, history):
@@ -281,8 +336,9 @@ def _report(out, history):
 
 @main.command()
 @click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
-@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
-              help='JSONL: {"prompt": str | messages, "chosen": str, "rejected": str}.')
+@click.option("--pairs", "pairs_file", required=True, metavar="SOURCE",
+              help=f'{SOURCE_HELP}: rows {{"prompt": str | messages, "chosen": str, "rejected": str}}.')
+@source_options("pairs", "prompt", "chosen", "rejected")
 @click.option("--ref", default=None, help="Reference model (default: the policy as given).")
 @click.option("--beta", default=0.01, show_default=True, type=POSITIVE,
               help="Strength of the pull to the reference policy.")
@@ -299,19 +355,21 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
     from mtcore.outputs import one_writer
     from mtcore.train import run_dpo
 
-    cfg = _train_config(kw)
+    cfg, reporter = _train_config(kw), _reporter(kw)
     with one_writer(kw["out"]):
-        history = run_dpo(policy, pairs_file, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
+        pairs = _source(pairs_file, "pairs", kw, "prompt", "chosen", "rejected")
+        history = run_dpo(policy, pairs, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
                           label_smoothing=label_smoothing, length_normalize=length_normalize,
                           max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"],
-                          overwrite=kw["overwrite"])
+                          overwrite=kw["overwrite"], reporter=reporter)
     _report(kw["out"], history)
 
 
 @main.command()
 @click.option("--reward", required=True, help="Reward model checkpoint to start from: directory or hub id.")
-@click.option("--pairs", "pairs_file", required=True, type=click.Path(dir_okay=False),
-              help='JSONL: {"prompt", "chosen", "rejected", "margin"?: float}.')
+@click.option("--pairs", "pairs_file", required=True, metavar="SOURCE",
+              help=f'{SOURCE_HELP}: rows {{"prompt", "chosen", "rejected", "margin"?: float}}.')
+@source_options("pairs", "prompt", "chosen", "rejected")
 @click.option("--center-coef", default=0.0, show_default=True, type=AT_LEAST_0,
               help="Weight of the reward-centering term (mean squared reward).")
 @training_options(lr=2e-6, batch_size=512)
@@ -322,17 +380,19 @@ def rm(reward, pairs_file, center_coef, **kw):
     from mtcore.outputs import one_writer
     from mtcore.train import run_rm
 
-    cfg = _train_config(kw)
+    cfg, reporter = _train_config(kw), _reporter(kw)
     with one_writer(kw["out"]):
-        history = run_rm(reward, pairs_file, kw["out"], cfg, center_coef=center_coef, max_length=kw["max_length"],
-                         chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
+        pairs = _source(pairs_file, "pairs", kw, "prompt", "chosen", "rejected")
+        history = run_rm(reward, pairs, kw["out"], cfg, center_coef=center_coef, max_length=kw["max_length"],
+                         chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"], reporter=reporter)
     _report(kw["out"], history)
 
 
 @main.command()
 @click.option("--policy", required=True, help="Policy checkpoint: directory or hub id.")
-@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False),
-              help='JSONL: {"prompt": str | messages, "response": str}.')
+@click.option("--data", "data_file", required=True, metavar="SOURCE",
+              help=f'{SOURCE_HELP}: rows {{"prompt": str | messages, "response": str}}.')
+@source_options("data", "prompt", "response")
 @training_options(lr=1e-5, batch_size=64)
 @user_errors
 @stops_at_safe_points
@@ -341,10 +401,11 @@ def sft(policy, data_file, **kw):
     from mtcore.outputs import one_writer
     from mtcore.train import run_sft
 
-    cfg = _train_config(kw)
+    cfg, reporter = _train_config(kw), _reporter(kw)
     with one_writer(kw["out"]):
-        history = run_sft(policy, data_file, kw["out"], cfg, max_length=kw["max_length"],
-                          chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"])
+        data = _source(data_file, "data", kw, "prompt", "response")
+        history = run_sft(policy, data, kw["out"], cfg, max_length=kw["max_length"],
+                          chat_template=kw["chat_template"], device=kw["device"], overwrite=kw["overwrite"], reporter=reporter)
     _report(kw["out"], history)
 
 
@@ -375,17 +436,18 @@ def train(out, config_file, redo, **options):
     """The Mutual-Taught iteration. With no --policy/--reward/--prompts: the built-in toy world.
 
     --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
-    from mtcore import loop, toy
+    from mtcore import loop, report, toy
     from mtcore.config import read_config_file, resolve_config
     from mtcore.outputs import one_writer
     from mtcore.rundir import Run
 
     cfg = resolve_config(read_config_file(config_file) if config_file else {}, options)
+    reporter = report.reporter(cfg.report_to, cfg.run_name or Path(out).name, cfg.logging_dir or None)
     with one_writer(out):
         run = Run(out, cfg, world=None if cfg.policy else toy.world(), redo=redo)
         echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
              f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
-        metrics = loop.train(run, echo=echo)
+        metrics = loop.train(run, echo=echo, reporter=reporter)
     echo(loop.ending(Path(out), metrics))
 
 
@@ -431,14 +493,15 @@ def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error):
               help="Token budget of one packed forward (at least the longest sequence).")
 @click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+@click.option("--log-every", default=30.0, show_default=True, type=AT_LEAST_0, help=LOG_EVERY_HELP)
 @user_errors
-def score(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device, overwrite):
+def score(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device, overwrite, log_every):
     """Score every response with a reward model: the same rows plus "rewards"."""
     from mtcore.commands import score_jsonl
     from mtcore.outputs import check_out_file
 
     check_out_file(out_file, (in_file, chat_template), overwrite, looks_like=lambda row: "rewards" in row)
-    n = score_jsonl(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device)
+    n = score_jsonl(reward, in_file, out_file, chat_template, max_length, micro_batch_tokens, device, log_every)
     echo(f"wrote {out_file}: {n} responses scored")
 
 
@@ -446,11 +509,13 @@ def score(reward, in_file, out_file, chat_template, max_length, micro_batch_toke
 @click.option("--policy", default=None, help="Policy to evaluate (default, toy world: the built-in initial policy).")
 @click.option("--reward", default=None, help="The RM to measure: with --pairs any RM; toy world: default the "
               "built-in base RM.")
-@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
-              help="Real models: prompts JSONL; writes AlpacaEval-format outputs for an external judge.")
-@click.option("--pairs", "pairs_file", default=None, type=click.Path(dir_okay=False),
-              help='With --reward: RM accuracy on JSONL pairs {"prompt" | "messages", "chosen", "rejected", '
-                   '"subset"?} per subset and RewardBench section.')
+@click.option("--prompts", "prompts_file", default=None, metavar="SOURCE",
+              help=f"Real models: prompts ({SOURCE_HELP}); writes AlpacaEval-format outputs for an external judge.")
+@source_options("prompts", "prompt")
+@click.option("--pairs", "pairs_file", default=None, metavar="SOURCE",
+              help=f'With --reward: RM accuracy on pairs {{"prompt" | "messages", "chosen", "rejected", "subset"?}} '
+                   f'({SOURCE_HELP}) per subset and RewardBench section.')
+@source_options("pairs", "chosen", "rejected")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Output JSON.")
 @click.option("--temperature", default=None, type=AT_LEAST_0, help="Default: greedy (real models), 0.8 with top-p 0.95 (toy world).")
 @click.option("--max-new-tokens", default=None, type=COUNT, help="Default: 1024 (real models), 20 (toy world).")
@@ -462,7 +527,7 @@ def score(reward, in_file, out_file, chat_template, max_length, micro_batch_toke
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @user_errors
 def eval_command(policy, reward, prompts_file, pairs_file, out_file, temperature, max_new_tokens, samples, generator,
-             seed, chat_template, device, overwrite):
+             seed, chat_template, device, overwrite, **source):
     """Evaluate a policy: toy world gold metrics (no --prompts), or AlpacaEval outputs (--prompts); or an RM
     on preference pairs (--reward --pairs: RewardBench's sections)."""
     from mtcore import commands, rmeval, toy
@@ -477,7 +542,8 @@ def eval_command(policy, reward, prompts_file, pairs_file, out_file, temperature
     if pairs_file:
         if not reward:
             raise MtcoreError("--pairs needs --reward")
-        result = commands.rm_eval_file(reward, pairs_file, out_file, chat_template=chat_template, device=device)
+        pairs = _source(pairs_file, "pairs", source, "prompt", "chosen", "rejected")
+        result = commands.rm_eval_file(reward, pairs, out_file, chat_template=chat_template, device=device)
         echo(f"{rmeval.table(result)}\nwrote {out_file}")
         return
     if prompts_file:
@@ -485,8 +551,8 @@ def eval_command(policy, reward, prompts_file, pairs_file, out_file, temperature
             raise MtcoreError("--prompts needs --policy")
         cfg = LoopConfig(temperature=0.0 if temperature is None else temperature, top_p=1.0,
                          max_new_tokens=max_new_tokens or 1024, seed=seed, chat_template=chat_template or "")
-        n = commands.alpaca_eval_outputs(cfg, device, policy, prompts_file, out_file,
-                                         generator or resolve(policy).name)
+        prompts = _source(prompts_file, "prompts", source, "prompt")
+        n = commands.alpaca_eval_outputs(cfg, device, policy, prompts, out_file, generator or resolve(policy).name)
         echo(f"wrote {out_file}: {n} AlpacaEval outputs")
         return
     cfg = resolve_config({}, {"temperature": temperature, "max_new_tokens": max_new_tokens,

@@ -5,7 +5,7 @@ import json
 from mtcore import parallel
 from mtcore.checkpoint import resolve
 from mtcore.config import LoopConfig
-from mtcore.data import prompt_of, read_jsonl, write_jsonl
+from mtcore.data import as_source, prompt_of, read_rows, write_jsonl
 from mtcore.device import default_device
 from mtcore.errors import MtcoreError
 from mtcore.files import write_text_atomic
@@ -25,15 +25,15 @@ def rm_eval_file(reward, pairs_file, out_file, chat_template=None, max_length=20
 
 
 def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, micro_batch_tokens=8192,
-                device=None) -> int:
+                device=None, log_every=30.0) -> int:
     """`mtcore score`: rows {"prompt", "responses"} -> the same rows plus "rewards"."""
     cfg = LoopConfig(reward_chat_template=chat_template or "", max_length=max_length,
-                     micro_batch_tokens=micro_batch_tokens, device=device or "")
+                     micro_batch_tokens=micro_batch_tokens, device=device or "", log_every=log_every)
     device = default_device(device)
-    rows = read_jsonl(in_file)
+    rows = read_rows(in_file)
     prompts, texts = [], []
     for row in rows:
-        where = f"{in_file}:{row['_line']}"
+        where = row["_where"]
         prompts.append(prompt_of(row, where))
         responses = row.get("responses")
         if not isinstance(responses, list) or not all(
@@ -49,9 +49,11 @@ def score_jsonl(reward, in_file, out_file, chat_template=None, max_length=2048, 
 
 def alpaca_eval_outputs(cfg: LoopConfig, device, policy, prompts_file, out_file, generator: str) -> int:
     """`mtcore eval --prompts`: one response per prompt, written as AlpacaEval's model outputs
-    [{"instruction", "output", "generator"}] (JSON, atomically) for an external judge."""
-    rows = read_jsonl(prompts_file)
-    prompts = [prompt_of(r, f"{prompts_file}:{r['_line']}") for r in rows]
+    [{"instruction", "output", "generator"}] (JSON, atomically) for an external judge. prompts_file: a
+    path, hub id or data.Source (read_rows)."""
+    source = as_source(prompts_file)
+    rows = read_rows(source)
+    prompts = [prompt_of(r, r["_where"], source.prompt) for r in rows]
     answers = first_answers(cfg, device, resolve(policy), prompts, cfg.seed)
     out = [{"instruction": p[-1]["content"], "output": a, "generator": generator} for p, a in zip(prompts, answers)]
     if parallel.is_main():

@@ -1,15 +1,17 @@
 """The run's configuration: every hyper-parameter of Mutual-Taught and every runtime setting, one
 dataclass field each, which is also a `mtcore train` option and a key of the TOML file --config reads.
 The defaults are the paper's (8B); TOY_DEFAULTS scales them to the built-in toy world. A run
-directory's config.toml holds the fields that identify it (all but RUNTIME_KEYS)."""
+directory's config.toml holds the fields that identify it (all but RUNTIME_KEYS). TrainConfig is the
+trainer's (`mtcore dpo|rm|sft` and each training stage). Nothing here imports torch, so `--help` is quick."""
 
 import dataclasses
 import json
 from dataclasses import dataclass
 
-from mtcore.device import default_device
 from mtcore.errors import MtcoreError, check_ranges
-from mtcore.sampler import DECODE_MODES
+
+# The sampler's decode steps (mtcore/sampler.py), all giving the same tokens.
+DECODE_MODES = ("auto", "eager", "compile", "graphs")
 
 DEFAULT_REWARD = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
 
@@ -21,6 +23,8 @@ class LoopConfig:
     policy: str = ""  # empty: the built-in toy world
     reward: str = ""
     prompts: str = ""
+    prompts_split: str = ""  # a dataset's split ("": its only one)
+    prompt_field: str = "prompt"
     iters: int = 2
     seed: int = 0
     m_step: bool = True  # False: the fixed-RM iterative-DPO baseline (best vs worst of M)
@@ -46,8 +50,8 @@ class LoopConfig:
     rm_lr: float = 2e-6
     rm_batch_size: int = 512
     rm_epochs: int = 1
+    policy_split_size: int = 18000  # prompts per E-step split (0: the rest split evenly over iters)
     # toy world only
-    policy_split_size: int = 0  # prompts per E-step split (real data: all prompts, split evenly)
     eval_samples: int = 4  # test-set samples per prompt for the gold evaluation
     # runtime (not part of a run's identity)
     chat_template: str = ""
@@ -60,6 +64,10 @@ class LoopConfig:
     shard_prompts: int = 256  # prompts per rank between the saves of a sampling or scoring stage
     keep_candidates: bool = False  # keep every DPO candidate after select (default: the chosen one only)
     rm_eval: str = ""  # preference pairs JSONL: each iteration's RM is evaluated on it (RewardBench sections)
+    log_every: float = 30.0  # seconds between progress log lines when stderr is not a terminal
+    report_to: str = ""  # tensorboard, wandb, or both comma-separated (mtcore/report.py)
+    run_name: str = ""  # the TensorBoard/wandb run's name (default: the run directory's name)
+    logging_dir: str = ""  # where --report-to writes (default: <out>/tb)
 
     def __post_init__(self):
         check_ranges(self, LOOP_RANGES)
@@ -70,7 +78,11 @@ class LoopConfig:
 LOOP_HELP = {
     "policy": "Initial policy pi_0: checkpoint directory or hub id (none: the built-in toy world).",
     "reward": "Base reward model r_0: directory or hub id (default with --policy: sfairXC/FsfairX-LLaMA3-RM-v0.1).",
-    "prompts": "Prompts JSONL ({\"prompt\": ...} or {\"messages\": [...]}), split into selection, RM and policy sets.",
+    "prompts": "Prompts: JSONL ({\"prompt\": ...} or {\"messages\": [...]}), Parquet, or a Hugging Face dataset "
+               "(a save_to_disk directory, or a hub id in the local cache), split into selection, RM and policy sets.",
+    "prompts_split": "The split of a --prompts dataset to read (default: its only split).",
+    "prompt_field": "The --prompts column or field holding each prompt (a string or a messages list; \"prompt\" "
+                    "falls back to \"messages\").",
     "iters": "Mutual-Taught iterations (E-step + M-step each).",
     "seed": "Seed of the prompt splits and of every stage's sampling and training.",
     "m_step": "Retrain the RM every iteration; --no-m-step is the fixed-RM iterative-DPO baseline.",
@@ -92,7 +104,9 @@ LOOP_HELP = {
     "rm_lr": "Reward-model peak learning rate (Bradley-Terry, from the base RM every iteration).",
     "rm_batch_size": "Reward-model pairs per optimizer step.",
     "rm_epochs": "Reward-model epochs over each iteration's pairs.",
-    "policy_split_size": "Toy world only: prompts per E-step split (real prompts are split evenly).",
+    "policy_split_size": "Prompts in each iteration's E-step split, taken after the selection set and the RM split "
+                         "(the paper's ~40,000 UltraFeedback prompts over its 2 iterations); fixed, so a larger "
+                         "--iters extends a run. 0: the rest split evenly over --iters (no extending).",
     "eval_samples": "Toy world only: test answers per prompt in the gold evaluation.",
     "chat_template": "The policy's chat template: a Jinja file, or 'llama3', when its tokenizer has none.",
     "reward_chat_template": "The reward model's chat template, likewise.",
@@ -109,7 +123,13 @@ LOOP_HELP = {
                      "one (256 prompts x 5 samples of up to 1024 tokens at the 3,960 tokens/s measured for the "
                      "8B shape on an H100: 2 to 6 minutes, computed).",
     "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
-    "rm_eval": "Preference pairs JSONL (RewardBench's format): r_0 and each iteration's RM are evaluated on it.",
+    "rm_eval": "Preference pairs (RewardBench's format; JSONL, Parquet, or a dataset with one split): r_0 and each "
+               "iteration's RM are evaluated on it.",
+    "log_every": "Seconds between progress lines in the log when stderr is not a terminal (there: a bar).",
+    "report_to": "Log every DPO/RM step and each iteration's metrics to tensorboard, wandb, or both "
+                 "(comma-separated); needs the extra of that name: pip install 'mtcore[tensorboard]'.",
+    "run_name": "The TensorBoard/wandb run's name (default: the --out directory's name).",
+    "logging_dir": "Where --report-to writes: TensorBoard's events, and wandb's run under wandb/ (default: <out>/tb).",
 }
 
 
@@ -126,13 +146,13 @@ LOOP_RANGES = {
     "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
     "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
     "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
-    "shard_prompts": _at_least(1),
+    "shard_prompts": _at_least(1), "log_every": _at_least(0),
     "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
 }
 
 
 RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "shard_prompts",
-                "keep_candidates", "rm_eval")
+                "keep_candidates", "rm_eval", "log_every", "report_to", "run_name", "logging_dir")
 TOY_DEFAULTS = dict(iters=3, samples=5, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
                     selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,
@@ -163,8 +183,10 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
         if type(value) is not want:
             raise MtcoreError(f"config key {key}: expected {want.__name__}, got {value!r}")
     cfg = LoopConfig(**values)
-    if real and cfg.policy_split_size:
-        raise MtcoreError("--policy-split-size is for the toy world only; real prompts are split evenly over --iters")
+    if not real and (cfg.prompts_split or cfg.prompt_field != "prompt"):
+        raise MtcoreError("--prompts-split and --prompt-field name what to read in --prompts; the toy world has none")
+    from mtcore.device import default_device  # (torch: not imported for --help)
+
     device = default_device(cfg.device or None)  # a device string that names none is an error now, not mid-run
     if cfg.decode_mode == "graphs" and device.type != "cuda":
         raise MtcoreError(f"--decode-mode graphs needs a CUDA device, and this run's is {device}; use eager or compile")
@@ -173,6 +195,53 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
                           f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "
                           f"--max-length")
     return cfg
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 7e-7
+    epochs: int = 1
+    batch_size: int = 128  # examples (pairs) per optimizer step
+    micro_batch_tokens: int = 8192  # token budget of one packed forward/backward
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still measured)
+    seed: int = 0
+    grad_checkpointing: bool = False
+    padded: bool = False  # right-padded [B, T] batches instead of packed ones (for comparisons)
+    reference_ops: bool = False  # the plain-torch *_ref kernels instead of the fused ones
+    save_state_every: int = 0  # optimizer steps between resumable (sharded) state saves; 0: none
+    log_every: float = 30.0  # seconds between progress log lines when stderr is not a terminal
+
+    def __post_init__(self):
+        check_ranges(self, TRAIN_RANGES)
+
+
+# One line of --help per TrainConfig field (`mtcore dpo|rm|sft` make their options from the fields).
+TRAIN_HELP = {
+    "lr": "Peak learning rate (AdamW; linear warm-up, then cosine decay to 0).",
+    "epochs": "Passes over the data.",
+    "batch_size": "Examples (pairs) per optimizer step; micro-batches accumulate to it.",
+    "micro_batch_tokens": "Token budget of one packed forward/backward.",
+    "warmup_ratio": "Share of the steps spent in linear warm-up, in [0, 1).",
+    "weight_decay": "AdamW's decoupled weight decay.",
+    "max_grad_norm": "Clip the gradients' total L2 norm to this (0: no clipping).",
+    "seed": "Seed of the data order (and of any sampling).",
+    "grad_checkpointing": "Recompute each block's activations in backward (less memory, ~30% more compute).",
+    "padded": "Right-padded batches instead of packed ones (for comparison).",
+    "reference_ops": "The plain-torch reference ops instead of the fused kernels (slow; for checking).",
+    "save_state_every": "Save the (sharded) model and optimizer state every N steps to OUT.partial/train_state; "
+                        "a rerun resumes from it (0: never).",
+    "log_every": "Seconds between progress lines in the log when stderr is not a terminal (there: a bar).",
+}
+
+TRAIN_RANGES = {
+    "lr": (lambda v: v > 0, "> 0"), "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"), "micro_batch_tokens": (lambda v: v >= 2, ">= 2"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    "save_state_every": (lambda v: v >= 0, ">= 0 (0: never)"), "log_every": (lambda v: v >= 0, ">= 0"),
+}
 
 
 def read_config_file(path) -> dict:
@@ -193,6 +262,11 @@ def to_toml(values: dict) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
 
+# Keys added after runs were made: left out of the identity at their default, so those runs resume.
+LATER_KEYS = {"prompts_split": "", "prompt_field": "prompt"}
+
+
 def identity(cfg: LoopConfig) -> dict:
     """What must match for a run directory to be resumed."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in RUNTIME_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mtcore import sources
 from mtcore.checkpoint import config_to_args, resolve
 from mtcore.errors import MtcoreError
 from mtcore.files import read_json, write_text_atomic
@@ -157,10 +158,10 @@ def not_text(value, field: str = "") -> str | None:
     return None
 
 
-def _check_text(row: dict, raw: bytes, where: str) -> None:
-    """A row whose strings hold a lone surrogate is one error naming the field. Only a line with a
-    \\u escape can hold one, so other lines cost nothing."""
-    if b"\\u" in raw:
+def _check_text(row: dict, raw: bytes | None, where: str) -> None:
+    """A row whose strings hold a lone surrogate is one error naming the field. Only a JSONL line with
+    a \\u escape can hold one, so other lines cost nothing (raw None: a table's row, always checked)."""
+    if raw is None or b"\\u" in raw:
         field = not_text(row)
         if field:
             raise MtcoreError(f'{where}: "{field}" holds a lone surrogate (a \\ud800-\\udfff escape that is half '
@@ -196,18 +197,97 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path, rows) -> None:
-    """Write rows atomically (files.write_text_atomic), dropping the "_line" bookkeeping field."""
-    write_text_atomic(path, "".join(json.dumps({k: v for k, v in row.items() if k != "_line"}, ensure_ascii=False)
-                                    + "\n" for row in rows))
+    """Write rows atomically (files.write_text_atomic), dropping the "_line" and "_where" bookkeeping
+    fields. A value JSON has no type for (a Parquet timestamp, bytes) is written as its str()."""
+    write_text_atomic(path, "".join(json.dumps({k: v for k, v in row.items() if k not in ("_line", "_where")},
+                                               ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
-def prompt_of(row: dict, where: str):
-    """The prompt of a JSONL row: "prompt" (a string or messages) or "messages"."""
-    if "prompt" in row:
-        return as_messages(row["prompt"], where)
-    if "messages" in row:
+@dataclass(frozen=True)
+class Source:
+    """A user's data: a JSONL or Parquet file, a Hugging Face dataset directory or a cached hub id
+    (sources.py), the split to read (datasets only; None: the only one) and the names of its columns.
+    os.fspath gives `path`, so it stands wherever a file name did (str: `path[split]`)."""
+    path: str
+    split: str | None = None
+    split_option: str = "--split"  # the option naming the split, for errors
+    prompt: str = "prompt"  # "prompt" also falls back to "messages"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    response: str = "response"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return f"{self.path}[{self.split}]" if self.split else str(self.path)
+
+    def is_hub_id(self) -> bool:
+        return sources.kind_of(self.path) == "hub"
+
+
+def as_source(source) -> Source:
+    return source if isinstance(source, Source) else Source(str(source))
+
+
+def _prompt_columns(source: Source) -> tuple[str, ...]:
+    return ("prompt", "messages") if source.prompt == "prompt" else (source.prompt,)
+
+
+def read_rows(source, need=("prompt",)) -> list[dict]:
+    """The rows of a user's data (a path, hub id or Source), each with "_line" and "_where" (the
+    location errors name): JSONL's line number and "FILE:LINE", or a table's row index (from 0, as
+    `dataset[N]`) and "SOURCE[SPLIT] row N". need: the columns (by their Source attribute: "prompt",
+    "chosen", ...) a table must have, checked once before any row is read."""
+    source = as_source(source)
+    if sources.kind_of(source.path) == "jsonl":
+        if source.split:
+            raise MtcoreError(f"{source.split_option} {source.split}: {source.path} is JSONL, which has no splits; "
+                              f"leave the split out")
+        rows = read_jsonl(source.path)
+        for row in rows:
+            row["_where"] = f"{source.path}:{row['_line']}"
+        return rows
+    columns = [(_prompt_columns(source) if key == "prompt" else (getattr(source, key),),
+                f"--{key}-field") for key in need]
+    name, rows = sources.read_table(source.path, source.split, source.split_option, columns)
+    for i, row in enumerate(rows):
+        where = f"{name} row {i}"
+        _check_text(row, None, where)
+        row["_line"], row["_where"] = i, where
+    return rows
+
+
+def prompt_of(row: dict, where: str, field: str = "prompt"):
+    """The prompt of a row: `field` (a string or messages), or with the default field "messages"."""
+    if field in row:
+        return as_messages(row[field], where)
+    if field == "prompt" and "messages" in row:
         return as_messages(row["messages"], where)
-    raise MtcoreError(f'{where}: needs a "prompt" or a "messages" field')
+    if field != "prompt":
+        raise MtcoreError(f'{where}: needs a "{field}" field (--prompt-field)')
+    raise MtcoreError(f'{where}: needs a "prompt" or a "messages" field (another name: --prompt-field)')
+
+
+def response_of(row: dict, key: str, where: str, prompt: list[dict], option: str = "") -> str:
+    """A response: a string, or a conversation (UltraFeedback's layout) whose last message is the
+    assistant's response and whose messages before it are the prompt's, role and content."""
+    value = row.get(key)
+    if isinstance(value, str):
+        return value
+    hint = f" (another name: {option})" if option and key not in row else ""
+    if not isinstance(value, list) or not value:
+        raise MtcoreError(f'{where}: needs a "{key}" string field, or a list of messages ending with the '
+                          f'assistant\'s response{hint}')
+    messages = as_messages(value, f'{where}: "{key}"')
+    if messages[-1]["role"] != "assistant":
+        raise MtcoreError(f'{where}: "{key}" must end with an assistant message (the response), not '
+                          f'{messages[-1]["role"]!r}')
+    before = [(m["role"], m["content"]) for m in messages[:-1]]
+    if before and before != [(m["role"], m["content"]) for m in prompt]:
+        raise MtcoreError(f'{where}: "{key}" holds a conversation whose messages before its last differ from the '
+                          f'prompt; the prompt must be that conversation (or leave it out of "{key}")')
+    return messages[-1]["content"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,12 +334,6 @@ def cut_to_length(examples: list[Example], max_length: int) -> tuple[list[Exampl
     return kept, {"kept": len(kept), "truncated": truncated, "dropped": len(examples) - len(kept)}
 
 
-def _text(row: dict, key: str, where: str) -> str:
-    if not isinstance(row.get(key), str):
-        raise MtcoreError(f'{where}: needs a "{key}" string field')
-    return row[key]
-
-
 def encode_pair(tokenizer, prompt, chosen: str, rejected: str, where: str = "prompt", line: int = 0,
                 margin: float | None = None) -> Example:
     """A preference pair by the sequence rule: the prompt's ids (encoded once) before each response's."""
@@ -269,14 +343,22 @@ def encode_pair(tokenizer, prompt, chosen: str, rejected: str, where: str = "pro
                     (prompt_ids + encode_response(tokenizer, rejected), n)), line, margin)
 
 
+def read_pair(row: dict, source: Source) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen text, rejected text) of a row read by read_rows from `source`."""
+    where = row["_where"]
+    prompt = prompt_of(row, where, source.prompt)
+    return (prompt, response_of(row, source.chosen, where, prompt, "--chosen-field"),
+            response_of(row, source.rejected, where, prompt, "--rejected-field"))
+
+
 def read_pairs(path, tokenizer) -> list[Example]:
-    """Preference pairs from JSONL rows {"prompt": str | messages, "chosen": str, "rejected": str,
-    "margin"?: float}, each tokenised by the sequence rule; a malformed row is an error naming its line."""
-    examples = []
-    for row in read_jsonl(path):
-        where = f"{path}:{row['_line']}"
-        prompt = prompt_of(row, where)
-        chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    """Preference pairs from rows {"prompt": str | messages, "chosen": str | messages, "rejected": str |
+    messages, "margin"?: float} (read_rows: JSONL, Parquet or a dataset; read_pair), each tokenised by
+    the sequence rule; a malformed row is an error naming where it is."""
+    examples, path = [], as_source(path)
+    for row in read_rows(path, ("prompt", "chosen", "rejected")):
+        where = row["_where"]
+        prompt, chosen, rejected = read_pair(row, path)
         margin = row.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise MtcoreError(f'{where}: "margin" must be a number, got {margin!r}')
@@ -287,11 +369,13 @@ def read_pairs(path, tokenizer) -> list[Example]:
 
 
 def read_demonstrations(path, tokenizer) -> list[Example]:
-    """SFT demonstrations from JSONL rows {"prompt": str | messages, "response": str}."""
-    examples = []
-    for row in read_jsonl(path):
-        where = f"{path}:{row['_line']}"
-        ids, n = encode_sequence(tokenizer, prompt_of(row, where), _text(row, "response", where), where)
+    """SFT demonstrations from rows {"prompt": str | messages, "response": str | messages} (read_rows)."""
+    examples, path = [], as_source(path)
+    for row in read_rows(path, ("prompt", "response")):
+        where = row["_where"]
+        prompt = prompt_of(row, where, path.prompt)
+        ids, n = encode_sequence(tokenizer, prompt, response_of(row, path.response, where, prompt, "--response-field"),
+                                 where)
         examples.append(Example(((ids, n),), row["_line"]))
     if not examples:
         raise MtcoreError(f"{path}: no demonstrations")

@@ -49,8 +49,21 @@ def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path 
     return result
 
 
-def train(run: Run, echo=print) -> dict:
-    """Run (or resume) every iteration. Returns metrics.json's content."""
+def train(run: Run, echo=print, reporter=None) -> dict:
+    """Run (or resume) every iteration. Returns metrics.json's content. reporter: --report-to's
+    report.Reporter (default directory <run>/tb): each DPO/RM step, and each iteration's numbers."""
+    run.reporter = reporter
+    if reporter is not None:
+        reporter.open(run.dir / "tb")
+    try:
+        return _iterations(run, echo)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
+def _iterations(run: Run, echo) -> dict:
+    """The initial evaluations, then iterations 1..T, each resumed at its first stage not done."""
     if run.world is not None:
         run_stage(run, 0, "eval", stages.stage_eval, key="initial/eval", result_file=run.dir / "initial.json")
     if run.cfg.rm_eval:
@@ -74,6 +87,8 @@ def train(run: Run, echo=print) -> dict:
                      f"stopping early; iter_{t} keeps the models it started from")
                 break
         metrics = write_run_metrics(run)
+        if run.reporter is not None and len(metrics["iterations"]) >= t:
+            run.reporter.log("iteration", metrics["iterations"][t - 1], step=t)
         if results.get("select", {}).get("stopped") is False:
             echo(summary(run, t, results))
     return metrics if metrics is not None else write_run_metrics(run)

@@ -95,11 +95,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def progress_disabled() -> bool | None:
-    """tqdm's `disable`: rank 0 shows bars (None: when stderr is a terminal), the other ranks never."""
-    return None if is_main() else True
-
-
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

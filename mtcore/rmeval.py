@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from mtcore.config import LoopConfig
-from mtcore.data import prompt_of, read_jsonl
+from mtcore.data import as_source, read_pair, read_rows
 from mtcore.errors import MtcoreError
 from mtcore.inference import Scorer
 
@@ -45,16 +45,15 @@ NO_SUBSET = "all"  # the subset of rows without one
 
 
 def read_eval_pairs(path) -> tuple[list, list[str], list[str], list[str]]:
-    """(prompts, chosen texts, rejected texts, subsets) of JSONL rows {"prompt" | "messages", "chosen",
-    "rejected", "subset"?}, as in RewardBench's filtered set; a malformed row is an error naming its line."""
+    """(prompts, chosen texts, rejected texts, subsets) of rows {"prompt" | "messages", "chosen",
+    "rejected", "subset"?} (data.read_rows and read_pair: JSONL, Parquet or a dataset, e.g. RewardBench's
+    filtered split); a malformed row is an error naming where it is."""
     prompts, chosen, rejected, subsets = [], [], [], []
-    for row in read_jsonl(path):
-        where = f"{path}:{row['_line']}"
-        prompts.append(prompt_of(row, where))
-        for key, out in (("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(row.get(key), str):
-                raise MtcoreError(f'{where}: needs a "{key}" string field')
-            out.append(row[key])
+    path = as_source(path)
+    for row in read_rows(path, ("prompt", "chosen", "rejected")):
+        where = row["_where"]
+        for out, value in zip((prompts, chosen, rejected), read_pair(row, path)):
+            out.append(value)
         subset = row.get("subset", NO_SUBSET)
         if not isinstance(subset, str):
             raise MtcoreError(f'{where}: "subset" must be a string, got {subset!r}')

@@ -21,7 +21,7 @@ from typing import Callable
 from mtcore import parallel, rmeval
 from mtcore.checkpoint import check_checkpoint, resolve
 from mtcore.config import LoopConfig, identity, read_config_file, to_toml
-from mtcore.data import prompt_of, read_jsonl
+from mtcore.data import Source, prompt_of, read_rows
 from mtcore.device import default_device
 from mtcore.errors import MtcoreError
 from mtcore.files import read_json, write_json, write_text_atomic
@@ -75,6 +75,33 @@ def read_splits(path: Path, iters: int) -> dict:
     return splits
 
 
+def split_sizes(cfg: LoopConfig, n: int, source: str) -> dict[str, int]:
+    """The sizes of the splits of n shuffled prompts, in the order they are cut: the selection set,
+    the RM split, then --policy-split-size prompts for each iteration (policy_1 ... policy_T), so a
+    run's first splits do not depend on --iters and a larger --iters extends it. policy_split_size 0
+    splits the rest evenly over --iters instead (such a run cannot be extended). Too few prompts is
+    one error naming the options and the largest sizes that fit."""
+    per = cfg.policy_split_size or max(0, n - cfg.selection_size - cfg.rm_split_size) // cfg.iters
+    need = cfg.selection_size + cfg.rm_split_size + cfg.iters * max(per, 1)
+    if n < need:
+        if n < cfg.iters + 2:
+            raise MtcoreError(f"{source}: {n} prompts; a run of {cfg.iters} iterations needs at least "
+                              f"{cfg.iters + 2} (one each for the selection set, the RM split and each iteration)")
+        rest = n - cfg.selection_size - cfg.rm_split_size
+        if rest >= cfg.iters:  # the fixed sets fit: the largest policy splits that do
+            fit = f"--policy-split-size {rest // cfg.iters}"
+        else:  # every size in proportion
+            scale = n / need
+            sel, rm, pol = (max(1, int(v * scale)) for v in (cfg.selection_size, cfg.rm_split_size, max(per, 1)))
+            fit = f"--selection-size {sel} --rm-split-size {rm} --policy-split-size {pol}"
+        raise MtcoreError(f"{source}: {n} prompts, too few for a selection set of {cfg.selection_size} "
+                          f"(--selection-size), an RM split of {cfg.rm_split_size} (--rm-split-size) and "
+                          f"{cfg.iters} iterations (--iters) of {per} prompts (--policy-split-size): {need} in all; "
+                          f"sizes that fit: {fit}")
+    return {"selection": cfg.selection_size, "rm": cfg.rm_split_size,
+            **{f"policy_{k}": per for k in range(1, cfg.iters + 1)}}
+
+
 @dataclass
 class World:
     """A world whose truth is known, as the loop meets it (mtcore/toy.py's world() is one; a real
@@ -89,6 +116,7 @@ class World:
 
 class Run:
     """A run directory: config, prompt splits, stage state, and the paths of every stage's outputs."""
+    reporter = None  # `mtcore train --report-to`'s report.Reporter, set by loop.train
 
     def __init__(self, out, cfg: LoopConfig, world: World | None = None, redo: str | None = None):
         self.dir, self.cfg, self.world, self.redo = Path(out), cfg, world, redo
@@ -107,34 +135,91 @@ class Run:
 
     def _open(self):
         """Check (or, for a new run, make) the run directory. A new run's config.toml is written only
-        after the config, the prompts and the models it names have been checked, so a refused value
-        never locks the directory."""
+        after the config, the prompts and the models it names have been checked (preflight.check), so
+        a refused value never locks the directory; and a directory in which no stage has finished takes
+        a new config (a corrected command) in place of the old one."""
         config_file, splits_file = self.dir / "config.toml", self.dir / "splits.json"
         self.state = read_state(self.dir / "state.json")
-        if config_file.exists():
-            self._check_same_config(read_run_file(config_file, read_config_file, CONFIG_ADVICE))
-        elif self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+        saved = read_run_file(config_file, read_config_file, CONFIG_ADVICE) if config_file.exists() else None
+        if saved is None and self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
             raise MtcoreError(f"{self.dir}: exists, is not an empty directory and holds no mtcore run; "
                               f"use another --out")
-        elif self.redo:
-            raise MtcoreError(f"--redo {self.redo}: {self.dir} holds no run yet; leave --redo out to start it")
+        if self.redo and (saved is None or not self.state["done"]):
+            raise MtcoreError(f"--redo {self.redo}: {self.dir} holds no finished stage yet; leave --redo out")
+        replace = saved is not None and not self.state["done"] and saved != identity(self.cfg)
+        if saved is None or replace:
+            self._check_new_run()
+            if parallel.is_main():
+                if replace:
+                    log.warning("%s: no stage had finished; its config.toml and splits.json are replaced by this "
+                                "command's (%s changed) and its unfinished work removed", self.dir,
+                                ", ".join(k for k in sorted(set(saved) | set(identity(self.cfg)))
+                                          if saved.get(k) != identity(self.cfg).get(k)))
+                    for d in self.dir.glob("iter_*"):
+                        shutil.rmtree(d, ignore_errors=True)
+                write_text_atomic(config_file, to_toml(identity(self.cfg)))
+                write_json(splits_file, self.splits)
+            return
+        self._check_same_config(saved)
         if self.redo and parallel.is_main():  # the other ranks read the state rank 0 wrote
             self._redo(self.redo)
-        # new splits as splits.json will hold them (sorted keys), so a resumed run reads the same bytes
-        self.splits = read_splits(splits_file, self.cfg.iters) if splits_file.exists() else json.loads(
-            json.dumps(self._make_splits(), sort_keys=True))
-        if not config_file.exists():
-            check_checkpoint(self.base_policy, "policy")
-            check_checkpoint(self.base_reward, "reward")
-            if self.cfg.rm_eval:
-                rmeval.read_eval_pairs(self.cfg.rm_eval)
-            if parallel.is_main():
-                write_text_atomic(config_file, to_toml(identity(self.cfg)))
-        if not splits_file.exists():
-            if parallel.is_main():
-                write_json(splits_file, self.splits)
-        else:
-            self._check_models()
+        self.splits = self._splits_for_iters(saved, splits_file)
+        self._check_models()
+
+    def _check_new_run(self) -> None:
+        """Everything the first stages would find, before anything is written: the base models, the
+        prompt splits (made here), the chat templates, the prompts against the models' context, the
+        batch sizes against the data."""
+        check_checkpoint(self.base_policy, "policy")
+        check_checkpoint(self.base_reward, "reward")
+        if self.cfg.rm_eval:
+            rmeval.read_eval_pairs(self.cfg.rm_eval)
+        self.splits = json.loads(json.dumps(self._make_splits(), sort_keys=True))  # as splits.json holds them
+        if self.world is None:
+            from mtcore import preflight
+
+            preflight.check(self)
+
+    def _splits_for_iters(self, saved: dict, splits_file: Path) -> dict:
+        """The resumed run's splits. A larger --iters extends the run (new policy splits after the old
+        ones, which are unchanged), a smaller one ends it sooner, but never before an iteration it
+        has begun; a run that stopped early (tau) stays stopped."""
+        iters, saved_iters = self.cfg.iters, saved.get("iters")
+        if type(saved_iters) is not int or saved_iters < 1:
+            raise MtcoreError(f"{self.dir / 'config.toml'}: no iteration count (iters); {CONFIG_ADVICE}")
+        begun = max((int(k.split("/")[0].removeprefix("iter_")) for k in self.state["done"]
+                     if k.startswith("iter_")), default=0)
+        if iters < begun:
+            raise MtcoreError(f"--iters {iters}: {self.dir} has already begun iteration {begun}; give --iters "
+                              f"{begun} or more (its config.toml has {saved_iters})")
+        splits = read_splits(splits_file, min(iters, saved_iters))
+        stopped = self.state["stopped_at"]
+        if iters == saved_iters or (stopped is not None and iters > saved_iters):
+            if iters != saved_iters:
+                log.warning("%s stopped early at iteration %d (its best candidate's win rate was below tau), so it "
+                            "stays stopped and --iters %d runs nothing more; to go on from its last policy, start a "
+                            "new run with --policy %s", self.dir, stopped, iters, self.policy(stopped - 1))
+            return splits
+        if iters > saved_iters:
+            if self.world is None and self.cfg.policy_split_size == 0:
+                raise MtcoreError(f"--iters {iters}: {self.dir} split its prompts evenly over its {saved_iters} "
+                                  f"iterations (policy_split_size = 0), so it cannot be extended; give --iters "
+                                  f"{saved_iters}, or start a new run from its last policy")
+            new = json.loads(json.dumps(self._make_splits(), sort_keys=True))
+            changed = [k for k in splits if new.get(k) != splits[k]]
+            if changed:
+                raise MtcoreError(f"--iters {iters}: the prompts ({self.cfg.prompts or 'the toy world'}) no longer "
+                                  f"give this run's {changed[0]} split; extend the run with the prompts it started "
+                                  f"from")
+            log.warning("%s: extending the run from %d to %d iterations (new policy splits policy_%d..policy_%d)",
+                        self.dir, saved_iters, iters, saved_iters + 1, iters)
+            splits = new
+        elif parallel.is_main():
+            log.warning("%s: --iters %d ends the run sooner than its config's %d", self.dir, iters, saved_iters)
+        if parallel.is_main():
+            write_json(splits_file, splits)
+            write_text_atomic(self.dir / "config.toml", to_toml({**saved, "iters": iters}))
+        return splits
 
     def _check_same_config(self, saved: dict) -> None:
         """The run directory's config must be this one, except the runtime keys, and the training keys
@@ -142,17 +227,18 @@ class Run:
         mine = identity(self.cfg)
         failed = self.state.get("failed")
         retry = RETRY_KEYS[failed.rsplit("/", 1)[1]] if failed else ()
-        diff = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        diff = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k) and k != "iters"]
         lacks = [k for k in diff if k not in saved]
         if lacks and not [k for k in diff if k in saved and k not in retry]:  # what it holds is ours: cut short
             raise MtcoreError(f"{self.dir / 'config.toml'}: lacks {lacks[0]}"
                               + (f" and {len(lacks) - 1} more" if len(lacks) > 1 else "")
                               + f" (cut short, or written by another version of mtcore); {CONFIG_ADVICE}")
-        if [k for k in diff if k not in retry]:
-            k = [k for k in diff if k not in retry][0]
-            raise MtcoreError(f"{self.dir} holds a run with another config ({k} = {saved.get(k)!r} there, "
-                              f"{mine.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
-                              f"resume it with the same options or use another --out")
+        refused = [k for k in diff if k not in retry]
+        if refused:
+            listed = "; ".join(f"{k} {saved.get(k)!r} there, {mine.get(k)!r} now" for k in refused)
+            raise MtcoreError(f"{self.dir} holds a run with another config ({listed}); resume it with its own "
+                              f"values (its config.toml: --config {self.dir / 'config.toml'}), extend it with a "
+                              f"larger --iters, or give another --out")
         if diff:  # the failed stage starts afresh with the new values
             log.warning("%s: %s changed after %s stopped at a non-finite loss; it restarts with them",
                         self.dir, ", ".join(diff), failed)
@@ -217,18 +303,13 @@ class Run:
         cfg = self.cfg
         if self.world is not None:
             return self.world.make_splits(cfg)
-        rows = read_jsonl(cfg.prompts)
-        prompts = [prompt_of(r, f"{cfg.prompts}:{r['_line']}") for r in rows]
+        source = Source(cfg.prompts, cfg.prompts_split or None, "--prompts-split", prompt=cfg.prompt_field)
+        prompts = [prompt_of(r, r["_where"], cfg.prompt_field) for r in read_rows(source)]
         random.Random(cfg.seed).shuffle(prompts)
-        n_fixed = cfg.selection_size + cfg.rm_split_size
-        if len(prompts) < n_fixed + cfg.iters:
-            raise MtcoreError(f"{cfg.prompts}: {len(prompts)} prompts, too few for a selection set of "
-                              f"{cfg.selection_size}, an RM split of {cfg.rm_split_size} and {cfg.iters} policy splits")
-        splits = {"selection": prompts[:cfg.selection_size], "rm": prompts[cfg.selection_size:n_fixed]}
-        rest = prompts[n_fixed:]
-        per = len(rest) // cfg.iters
-        for k in range(cfg.iters):
-            splits[f"policy_{k + 1}"] = rest[k * per:(k + 1) * per]
+        sizes = split_sizes(cfg, len(prompts), str(source))
+        splits, start = {}, 0
+        for name, n in sizes.items():
+            splits[name], start = prompts[start:start + n], start + n
         return splits
 
     def iter_dir(self, t: int) -> Path:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from mtcore.config import DECODE_MODES
 from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
@@ -44,7 +45,6 @@ from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("auto", "eager", "compile", "graphs")
 CPU_CACHE_BYTES = 2 * 2**30  # the K/V budget off CUDA
 RESERVE_FRACTION = 0.15  # of a GPU's memory kept beside the cache: prefill activations, logits, fragmentation
 MIN_RESERVE_BYTES = 2 * 2**30
@@ -480,7 +480,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
 
     slots: concurrent sequences (default: slot_count, from kv_budget_bytes or the free GPU memory).
     max_len: tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings).
-    progress: called with the number of requests finished at each step (for a progress bar).
+    progress: called at each step with (requests finished, tokens sampled), for a progress bar.
     decode_mode: one of DECODE_MODES.
     """
     if on_overlong not in ("error", "skip"):
@@ -518,8 +518,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
             return results
         with record_function("mtcore.accept"):
             finished = accept(batch, slot_ids, logits, job)
-        if progress and finished:
-            progress(finished)
+        if progress:
+            progress(finished, len(slot_ids))
 
 
 def _fitting(prompts: list[list[int]], max_len: int, on_overlong: str) -> list[int]:
@@ -553,23 +553,35 @@ def response_text(tokenizer, completion: Completion, stops: set[int]) -> str:
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
                        kv_budget_bytes: int | None = None, leave: bool = True,
-                       decode_mode: str = "auto", prompt_keys: list[int] | None = None) -> list[list[dict] | None]:
-    """generate, with a progress bar, as response dicts {"text", "token_ids", "finish_reason"
+                       decode_mode: str = "auto", prompt_keys: list[int] | None = None, progress=None,
+                       log_every: float = 30.0) -> list[list[dict] | None]:
+    """generate, with progress (prompts done and tokens/s: the given progress.Progress, counting the
+    prompts of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
     (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
     each rank samples every world_size-th prompt and every rank gets them all; each prompt keeps its
     random streams (prompt_keys, default its index here), so the samples do not depend on the ranks."""
-    from tqdm import tqdm
-
     from mtcore import parallel
+    from mtcore.progress import Progress
 
     keyed = list(zip(range(len(prompts)) if prompt_keys is None else prompt_keys, prompts))
-    with tqdm(total=len(prompts[parallel.rank()::parallel.world_size()]) * params.n, desc="generate", unit="seq",
-              disable=parallel.progress_disabled(), leave=leave) as bar:
+    own = progress is None
+    bar = Progress(len(prompts), "generate", "prompts", log_every=log_every, leave=leave) if own else progress
+    ranks = parallel.world_size()  # rank 0 counts its share, times the ranks (they go alike)
+
+    def step(finished, tokens):
+        bar.update(finished / params.n * ranks, tokens=tokens * ranks)
+
+    try:
         results = parallel.map_shards(
             lambda share: generate(model, [p for _, p in share], params, slots=slots, max_len=max_len,
-                                   on_overlong=on_overlong, progress=bar.update, kv_budget_bytes=kv_budget_bytes,
+                                   on_overlong=on_overlong, progress=step, kv_budget_bytes=kv_budget_bytes,
                                    decode_mode=decode_mode, prompt_keys=[k for k, _ in share]),
             keyed)
+        if own:
+            bar.update_to(len(prompts))  # prompts skipped as too long included
+    finally:
+        if own:
+            bar.close()
     stops = set(params.stop_ids)
     out = []
     for completions in results:
@@ -589,20 +601,21 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
 
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
-                   device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "auto") -> dict:
+                   device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "auto",
+                   log_every: float = 30.0) -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
     Under torchrun each rank samples every world_size-th prompt and rank 0 writes them all."""
     from mtcore import parallel
     from mtcore.checkpoint import load_model, resolve
-    from mtcore.data import encode_prompt, load_tokenizer, prompt_of, read_jsonl, stop_ids, write_jsonl
+    from mtcore.data import as_source, encode_prompt, load_tokenizer, prompt_of, read_rows, stop_ids, write_jsonl
 
-    rows = read_jsonl(prompts_file)
+    source = as_source(prompts_file)  # a path, hub id or data.Source: JSONL, Parquet or a dataset
+    rows = read_rows(source)
     if not rows:
-        raise MtcoreError(f"{prompts_file}: no prompts")
+        raise MtcoreError(f"{source}: no prompts")
     path = resolve(policy)
     tokenizer = load_tokenizer(path, chat_template)
-    prompts = [encode_prompt(tokenizer, prompt_of(r, f"{prompts_file}:{r['_line']}"), f"{prompts_file}:{r['_line']}")
-               for r in rows]
+    prompts = [encode_prompt(tokenizer, prompt_of(r, r["_where"], source.prompt), r["_where"]) for r in rows]
     if not params.stop_ids:
         params.stop_ids = tuple(stop_ids(tokenizer, path))
     model = load_model(path, kind="policy", device=device, dtype=dtype).eval()
@@ -610,11 +623,11 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
     if not skip_overlong:  # name the file line before any work is done
         for row, p in zip(rows, prompts):
             if len(p) >= max_len:
-                raise MtcoreError(f"{prompts_file}:{row['_line']}: the prompt has {len(p)} tokens, no room in a "
+                raise MtcoreError(f"{row['_where']}: the prompt has {len(p)} tokens, no room in a "
                                   f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
     results = generate_responses(model, tokenizer, prompts, params, slots=slots, max_len=max_len,
                                  on_overlong="skip" if skip_overlong else "error", kv_budget_bytes=kv_budget_bytes,
-                                 decode_mode=decode_mode)
+                                 decode_mode=decode_mode, log_every=log_every)
     skipped = 0
     for row, responses in zip(rows, results):
         if responses is None:

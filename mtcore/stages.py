@@ -10,6 +10,7 @@ Under torchrun every rank runs each stage alike (generation, scoring and trainin
 gathered); rank 0 alone writes the run's files.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from mtcore.data import Example, encode_pair, encode_prompt, load_tokenizer, rea
 from mtcore.errors import MtcoreError
 from mtcore.files import replace_dir, write_text_atomic
 from mtcore.inference import Sampler, Scorer
+from mtcore.progress import Progress
 from mtcore.rundir import Run
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
 from mtcore.train import check_training_disk, forward_flops, global_batches, prepare_examples
@@ -39,29 +41,45 @@ def shard_dir(run: Run, t: int, stage: str) -> Path:
     return run.iter_dir(t) / f"{stage}.shards"
 
 
-def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn) -> list:
-    """fn(indices) -> one JSON-able result per index, over the items 0..n-1 in shards of
+def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None) -> list:
+    """fn(indices, progress) -> one JSON-able result per index, over the items 0..n-1 in shards of
     cfg.shard_prompts per rank (consecutive, on a fixed grid: the same in a resumed run as in an
     uninterrupted one). Each finished shard is saved in <stage>.shards/<part>/ before the next starts,
     and a rerun reads the saved ones instead of computing them again: a kill loses at most the shard
-    in progress. After each shard, a stop signal stops the run here (preempt.check)."""
+    in progress. After each shard, a stop signal stops the run here (preempt.check).
+    progress: the stage's progress.Progress, counting items (default: one of this call's own); fn
+    updates it as it goes, and each shard's end sets the exact count."""
     directory = shard_dir(run, t, stage) / part
     saved = _read_shards(directory)
     size = run.cfg.shard_prompts * parallel.world_size()
     results = [saved.get(i) for i in range(n)]
-    for start in range(0, n, size):
-        todo = [i for i in range(start, min(n, start + size)) if i not in saved]
-        if not todo:
-            continue
-        for i, r in zip(todo, fn(todo)):
-            results[i] = r
-        if parallel.is_main():
-            write_text_atomic(directory / f"{todo[0]:07d}-{todo[-1]:07d}.json",
-                              json.dumps({"indices": todo, "results": [results[i] for i in todo]}))
-        parallel.barrier()
-        preempt.check(f"in iteration {t}'s {stage} stage, with {min(n, start + size)} of {n} items of "
-                      f"{part} saved in {directory}")
+    with (contextlib.nullcontext(progress) if progress else stage_progress(run, t, stage, n)) as progress:
+        progress.resume(sum(i in saved for i in range(n)))
+        base, computed = progress.done, 0
+        for start in range(0, n, size):
+            todo = [i for i in range(start, min(n, start + size)) if i not in saved]
+            if not todo:
+                continue
+            for i, r in zip(todo, fn(todo, progress)):
+                results[i] = r
+            computed += len(todo)
+            progress.update_to(base + computed)
+            _save_shard(run, t, stage, part, directory, todo, results, min(n, start + size), n)
     return results
+
+
+def stage_progress(run: Run, t: int, stage: str, total: int, unit: str = "prompts") -> Progress:
+    return Progress(total, f"iteration {t} {stage}", unit, log_every=run.cfg.log_every)
+
+
+def _save_shard(run: Run, t: int, stage: str, part: str, directory: Path, todo: list[int], results: list,
+                upto: int, n: int) -> None:
+    """A finished shard, saved; then a stop signal stops the run here."""
+    if parallel.is_main():
+        write_text_atomic(directory / f"{todo[0]:07d}-{todo[-1]:07d}.json",
+                          json.dumps({"indices": todo, "results": [results[i] for i in todo]}))
+    parallel.barrier()
+    preempt.check(f"in iteration {t}'s {stage} stage, with {upto} of {n} items of {part} saved in {directory}")
 
 
 def _read_shards(directory: Path) -> dict:
@@ -79,17 +97,18 @@ def _read_shards(directory: Path) -> dict:
     return saved
 
 
-def _answers(run: Run, t: int, stage: str, part: str, sampler: Sampler, prompts: list, seed: int, meter) -> list[str]:
+def _answers(run: Run, t: int, stage: str, part: str, sampler: Sampler, prompts: list, seed: int, meter,
+             progress=None) -> list[str]:
     """One answer per prompt from `sampler`, in shards; prompt i draws from the streams of (seed, i)."""
-    return in_shards(run, t, stage, part, len(prompts),
-                     lambda idx: sampler.first_answers([prompts[i] for i in idx], seed, meter, prompt_keys=idx))
+    return in_shards(run, t, stage, part, len(prompts), lambda idx, bar: sampler.first_answers(
+        [prompts[i] for i in idx], seed, meter, prompt_keys=idx, progress=bar), progress)
 
 
 def _scores(run: Run, t: int, stage: str, part: str, scorer: Scorer, prompts: list, responses: list[list[str]],
-            meter) -> list[list[float]]:
+            meter, progress=None) -> list[list[float]]:
     """scorer's rewards of every response, in shards of prompts."""
-    return in_shards(run, t, stage, part, len(prompts),
-                     lambda idx: scorer([prompts[i] for i in idx], [responses[i] for i in idx], meter))
+    return in_shards(run, t, stage, part, len(prompts), lambda idx, bar: scorer(
+        [prompts[i] for i in idx], [responses[i] for i in idx], meter, progress=bar), progress)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +122,8 @@ def stage_sample(run: Run, t: int, meter) -> dict:
     prompts, seed = run.splits[f"policy_{t}"], run.seed(t, "sample")
     sampler = Sampler(run.cfg, run.device, run.policy(t - 1))
     responses = in_shards(run, t, "sample", "responses", len(prompts),
-                          lambda idx: sampler([prompts[i] for i in idx], run.cfg.samples, seed, meter, prompt_keys=idx))
+                          lambda idx, bar: sampler([prompts[i] for i in idx], run.cfg.samples, seed, meter,
+                                                   prompt_keys=idx, progress=bar))
     if parallel.is_main():
         write_jsonl(run.iter_dir(t) / "samples.jsonl",
                     [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
@@ -134,7 +154,8 @@ def stage_pairs(run: Run, t: int, meter) -> dict:
 def train_config_for(run: Run, lr, batch_size, epochs, t, stage_name) -> TrainConfig:
     return TrainConfig(lr=lr, epochs=epochs, batch_size=batch_size, micro_batch_tokens=run.cfg.micro_batch_tokens,
                        warmup_ratio=run.cfg.warmup_ratio, seed=run.seed(t, stage_name),
-                       grad_checkpointing=run.cfg.grad_checkpointing, save_state_every=run.cfg.save_state_every)
+                       grad_checkpointing=run.cfg.grad_checkpointing, save_state_every=run.cfg.save_state_every,
+                       log_every=run.cfg.log_every)
 
 
 def _drop_state(path: Path) -> None:
@@ -143,14 +164,16 @@ def _drop_state(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _train_stage(model, examples, objective, train_cfg, out: Path, name: str, tokenizer, on_step=None):
+def _train_stage(run: Run, model, examples, objective, train_cfg, out: Path, name: str, tokenizer, on_step=None):
     """train.fit for the dpo or rm stage (metrics in <name>_metrics.jsonl, resumable state in <name>_state).
     At a NaN/inf loss the last good model is kept in iter_t/last_good, and the error says how to go on:
-    a rerun with a lower learning rate (run_stage records the failure, Run accepts the new value)."""
+    a rerun with a lower learning rate (run_stage records the failure, Run accepts the new value).
+    Each step's row also goes to train's --report-to (run.reporter), as iter_t/<name>/<key>."""
     parallel.parallelize(model, train_cfg.grad_checkpointing)
     try:
         return fit(model, examples, objective, train_cfg, out / f"{name}_metrics.jsonl", desc=f"{out.name} {name}",
-                   on_step=on_step, state_dir=out / f"{name}_state")
+                   on_step=on_step, state_dir=out / f"{name}_state",
+                   report=run.reporter and run.reporter.step_logger(f"{out.name}/{name}"))
     except NonFiniteLoss as e:
         save_model(model, out / "last_good", tokenizer=tokenizer)
         raise NonFiniteLoss(f"{out.name} {name}: {e}; the model before that step is in {out / 'last_good'}; "
@@ -177,7 +200,8 @@ def stage_dpo(run: Run, t: int, meter) -> dict:
     check_training_disk(out, policy_dir, examples, train_cfg, n_candidates, f"iteration {t}'s dpo stage "
                         f"({n_candidates} candidates and the resumable state)", _state_saved(out / "dpo_state"))
     model = load_model(policy_dir, "policy", dtype=torch.float32, device=run.device)
-    ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens)
+    ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens,
+                                                  log_every=cfg.log_every)
     candidates = out / "candidates"
     dtype = stored_dtype(run.base_policy)  # candidates as the base policy is kept (bf16 for Llama-3-8B)
 
@@ -186,7 +210,7 @@ def stage_dpo(run: Run, t: int, meter) -> dict:
             save_model(model, candidates / f"step_{step}", tokenizer=tokenizer, dtype=dtype)
 
     objective = DPO(ref_sums, ref_counts, beta=cfg.beta)
-    history = _train_stage(model, examples, objective, train_cfg, out, "dpo", tokenizer, on_step=save_candidate)
+    history = _train_stage(run, model, examples, objective, train_cfg, out, "dpo", tokenizer, on_step=save_candidate)
     _drop_state(out / "dpo_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]
     meter.add(sum(lens) * (1 + cfg.dpo_epochs), forward_flops(model, examples) * (1 + 3 * cfg.dpo_epochs))
@@ -216,19 +240,21 @@ def stage_select(run: Run, t: int, meter) -> dict:
     steps = sorted(int(p.name.split("_")[1]) for p in (out / "candidates").glob("step_*"))
     # Every policy answers first (one model in memory at a time), then r_{t-1} is loaded once to
     # judge them all, each candidate in a call of its own as pi_{t-1}'s. Each part is saved in shards.
+    # One progress over it all: (1 + candidates) x prompts answered, then as many judged.
     def answers_of(part, policy_dir):
-        return _answers(run, t, "select", part, Sampler(cfg, run.device, policy_dir), prompts, seed, meter)
+        return _answers(run, t, "select", part, Sampler(cfg, run.device, policy_dir), prompts, seed, meter, progress)
 
     def rewards(part, texts):
-        scored = _scores(run, t, "select", f"{part}_rewards", scorer, prompts, [[a] for a in texts], meter)
+        scored = _scores(run, t, "select", f"{part}_rewards", scorer, prompts, [[a] for a in texts], meter, progress)
         return [s[0] for s in scored]
 
-    previous = answers_of("previous", run.policy(t - 1))
-    answers = {step: answers_of(f"step_{step}", out / "candidates" / f"step_{step}") for step in steps}
-    scorer = Scorer(cfg, run.device, run.reward(t - 1))
+    with stage_progress(run, t, "select", 2 * (1 + len(steps)) * len(prompts), "answers") as progress:
+        previous = answers_of("previous", run.policy(t - 1))
+        answers = {step: answers_of(f"step_{step}", out / "candidates" / f"step_{step}") for step in steps}
+        scorer = Scorer(cfg, run.device, run.reward(t - 1))
 
-    previous = rewards("previous", previous)
-    rates = {step: mutual_taught.win_rate(rewards(f"step_{step}", answers[step]), previous) for step in steps}
+        previous = rewards("previous", previous)
+        rates = {step: mutual_taught.win_rate(rewards(f"step_{step}", answers[step]), previous) for step in steps}
     del scorer
     best, stopped = mutual_taught.choose_candidate(rates, cfg.tau)
     if not stopped:
@@ -285,10 +311,13 @@ def stage_msample(run: Run, t: int, meter) -> dict:
     (mutual_taught.pseudo_pairs)."""
     prompts = run.splits["rm"]
     seed = run.seed(t, "msample")  # the same for both sides: common random numbers
-    new = _answers(run, t, "msample", "new", Sampler(run.cfg, run.device, run.policy(t)), prompts, seed, meter)
-    old = _answers(run, t, "msample", "old", Sampler(run.cfg, run.device, run.policy(t - 1)), prompts, seed, meter)
-    scores = _scores(run, t, "msample", "rewards", Scorer(run.cfg, run.device, run.reward(t - 1)), prompts,
-                     [[a, b] for a, b in zip(new, old)], meter)
+    with stage_progress(run, t, "msample", 3 * len(prompts), "answers") as progress:  # new, old, then judged
+        new = _answers(run, t, "msample", "new", Sampler(run.cfg, run.device, run.policy(t)), prompts, seed, meter,
+                       progress)
+        old = _answers(run, t, "msample", "old", Sampler(run.cfg, run.device, run.policy(t - 1)), prompts, seed,
+                       meter, progress)
+        scores = _scores(run, t, "msample", "rewards", Scorer(run.cfg, run.device, run.reward(t - 1)), prompts,
+                         [[a, b] for a, b in zip(new, old)], meter, progress)
     new_rewards, old_rewards = [s[0] for s in scores], [s[1] for s in scores]
     pairs, counts = mutual_taught.pseudo_pairs(prompts, new, old, new_rewards, old_rewards)
     if parallel.is_main():
@@ -308,7 +337,7 @@ def stage_rm(run: Run, t: int, meter) -> dict:
     check_training_disk(out, run.base_reward, examples, train_cfg, 1, f"iteration {t}'s rm stage (the reward model "
                         f"and the resumable state)", _state_saved(out / "rm_state"))
     model = load_model(run.base_reward, "reward", dtype=torch.float32, device=run.device)
-    history = _train_stage(model, examples, BradleyTerry(), train_cfg, out, "rm", tokenizer)
+    history = _train_stage(run, model, examples, BradleyTerry(), train_cfg, out, "rm", tokenizer)
     save_model(model, out / "reward", tokenizer=tokenizer, dtype=stored_dtype(run.base_reward))
     _drop_state(out / "rm_state")
     lens = [len(ids) for ex in examples for ids, _ in ex.seqs]

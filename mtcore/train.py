@@ -35,61 +35,19 @@ import torch
 
 from mtcore import parallel, preempt, profile
 from mtcore.checkpoint import inspect_checkpoint, load_model, resolve, save_model, stored_dtype
-from mtcore.data import Batch, Example, cut_to_length, load_tokenizer, make_batch, pack, read_demonstrations, read_pairs
+from mtcore.data import (Batch, Example, as_source, cut_to_length, load_tokenizer, make_batch, pack,
+                         read_demonstrations, read_pairs)
 from mtcore.device import default_device, precision
 from mtcore.files import check_free_space, default_file_mode, remove_quietly, write_json, write_text_atomic
-from mtcore.errors import MtcoreError, check_ranges
+from mtcore.config import TRAIN_HELP, TrainConfig  # noqa: F401 (TRAIN_HELP: re-exported)
+from mtcore.errors import MtcoreError
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
 from mtcore.kernels import sequence_logps
 from mtcore.model import Llama
 from mtcore.outputs import check_out_dir, commit_dir, open_partial, partial_dir
+from mtcore.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 7e-7
-    epochs: int = 1
-    batch_size: int = 128  # examples (pairs) per optimizer step
-    micro_batch_tokens: int = 8192  # token budget of one packed forward/backward
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still measured)
-    seed: int = 0
-    grad_checkpointing: bool = False
-    padded: bool = False  # right-padded [B, T] batches instead of packed ones (for comparisons)
-    reference_ops: bool = False  # the plain-torch *_ref kernels instead of the fused ones
-    save_state_every: int = 0  # optimizer steps between resumable (sharded) state saves; 0: none
-
-    def __post_init__(self):
-        check_ranges(self, TRAIN_RANGES)
-
-
-# One line of --help per TrainConfig field (`mtcore dpo|rm|sft` make their options from the fields).
-TRAIN_HELP = {
-    "lr": "Peak learning rate (AdamW; linear warm-up, then cosine decay to 0).",
-    "epochs": "Passes over the data.",
-    "batch_size": "Examples (pairs) per optimizer step; micro-batches accumulate to it.",
-    "micro_batch_tokens": "Token budget of one packed forward/backward.",
-    "warmup_ratio": "Share of the steps spent in linear warm-up, in [0, 1).",
-    "weight_decay": "AdamW's decoupled weight decay.",
-    "max_grad_norm": "Clip the gradients' total L2 norm to this (0: no clipping).",
-    "seed": "Seed of the data order (and of any sampling).",
-    "grad_checkpointing": "Recompute each block's activations in backward (less memory, ~30% more compute).",
-    "padded": "Right-padded batches instead of packed ones (for comparison).",
-    "reference_ops": "The plain-torch reference ops instead of the fused kernels (slow; for checking).",
-    "save_state_every": "Save the (sharded) model and optimizer state every N steps to OUT.partial/train_state; "
-                        "a rerun resumes from it (0: never).",
-}
-
-TRAIN_RANGES = {
-    "lr": (lambda v: v > 0, "> 0"), "epochs": (lambda v: v >= 1, ">= 1"),
-    "batch_size": (lambda v: v >= 1, ">= 1"), "micro_batch_tokens": (lambda v: v >= 2, ">= 2"),
-    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "seed": (lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
-    "save_state_every": (lambda v: v >= 0, ">= 0 (0: never)"),
-}
 
 
 class NonFiniteLoss(MtcoreError):
@@ -304,10 +262,11 @@ def accumulate_gradients(model: Llama, examples: list[Example], index: list[int]
 
 
 def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metrics_file=None,
-        desc: str = "train", on_step=None, state_dir=None) -> list[dict]:
+        desc: str = "train", on_step=None, state_dir=None, report=None) -> list[dict]:
     """Train `model` in place on `examples` with `objective`. Returns one metrics dict per optimizer
     step (also written, atomically after each step, to metrics_file as JSONL when given).
-    on_step(step, n_steps, model), if given, runs after each optimizer step (e.g. to save checkpoints).
+    on_step(step, n_steps, model), if given, runs after each optimizer step (e.g. to save checkpoints);
+    report(row), if given, gets each step's metrics row (report.Reporter.step_logger).
 
     Under torchrun the model must be sharded already (parallel.parallelize, called by the caller;
     checkpoint.save_model saves it either way), and each rank runs its share of every global batch;
@@ -317,8 +276,6 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
     Raises NonFiniteLoss at a NaN/inf loss or gradient norm, before the optimizer step that would
     apply it: the model is then as it was after the last good step. After a stop signal
     (mtcore/preempt.py) the state is saved at the end of the step and Preempted raised."""
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     if parallel.world_size() > 1 and not parallel.is_sharded(model):
@@ -326,7 +283,7 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
     steps = global_batches(examples, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     history = []
-    run_id = {"config": {k: v for k, v in asdict(cfg).items() if k != "save_state_every"},
+    run_id = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("save_state_every", "log_every")},
               "examples": len(examples), "steps": len(steps)}
     saved = parallel.load_train_state(state_dir, model, optimizer) if state_dir is not None else None
     if saved is not None:
@@ -337,8 +294,7 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
         log.info("%s: resuming after step %d of %d", state_dir, len(history), len(steps))
     peak = profile.peak_flops(str(device))[0] * parallel.world_size() if device.type == "cuda" else 0.0
     model.train()
-    with tqdm(total=len(steps), initial=len(history), desc=desc, unit="step",
-              disable=parallel.progress_disabled()) as bar:
+    with Progress(len(steps), desc, "steps", initial=len(history), log_every=cfg.log_every) as bar:
         for step, index in enumerate(steps[len(history):], len(history) + 1):
             start = time.perf_counter()
             loss_sum, units, totals, n_tokens = accumulate_gradients(model, examples, index, objective, cfg, step)
@@ -363,6 +319,8 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
             history.append(row)
             if metrics_file is not None:
                 write_history(metrics_file, history)
+            if report is not None:
+                report(row)
             if on_step is not None:
                 on_step(step, len(steps), model)
             stop = step < len(steps) and preempt.requested()
@@ -373,9 +331,8 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
             if stop:
                 raise preempt.Preempted(f"after step {step} of {len(steps)} of {desc}"
                                         + (f" (its state saved in {state_dir})" if state_dir is not None else ""))
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"acc": f"{row['accuracy']:.2f}"} if "accuracy" in row
-                                                          else {}))
+            bar.update(1, tokens=n_tokens, loss=row["loss"], **({"accuracy": row["accuracy"]} if "accuracy" in row
+                                                                 else {}))
     model.eval()
     return history
 
@@ -396,13 +353,12 @@ def write_history(path, rows: list[dict]) -> None:
 
 @torch.no_grad()
 def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: int, padded: bool = False,
-                    desc: str = "reference log-probs", reference_ops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    desc: str = "reference log-probs", reference_ops: bool = False,
+                    log_every: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One no-grad pass: (sums [n, k] fp32, counts [n, k]) of every example's sequences' response log-probs.
 
     With several ranks, each computes every world_size-th micro-batch (as many passes as the busiest
     rank, for a sharded model's collectives) and the rows are summed over ranks (the others' are 0)."""
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
     k = len(examples[0].seqs)
     sums = torch.zeros(len(examples), k)
@@ -412,7 +368,7 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
     bins = pack([ex.n_tokens for ex in examples], micro_batch_tokens)
     mine = bins[parallel.rank()::parallel.world_size()]
     n_passes = parallel.all_max(len(mine))
-    with tqdm(total=sum(map(len, mine)), desc=desc, unit="ex", disable=parallel.progress_disabled()) as bar:
+    with Progress(len(examples), desc, "examples", log_every=log_every) as bar:  # rank 0's share, times the ranks
         for p in range(n_passes):
             index = mine[p] if p < len(mine) else bins[0]  # a repeat only keeps the ranks in step
             batch = make_batch(examples, index, padded=padded).to(device)
@@ -421,7 +377,7 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
             if p < len(mine):
                 sums[index] = s.view(-1, k).float().cpu()
                 counts[index] = c.view(-1, k).cpu()
-                bar.update(len(index))
+                bar.update(len(index) * parallel.world_size(), tokens=batch.n_tokens * parallel.world_size())
     model.train(was_training)
     return parallel.all_reduce_(sums), parallel.all_reduce_(counts)
 
@@ -449,7 +405,7 @@ def model_digest(src: Path, dtype: torch.dtype, device: torch.device) -> str:
 
 
 def cached_reference_logps(reference, examples: list[Example], cache_file: Path, micro_batch_tokens: int,
-                           reference_ops: bool = False):
+                           reference_ops: bool = False, log_every: float = 30.0):
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
     reference: the reference model, or a function that loads it (called only when the cache misses).
     A cache that cannot be written (a read-only or full disk) is a warning, not an error: training goes
@@ -466,7 +422,8 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
         except Exception as e:  # a damaged cache is recomputed, never trusted
             log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
     model = reference if isinstance(reference, torch.nn.Module) else reference()
-    sums, counts = reference_logps(model, examples, micro_batch_tokens, reference_ops=reference_ops)
+    sums, counts = reference_logps(model, examples, micro_batch_tokens, reference_ops=reference_ops,
+                                   log_every=log_every)
     del model
     if not parallel.is_main():
         return sums, counts
@@ -516,37 +473,53 @@ def prepare_examples(examples: list[Example], where, max_length: int, cfg: Train
     return examples, report
 
 
-def _train_and_commit(model, tokenizer, examples, objective, cfg, out: Path, summary):
+def _train_and_commit(model, tokenizer, examples, objective, cfg, out: Path, summary, reporter=None):
     """fit in OUT.partial (metrics.jsonl, and the resumable state in train_state with
-    --save-state-every), then save the model, metrics.jsonl and summary.json there and swap the whole
+    --save-state-every; each step to the report.Reporter given, by default in OUT/tb), then save the model, metrics.jsonl and summary.json there and swap the whole
     directory in for OUT (outputs.commit_dir): OUT is the old output or the new one, never a mix. At a
     NaN/inf, OUT is left as it was and the last good model is saved in OUT.partial/last_good."""
     command, dtype = summary["command"], stored_dtype(model.source)  # saved as the source is kept
-    work = open_partial(out, command) if parallel.is_main() else partial_dir(out)
+    work = open_partial(out, command, keep=("train_state", "tb")) if parallel.is_main() else partial_dir(out)
     parallel.barrier()
     metrics_file = work / "metrics.jsonl"
     parallel.parallelize(model, cfg.grad_checkpointing)
+    if reporter is not None:
+        reporter.open(work / "tb")
     try:
-        history = fit(model, examples, objective, cfg, metrics_file, desc=command, state_dir=work / "train_state")
+        history = fit(model, examples, objective, cfg, metrics_file, desc=command, state_dir=work / "train_state",
+                      report=reporter and reporter.step_logger(command))
     except NonFiniteLoss as e:
         save_model(model, work / "last_good", tokenizer=tokenizer, dtype=dtype)
         good = f"the good steps' metrics in {metrics_file}" if metrics_file.exists() else "no step completed"
         raise NonFiniteLoss(f"{e}; {out} is unchanged; the model before that step is in {work / 'last_good'} "
                             f"({good}); lower --lr, or check the examples named") from None
+    finally:
+        if reporter is not None:
+            reporter.close()
     finished = save_model(model, work / "model", tokenizer=tokenizer, dtype=dtype)
     summary.update(config=asdict(cfg), world_size=parallel.world_size(), steps=len(history),
                    final=history[-1] if history else None)
     if parallel.is_main():
         write_history(finished / "metrics.jsonl", history)
         write_json(finished / "summary.json", summary)
+        if (work / "tb").is_dir():  # --report-to's default directory goes with the model
+            os.replace(work / "tb", finished / "tb")
         commit_dir(finished, out, command)
     parallel.barrier()
     return history
 
 
+def _reference_cache(pairs_file, out: Path, key: str) -> Path:
+    """The reference log-prob cache: beside the pairs' file or dataset directory; beside --out for a hub
+    id (the Hugging Face cache is not ours to write)."""
+    if as_source(pairs_file).is_hub_id():
+        return out.with_name(f"{str(Path(pairs_file)).replace('/', '--')}.ref-{key}.safetensors")
+    return Path(pairs_file).with_name(f"{Path(pairs_file).name}.ref-{key}.safetensors")
+
+
 def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss_type="sigmoid",
             label_smoothing=0.0, length_normalize=False, max_length=2048, chat_template=None, device=None,
-            overwrite=False):
+            overwrite=False, reporter=None):
     """`mtcore dpo`: read and pack the pairs, reference log-probs (cached beside the data), DPO, save."""
     device = default_device(device)
     path, ref_path = resolve(policy), None if ref is None else resolve(ref)
@@ -558,19 +531,19 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,
                                                             device=device)  # loaded only if the cache misses
     key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
-    cache = Path(pairs_file).with_name(f"{Path(pairs_file).name}.ref-{key.hexdigest()[:16]}.safetensors")
+    cache = _reference_cache(pairs_file, out, key.hexdigest()[:16])
     ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens,
-                                                  cfg.reference_ops)
+                                                  cfg.reference_ops, cfg.log_every)
     objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                     length_normalize=length_normalize)
     summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),
                "data": report, "beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing,
                "length_normalize": length_normalize, "max_length": max_length, "ref_cache": str(cache)}
-    return _train_and_commit(model, tokenizer, examples, objective, cfg, out, summary)
+    return _train_and_commit(model, tokenizer, examples, objective, cfg, out, summary, reporter)
 
 
 def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_length=2048, chat_template=None,
-           device=None, overwrite=False):
+           device=None, overwrite=False, reporter=None):
     """`mtcore rm`: Bradley-Terry training of a reward model on preference pairs, from `reward`."""
     device = default_device(device)
     path = resolve(reward)
@@ -580,11 +553,11 @@ def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_lengt
     _check_disk(out, path, examples, cfg, "rm")
     summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
                "center_coef": center_coef, "max_length": max_length}
-    return _train_and_commit(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary)
+    return _train_and_commit(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary, reporter)
 
 
 def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None,
-            overwrite=False):
+            overwrite=False, reporter=None):
     """`mtcore sft`: supervised fine-tuning on {"prompt", "response"} demonstrations."""
     device = default_device(device)
     path = resolve(policy)
@@ -594,4 +567,4 @@ def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_temp
     _check_disk(out, path, examples, cfg, "sft")
     summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
                "max_length": max_length}
-    return _train_and_commit(model, tokenizer, examples, SFT(), cfg, out, summary)
+    return _train_and_commit(model, tokenizer, examples, SFT(), cfg, out, summary, reporter)

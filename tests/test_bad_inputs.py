@@ -52,6 +52,24 @@ def _edit_weights(src: Path, dst: Path, edit) -> None:
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _data_in_other_forms(w: Path) -> None:
+    """Parquet files and a saved dataset (mtcore/sources.py): good ones, and Parquet text that is not
+    UTF-8 (a lone surrogate's bytes, stored unchecked)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = [json.loads(line) for line in (w / "pairs.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(pairs), w / "pairs.parquet")
+    prompts = [json.loads(line) for line in (w / "prompts.jsonl").read_text().splitlines()]
+    pq.write_table(pa.Table.from_pylist(prompts), w / "prompts.parquet")
+    datasets.disable_progress_bars()
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(prompts),
+                          "test": datasets.Dataset.from_list(prompts[:4])}).save_to_disk(str(w / "prompts_ds"))
+    text = pa.array([b"sort 2 1", b"sort 2 1 \xed\xa0\x80"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": text}), w / "surrogate.parquet")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Inputs good and bad, earlier outputs, and a user's own files, in one directory."""
@@ -73,6 +91,8 @@ def world(tmp_path_factory):
         "no_responses.jsonl": b'{"prompt": "sort 1 2"}\n',
         "responses_str.jsonl": b'{"prompt": "sort 1 2", "responses": "1 2"}\n',
         "long_prompt.jsonl": json.dumps({"prompt": "sort " + " ".join("9" * 60)}).encode() + b"\n",
+        "fill_context.jsonl": b"".join(json.dumps({"prompt": f"sort {i} " + " ".join("9" * (130 if i == 5 else 3))})
+                                       .encode() + b"\n" for i in range(24)),
         "bad.toml": b"iters = [\n", "not_utf8.toml": b"iters = 3 # \xff\n", "unknown_key.toml": b"itres = 3\n",
         "wrong_type.toml": b'iters = "3"\n', "notes.txt": b"a user's notes\n", "template_not_utf8.jinja": b"\xff\xfe",
         "user_out.jsonl": b"my own results, not mtcore's\n", "user_out.json": b"not json at all\n",
@@ -85,9 +105,11 @@ def world(tmp_path_factory):
         "wizard.jsonl": b'{"messages": [{"role": "wizard", "content": "sort 2 1"}]}\n',
         "wizard_pairs.jsonl": b'{"messages": [{"role": "wizard", "content": "sort 2 1"}], "chosen": "1 2", '
                               b'"rejected": "2 1"}\n',
+        "not_parquet.parquet": b"PAR1, then not Parquet at all\n",
     }
     for name, data in files.items():
         (w / name).write_bytes(data)
+    _data_in_other_forms(w)
     for name in ("user_dir", "user_out_dir"):
         (w / name).mkdir()
         (w / name / "notes.txt").write_text("keep me\n")
@@ -126,11 +148,13 @@ def world(tmp_path_factory):
                                 ("run_state_not_json", "{", None), ("run_bad_splits", None, '{"rm": 3}'),
                                 ("run_state_empty", "", None), ("run_splits_cut", None, '{"rm": ["sort 1'),
                                 ("run_config_empty", None, None), ("run_config_cut", None, None),
-                                ("run_new", None, None)):
+                                ("run_new", None, None), ("run_begun", BEGUN_2, None)):
         (w / name).mkdir()
         config = {"run_other": "seed = 5\n", "run_config_empty": "",
                   "run_config_cut": "".join(toy_identity.splitlines(keepends=True)[:5])}.get(name, toy_identity)
         (w / name / "config.toml").write_text(config)
+        if state is None and name in ("run_other", "run_config_cut"):  # a stage done: the config is the run's
+            state = FINISHED_INITIAL
         if state is not None:
             (w / name / "state.json").write_text(state)
         if splits is not None:
@@ -155,7 +179,10 @@ SFT = "sft --policy {w}/policy --data {w}/demos.jsonl --micro-batch-tokens 256"
 GEN = "generate --policy {w}/policy --prompts {w}/prompts.jsonl --max-new-tokens 2"
 SCORE = "score --reward {w}/reward --prompts-with-responses {w}/scored_in.jsonl"
 REAL = "train --policy {w}/policy --reward {w}/reward --prompts {w}/prompts.jsonl --selection-size 4 " \
-       "--rm-split-size 4 --iters 1"
+       "--rm-split-size 4 --policy-split-size 8 --iters 1 --max-new-tokens 8"
+
+FINISHED_INITIAL = '{"done": ["initial"], "stopped_at": null, "failed": null}'
+BEGUN_2 = '{"done": ["initial", "iter_1/sample", "iter_2/sample"], "stopped_at": null, "failed": null}'
 
 # (id, command line with {w} for the world directory, text the error line must hold, [paths that must not appear])
 CASES = [
@@ -249,6 +276,34 @@ CASES = [
      'surrogate_messages.jsonl:1: "messages[0].content" holds a lone surrogate', ["g.jsonl"]),
     ("gen-role-wizard", "generate {P} --prompts {w}/wizard.jsonl --out {w}/g.jsonl",
      "wizard.jsonl:1: message 0 has the role 'wizard'; roles are system, user, assistant", ["g.jsonl"]),
+    # data in other forms: Parquet, saved datasets, hub ids (mtcore/sources.py)
+    ("gen-hub-not-cached", "generate {P} --prompts nobody-mtcore/no-such-dataset --out {w}/g.jsonl",
+     "nobody-mtcore/no-such-dataset: no such file, and no such dataset in the Hugging Face cache", ["g.jsonl"]),
+    ("gen-not-parquet", "generate {P} --prompts {w}/not_parquet.parquet --out {w}/g.jsonl",
+     "not_parquet.parquet: not a readable Parquet file", ["g.jsonl"]),
+    ("gen-parquet-surrogate", "generate {P} --prompts {w}/surrogate.parquet --out {w}/g.jsonl",
+     'surrogate.parquet row 1: "prompt" holds bytes that are not UTF-8 text', ["g.jsonl"]),
+    ("gen-parquet-no-column", "generate {P} --prompts {w}/prompts.parquet --prompt-field question --out {w}/g.jsonl",
+     "no column 'question' (its columns: prompt, id); name the column with --prompt-field", ["g.jsonl"]),
+    ("gen-split-missing", "generate {P} --prompts {w}/prompts_ds --prompts-split dev --out {w}/g.jsonl",
+     "--prompts-split dev: ", ["g.jsonl"]),
+    ("gen-split-names-them", "generate {P} --prompts {w}/prompts_ds --prompts-split dev --out {w}/g.jsonl",
+     "has no such split; its splits are train, test", ["g.jsonl"]),
+    ("gen-split-needed", "generate {P} --prompts {w}/prompts_ds --out {w}/g.jsonl",
+     "has the splits train, test; choose one with --prompts-split", ["g.jsonl"]),
+    ("gen-split-of-jsonl", "generate {P} --prompts {w}/prompts.jsonl --prompts-split train --out {w}/g.jsonl",
+     "is JSONL, which has no splits", ["g.jsonl"]),
+    ("dpo-parquet-no-column", "dpo {P} --pairs {w}/pairs.parquet --chosen-field good --out {w}/o",
+     "no column 'good'", ["o", "o.partial"]),
+    ("rm-parquet-no-column-option", "rm {R} --pairs {w}/pairs.parquet --rejected-field bad --out {w}/o",
+     "name the column with --rejected-field", ["o", "o.partial"]),
+    ("eval-pairs-split-needed", "eval {R} --pairs {w}/prompts_ds --out {w}/e.json",
+     "choose one with --pairs-split", ["e.json"]),
+    ("train-prompts-no-column", "train {P} {R} --prompts {w}/prompts.parquet --prompt-field q --out {w}/r",
+     "no column 'q'", ["r"]),
+    ("train-prompts-split-missing", "train {P} {R} --prompts {w}/prompts_ds --prompts-split dev --out {w}/r",
+     "its splits are train, test", ["r"]),
+    ("train-toy-prompts-split", "train --out {w}/r --prompts-split test", "the toy world has none", ["r"]),
     # mtcore score
     ("score-no-responses", "score {R} --prompts-with-responses {w}/no_responses.jsonl --out {w}/s.jsonl",
      'needs "responses"', ["s.jsonl"]),
@@ -364,7 +419,19 @@ CASES = [
                                "--selection-size 4 --rm-split-size 4 --iters 1 --out {w}/r", "score.weight", ["r"]),
     ("train-policy-is-rm", REAL.replace("--policy {w}/policy", "--policy {w}/reward") + " --out {w}/r",
      "looks like a reward model", ["r"]),
-    ("train-split-size-real", REAL + " --policy-split-size 5 --out {w}/r", "toy world only", ["r"]),
+    ("train-split-sizes-fit", REAL + " --policy-split-size 500 --out {w}/r",
+     "1 iterations (--iters) of 500 prompts (--policy-split-size): 508 in all; sizes that fit: --policy-split-size 16",
+     ["r"]),
+    ("train-split-sizes-fit-all", REAL + " --selection-size 20 --rm-split-size 20 --out {w}/r",
+     "sizes that fit: --selection-size 10 --rm-split-size 10 --policy-split-size 4", ["r"]),
+    ("train-reward-template-missing", REAL + " --reward-chat-template {w}/nope.jinja --out {w}/r",
+     "--reward-chat-template", ["r"]),
+    ("train-max-new-tokens-context", REAL.replace("--max-new-tokens 8", "--max-new-tokens 500") + " --out {w}/r",
+     "exceed the policy's context of 128 tokens (max_position_embeddings); the largest that fits is --max-new-tokens",
+     ["r"]),
+    ("train-prompt-fills-context", REAL.replace("prompts.jsonl", "fill_context.jsonl") + " --out {w}/r",
+     "leaves no room for a response in the policy's context of 128 tokens", ["r"]),
+    ("train-iters-below-begun", "train --out {w}/run_begun --iters 1", "has already begun iteration 2; give --iters 2"),
     ("train-reward-only", "train {R} --out {w}/r", "without --policy", ["r"]),
     ("train-no-prompts", "train {P} --out {w}/r", "--policy needs --prompts", ["r"]),
     ("train-prompts-not-utf8", "train {P} {R} --prompts {w}/not_utf8.jsonl --out {w}/r", "not UTF-8", ["r"]),
@@ -391,11 +458,19 @@ CASES = [
                                                            "splits.json is damaged: restore it"),
     ("train-config-empty", "train --out {w}/run_config_empty", "config.toml: empty; config.toml is damaged"),
     ("train-config-cut", "train --out {w}/run_config_cut", "(cut short, or written by another version of mtcore)"),
-    ("train-redo-not-done", "train --out {w}/run_new --redo iter_1/dpo", "not a finished stage", ["run_new/state.json"]),
-    ("train-redo-new-run", "train --out {w}/r --redo iter_1/dpo", "holds no run yet", ["r"]),
+    ("train-redo-not-done", "train --out {w}/run_new --redo iter_1/dpo", "holds no finished stage yet",
+     ["run_new/state.json"]),
+    ("train-redo-new-run", "train --out {w}/r --redo iter_1/dpo", "holds no finished stage yet", ["r"]),
     ("train-rm-eval-missing", "train --out {w}/r --rm-eval {w}/nope.jsonl", "cannot read", ["r"]),
     ("train-rm-eval-bad", "train --out {w}/r --rm-eval {w}/no_chosen.jsonl", "no_chosen.jsonl:1", ["r"]),
     ("train-bool-value", "train --out {w}/r --m-step maybe", "unexpected extra argument", ["r"]),
+    ("train-report-to-unknown", "train --out {w}/r --report-to mlflow", "--report-to 'mlflow': 'mlflow' is not one of "
+                                "tensorboard, wandb", ["r"]),
+    ("train-log-every-neg", "train --out {w}/r --log-every -1", "--log-every", ["r"]),
+    ("dpo-report-to-unknown", DPO + " --out {w}/o --report-to tensorboard,comet", "'comet' is not one of",
+     ["o", "o.partial"]),
+    ("sft-log-every-nan", SFT + " --out {w}/o --log-every nan", "not a finite number", ["o", "o.partial"]),
+    ("gen-log-every-neg", GEN + " --out {w}/g.jsonl --log-every -1", "--log-every", ["g.jsonl"]),
     # mtcore build-toy and the command line itself
     ("toy-out-user-dir", "build-toy --out {w}/user_dir", "did not write"),
     ("toy-out-file", "build-toy --out {w}/notes.txt", "is a file"),
@@ -435,6 +510,20 @@ def test_bad_input(world, case, monkeypatch):
     changed = [name for name, digest in before.items() if after.get(name) != digest]
     assert not changed, f"changed or removed: {changed}"
     assert not [name for name in absent if (world / name).exists()], "written despite the error"
+
+
+@pytest.mark.parametrize("command", ["train --out {w}/r", RM + " --out {w}/o"])
+def test_report_to_wandb_without_wandb_names_the_extra(world, command, monkeypatch):
+    """--report-to wandb where wandb cannot be imported: one line naming the extra to install, before any work."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    args = [a.format(w=world) for a in shlex.split(command)] + ["--report-to", "wandb"]
+    before = snapshot(world)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().splitlines()[-1] == errors[0], result.stderr
+    assert "--report-to wandb" in errors[0] and "pip install 'mtcore[wandb]'" in errors[0], errors[0]
+    assert snapshot(world) == before and not (world / "r").exists() and not (world / "o.partial").exists()
 
 
 def test_the_table_covers_every_command_and_at_least_100_cases():

@@ -1,0 +1,99 @@
+"""What a new run's first stages would find, found before the run writes anything (rundir.Run calls
+check() for real models; the toy world's are known good). Each refusal is one error naming the option
+to change and a value that fits; a setting that works but wastes the run (a batch larger than the
+data) is a warning naming the option and the number of steps it leaves.
+
+  the chat templates    both tokenizers load with their template, and render every prompt
+  the context           the longest prompt plus --max-new-tokens fits each model's context
+  --max-length          how many prompts alone fill a training sequence (their pairs are dropped)
+  the batches           --dpo-batch-size / --rm-batch-size against the pairs an iteration can have,
+                        --save-every against DPO's steps (the candidates the selection judges)
+"""
+
+import logging
+import math
+
+from mtcore.checkpoint import check_checkpoint
+from mtcore.data import encode_prompt, encode_response, load_tokenizer
+from mtcore.errors import MtcoreError
+
+log = logging.getLogger(__name__)
+
+
+def _tokenizer(path, template: str, option: str):
+    """The tokenizer with its chat template, its errors naming `option` (the policy's or the RM's)."""
+    try:
+        return load_tokenizer(path, template or None)
+    except MtcoreError as e:
+        raise MtcoreError(str(e).replace("--chat-template", option)) from None
+
+
+def _snippet(prompt) -> str:
+    text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def _prompt_lengths(tokenizer, prompts: list, whose: str) -> list[int]:
+    lengths = []
+    for p in prompts:
+        try:
+            lengths.append(len(encode_prompt(tokenizer, p, f"the prompt {_snippet(p)}")))
+        except MtcoreError as e:
+            raise MtcoreError(f"{e} ({whose}'s chat template; remove the prompt from --prompts, or give another "
+                              f"template)") from None
+    return lengths
+
+
+def _check_context(lengths: list[int], prompts: list, cfg, context: int, whose: str, extra: int = 0) -> None:
+    """The longest prompt plus --max-new-tokens (plus `extra`: the RM reads the end-of-turn id) must fit
+    the model's context (max_position_embeddings)."""
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    longest = lengths[i]
+    if longest + cfg.max_new_tokens + extra <= context:
+        return
+    if longest + 1 + extra > context:
+        raise MtcoreError(f"the prompt {_snippet(prompts[i])} of --prompts is {longest} tokens, which leaves no room "
+                          f"for a response in the {whose}'s context of {context} tokens (max_position_embeddings); "
+                          f"remove it from --prompts")
+    raise MtcoreError(f"--max-new-tokens {cfg.max_new_tokens}: the longest prompt ({longest} tokens, "
+                      f"{_snippet(prompts[i])}) and its response would exceed the {whose}'s context of {context} "
+                      f"tokens (max_position_embeddings); the largest that fits is "
+                      f"--max-new-tokens {context - longest - extra}")
+
+
+def _check_batches(cfg, n_policy: int, n_rm: int) -> None:
+    """Warnings, not errors: an iteration's DPO has at most one pair per prompt of its split; the RM's
+    pairs are at most those plus one pseudo-pair per prompt of the RM split (fewer once filtered)."""
+    dpo_steps = math.ceil(n_policy / cfg.dpo_batch_size) * cfg.dpo_epochs
+    if cfg.dpo_batch_size > n_policy:
+        log.warning("--dpo-batch-size %d is more than an iteration's at most %d pairs (one per prompt of its split, "
+                    "--policy-split-size): DPO makes at most %d step(s); lower --dpo-batch-size",
+                    cfg.dpo_batch_size, n_policy, dpo_steps)
+    if cfg.save_every > dpo_steps:
+        log.warning("--save-every %d is more than DPO's at most %d step(s): the selection judges one candidate, "
+                    "the last step's; lower --save-every", cfg.save_every, dpo_steps)
+    n_rm_pairs = n_policy + (n_rm if cfg.m_step else 0)
+    if cfg.m_step and cfg.rm_batch_size > n_rm_pairs:
+        log.warning("--rm-batch-size %d is more than an iteration's at most %d RM pairs: the RM makes at most %d "
+                    "step(s); lower --rm-batch-size", cfg.rm_batch_size, n_rm_pairs,
+                    math.ceil(n_rm_pairs / cfg.rm_batch_size) * cfg.rm_epochs)
+
+
+def check(run) -> None:
+    """Everything above for run (a rundir.Run whose splits are made, nothing written yet)."""
+    cfg = run.cfg
+    policy_args, _ = check_checkpoint(run.base_policy, "policy")
+    reward_args, _ = check_checkpoint(run.base_reward, "reward")
+    prompts = [p for name in sorted(run.splits) for p in run.splits[name]]
+    policy_tok = _tokenizer(run.base_policy, cfg.chat_template, "--chat-template")
+    lengths = _prompt_lengths(policy_tok, prompts, "the policy")
+    _check_context(lengths, prompts, cfg, policy_args.max_position_embeddings, "policy")
+    reward_tok = _tokenizer(run.base_reward, cfg.reward_chat_template, "--reward-chat-template")
+    reward_lengths = _prompt_lengths(reward_tok, prompts, "the reward model")
+    encode_response(reward_tok, "")  # the end-of-turn id exists
+    _check_context(reward_lengths, prompts, cfg, reward_args.max_position_embeddings, "reward model", extra=1)
+    too_long = sum(n + 1 >= cfg.max_length for n in lengths)
+    if too_long:
+        log.warning("--max-length %d: %d of the %d prompts alone fill a training sequence, so their pairs are "
+                    "dropped from DPO and RM training; raise --max-length", cfg.max_length, too_long, len(prompts))
+    _check_batches(cfg, len(run.splits["policy_1"]), len(run.splits["rm"]))

@@ -1,0 +1,117 @@
+"""Training metrics where users look: TensorBoard and Weights & Biases (`--report-to`).
+
+Each DPO, RM or SFT training step's row (train.fit's metrics.jsonl row: loss, accuracy, lr,
+grad_norm, tokens/s, ...) is logged under a prefix (`dpo`, `iter_1/dpo`), and `mtcore train` adds
+each iteration's numbers from metrics.json under `iteration/`, at step t. One run name (--run-name)
+for the whole command: TensorBoard's events go to the logging directory, wandb's run (project
+"mtcore") to <logging directory>/wandb, resumed by a rerun as the same run (its id comes from the
+run name and the output directory). tensorboard and wandb are imported only when asked for.
+Under torchrun rank 0 alone reports.
+"""
+
+import hashlib
+import math
+from pathlib import Path
+
+from mtcore.errors import MtcoreError
+
+TARGETS = ("tensorboard", "wandb")
+EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the pip extra of mtcore that installs each
+
+
+def parse_targets(value: str) -> tuple[str, ...]:
+    """--report-to's value: tensorboard, wandb, both comma-separated, or "" / none for neither."""
+    names = tuple(dict.fromkeys(v.strip() for v in (value or "").split(",") if v.strip() and v.strip() != "none"))
+    for name in names:
+        if name not in TARGETS:
+            raise MtcoreError(f"--report-to {value!r}: {name!r} is not one of {', '.join(TARGETS)} (or several, "
+                              f"comma-separated, or none)")
+    for name in names:
+        try:
+            _import(name)
+        except ImportError as e:
+            raise MtcoreError(f"--report-to {name}: {name} cannot be imported ({e}); install it with "
+                              f"pip install 'mtcore[{EXTRA[name]}]'") from None
+    return names
+
+
+def _import(name: str):
+    if name == "tensorboard":
+        import tensorboard  # noqa: F401  (SummaryWriter needs it)
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter
+    import wandb
+
+    return wandb
+
+
+def _scalars(row: dict, prefix: str) -> dict[str, float]:
+    """The finite numbers of a row, keyed prefix/name (nested dicts flattened: prefix/a/b)."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
+
+
+class Reporter:
+    """The --report-to targets of one command, opened at the first log (so a refused command writes
+    nothing). logging_dir: where they write (default: the `default_dir` that open is given)."""
+
+    def __init__(self, targets: tuple[str, ...], run_name: str, logging_dir: str | None = None):
+        self.targets, self.run_name, self.logging_dir = targets, run_name, logging_dir
+        self.directory = None
+        self.writer = self.wandb_run = None
+        self.prefixes = set()  # those wandb was told the step metric of
+
+    def open(self, default_dir: Path) -> None:
+        from mtcore import parallel
+
+        if self.directory is not None or not self.targets or not parallel.is_main():
+            return
+        self.directory = Path(self.logging_dir) if self.logging_dir else Path(default_dir)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if "tensorboard" in self.targets:
+            self.writer = _import("tensorboard")(log_dir=str(self.directory))
+        if "wandb" in self.targets:
+            wandb = _import("wandb")
+            run_id = hashlib.sha256(f"{self.run_name}|{Path(default_dir).resolve()}".encode()).hexdigest()[:16]
+            self.wandb_run = wandb.init(project="mtcore", name=self.run_name, dir=str(self.directory), id=run_id,
+                                        resume="allow")
+
+    def log(self, prefix: str, row: dict, step: int) -> None:
+        """row's numbers as prefix/<key> at `step` (each prefix counts its own steps)."""
+        if self.directory is None:
+            return
+        scalars = _scalars(row, prefix)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, global_step=step)
+        if self.wandb_run is not None:
+            # wandb's own step only grows, and each stage restarts at 1: its step is a metric of its own
+            if prefix not in self.prefixes:
+                self.prefixes.add(prefix)
+                self.wandb_run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+            self.wandb_run.log({**scalars, f"{prefix}/step": step})
+
+    def step_logger(self, prefix: str):
+        """A train.fit `report` function: each step's row under prefix."""
+        return lambda row: self.log(prefix, row, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        self.writer = self.wandb_run = None
+        self.directory = None
+
+
+def reporter(report_to: str, run_name: str, logging_dir: str | None = None) -> Reporter | None:
+    """A Reporter for --report-to (checked now: an unknown target or a missing package is an error
+    before any work), or None for none."""
+    targets = parse_targets(report_to)
+    return Reporter(targets, run_name, logging_dir) if targets else None
