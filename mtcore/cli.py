@@ -347,10 +347,14 @@ def _report(out, history):
 @click.option("--label-smoothing", default=0.0, show_default=True, type=Finite(min=0, max=0.5, max_open=True),
               help="Conservative DPO's assumed label-noise rate, in [0, 0.5).")
 @click.option("--length-normalize", is_flag=True, help="Mean instead of sum of the response tokens' log-probs.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the reference log-probs are cached, keyed by the pairs and the reference model, so a "
+                   "rerun skips that pass (default: $MTCORE_CACHE, else $XDG_CACHE_HOME/mtcore, else "
+                   "~/.cache/mtcore). Nothing is written beside the data.")
 @training_options(lr=7e-7, batch_size=128)
 @user_errors
 @stops_at_safe_points
-def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, **kw):
+def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, cache_dir, **kw):
     """DPO of a policy on preference pairs, with reference log-probs computed once (cached beside PAIRS)."""
     from mtcore.outputs import one_writer
     from mtcore.train import run_dpo
@@ -361,7 +365,7 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
         history = run_dpo(policy, pairs, kw["out"], cfg, ref=ref, beta=beta, loss_type=loss_type,
                           label_smoothing=label_smoothing, length_normalize=length_normalize,
                           max_length=kw["max_length"], chat_template=kw["chat_template"], device=kw["device"],
-                          overwrite=kw["overwrite"], reporter=reporter)
+                          overwrite=kw["overwrite"], reporter=reporter, cache_dir=cache_dir)
     _report(kw["out"], history)
 
 

@@ -413,7 +413,7 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    if cache_file.exists():
+    if cache_file is not None and cache_file.exists():
         try:
             cached = load_file(str(cache_file))
             if cached["sums"].shape[0] == len(examples):
@@ -425,7 +425,7 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
     sums, counts = reference_logps(model, examples, micro_batch_tokens, reference_ops=reference_ops,
                                    log_every=log_every)
     del model
-    if not parallel.is_main():
+    if cache_file is None or not parallel.is_main():
         return sums, counts
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
     try:
@@ -509,20 +509,41 @@ def _train_and_commit(model, tokenizer, examples, objective, cfg, out: Path, sum
     return history
 
 
-def _reference_cache(pairs_file, out: Path, key: str) -> Path:
-    """The reference log-prob cache: beside the pairs' file or dataset directory; beside --out for a hub
-    id (the Hugging Face cache is not ours to write)."""
-    if as_source(pairs_file).is_hub_id():
-        return out.with_name(f"{str(Path(pairs_file)).replace('/', '--')}.ref-{key}.safetensors")
-    return Path(pairs_file).with_name(f"{Path(pairs_file).name}.ref-{key}.safetensors")
+def cache_root(given=None) -> Path:
+    """mtcore's cache: --cache-dir, else $MTCORE_CACHE, else $XDG_CACHE_HOME/mtcore, else ~/.cache/mtcore
+    (as Hugging Face keeps its own under HF_HOME). Never beside the user's data."""
+    if given:
+        return Path(given).expanduser()
+    if os.environ.get("MTCORE_CACHE"):
+        return Path(os.environ["MTCORE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mtcore"
+
+
+def reference_cache_dir(given=None) -> Path | None:
+    """The directory of the reference log-prob caches (one file per pairs and reference model) under
+    the cache directory, made if need be. A --cache-dir that cannot be made is an error; the default
+    one, a warning (None: no cache)."""
+    d = cache_root(given) / "ref_logps"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if given:
+            raise MtcoreError(f"--cache-dir {given}: cannot make {d} ({e.strerror or e}); give another "
+                              f"--cache-dir") from None
+        log.warning("%s: cannot make the cache directory (%s); the reference log-probs are not cached (set "
+                    "--cache-dir or MTCORE_CACHE)", d, e.strerror or e)
+        return None
+    return d
 
 
 def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss_type="sigmoid",
             label_smoothing=0.0, length_normalize=False, max_length=2048, chat_template=None, device=None,
-            overwrite=False, reporter=None):
-    """`mtcore dpo`: read and pack the pairs, reference log-probs (cached beside the data), DPO, save."""
+            overwrite=False, reporter=None, cache_dir=None):
+    """`mtcore dpo`: read and pack the pairs, reference log-probs (cached under cache_dir, see
+    train.cache_root), DPO, save."""
     device = default_device(device)
     path, ref_path = resolve(policy), None if ref is None else resolve(ref)
+    caches = reference_cache_dir(cache_dir)
     out = check_out_dir(out, "dpo", (path, pairs_file, ref_path, chat_template), overwrite)
     tokenizer, model = _load(path, "policy", device, chat_template)
     examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
@@ -531,7 +552,7 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,
                                                             device=device)  # loaded only if the cache misses
     key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
-    cache = _reference_cache(pairs_file, out, key.hexdigest()[:16])
+    cache = caches / f"{key.hexdigest()[:32]}.safetensors" if caches else None
     ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens,
                                                   cfg.reference_ops, cfg.log_every)
     objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,

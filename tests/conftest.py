@@ -60,6 +60,17 @@ DISTRIBUTED_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MAST
 
 
 @pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """mtcore's cache (the DPO reference log-probs) in a directory of each test's own, never ~/.cache."""
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path_factory.mktemp("mtcore_cache")))
+
+
+def reference_caches() -> list:
+    """The reference log-prob cache files under this test's MTCORE_CACHE."""
+    return sorted((Path(os.environ["MTCORE_CACHE"]) / "ref_logps").glob("*.safetensors"))
+
+
+@pytest.fixture(autouse=True)
 def _not_under_torchrun(monkeypatch):
     for name in DISTRIBUTED_ENV:
         monkeypatch.delenv(name, raising=False)

@@ -72,7 +72,15 @@ def _data_in_other_forms(w: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Inputs good and bad, earlier outputs, and a user's own files, in one directory."""
+    """Inputs good and bad, earlier outputs, and a user's own files, in one directory (made on the
+    kernels' torch CPU path, as the tests run: a module fixture runs before their torch_cpu_path)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")
+        patch.setenv("MTCORE_CACHE", str(tmp_path_factory.mktemp("mtcore_cache")))
+        return _world(tmp_path_factory)
+
+
+def _world(tmp_path_factory):
     from mtcore import config
 
     w = tmp_path_factory.mktemp("world")
@@ -376,6 +384,7 @@ CASES = [
     ("dpo-pairs-chosen-int", "dpo {P} --pairs {w}/chosen_int.jsonl --out {w}/o", "chosen", ["o", "o.partial"]),
     ("dpo-pairs-empty", "dpo {P} --pairs {w}/empty.jsonl --out {w}/o", "empty.jsonl", ["o", "o.partial"]),
     ("dpo-pairs-missing", "dpo {P} --pairs {w}/nope.jsonl --out {w}/o", "cannot read", ["o", "o.partial"]),
+    ("dpo-cache-dir-a-file", DPO + " --out {w}/o --cache-dir {w}/a_file", "--cache-dir", ["o", "o.partial"]),
     ("dpo-ref-missing", DPO + " --out {w}/o --ref {w}/nope", "no such checkpoint directory", ["o", "o.partial"]),
     ("dpo-policy-nan", "dpo --policy {w}/nan_weights --pairs {w}/pairs.jsonl --out {w}/o",
      "holds NaN or inf values", ["o", "o.partial"]),

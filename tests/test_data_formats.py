@@ -5,12 +5,14 @@ message lists); `mtcore generate` and `mtcore dpo` on them. The bad cases live i
 
 import glob
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_world
+from conftest import reference_caches, tiny_world
 from mtcore import MtcoreError
 from mtcore.data import Source, prompt_of, read_pairs, read_rows
 
@@ -176,12 +178,26 @@ def test_generate_and_dpo_run_on_parquet_and_datasets(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
     assert summary["data"]["kept"] == len(ULTRA) and summary["pairs"] == str(tmp_path / "ultra.parquet")
-    assert list(tmp_path.glob("ultra.parquet.ref-*.safetensors"))
+    assert len(reference_caches()) == 1 and not list(tmp_path.glob("*.ref-*"))  # the cache, not beside the data
 
 
-def test_hub_id_reference_cache_goes_beside_out(tmp_path):
-    from mtcore.train import _reference_cache
+def test_the_reference_cache_lives_in_mtcores_cache_directory(tmp_path, monkeypatch):
+    """--cache-dir, else MTCORE_CACHE, else XDG_CACHE_HOME/mtcore, else ~/.cache/mtcore; a --cache-dir
+    that cannot be made is an error, the default one a warning (no cache)."""
+    from mtcore.errors import MtcoreError
+    from mtcore.train import cache_root, reference_cache_dir
 
-    assert _reference_cache(Source("someone/pairs", "train"), tmp_path / "out", "k") == \
-        tmp_path / "someone--pairs.ref-k.safetensors"
-    assert _reference_cache(tmp_path / "p.parquet", tmp_path / "out", "k") == tmp_path / "p.parquet.ref-k.safetensors"
+    assert reference_cache_dir(tmp_path / "mine") == tmp_path / "mine" / "ref_logps"
+    assert (tmp_path / "mine" / "ref_logps").is_dir()
+    assert cache_root() == Path(os.environ["MTCORE_CACHE"])
+    monkeypatch.delenv("MTCORE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "mtcore"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "mtcore"
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(MtcoreError, match="--cache-dir .*a_file: cannot make"):
+        reference_cache_dir(tmp_path / "a_file")
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path / "a_file"))
+    assert reference_cache_dir() is None

@@ -58,7 +58,8 @@ def test_pseudo_pair_filter_drops_only_at_or_below_minus_eps():
 # --- runs on tiny random checkpoints ---
 
 TINY = dict(samples=3, max_new_tokens=6, beta=0.5, dpo_lr=1e-3, dpo_batch_size=4, save_every=2, selection_size=4,
-            rm_split_size=6, rm_lr=1e-3, rm_batch_size=4, tau=0.0, max_length=64, micro_batch_tokens=512)
+            rm_split_size=6, rm_lr=1e-3, rm_batch_size=4, tau=0.0, max_length=64, micro_batch_tokens=512,
+            policy_split_size=0)  # 0: the prompts left split evenly over --iters
 
 
 def tiny_config(policy, reward, prompts, **overrides):
@@ -167,12 +168,67 @@ def test_no_m_step_baseline_pairs_best_against_worst(tmp_path):
     assert not (d / "reward").exists() and run.reward(1) == reward
 
 
-def test_a_different_config_is_refused(tmp_path):
+def test_a_different_config_is_refused_once_a_stage_finished(tmp_path):
     policy, reward, prompts = tiny_world(tmp_path)
-    Run(tmp_path / "run", tiny_config(policy, reward, prompts))
-    with pytest.raises(MtcoreError, match=r"another config \(beta = 0.5 there, 0.25 now\)"):
-        Run(tmp_path / "run", tiny_config(policy, reward, prompts, beta=0.25))
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
+    run.mark_done("iter_1/sample")
+    with pytest.raises(MtcoreError, match=r"another config \(beta 0.5 there, 0.25 now; tau 0.0 there, 0.5 now\); "
+                                          r"resume it with its own values .*extend it with a larger --iters"):
+        Run(tmp_path / "run", tiny_config(policy, reward, prompts, beta=0.25, tau=0.5))
     Run(tmp_path / "run", tiny_config(policy, reward, prompts, kv_cache_gb=1.0))  # runtime options may change
+
+
+def test_a_run_in_which_no_stage_finished_takes_the_corrected_command(tmp_path, caplog):
+    """A first stage that fails (here: killed mid-way, its shards on disk) leaves a directory that the
+    corrected command takes: the new config and splits replace the old, the unfinished work goes."""
+    policy, reward, prompts = tiny_world(tmp_path)
+    Run(tmp_path / "run", tiny_config(policy, reward, prompts, seed=1))
+    (tmp_path / "run" / "iter_1" / "sample.shards").mkdir(parents=True)  # a first stage's unfinished work
+    old_splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    with caplog.at_level("WARNING"):
+        run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, seed=2))
+    assert "no stage had finished; its config.toml and splits.json are replaced by this command's (seed changed)" \
+        in caplog.text
+    assert "seed = 2" in (tmp_path / "run" / "config.toml").read_text()
+    assert json.loads((tmp_path / "run" / "splits.json").read_text()) == run.splits != old_splits
+    assert not (tmp_path / "run" / "iter_1").exists()
+
+
+def test_a_larger_iters_extends_a_finished_run(tmp_path, caplog):
+    """--iters 3 on a finished 2-iteration run runs iteration 3 alone, on a new policy split; the first
+    two iterations' files and splits are untouched, and metrics.json gains the third."""
+    policy, reward, prompts = tiny_world(tmp_path)
+    cfg = dict(policy_split_size=4)
+    first = train(Run(tmp_path / "run", tiny_config(policy, reward, prompts, **cfg)), echo=lambda s: None)
+    assert len(first["iterations"]) == 2
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "run").rglob("iter_[12]/**/*") if f.is_file()}
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    lines = []
+    with caplog.at_level("WARNING"):
+        metrics = train(Run(tmp_path / "run", tiny_config(policy, reward, prompts, iters=3, **cfg)), echo=lines.append)
+    assert "extending the run from 2 to 3 iterations" in caplog.text
+    assert [line.splitlines()[0] for line in lines if line.startswith("── iteration")][-1] == "── iteration 3 ──"
+    assert {f: f.stat().st_mtime_ns for f in before} == before
+    grown = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert {k: grown[k] for k in splits} == splits and len(grown["policy_3"]) == 4
+    assert not set(map(json.dumps, grown["policy_3"])) & set(map(json.dumps, sum(splits.values(), [])))
+    assert [e["iteration"] for e in metrics["iterations"]] == [1, 2, 3] and metrics["final_policy"] == "iter_3/policy"
+    assert metrics["iterations"][:2] == first["iterations"]
+    assert 'iters = 3' in (tmp_path / "run" / "config.toml").read_text()
+    with pytest.raises(MtcoreError, match="has already begun iteration 3; give --iters 3 or more"):
+        Run(tmp_path / "run", tiny_config(policy, reward, prompts, iters=2, **cfg))
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_extended(tmp_path, caplog):
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, tau=1.0, policy_split_size=4))
+    assert train(run, echo=lambda s: None)["stopped_at"] == 1
+    with caplog.at_level("WARNING"):
+        metrics = train(Run(tmp_path / "run", tiny_config(policy, reward, prompts, tau=1.0, policy_split_size=4,
+                                                          iters=3)), echo=lambda s: None)
+    assert "stopped early at iteration 1" in caplog.text and "it stays stopped" in caplog.text
+    assert f"start a new run with --policy {policy}" in caplog.text
+    assert metrics["stopped_at"] == 1 and not (tmp_path / "run" / "iter_2").exists()
 
 
 def test_config_resolution():

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_hf_model, save_hf, tiny_world
+from conftest import make_hf_model, reference_caches, save_hf, tiny_world
 from test_loop import read_jsonl
 from mtcore import parallel
 from mtcore.checkpoint import save_model
@@ -244,7 +244,7 @@ def test_torchrun_dpo_matches_one_process(world, tmp_path):
               "--beta", 0.5, "--max-grad-norm", 0.1]
     result = CliRunner().invoke(main, [str(a) for a in common + ["--out", tmp_path / "one"]], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    for cache in pairs.parent.glob("pairs.jsonl.ref-*"):
+    for cache in reference_caches():
         cache.unlink()  # so that 2 ranks compute the reference log-probs too
     two = torchrun(*common, "--out", tmp_path / "two")
     assert two.stdout.count("wrote ") == 1  # rank 0 alone reports

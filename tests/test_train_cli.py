@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import tiny_world
+from conftest import reference_caches, tiny_world
 from mtcore.cli import main
 
 
@@ -45,8 +45,9 @@ def test_dpo_writes_a_loadable_model_metrics_and_a_reference_cache(world, tmp_pa
             "peak_memory_mib"} <= rows[0].keys()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["data"] == {"kept": 11, "truncated": 0, "dropped": 0}
-    caches = list(pairs.parent.glob("pairs.jsonl.ref-*.safetensors"))
+    caches = reference_caches()
     assert len(caches) == 1
+    assert not list(pairs.parent.glob("*.ref-*"))  # nothing beside the data
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     trained = dict(hf.named_parameters())["model.layers.0.mlp.up_proj.weight"]
     before = AutoModelForCausalLM.from_pretrained(str(policy))
