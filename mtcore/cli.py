@@ -429,7 +429,9 @@ def loop_options(fn):
 @click.option("--out", default="runs/mtcore", show_default=True, type=click.Path(file_okay=False),
               help="Run directory; re-running the same command there resumes it.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="TOML file of the options below (keys with underscores).")
+              help="TOML file of the options below (keys with underscores; the command line wins), or a built-in "
+                   "one: 'small' (trying your own models on 100+ prompts, minutes) or 'paper' (the defaults, "
+                   "spelled out). See mtcore/configs/.")
 @click.option("--redo", default=None, metavar="STAGE",
               help="Do the finished stage STAGE (as state.json's \"done\" names it, e.g. iter_1/dpo) and every "
                    "stage after it again, e.g. when a model it wrote is damaged.")
@@ -441,11 +443,11 @@ def train(out, config_file, redo, **options):
 
     --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
     from mtcore import loop, report, toy
-    from mtcore.config import read_config_file, resolve_config
+    from mtcore.config import config_file_path, read_config_file, resolve_config
     from mtcore.outputs import one_writer
     from mtcore.rundir import Run
 
-    cfg = resolve_config(read_config_file(config_file) if config_file else {}, options)
+    cfg = resolve_config(read_config_file(config_file_path(config_file)) if config_file else {}, options)
     reporter = report.reporter(cfg.report_to, cfg.run_name or Path(out).name, cfg.logging_dir or None)
     with one_writer(out):
         run = Run(out, cfg, world=None if cfg.policy else toy.world(), redo=redo)

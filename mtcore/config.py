@@ -244,6 +244,18 @@ TRAIN_RANGES = {
 }
 
 
+BUILTIN_CONFIGS = ("paper", "small")  # mtcore/configs/<name>.toml, for --config <name>
+
+
+def config_file_path(name):
+    """--config's value: a TOML file, or the name of a built-in config (mtcore/configs/)."""
+    from pathlib import Path
+
+    if name in BUILTIN_CONFIGS and not Path(name).exists():
+        return Path(__file__).parent / "configs" / f"{name}.toml"
+    return Path(name)
+
+
 def read_config_file(path) -> dict:
     import tomllib
 

@@ -475,10 +475,13 @@ def prepare_examples(examples: list[Example], where, max_length: int, cfg: Train
 
 def _train_and_commit(model, tokenizer, examples, objective, cfg, out: Path, summary, reporter=None):
     """fit in OUT.partial (metrics.jsonl, and the resumable state in train_state with
-    --save-state-every; each step to the report.Reporter given, by default in OUT/tb), then save the model, metrics.jsonl and summary.json there and swap the whole
-    directory in for OUT (outputs.commit_dir): OUT is the old output or the new one, never a mix. At a
+    --save-state-every; each step to the report.Reporter given, by default in OUT/tb), then save the
+    model, metrics.jsonl and summary.json there and swap the whole directory in for OUT (outputs.commit_dir): OUT is the old output or the new one, never a mix. At a
     NaN/inf, OUT is left as it was and the last good model is saved in OUT.partial/last_good."""
     command, dtype = summary["command"], stored_dtype(model.source)  # saved as the source is kept
+    if cfg.batch_size > len(examples):
+        log.warning("--batch-size %d is more than the %d examples: %d step(s) in all (%d epoch(s) of one); lower "
+                    "--batch-size for more", cfg.batch_size, len(examples), cfg.epochs, cfg.epochs)
     work = open_partial(out, command, keep=("train_state", "tb")) if parallel.is_main() else partial_dir(out)
     parallel.barrier()
     metrics_file = work / "metrics.jsonl"

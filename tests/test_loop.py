@@ -231,6 +231,22 @@ def test_a_run_that_stopped_early_stays_stopped_when_extended(tmp_path, caplog):
     assert metrics["stopped_at"] == 1 and not (tmp_path / "run" / "iter_2").exists()
 
 
+def test_the_built_in_configs():
+    """--config paper spells out the defaults (each key equal to LoopConfig's); --config small fits 100
+    prompts; a file of that name in the working directory wins over the built-in one."""
+    import dataclasses
+
+    from mtcore.config import LoopConfig, config_file_path, read_config_file
+    from mtcore.rundir import split_sizes
+
+    paper = read_config_file(config_file_path("paper"))
+    defaults = {f.name: f.default for f in dataclasses.fields(LoopConfig)}
+    assert len(paper) >= 19 and all(paper[k] == defaults[k] for k in paper), paper
+    small = resolve_config(read_config_file(config_file_path("small")), {"policy": "p", "prompts": "x.jsonl"})
+    assert sum(split_sizes(small, 100, "x").values()) <= 100 and small.iters == 2
+    assert config_file_path("my.toml") == Path("my.toml")
+
+
 def test_config_resolution():
     toy = resolve_config({}, {})
     assert toy.policy == "" and toy.iters == 3

@@ -3,6 +3,7 @@ the real Llama-3 tokenizer (vocabulary 128,256, Llama-3-Instruct's chat template
 policy, an RM of LlamaForSequenceClassification form whose pad id is <|eot_id|>, and an --rm-eval file."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_cpu_path")]
 BEGIN, EOT = 128000, 128009
 
 
-def _checkpoints(root, tokenizer_dir):
+def _checkpoints(root, tokenizer_dir, names=("policy", "reward"), n_prompts=24, context=128):
     from transformers import AutoTokenizer
 
     from mtcore import toy
@@ -27,21 +28,21 @@ def _checkpoints(root, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     shape = dict(vocab_size=128256, bos_token_id=BEGIN, eos_token_id=EOT, rope_scaling=LLAMA3_SCALING,
-                 rope_theta=500000.0)
+                 rope_theta=500000.0, max_position_embeddings=context)
     policy = make_hf_model("policy", seed=0, pad_token_id=None, **shape).to(torch.bfloat16)
     reward = make_hf_model("reward", seed=1, pad_token_id=EOT, **shape)  # pad_token = eos_token, as recipes do
-    for name, model in (("policy", policy), ("reward", reward)):
+    for name, model in zip(names, (policy, reward)):
         model.save_pretrained(str(root / name))
         tok.save_pretrained(str(root / name))
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in toy.make_prompts(24, seed=5)))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in toy.make_prompts(n_prompts, seed=5)))
     pairs = root / "rm_eval.jsonl"
     rows = [{"prompt": "sort 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1", "subset": "alpacaeval-easy"},
             {"prompt": "sort 9 8", "chosen": "8 9", "rejected": "9", "subset": "mt-bench-hard"},
             {"prompt": "sort 5 5 1", "chosen": "1 5 5", "rejected": "5 1", "subset": "donotanswer"},
             {"prompt": "sort 4 2", "chosen": "2 4", "rejected": "4 2", "subset": "hep-go"}]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root / "policy", root / "reward", prompts, pairs
+    return root / names[0], root / names[1], prompts, pairs
 
 
 def test_real_shaped_two_iterations(tmp_path, llama3_tokenizer_path):
@@ -76,3 +77,29 @@ def test_real_shaped_two_iterations(tmp_path, llama3_tokenizer_path):
         assert hf_reward.dtype == torch.float32 and hf_reward.config.pad_token_id == EOT
         with torch.no_grad():
             assert torch.isfinite(hf_reward(torch.tensor([[BEGIN, 16, 17, EOT]])).logits).all()
+
+
+def test_the_readmes_own_model_command_completes_two_iterations(tmp_path, llama3_tokenizer_path, monkeypatch):
+    """The README's "your own model" command, verbatim, on tiny Llama-3-shaped models (the real tokenizer
+    and chat template, an 8192-token context) and 100 prompts: 2 iterations, each passing selection."""
+    import shlex
+
+    from transformers import AutoModelForCausalLM
+
+    from mtcore.cli import main
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    command = [line for line in readme.splitlines() if line.startswith("mtcore train --config small")]
+    assert len(command) == 1, command
+    args = shlex.split(command[0])[1:]
+    monkeypatch.chdir(tmp_path)
+    _checkpoints(tmp_path, llama3_tokenizer_path, names=("my-policy", "my-reward"), n_prompts=100, context=8192)
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / args[args.index("--out") + 1]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["iteration"] for e in metrics["iterations"]] == [1, 2] and metrics["stopped_at"] is None
+    assert all(not e["select"]["stopped"] and len(e["select"]["win_rates"]) == 2 for e in metrics["iterations"])
+    assert metrics["final_policy"] == "iter_2/policy"
+    assert f"done: 2 iterations\n  final policy  {run.relative_to(tmp_path)}/iter_2/policy" in result.output
+    assert AutoModelForCausalLM.from_pretrained(str(run / "iter_2" / "policy")).config.vocab_size == 128256

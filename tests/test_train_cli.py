@@ -98,6 +98,15 @@ def test_rm_and_sft(world, tmp_path):
     assert "nll" in (tmp_path / "sft" / "metrics.jsonl").read_text()
 
 
+def test_a_batch_larger_than_the_data_is_a_warning_naming_the_option(world, tmp_path, caplog):
+    """rm's default batch (512) on 11 pairs makes one step: said, with the option to change."""
+    _, reward, pairs = world
+    result = invoke("rm", "--reward", reward, "--pairs", pairs, "--out", tmp_path / "rm", "--micro-batch-tokens", 128)
+    assert result.exit_code == 0, result.output
+    assert "--batch-size 512 is more than the 11 examples: 1 step(s) in all" in caplog.text
+    assert "1 steps" in result.output
+
+
 def test_over_long_pairs_are_cut_or_dropped_and_counted(world, tmp_path):
     policy, _, pairs = world
     # the prompts are 14-16 tokens with the chat template: 15 cuts responses, and drops the longest prompts
