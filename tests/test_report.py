@@ -10,6 +10,8 @@ from click.testing import CliRunner
 from conftest import tiny_world
 from mtcore.cli import main
 
+pytest.importorskip("tensorboard")  # mtcore[tensorboard]; the wandb test also needs mtcore[wandb]
+
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 
@@ -86,6 +88,7 @@ def test_dpo_to_tensorboard_holds_every_step_of_metrics_jsonl(world, tmp_path):
 
 
 def test_train_to_tensorboard_and_wandb_offline_one_run(world, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
