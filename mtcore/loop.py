@@ -118,9 +118,15 @@ def write_run_metrics(run: Run) -> dict:
     if (run.dir / "initial_rmeval.json").exists():
         metrics["initial_rmeval"] = read_json(run.dir / "initial_rmeval.json")
     changed = parallel.is_main() and write_json(run.dir / "metrics.json", metrics)
-    if run.world is not None and iterations and parallel.is_main() and (
-            changed or not (run.dir / "metrics.png").exists()):
-        run.world.plot(run.dir / "metrics.png", metrics)
+    if iterations and parallel.is_main() and (changed or not (run.dir / "metrics.png").exists()):
+        if run.world is not None:
+            run.world.plot(run.dir / "metrics.png", metrics)
+        elif any("select" in e for e in iterations):
+            from mtcore.plots import run_panels, save_panels
+
+            save_panels(run.dir / "metrics.png", f"mtcore train: {run.dir.name}, per iteration"
+                        + (f" (stopped at iteration {run.state['stopped_at']})" if run.state["stopped_at"] else ""),
+                        run_panels(metrics, run.cfg.tau))
     return metrics
 
 

@@ -559,39 +559,15 @@ METRIC_UNITS = {"gold_win_rate_vs_initial": "win rate (ties 1/2)", "gold_score":
 
 def plot(path, metrics: dict) -> None:
     """A PNG of the four gold-judged metrics across iterations (iteration 0: the initial models)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mtcore.errors import MtcoreError
-    from mtcore.files import remove_quietly
+    from mtcore.plots import Panel, save_panels
 
     entries = ([metrics["initial"]] if "initial" in metrics else []) + [e for e in metrics["iterations"] if
                                                                         "gold_score" in e]
     xs = ([0] if "initial" in metrics else []) + [e["iteration"] for e in metrics["iterations"] if "gold_score" in e]
-    fig, axes = plt.subplots(1, len(METRIC_KEYS), figsize=(3.2 * len(METRIC_KEYS), 3.2), dpi=100)
-    for ax, key in zip(axes, METRIC_KEYS):
-        ax.plot(xs, [e[key] for e in entries], marker="o")
-        ax.set_title(METRIC_TITLES[key], fontsize=9)
-        ax.set_xlabel("iteration (0: the initial models)", fontsize=8)
-        ax.set_ylabel(METRIC_UNITS[key], fontsize=8)
-        ax.set_xticks(xs)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"mtcore train on the toy world: gold-judged metrics per iteration"
-                 + (f" (stopped at iteration {metrics['stopped_at']})" if metrics.get("stopped_at") else ""),
-                 fontsize=10)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        tmp.replace(path)
-    except OSError as e:
-        remove_quietly(tmp)
-        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
+    save_panels(path, "mtcore train on the toy world: gold-judged metrics per iteration"
+                + (f" (stopped at iteration {metrics['stopped_at']})" if metrics.get("stopped_at") else ""),
+                [Panel(METRIC_TITLES[k], METRIC_UNITS[k], xs, [e[k] for e in entries]) for k in METRIC_KEYS],
+                xlabel="iteration (0: the initial models)")
 
 
 def gold_metrics_of(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:

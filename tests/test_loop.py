@@ -98,6 +98,7 @@ def test_two_iterations_follow_the_rules(tmp_path):
     run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
     metrics = train(run, echo=lambda s: None)
     assert [e["iteration"] for e in metrics["iterations"]] == [1, 2]
+    assert (run.dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a real run's plot too
     for t in (1, 2):
         d = run.iter_dir(t)
         # the pair rule, re-derived from the scored samples
