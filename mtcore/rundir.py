@@ -197,8 +197,9 @@ class Run:
         if iters == saved_iters or (stopped is not None and iters > saved_iters):
             if iters != saved_iters:
                 log.warning("%s stopped early at iteration %d (its best candidate's win rate was below tau), so it "
-                            "stays stopped and --iters %d runs nothing more; to go on from its last policy, start a "
-                            "new run with --policy %s", self.dir, stopped, iters, self.policy(stopped - 1))
+                            "stays stopped and --iters %d runs nothing more%s", self.dir, stopped, iters,
+                            "" if self.world is not None else
+                            f"; to go on from its last policy, start a new run with --policy {self.policy(stopped - 1)}")
             return splits
         if iters > saved_iters:
             if self.world is None and self.cfg.policy_split_size == 0:
