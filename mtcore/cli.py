@@ -242,6 +242,9 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
               type=click.Choice(["auto", "eager", "compile", "graphs"]),
               help="Decode step: auto (graphs on CUDA, else eager); eager (the active slots only); compile "
                    "(static shapes through torch.compile); graphs (a captured CUDA graph, replayed).")
+@click.option("--decode-steps", default=1, show_default=True, type=COUNT,
+              help="Decode steps per visit of the host, the stop checks on the device: the same tokens, fewer "
+                   "syncs (a GPU stays busy; a slot that stops inside a block wastes at most K-1 steps).")
 @click.option("--max-len", default=None, type=click.IntRange(min=2),
               help="Tokens per cache slot (default: longest prompt + new).")
 @click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")
@@ -252,7 +255,8 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
 @click.option("--log-every", default=30.0, show_default=True, type=AT_LEAST_0, help=LOG_EVERY_HELP)
 @user_errors
 def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_new_tokens, seed, slots, kv_cache_gb,
-             decode_mode, max_len, skip_overlong, chat_template, logprobs, device, overwrite, log_every, **source):
+             decode_mode, decode_steps, max_len, skip_overlong, chat_template, logprobs, device, overwrite, log_every,
+             **source):
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
     from mtcore.device import default_device
     from mtcore.outputs import check_out_file
@@ -266,7 +270,7 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
     counts = generate_jsonl(policy, prompts, out_file, params, slots=slots, chat_template=chat_template,
                             skip_overlong=skip_overlong, max_len=max_len, device=device,
                             kv_budget_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
-                            decode_mode=decode_mode, log_every=log_every)
+                            decode_mode=decode_mode, log_every=log_every, decode_steps=decode_steps)
     echo(f"wrote {out_file}: {counts['responses']} responses for {counts['prompts']} prompts"
          + (f", {counts['skipped']} skipped as too long" if counts["skipped"] else ""))
 
@@ -319,8 +323,6 @@ def _train_config(kw):
 
 def _reporter(kw):
     """--report-to's report.Reporter (None without it), checked before any work; its options left out of kw."""
-    from pathlib import Path
-
     from mtcore import report
 
     report_to, run_name, logging_dir = kw.pop("report_to"), kw.pop("run_name"), kw.pop("logging_dir")
@@ -454,7 +456,7 @@ def train(out, config_file, redo, **options):
         echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
              f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
         metrics = loop.train(run, echo=echo, reporter=reporter)
-    echo(loop.ending(Path(out), metrics))
+    echo(loop.ending(run, metrics))
 
 
 @main.command(name="build-toy")

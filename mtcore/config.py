@@ -58,6 +58,7 @@ class LoopConfig:
     reward_chat_template: str = ""
     kv_cache_gb: float = 0.0  # 0: sampler.cache_budget (free GPU memory less a reserve; 2 GiB off CUDA)
     decode_mode: str = "auto"
+    decode_steps: int = 1  # decode steps per visit of the host (mtcore/decode_blocks.py)
     device: str = ""
     grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
     save_state_every: int = 25  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
@@ -112,6 +113,8 @@ LOOP_HELP = {
     "reward_chat_template": "The reward model's chat template, likewise.",
     "kv_cache_gb": "GiB of K/V cache for sampling, which sizes the concurrent sequences (0: on CUDA the free "
                    "memory after the weights less a reserve, at most 256 sequences; 2 GiB on the CPU).",
+    "decode_steps": "Sampler decode steps per visit of the host, the stop checks on the device (the same tokens; "
+                    "1: a visit every step). Larger values keep a GPU busy; not yet measured on one.",
     "decode_mode": "Sampler decode step: auto (graphs on CUDA, else eager); eager; compile (static shapes, "
                    "torch.compile); graphs (a captured CUDA graph, replayed).",
     "device": "cpu, cuda or cuda:N (default: cuda when available).",
@@ -146,12 +149,12 @@ LOOP_RANGES = {
     "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
     "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
     "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
-    "shard_prompts": _at_least(1), "log_every": _at_least(0),
+    "shard_prompts": _at_least(1), "log_every": _at_least(0), "decode_steps": _at_least(1),
     "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
 }
 
 
-RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "device", "grad_checkpointing", "save_state_every", "shard_prompts",
+RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "decode_steps", "device", "grad_checkpointing", "save_state_every", "shard_prompts",
                 "keep_candidates", "rm_eval", "log_every", "report_to", "run_name", "logging_dir")
 TOY_DEFAULTS = dict(iters=3, samples=5, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,

@@ -48,6 +48,7 @@ class Sampler:
                                                     on_overlong="skip",
                                                     kv_budget_bytes=int(cfg.kv_cache_gb * 2**30) or None, leave=False,
                                                     decode_mode=cfg.decode_mode, prompt_keys=prompt_keys,
+                                                    decode_steps=cfg.decode_steps,
                                                     progress=progress, log_every=cfg.log_every)]
         if meter is not None:
             lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]

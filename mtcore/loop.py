@@ -139,21 +139,22 @@ def final_iteration(run: Run, iterations: list[int]) -> int:
 
 def _in_run(run: Run, path: Path) -> str:
     """A model's path as metrics.json stores it: relative to the run directory where it lies inside it
-    (a run moved or mounted elsewhere still names its own files), else as given."""
+    (a run moved or mounted elsewhere still names its own files), else as given (a base model)."""
     try:
         return str(Path(path).relative_to(run.dir))
     except ValueError:
         return str(path)
 
 
-def ending(out: Path, metrics: dict) -> str:
+def ending(run: Run, metrics: dict) -> str:
     """The run's last lines: how it ended, and where its models, metrics and plot are."""
+    out = run.dir
     n, stopped, kept = len(metrics["iterations"]), metrics["stopped_at"], metrics["final_iteration"]
     kept_name = f"iteration {kept}'s" if kept else "the base models"
-    head = (f"stopped early at iteration {stopped} (its best win rate was below tau): the final models are "
-            f"{kept_name}" if stopped is not None else f"done: {n} iterations")
-    lines = [head, f"  final policy  {out / metrics['final_policy']}",
-             f"  reward model  {out / metrics['final_reward']}", f"  metrics       {out / 'metrics.json'}"]
+    head = (f"stopped early at iteration {stopped} (its best win rate was below tau, the method's rule; --tau "
+            f"sets it): the final models are {kept_name}" if stopped is not None else f"done: {n} iterations")
+    lines = [head, f"  final policy  {run.policy(kept)}", f"  reward model  {run.reward(kept)}",
+             f"  metrics       {out / 'metrics.json'}"]
     if (out / "metrics.png").exists():
         lines.append(f"  plot          {out / 'metrics.png'}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ to change and a value that fits; a setting that works but wastes the run (a batc
 data) is a warning naming the option and the number of steps it leaves.
 
   the chat templates    both tokenizers load with their template, and render every prompt
-  the context           the longest prompt plus --max-new-tokens fits each model's context
+  the context           --max-new-tokens against each model's context (a prompt with less room
+                        gets a shorter response: a warning; a setting no prompt fits: an error)
   --max-length          how many prompts alone fill a training sequence (their pairs are dropped)
   the batches           --dpo-batch-size / --rm-batch-size against the pairs an iteration can have,
                         --save-every against DPO's steps (the candidates the selection judges)
@@ -44,21 +45,24 @@ def _prompt_lengths(tokenizer, prompts: list, whose: str) -> list[int]:
     return lengths
 
 
-def _check_context(lengths: list[int], prompts: list, cfg, context: int, whose: str, extra: int = 0) -> None:
-    """The longest prompt plus --max-new-tokens (plus `extra`: the RM reads the end-of-turn id) must fit
-    the model's context (max_position_embeddings)."""
-    i = max(range(len(lengths)), key=lengths.__getitem__)
-    longest = lengths[i]
-    if longest + cfg.max_new_tokens + extra <= context:
+def _check_context(lengths: list[int], cfg, context: int, whose: str, refuse: bool) -> None:
+    """The prompts plus --max-new-tokens against the model's context (max_position_embeddings). The
+    sampler gives a slot at most the context, so a prompt with less room gets a shorter response, and
+    one with none is skipped: a warning with the count. A --max-new-tokens that not even the shortest
+    prompt leaves room for is a setting that does not fit: an error (refuse), naming what fits."""
+    shortest, longest = min(lengths), max(lengths)
+    if longest + cfg.max_new_tokens <= context:
         return
-    if longest + 1 + extra > context:
-        raise MtcoreError(f"the prompt {_snippet(prompts[i])} of --prompts is {longest} tokens, which leaves no room "
-                          f"for a response in the {whose}'s context of {context} tokens (max_position_embeddings); "
-                          f"remove it from --prompts")
-    raise MtcoreError(f"--max-new-tokens {cfg.max_new_tokens}: the longest prompt ({longest} tokens, "
-                      f"{_snippet(prompts[i])}) and its response would exceed the {whose}'s context of {context} "
-                      f"tokens (max_position_embeddings); the largest that fits is "
-                      f"--max-new-tokens {context - longest - extra}")
+    if refuse and shortest + cfg.max_new_tokens > context:
+        fits = f"; --max-new-tokens {context - longest} fits every prompt" if context - longest >= 1 else ""
+        raise MtcoreError(f"--max-new-tokens {cfg.max_new_tokens} does not fit the {whose}'s context of {context} "
+                          f"tokens (max_position_embeddings), not even after the shortest prompt ({shortest} tokens): "
+                          f"at most --max-new-tokens {context - shortest}{fits}")
+    cut = sum(n + cfg.max_new_tokens > context for n in lengths)
+    skipped = sum(n >= context for n in lengths)
+    log.warning("%d of the %d prompts (the longest %d tokens) leave less than --max-new-tokens %d in the %s's context "
+                "of %d tokens: their responses are cut shorter%s", cut, len(lengths), longest, cfg.max_new_tokens,
+                whose, context, f", and {skipped} that fill it are skipped" if skipped else "")
 
 
 def _check_batches(cfg, n_policy: int, n_rm: int) -> None:
@@ -87,12 +91,15 @@ def check(run) -> None:
     prompts = [p for name in sorted(run.splits) for p in run.splits[name]]
     policy_tok = _tokenizer(run.base_policy, cfg.chat_template, "--chat-template")
     lengths = _prompt_lengths(policy_tok, prompts, "the policy")
-    _check_context(lengths, prompts, cfg, policy_args.max_position_embeddings, "policy")
+    _check_context(lengths, cfg, policy_args.max_position_embeddings, "policy", refuse=True)
     reward_tok = _tokenizer(run.base_reward, cfg.reward_chat_template, "--reward-chat-template")
     reward_lengths = _prompt_lengths(reward_tok, prompts, "the reward model")
     encode_response(reward_tok, "")  # the end-of-turn id exists
-    _check_context(reward_lengths, prompts, cfg, reward_args.max_position_embeddings, "reward model", extra=1)
-    too_long = sum(n + 1 >= cfg.max_length for n in lengths)
+    # the scorer cuts each sequence to --max-length: only a reward model's context below that can cut it
+    if reward_args.max_position_embeddings < cfg.max_length:
+        _check_context([n + 1 for n in reward_lengths], cfg, reward_args.max_position_embeddings, "reward model",
+                       refuse=False)
+    too_long = sum(n >= cfg.max_length for n in lengths)
     if too_long:
         log.warning("--max-length %d: %d of the %d prompts alone fill a training sequence, so their pairs are "
                     "dropped from DPO and RM training; raise --max-length", cfg.max_length, too_long, len(prompts))

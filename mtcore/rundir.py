@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 # The training keys a rerun may change after a stage stopped at a NaN/inf loss.
 RETRY_KEYS = {"dpo": ("dpo_lr", "dpo_batch_size", "dpo_epochs", "beta"), "rm": ("rm_lr", "rm_batch_size", "rm_epochs")}
+# The keys the first stage's saved shards (iter_1/sample.shards, score.shards) depend on: a directory
+# in which no stage has finished keeps them across a config change of any other key.
+SHARD_KEYS = {"policy", "reward", "prompts", "prompts_split", "prompt_field", "seed", "samples", "temperature",
+              "top_p", "max_new_tokens", "selection_size", "rm_split_size", "policy_split_size", "iters"}
 # What to do about a damaged run file, whatever the damage (empty, cut short, not JSON/TOML, not mtcore's).
 STATE_ADVICE = "restore it, or delete it to run every stage again"
 SPLITS_ADVICE = "restore it, or start the run in another --out"
@@ -92,8 +96,11 @@ def split_sizes(cfg: LoopConfig, n: int, source: str) -> dict[str, int]:
             fit = f"--policy-split-size {rest // cfg.iters}"
         else:  # every size in proportion
             scale = n / need
-            sel, rm, pol = (max(1, int(v * scale)) for v in (cfg.selection_size, cfg.rm_split_size, max(per, 1)))
-            fit = f"--selection-size {sel} --rm-split-size {rm} --policy-split-size {pol}"
+            sizes = [max(1, int(v * scale)) for v in (cfg.selection_size, cfg.rm_split_size, max(per, 1))]
+            while sizes[0] + sizes[1] + cfg.iters * sizes[2] > n:  # the rounding up to 1 took too many
+                i = max(range(3), key=lambda j: sizes[j])
+                sizes[i] -= 1
+            fit = f"--selection-size {sizes[0]} --rm-split-size {sizes[1]} --policy-split-size {sizes[2]}"
         raise MtcoreError(f"{source}: {n} prompts, too few for a selection set of {cfg.selection_size} "
                           f"(--selection-size), an RM split of {cfg.rm_split_size} (--rm-split-size) and "
                           f"{cfg.iters} iterations (--iters) of {per} prompts (--policy-split-size): {need} in all; "
@@ -144,27 +151,41 @@ class Run:
         if saved is None and self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
             raise MtcoreError(f"{self.dir}: exists, is not an empty directory and holds no mtcore run; "
                               f"use another --out")
-        if self.redo and (saved is None or not self.state["done"]):
-            raise MtcoreError(f"--redo {self.redo}: {self.dir} holds no finished stage yet; leave --redo out")
-        replace = saved is not None and not self.state["done"] and saved != identity(self.cfg)
+        if self.redo and parallel.is_main() and (saved is None or not self.state["done"]):  # (the other ranks
+            raise MtcoreError(f"--redo {self.redo}: {self.dir} holds no finished stage yet; leave --redo out")  # read
+        mine = identity(self.cfg)  # the state rank 0's --redo left)
+        changed = [] if saved is None else [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        began = any(k.startswith("iter_") for k in self.state["done"])
+        even = self.world is None and self.cfg.policy_split_size == 0  # --iters decides every split
+        replace = saved is not None and not began and (
+            [k for k in changed if k != "iters" or even] or not splits_file.exists())
         if saved is None or replace:
             self._check_new_run()
             if parallel.is_main():
                 if replace:
-                    log.warning("%s: no stage had finished; its config.toml and splits.json are replaced by this "
-                                "command's (%s changed) and its unfinished work removed", self.dir,
-                                ", ".join(k for k in sorted(set(saved) | set(identity(self.cfg)))
-                                          if saved.get(k) != identity(self.cfg).get(k)))
-                    for d in self.dir.glob("iter_*"):
-                        shutil.rmtree(d, ignore_errors=True)
-                write_text_atomic(config_file, to_toml(identity(self.cfg)))
-                write_json(splits_file, self.splits)
+                    self._replace(changed)
+                write_json(splits_file, self.splits)  # first: a config.toml always has its splits
+                write_text_atomic(config_file, to_toml(mine))
             return
-        self._check_same_config(saved)
+        saved = self._check_same_config(saved)
         if self.redo and parallel.is_main():  # the other ranks read the state rank 0 wrote
             self._redo(self.redo)
         self.splits = self._splits_for_iters(saved, splits_file)
         self._check_models()
+
+    def _replace(self, changed: list[str]) -> None:
+        """A directory in which no iteration's stage has finished takes this command's config. The
+        initial evaluation is done again; the first stage's saved shards are kept unless a key they
+        depend on changed."""
+        log.warning("%s: no iteration's stage had finished; its config.toml and splits.json are replaced by this "
+                    "command's (%s)", self.dir, ", ".join(changed) or "splits.json was missing")
+        if set(changed) & SHARD_KEYS:
+            for d in self.dir.glob("iter_*"):
+                shutil.rmtree(d, ignore_errors=True)
+        for f in self.dir.glob("initial*"):
+            f.unlink()
+        self.state = {"done": [], "stopped_at": None, "failed": None}
+        write_json(self.dir / "state.json", self.state)
 
     def _check_new_run(self) -> None:
         """Everything the first stages would find, before anything is written: the base models, the
@@ -194,12 +215,13 @@ class Run:
                               f"{begun} or more (its config.toml has {saved_iters})")
         splits = read_splits(splits_file, min(iters, saved_iters))
         stopped = self.state["stopped_at"]
-        if iters == saved_iters or (stopped is not None and iters > saved_iters):
-            if iters != saved_iters:
+        if iters == saved_iters or stopped is not None:  # a stopped run is finished: nothing is written
+            if iters > saved_iters and parallel.is_main():
+                advice = "" if self.world is not None else (
+                    f"; to go on from its last models, start a new run with --policy {self.policy(stopped - 1)}"
+                    + (f" --reward {self.reward(stopped - 1)}" if self.cfg.m_step else ""))
                 log.warning("%s stopped early at iteration %d (its best candidate's win rate was below tau), so it "
-                            "stays stopped and --iters %d runs nothing more%s", self.dir, stopped, iters,
-                            "" if self.world is not None else
-                            f"; to go on from its last policy, start a new run with --policy {self.policy(stopped - 1)}")
+                            "stays stopped and --iters %d runs nothing more%s", self.dir, stopped, iters, advice)
             return splits
         if iters > saved_iters:
             if self.world is None and self.cfg.policy_split_size == 0:
@@ -212,8 +234,9 @@ class Run:
                 raise MtcoreError(f"--iters {iters}: the prompts ({self.cfg.prompts or 'the toy world'}) no longer "
                                   f"give this run's {changed[0]} split; extend the run with the prompts it started "
                                   f"from")
-            log.warning("%s: extending the run from %d to %d iterations (new policy splits policy_%d..policy_%d)",
-                        self.dir, saved_iters, iters, saved_iters + 1, iters)
+            if parallel.is_main():
+                log.warning("%s: extending the run from %d to %d iterations (new policy splits policy_%d..policy_%d)",
+                            self.dir, saved_iters, iters, saved_iters + 1, iters)
             splits = new
         elif parallel.is_main():
             log.warning("%s: --iters %d ends the run sooner than its config's %d", self.dir, iters, saved_iters)
@@ -222,9 +245,10 @@ class Run:
             write_text_atomic(self.dir / "config.toml", to_toml({**saved, "iters": iters}))
         return splits
 
-    def _check_same_config(self, saved: dict) -> None:
-        """The run directory's config must be this one, except the runtime keys, and the training keys
-        of a stage that stopped at a NaN/inf loss (a rerun with a lower learning rate goes on from it)."""
+    def _check_same_config(self, saved: dict) -> dict:
+        """The run directory's config must be this one, except the runtime keys, --iters (_splits_for_iters)
+        and the training keys of a stage that stopped at a NaN/inf loss (a rerun with a lower learning
+        rate goes on from it). Returns the config as the directory now holds it."""
         mine = identity(self.cfg)
         failed = self.state.get("failed")
         retry = RETRY_KEYS[failed.rsplit("/", 1)[1]] if failed else ()
@@ -250,9 +274,11 @@ class Run:
             self.state.setdefault("config_changes", []).append(
                 {"at": failed, "changed": {k: [saved.get(k), mine.get(k)] for k in diff}})
             self.state["failed"] = None
+            saved = {**mine, "iters": saved["iters"]}
             if parallel.is_main():
                 write_json(self.dir / "state.json", self.state)
-                write_text_atomic(self.dir / "config.toml", to_toml(mine))
+                write_text_atomic(self.dir / "config.toml", to_toml(saved))
+        return saved
 
     def _redo(self, key: str) -> None:
         """--redo KEY: KEY and every stage done after it are marked not done (state.json lists them in

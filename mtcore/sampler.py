@@ -34,14 +34,15 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import record_function
 
 from mtcore.config import DECODE_MODES
+from mtcore.decode_blocks import SlotState, run_block
 from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
 from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
+from mtcore.sampling import _draw, nucleus_by_rejection, nucleus_sorted, sample  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -214,86 +215,6 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
     return model.lm_head(body.norm(x[:, 0])).float()
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, draws: Draws) -> torch.Tensor:
-    """logits [R, V] fp32 -> token ids [R], on the logits' device, each row drawing from its own random
-    stream (draws: one row per logits row). Order as transformers: temperature, top-k, top-p. Top-p on
-    CUDA sorts (no host sync); on the CPU it draws by rejection (nucleus_by_rejection), which is faster
-    there and where a sync costs nothing."""
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # [R, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)  # [R, V]
-    if params.top_p >= 1.0:
-        return _draw(probs, draws.uniform())
-    nucleus = nucleus_sorted if probs.is_cuda else nucleus_by_rejection
-    return nucleus(probs, params.top_p, draws)
-
-
-DRAW_BLOCK = 256  # tokens per block of the two-level inverse CDF
-
-
-def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One inverse-CDF draw per row of probs [R, V] (unnormalised), at the uniforms u [R, 1] in [0, 1)
-    -> [R], in two levels: the block of
-    DRAW_BLOCK tokens the draw falls in (a cumsum over block sums), then the token within it (a cumsum
-    of that block only). Exact, and a full-vocabulary cumsum (slow on the CPU) is never built."""
-    R, V = probs.shape
-    padded = F.pad(probs, (0, -V % DRAW_BLOCK)) if V % DRAW_BLOCK else probs  # (Llama-3's 128256 = 501 x 256)
-    blocks = padded.view(R, -1, DRAW_BLOCK)  # [R, nb, B]
-    block_cdf = blocks.sum(-1).cumsum(-1)  # [R, nb]
-    u = u.to(probs.device) * block_cdf[:, -1:]  # [R, 1]
-    # right=True: the first entry > u, so never a zero-weight token (u may be 0); the clamps keep a draw
-    # that rounding put at the very top on the last block, then token, with weight
-    b = torch.minimum(torch.searchsorted(block_cdf, u, right=True), _last_positive(block_cdf))  # [R, 1]
-    within = blocks.gather(1, b[:, :, None].expand(R, 1, DRAW_BLOCK)).squeeze(1).cumsum(-1)  # [R, B]
-    before = block_cdf.gather(1, b) - within[:, -1:]  # the mass of the blocks before b, [R, 1]
-    j = torch.minimum(torch.searchsorted(within, (u - before).clamp_(min=0), right=True), _last_positive(within))
-    return (b * DRAW_BLOCK + j).squeeze(1)
-
-
-def _last_positive(cdf: torch.Tensor) -> torch.Tensor:
-    """[R, n] cumulative weights -> [R, 1] the index of the last entry with weight (where the cdf first
-    reaches its total)."""
-    return (cdf < cdf[:, -1:]).sum(-1, keepdim=True)
-
-
-def nucleus_sorted(probs: torch.Tensor, top_p: float, draws: Draws) -> torch.Tensor:
-    """Top-p by sorting: keep the most probable tokens whose mass before them is < top_p, draw there."""
-    sorted_probs, order = probs.sort(-1, descending=True)  # [R, V]
-    kept = torch.where(sorted_probs.cumsum(-1) - sorted_probs < top_p, sorted_probs, 0.0)
-    return order.gather(1, _draw(kept, draws.uniform())[:, None]).squeeze(1)
-
-
-def nucleus_by_rejection(probs: torch.Tensor, top_p: float, draws: Draws) -> torch.Tensor:
-    """Top-p without sorting the vocabulary: draw from probs by inverse CDF, and keep the draw if it lies
-    in the nucleus (the probability mass strictly above it is < top_p); redraw the rows that do not.
-    Rejection from p restricted to a set samples p renormalised on that set, so this is the nucleus
-    distribution exactly, at a cost of a few passes over [R, V] instead of a sort (a sort was 70% of
-    sampling time on CPU). A draw is rejected with probability <= 1 - top_p. A row's k-th redraw is its
-    stream's attempt k at this position, so it does not depend on the other rows."""
-    tokens = _draw_in_nucleus(probs, top_p, draws.uniform())  # [R], -1 where rejected
-    attempt = 0
-    while True:
-        redo = (tokens < 0).nonzero().squeeze(1)  # the rows to draw again (only those are copied)
-        if not redo.numel():
-            return tokens
-        again = probs[redo]
-        if torch.isnan(again).any():  # a NaN row is never accepted
-            raise MtcoreError("sampling: the logits hold NaN (the model's weights or inputs do)")
-        attempt += 1
-        tokens[redo] = _draw_in_nucleus(again, top_p, draws.uniform(attempt, redo))
-
-
-def _draw_in_nucleus(probs, top_p, u):
-    """One draw per row at the uniforms u [R, 1]; -1 where it lies outside the top_p nucleus."""
-    draw = _draw(probs, u)  # [R]
-    mass_above = (probs * (probs > probs.gather(1, draw[:, None]))).sum(-1)  # [R]
-    return torch.where(mass_above < top_p, draw, -1)
-
-
 def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> int:
     """Default tokens per cache slot: the longest prompt plus max_new_tokens, within the model's context."""
     longest = max((len(p) for p in prompts), default=1)
@@ -379,21 +300,25 @@ def accept(batch: SlotBatch, slot_ids: list[int], logits: torch.Tensor, job: _Jo
         host = torch.stack([tokens.double(), logps.double()], 1).tolist()
     else:
         host = [[t] for t in tokens.tolist()]
-    finished = 0
-    for s, row in zip(slot_ids, host):
-        token = int(row[0])
-        batch.tokens[s].append(token)
-        if params.logprobs:
-            batch.logprobs[s].append(row[1])
-        n = len(batch.tokens[s])
-        reason = "stop" if token in job.stops else (
-            "length" if n >= params.max_new_tokens or batch.prompt_len[s] + n >= job.max_len else None)
-        if reason:
-            i, j = job.requests[batch.request[s]]
-            job.results[i][j] = Completion(batch.tokens[s], reason, batch.logprobs[s] if params.logprobs else None)
-            batch.request[s] = -1
-            finished += 1
-    return finished
+    return sum(take_token(batch, s, int(row[0]), row[1] if params.logprobs else None, job)
+               for s, row in zip(slot_ids, host))
+
+
+def take_token(batch: SlotBatch, s: int, token: int, logprob: float | None, job: _Job) -> bool:
+    """Slot s's next token (and log-prob), and the stop rule: a stop id, max_new_tokens, or the slot's
+    length ends the completion and frees the slot. Returns whether it finished."""
+    params = job.params
+    batch.tokens[s].append(token)
+    if params.logprobs:
+        batch.logprobs[s].append(logprob)
+    n = len(batch.tokens[s])
+    reason = "stop" if token in job.stops else (
+        "length" if n >= params.max_new_tokens or batch.prompt_len[s] + n >= job.max_len else None)
+    if reason:
+        i, j = job.requests[batch.request[s]]
+        job.results[i][j] = Completion(batch.tokens[s], reason, batch.logprobs[s] if params.logprobs else None)
+        batch.request[s] = -1
+    return reason is not None
 
 
 def eager_decoder(model: Llama, cache: KVCache):
@@ -438,6 +363,79 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
     return step
 
 
+def _block_columns(batch: SlotBatch, job: _Job, slot_ids: list[int]) -> list[tuple]:
+    """SlotState's columns of slot_ids (a free slot: done, at column 0)."""
+    return [(batch.position(s), len(batch.tokens[s]), min(job.params.max_new_tokens, job.max_len - batch.prompt_len[s]),
+             batch.word[s], 0) if batch.request[s] >= 0 else (0, 0, 1, 0, 1) for s in slot_ids]
+
+
+def accept_block(batch: SlotBatch, slot_ids: list[int], tokens: torch.Tensor, logps, job: _Job) -> tuple[int, int]:
+    """A block's tokens [K, R] to the host (its one copy), each slot's taken in order until it finishes
+    (take_token: the plain step's rule). Returns (slots finished, tokens taken)."""
+    host_tokens = tokens.t().tolist()  # [R][K]
+    host_logps = logps.t().double().tolist() if logps is not None else None
+    finished = taken = 0
+    for r, s in enumerate(slot_ids):
+        for k, token in enumerate(host_tokens[r]):
+            taken += 1
+            if take_token(batch, s, token, host_logps[r][k] if host_logps else None, job):
+                finished += 1
+                break
+    return finished, taken
+
+
+def block_decoder(model: Llama, cache: KVCache, mode: str, steps: int, job: _Job):
+    """decode(batch) -> (slots finished, tokens taken): one block of `steps` steps (mtcore/decode_blocks.py)
+    over the active slots (eager: those only, over the columns up to the longest; compile/graphs: every
+    slot, every column, the same shapes at every block; graphs: the block captured once), then
+    accept_block."""
+    device = cache.device
+    stop_ids = torch.tensor(sorted(job.stops) or [-1], dtype=torch.long, device=device)
+    if mode == "eager":
+        attention = decode_attention_for(device)
+
+        def decode(batch: SlotBatch) -> tuple[int, int]:
+            active = batch.active()
+            slots, state = _to_device(active, device), SlotState(len(active), device)
+            state.load(_block_columns(batch, job, active))
+            first = max(batch.position(s) for s in active)  # the host knows every column without a sync
+
+            def step(tokens, pos, k):
+                return decode_step(model, cache, tokens, slots, pos, min(first + k + 1, cache.max_len), attention)
+            last, tokens, logps = run_block(step, state, batch.last[slots], steps, job.params, stop_ids)
+            batch.last[slots] = last
+            return accept_block(batch, active, tokens, logps, job)
+        return decode
+
+    all_slots, state = torch.arange(cache.slots, device=device), SlotState(cache.slots, device)
+    attention = decode_attention_opaque if mode == "compile" else decode_attention_for(device)
+
+    def forward(tokens, pos):
+        return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention)
+
+    run = torch.compile(forward, fullgraph=True) if mode == "compile" else forward
+
+    def one_block(last):
+        return run_block(lambda tokens, pos, k: run(tokens, pos), state, last, steps, job.params, stop_ids)
+
+    block = one_block if mode == "compile" else _cuda_graph(one_block, device)
+    captured = mode == "compile"
+
+    def decode(batch: SlotBatch) -> tuple[int, int]:
+        nonlocal captured
+        active, columns = batch.active(), _block_columns(batch, job, list(range(cache.slots)))
+        state.load(columns)
+        if not captured:  # the capture's warm-up ran blocks from this state: load it again (the columns
+            block(batch.last)  # they wrote are written again, alike, before any step reads them)
+            state.load(columns)
+            captured = True
+        last, tokens, logps = block(batch.last)
+        batch.last.copy_(last)
+        rows = _to_device(active, device)
+        return accept_block(batch, active, tokens[:, rows], None if logps is None else logps[:, rows], job)
+    return decode
+
+
 def _cuda_graph(forward, device):
     """Capture forward(tokens) once (after warm-up on a side stream, which compiles the Triton kernels)
     and return a function that copies tokens into the captured input and replays."""
@@ -470,7 +468,7 @@ def _cuda_graph(forward, device):
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
              max_len: int | None = None, on_overlong: str = "error", progress=None,
              kv_budget_bytes: int | None = None, decode_mode: str = "auto",
-             prompt_keys: list[int] | None = None) -> list[list[Completion] | None]:
+             prompt_keys: list[int] | None = None, decode_steps: int = 1) -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
 
@@ -482,6 +480,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     max_len: tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings).
     progress: called at each step with (requests finished, tokens sampled), for a progress bar.
     decode_mode: one of DECODE_MODES.
+    decode_steps: decode steps per visit of the host (mtcore/decode_blocks.py); the same tokens.
     """
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
@@ -501,7 +500,14 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     job = _Job(prompts, requests, params, max_len, results, prompt_keys, set(params.stop_ids))
     if decode_mode == "auto":
         decode_mode = "graphs" if device.type == "cuda" else "eager"
-    decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
+    if decode_steps < 1:
+        raise MtcoreError(f"decode steps per host visit must be >= 1; got {decode_steps}")
+    if decode_mode == "graphs" and device.type != "cuda":
+        raise MtcoreError("decode mode 'graphs' needs a CUDA device; use 'eager' or 'compile'")
+    if decode_steps > 1:
+        decode_block = block_decoder(model, cache, decode_mode, decode_steps, job)
+    else:
+        decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
     batch, queue = SlotBatch.empty(cache.slots, device), deque(range(len(requests)))
     while True:
         active, free = batch.active(), len(batch.free())
@@ -510,6 +516,13 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
             with record_function("mtcore.refill"):  # the phases, named for torch.profiler (bench/decode_profile.py)
                 slot_ids, logits = refill(model, cache, admit(batch, queue, job), job)
             batch.idle_steps = 0
+        elif active and decode_steps > 1:
+            with record_function("mtcore.decode"):
+                finished, taken = decode_block(batch)
+            batch.idle_steps += decode_steps * bool(queue and free)
+            if progress:
+                progress(finished, taken)
+            continue
         elif active:
             with record_function("mtcore.decode"):
                 slot_ids, logits = decode(batch)
@@ -554,6 +567,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
                        kv_budget_bytes: int | None = None, leave: bool = True,
                        decode_mode: str = "auto", prompt_keys: list[int] | None = None, progress=None,
+                       decode_steps: int = 1,
                        log_every: float = 30.0) -> list[list[dict] | None]:
     """generate, with progress (prompts done and tokens/s: the given progress.Progress, counting the
     prompts of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
@@ -575,7 +589,8 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
         results = parallel.map_shards(
             lambda share: generate(model, [p for _, p in share], params, slots=slots, max_len=max_len,
                                    on_overlong=on_overlong, progress=step, kv_budget_bytes=kv_budget_bytes,
-                                   decode_mode=decode_mode, prompt_keys=[k for k, _ in share]),
+                                   decode_mode=decode_mode, prompt_keys=[k for k, _ in share],
+                                   decode_steps=decode_steps),
             keyed)
         if own:
             bar.update_to(len(prompts))  # prompts skipped as too long included
@@ -602,6 +617,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
 def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
                    chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
                    device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "auto",
+                   decode_steps: int = 1,
                    log_every: float = 30.0) -> dict:
     """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
     Under torchrun each rank samples every world_size-th prompt and rank 0 writes them all."""
@@ -627,7 +643,7 @@ def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: Sampli
                                   f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
     results = generate_responses(model, tokenizer, prompts, params, slots=slots, max_len=max_len,
                                  on_overlong="skip" if skip_overlong else "error", kv_budget_bytes=kv_budget_bytes,
-                                 decode_mode=decode_mode, log_every=log_every)
+                                 decode_mode=decode_mode, log_every=log_every, decode_steps=decode_steps)
     skipped = 0
     for row, responses in zip(rows, results):
         if responses is None:

@@ -413,14 +413,20 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
+    cached = None
     if cache_file is not None and cache_file.exists():
         try:
             cached = load_file(str(cache_file))
-            if cached["sums"].shape[0] == len(examples):
-                log.info("reference log-probs from %s", cache_file)
-                return cached["sums"], cached["counts"]
+            if cached["sums"].shape[0] != len(examples):
+                cached = None
         except Exception as e:  # a damaged cache is recomputed, never trusted
             log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
+            cached = None
+    # every rank reads the cache or none does (reference_logps is collective; a cache directory may be
+    # per node, or missing on one)
+    if parallel.all_reduce_sum([float(cached is not None)])[0] == parallel.world_size():
+        log.info("reference log-probs from %s", cache_file)
+        return cached["sums"], cached["counts"]
     model = reference if isinstance(reference, torch.nn.Module) else reference()
     sums, counts = reference_logps(model, examples, micro_batch_tokens, reference_ops=reference_ops,
                                    log_every=log_every)

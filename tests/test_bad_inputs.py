@@ -107,8 +107,6 @@ def _world(tmp_path_factory):
         "no_responses.jsonl": b'{"prompt": "sort 1 2"}\n',
         "responses_str.jsonl": b'{"prompt": "sort 1 2", "responses": "1 2"}\n',
         "long_prompt.jsonl": json.dumps({"prompt": "sort " + " ".join("9" * 60)}).encode() + b"\n",
-        "fill_context.jsonl": b"".join(json.dumps({"prompt": f"sort {i} " + " ".join("9" * (130 if i == 5 else 3))})
-                                       .encode() + b"\n" for i in range(24)),
         "bad.toml": b"iters = [\n", "not_utf8.toml": b"iters = 3 # \xff\n", "unknown_key.toml": b"itres = 3\n",
         "wrong_type.toml": b'iters = "3"\n', "notes.txt": b"a user's notes\n", "template_not_utf8.jinja": b"\xff\xfe",
         "user_out.jsonl": b"my own results, not mtcore's\n", "user_out.json": b"not json at all\n",
@@ -171,7 +169,7 @@ def _world(tmp_path_factory):
                   "run_config_cut": "".join(toy_identity.splitlines(keepends=True)[:5])}.get(name, toy_identity)
         (w / name / "config.toml").write_text(config)
         if state is None and name in ("run_other", "run_config_cut"):  # a stage done: the config is the run's
-            state = FINISHED_INITIAL
+            state = A_STAGE_DONE
         if state is not None:
             (w / name / "state.json").write_text(state)
         if splits is not None:
@@ -198,7 +196,7 @@ SCORE = "score --reward {w}/reward --prompts-with-responses {w}/scored_in.jsonl"
 REAL = "train --policy {w}/policy --reward {w}/reward --prompts {w}/prompts.jsonl --selection-size 4 " \
        "--rm-split-size 4 --policy-split-size 8 --iters 1 --max-new-tokens 8"
 
-FINISHED_INITIAL = '{"done": ["initial"], "stopped_at": null, "failed": null}'
+A_STAGE_DONE = '{"done": ["initial", "iter_1/sample"], "stopped_at": null, "failed": null}'
 BEGUN_2 = '{"done": ["initial", "iter_1/sample", "iter_2/sample"], "stopped_at": null, "failed": null}'
 
 # (id, command line with {w} for the world directory, text the error line must hold, [paths that must not appear])
@@ -237,6 +235,8 @@ CASES = [
     # mtcore generate
     ("gen-n-0", GEN + " --out {w}/g.jsonl --n 0", "--n", ["g.jsonl"]),
     ("gen-samples-0", GEN + " --out {w}/g.jsonl --samples 0", "--samples", ["g.jsonl"]),
+    ("gen-decode-steps-0", GEN + " --out {w}/g.jsonl --decode-steps 0", "--decode-steps", ["g.jsonl"]),
+    ("train-decode-steps-0", "train --out {w}/r --decode-steps 0", "--decode-steps 0: must be >= 1", ["r"]),
     ("gen-samples-text", GEN + " --out {w}/g.jsonl --samples two", "--samples", ["g.jsonl"]),
     ("gen-temp-nan", GEN + " --out {w}/g.jsonl --temperature nan", "not a finite number", ["g.jsonl"]),
     ("gen-temp-inf", GEN + " --out {w}/g.jsonl --temperature inf", "not a finite number", ["g.jsonl"]),
@@ -445,10 +445,8 @@ CASES = [
     ("train-reward-template-missing", REAL + " --reward-chat-template {w}/nope.jinja --out {w}/r",
      "--reward-chat-template", ["r"]),
     ("train-max-new-tokens-context", REAL.replace("--max-new-tokens 8", "--max-new-tokens 500") + " --out {w}/r",
-     "exceed the policy's context of 128 tokens (max_position_embeddings); the largest that fits is --max-new-tokens",
-     ["r"]),
-    ("train-prompt-fills-context", REAL.replace("prompts.jsonl", "fill_context.jsonl") + " --out {w}/r",
-     "leaves no room for a response in the policy's context of 128 tokens", ["r"]),
+     "--max-new-tokens 500 does not fit the policy's context of 128 tokens (max_position_embeddings), not even "
+     "after the shortest prompt", ["r"]),
     ("train-iters-below-begun", "train --out {w}/run_begun --iters 1", "has already begun iteration 2; give --iters 2"),
     ("train-reward-only", "train {R} --out {w}/r", "without --policy", ["r"]),
     ("train-no-prompts", "train {P} --out {w}/r", "--policy needs --prompts", ["r"]),

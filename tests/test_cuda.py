@@ -381,6 +381,52 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
             torch.cuda.set_sync_debug_mode("default")
 
 
+def test_decode_blocks_on_the_gpu_equal_one_step_and_never_sync(compiled_kernels):
+    """K decode steps per host visit (mtcore/decode_blocks.py): in eager, compile and graphs (the whole
+    block captured), greedy and sampled (top-p, n = 2, stops inside blocks) tokens equal K = 1's; a
+    block's device side (K forwards and samplings, the stop checks) runs under
+    set_sync_debug_mode("error")."""
+    from mtcore import load_model
+    from mtcore.decode_blocks import SlotState, run_block
+    from mtcore.sampler import (KVCache, SamplingParams, SlotBatch, _block_columns, _Job, decode_attention_for,
+                                decode_step, generate, prefill)
+
+    hf = make_hf_model("policy", seed=13, rope_scaling=LLAMA3_SCALING, num_hidden_layers=3, head_dim=64)
+    ours = load_model(save_hf(hf, _tmp_dir()), dtype=torch.float32, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 96, (n,), generator=gen).tolist() for n in (1, 7, 23, 15, 2, 30, 11, 4, 9)]
+    for params in (SamplingParams(n=2, temperature=0, max_new_tokens=16, stop_ids=(2,)),
+                   SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=16, seed=5,
+                                  stop_ids=(2, 17, 40, 61))):
+        one = generate(ours, prompts, params, slots=5, decode_mode="eager")
+        for mode in ("eager", "compile", "graphs"):
+            for steps in (3, 8):
+                got = generate(ours, prompts, params, slots=5, decode_mode=mode, decode_steps=steps)
+                assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in one], \
+                    (mode, steps, params.temperature)
+    params = SamplingParams(n=1, temperature=0.8, top_p=0.9, max_new_tokens=16, seed=5)
+    cache = KVCache(ours, 3, 64)
+    job = _Job([prompts[1]], [(0, 0)] * 3, params, 64, [[None]], [0], set())
+    batch = SlotBatch.empty(3, torch.device(DEVICE))
+    prefill(ours, cache, [prompts[1]], [[0, 1, 2]])
+    batch.request, batch.prompt_len, batch.tokens = [0, 1, 2], [7] * 3, [[5], [6], [7]]
+    batch.word = [11, 12, 13]
+    state = SlotState(3, torch.device(DEVICE))
+    slots, stops = torch.arange(3, device=DEVICE), torch.tensor([2], device=DEVICE)
+
+    def step(tokens, pos, k):
+        return decode_step(ours, cache, tokens, slots, pos, 64, decode_attention_for(torch.device(DEVICE)))
+    state.load(_block_columns(batch, job, [0, 1, 2]))
+    run_block(step, state, batch.last, 4, params, stops)  # warm-up: the kernels compiled
+    state.load(_block_columns(batch, job, [0, 1, 2]))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_block(step, state, batch.last, 4, params, stops)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _tmp_dir():
     import tempfile
     from pathlib import Path

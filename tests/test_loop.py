@@ -150,8 +150,9 @@ def test_tau_stops_early_and_keeps_the_previous_policy(tmp_path):
     assert metrics["final_iteration"] == 0
     assert (metrics["final_policy"], metrics["final_reward"]) == (str(policy), str(reward))
     assert "stopping early" in lines[0]
-    assert ending(run.dir, metrics).splitlines()[:3] == [
-        "stopped early at iteration 1 (its best win rate was below tau): the final models are the base models",
+    assert ending(run, metrics).splitlines()[:3] == [
+        "stopped early at iteration 1 (its best win rate was below tau, the method's rule; --tau sets it): the final "
+        "models are the base models",
         f"  final policy  {policy}", f"  reward model  {reward}"]
 
 
@@ -179,6 +180,21 @@ def test_a_different_config_is_refused_once_a_stage_finished(tmp_path):
     Run(tmp_path / "run", tiny_config(policy, reward, prompts, kv_cache_gb=1.0))  # runtime options may change
 
 
+def test_prompts_with_less_room_than_max_new_tokens_are_a_warning_with_the_count(tmp_path, caplog):
+    """The sampler gives a slot at most the model's context (128 tokens here): a prompt with less room
+    than --max-new-tokens gets a shorter response, one that fills the context is skipped; said before
+    the run starts, with the counts. The batches larger than the data are named too."""
+    policy, reward, _ = tiny_world(tmp_path)
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"sort {i} " + " ".join("9" * (130 if i == 5 else 3))}) + "\n"
+                               for i in range(24)))
+    with caplog.at_level("WARNING"):
+        Run(tmp_path / "run", tiny_config(policy, reward, prompts, max_new_tokens=60, dpo_batch_size=64))
+    assert "1 of the 24 prompts (the longest 143 tokens) leave less than --max-new-tokens 60" in caplog.text and "1 that fill it are skipped" in caplog.text
+    assert "--dpo-batch-size 64 is more than an iteration's at most 7 pairs" in caplog.text
+    assert (tmp_path / "run" / "config.toml").exists()
+
+
 def test_a_run_in_which_no_stage_finished_takes_the_corrected_command(tmp_path, caplog):
     """A first stage that fails (here: killed mid-way, its shards on disk) leaves a directory that the
     corrected command takes: the new config and splits replace the old, the unfinished work goes."""
@@ -188,11 +204,18 @@ def test_a_run_in_which_no_stage_finished_takes_the_corrected_command(tmp_path, 
     old_splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     with caplog.at_level("WARNING"):
         run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, seed=2))
-    assert "no stage had finished; its config.toml and splits.json are replaced by this command's (seed changed)" \
-        in caplog.text
+    assert "no iteration's stage had finished; its config.toml and splits.json are replaced by this command's " \
+        "(seed)" in caplog.text
     assert "seed = 2" in (tmp_path / "run" / "config.toml").read_text()
     assert json.loads((tmp_path / "run" / "splits.json").read_text()) == run.splits != old_splits
-    assert not (tmp_path / "run" / "iter_1").exists()
+    assert not (tmp_path / "run" / "iter_1").exists()  # the seed decides the shards: they go
+    (tmp_path / "run" / "iter_1" / "sample.shards").mkdir(parents=True)
+    Run(tmp_path / "run", tiny_config(policy, reward, prompts, seed=2, tau=0.3))  # tau does not: they stay
+    assert (tmp_path / "run" / "iter_1" / "sample.shards").is_dir() and "tau = 0.3" in (
+        tmp_path / "run" / "config.toml").read_text()
+    (tmp_path / "run" / "splits.json").unlink()  # a write that failed (a full disk): the rerun makes it again
+    assert Run(tmp_path / "run", tiny_config(policy, reward, prompts, seed=2, tau=0.3)).splits == json.loads(
+        (tmp_path / "run" / "splits.json").read_text())
 
 
 def test_a_larger_iters_extends_a_finished_run(tmp_path, caplog):
@@ -220,6 +243,22 @@ def test_a_larger_iters_extends_a_finished_run(tmp_path, caplog):
         Run(tmp_path / "run", tiny_config(policy, reward, prompts, iters=2, **cfg))
 
 
+def test_a_retry_with_a_lower_lr_and_a_larger_iters_keeps_both(tmp_path):
+    """After a NaN at iter_1/dpo, a rerun with a lower --dpo-lr and a larger --iters: config.toml holds
+    both new values, and the same command is accepted again."""
+    from mtcore.files import write_json
+
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, policy_split_size=4))
+    run.state.update(done=["iter_1/sample", "iter_1/score", "iter_1/pairs"], failed="iter_1/dpo")
+    write_json(run.dir / "state.json", run.state)
+    again = tiny_config(policy, reward, prompts, policy_split_size=4, dpo_lr=5e-4, iters=3)
+    Run(tmp_path / "run", again)
+    text = (tmp_path / "run" / "config.toml").read_text()
+    assert "dpo_lr = 0.0005" in text and "iters = 3" in text
+    assert len(Run(tmp_path / "run", again).splits["policy_3"]) == 4
+
+
 def test_a_run_that_stopped_early_stays_stopped_when_extended(tmp_path, caplog):
     policy, reward, prompts = tiny_world(tmp_path)
     run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, tau=1.0, policy_split_size=4))
@@ -228,7 +267,7 @@ def test_a_run_that_stopped_early_stays_stopped_when_extended(tmp_path, caplog):
         metrics = train(Run(tmp_path / "run", tiny_config(policy, reward, prompts, tau=1.0, policy_split_size=4,
                                                           iters=3)), echo=lambda s: None)
     assert "stopped early at iteration 1" in caplog.text and "it stays stopped" in caplog.text
-    assert f"start a new run with --policy {policy}" in caplog.text
+    assert f"start a new run with --policy {policy} --reward {reward}" in caplog.text
     assert metrics["stopped_at"] == 1 and not (tmp_path / "run" / "iter_2").exists()
 
 

@@ -1,0 +1,96 @@
+"""Decode in blocks of K steps per host visit (mtcore/decode_blocks.py): the tokens are those of the
+plain step (K = 1, itself held to transformers' greedy decode in tests/test_sampler.py), with stops
+falling inside blocks, refills between blocks, n > 1 samples per prompt, sampled and greedy, eager and
+compiled."""
+
+import pytest
+import torch
+
+from conftest import LLAMA3_SCALING, make_hf_model, save_hf
+from mtcore import load_model
+from mtcore.sampler import SamplingParams, generate
+from test_sampler import EOS, hf_greedy, ragged_prompts
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = make_hf_model("policy", seed=11, rope_scaling=LLAMA3_SCALING, num_hidden_layers=3)
+    return hf, load_model(save_hf(hf, tmp_path_factory.mktemp("policy")))
+
+
+def ids(results):
+    return [[(c.token_ids, c.finish_reason) for c in r] for r in results]
+
+
+def frequent_stops(results, k: int = 3) -> tuple:
+    """Stop ids that end several of these completions early, at different positions: tokens they hold."""
+    firsts = [c.token_ids[i] for r in results for c in r for i in (2, 5) if len(c.token_ids) > i]
+    return tuple(sorted(set(firsts))[:k])
+
+
+@pytest.mark.parametrize("steps", [3, 8])
+def test_greedy_blocks_equal_the_plain_step_and_transformers(models, steps):
+    hf, ours = models
+    prompts = ragged_prompts(7, seed=1)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=13, stop_ids=(EOS,))
+    plain = generate(ours, prompts, params, slots=3)
+    assert ids(generate(ours, prompts, params, slots=3, decode_steps=steps)) == ids(plain)
+    for i, prompt in enumerate(prompts[:3]):
+        assert plain[i][0].token_ids == hf_greedy(hf, prompt, 13)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampled_blocks_stop_inside_blocks_and_refill_between_them(models, steps, top_p):
+    """n = 3 samples of 9 prompts in 4 slots (refills between blocks), stop ids that end completions at
+    assorted positions (inside blocks): every token, log-prob and finish reason as the plain step's."""
+    _, ours = models
+    prompts = ragged_prompts(9, seed=4)
+    probe = generate(ours, prompts, SamplingParams(n=3, temperature=0.8, top_p=top_p, max_new_tokens=12, seed=7),
+                     slots=4)
+    params = SamplingParams(n=3, temperature=0.8, top_p=top_p, max_new_tokens=12, seed=7,
+                            stop_ids=frequent_stops(probe), logprobs=True)
+    plain = generate(ours, prompts, params, slots=4)
+    lengths = {len(c.token_ids) for r in plain for c in r if c.finish_reason == "stop"}
+    assert len(lengths) >= 3 and any(n % 8 and n % 3 for n in lengths), lengths  # stops inside blocks
+    got = generate(ours, prompts, params, slots=4, decode_steps=steps)
+    assert ids(got) == ids(plain)
+    for r, q in zip(got, plain):
+        for a, b in zip(r, q):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+
+
+def test_compiled_blocks_equal_eager_ones(models):
+    """compile: the static step (every slot, every column) in blocks of 3, sampling on the device."""
+    _, ours = models
+    prompts = ragged_prompts(5, seed=6)
+    params = SamplingParams(n=2, temperature=0.8, top_p=1.0, max_new_tokens=9, seed=3, stop_ids=(EOS,))
+    plain = generate(ours, prompts, params, slots=4)
+    assert ids(generate(ours, prompts, params, slots=4, decode_steps=3, decode_mode="compile")) == ids(plain)
+
+
+def test_a_block_never_writes_past_a_slots_length(models):
+    """Slots a few tokens long (max_len), blocks longer than what is left: every completion ends at
+    the slot's length, as the plain step's do."""
+    _, ours = models
+    prompts = ragged_prompts(4, seed=9, lengths=(5, 9))
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=50)
+    plain = generate(ours, prompts, params, slots=2, max_len=12)
+    got = generate(ours, prompts, params, slots=2, max_len=12, decode_steps=8)
+    assert ids(got) == ids(plain) and {c.finish_reason for r in got for c in r} == {"length"}
+
+
+def test_generate_command_with_decode_steps_writes_the_same_file(tmp_path):
+    """`mtcore generate --decode-steps 4`: the output JSONL byte for byte as with one step per visit."""
+    from click.testing import CliRunner
+
+    from conftest import tiny_world
+    from mtcore.cli import main
+
+    policy, _, prompts = tiny_world(tmp_path)
+    common = ["generate", "--policy", str(policy), "--prompts", str(prompts), "--samples", "2", "--temperature",
+              "0.8", "--max-new-tokens", "7", "--slots", "5"]
+    for name, extra in (("one.jsonl", []), ("four.jsonl", ["--decode-steps", "4"])):
+        result = CliRunner().invoke(main, common + ["--out", str(tmp_path / name)] + extra)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "four.jsonl").read_bytes()
