@@ -18,8 +18,9 @@ Sections:
   V=128256, bf16, against naive torch (bench/fused_logprobs.py, bench/dpo_loss.py workers): ms,
   TFLOP/s, % of a bf16 matmul peak measured in this run, peak memory;
 - decode: bench/sampler.py's decode table at 64 slots on the Llama-3.2-1B and Llama-3-8B shapes: mtcore
-  eager and CUDA graphs (tokens compared with eager), against the bandwidth floor (weights + K/V per
-  step over the copy bandwidth measured in this run) and transformers' static-cache generate;
+  eager, CUDA graphs, and graphs in blocks of 8 steps per host visit (tokens compared with eager),
+  against the bandwidth floor (weights + K/V per step over the copy bandwidth measured in this run)
+  and transformers' static-cache generate; and the 8B shape at 210 slots (graphs, graphs:8);
 - train: DPO and RM steps (train.fit) on a random Llama-3.2-1B-shaped model and an 8B-wide slice
   (Llama-3-8B's layers, as many as bench/memory_plan.py computes fit, less 10%): tokens/s, MFU against the
   measured peak and the data sheet's, peak memory against memory_plan's figure;
@@ -287,16 +288,24 @@ def _train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet_peak) 
 
 
 def section_decode(device: str, dry: bool) -> dict:
-    """bench/sampler.py's decode table: greedy decode at 1, 16 and 64 slots of the 1B and 8B shapes,
-    against the bandwidth floor and transformers' static-cache generate, in each decode mode."""
+    """bench/sampler.py's decode table: greedy decode at 64 slots of the 1B and 8B shapes, against the
+    bandwidth floor and transformers' static-cache generate, eager, graphs and graphs in blocks of 8
+    steps per host visit (--decode-steps 8); and the 8B shape at 210 slots (graphs, graphs:8)."""
     import importlib
 
     bench_sampler = importlib.import_module("sampler")  # bench/sampler.py (bench/ is on sys.path)
     if dry:
-        rows, notes = bench_sampler.decode_rows(device, dry=True, slot_counts=(1, 2, 4), prompt_len=8, new=4)
-    else:  # the targets' slot count only: transformers compiles its static-cache step once per batch size
-        rows, notes = bench_sampler.decode_rows(device, slot_counts=(64,), new=64, modes=("eager", "graphs"))
-    return {"rows": rows, "notes": notes}
+        rows, notes = bench_sampler.decode_rows(device, dry=True, slot_counts=(1, 2, 4), prompt_len=8, new=4,
+                                                modes=("eager", "eager:3"))
+        more, _ = bench_sampler.decode_rows(device, dry=True, slot_counts=(6,), prompt_len=8, new=4,
+                                            modes=("eager:3",), shapes=("8b-shaped (tiny)",), transformers=False)
+    else:  # the targets' slot counts: transformers at 64 only (it compiles its static-cache step once per
+        # batch size); at 210 (an 8B policy's cache on an 80 GB GPU) graphs alone, one and 8 steps per visit
+        rows, notes = bench_sampler.decode_rows(device, slot_counts=(64,), new=64,
+                                                modes=("eager", "graphs", "graphs:8"))
+        more, _ = bench_sampler.decode_rows(device, slot_counts=(210,), new=64, modes=("graphs", "graphs:8"),
+                                            shapes=("llama3-8b-shaped",), transformers=False)
+    return {"rows": rows + more, "notes": notes}
 
 
 def section_toy(device: str, dry: bool, limit: float) -> dict:

@@ -13,14 +13,18 @@ Two tables.
    sampled; computed, profile.matmul_flops) over its seconds, against a dense fp32 (CPU) or bf16 (GPU)
    matmul measured in this run.
 
-2. Decode (--decode, and bench/gpu_check.py's decode section): greedy decode at 1, 16 and 64 slots of
-   a random model (GPU: the Llama-3.2-1B shape and the Llama-3-8B shape in bf16), each slot a
+2. Decode (--decode, and bench/gpu_check.py's decode section): greedy decode at 1, 16, 64, 128 and 210
+   slots (210: the cache bench/memory_plan.py gives an 8B policy on an 80 GB GPU; the CPU: 1, 16, 64)
+   of a random model (GPU: the Llama-3.2-1B shape and the Llama-3-8B shape in bf16), each slot a
    --decode-prompt-token prompt and --decode-new-tokens new tokens. Rows: mtcore in each decode mode
    (on CUDA eager, compile and graphs; eager on the CPU) and transformers' generate with its static
    cache (which it compiles), each timed on a second, identical call after a warm-up. The
    floor: each step must read the weights once and every slot's K/V prefix, so
        floor tokens/s = slots / ((weight bytes + mean K/V bytes of a step) / copy bandwidth),
    with the device-to-device copy bandwidth measured in this run. "same as eager" compares tokens.
+   "mode:K" is a mode with K decode steps per visit of the host (--decode-steps K). Then the sampled
+   E-step shape (sampled_rows): ragged prompts of about 200 tokens, up to 512 new, T 0.8, top-p 0.95,
+   ragged stops, with each mode's GPU busy share (torch.profiler) on CUDA.
 
     python bench/sampler.py                      # whole process, CPU: a random ~34M-parameter Llama
     python bench/sampler.py --policy DIR         # any checkpoint
@@ -240,19 +244,65 @@ def transformers_twin(ours, dtype, device):
     return hf.eval()
 
 
-def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_len: int = 128, new: int = 128,
-                modes: tuple[str, ...] | None = None) -> tuple[list[dict], list[str]]:
-    """The decode table's rows (and notes): see the module docstring."""
+def _mode(label: str) -> tuple[str, int]:
+    """"graphs" -> ("graphs", 1); "graphs:8" -> ("graphs", 8): a decode mode and its steps per host visit."""
+    mode, _, steps = label.partition(":")
+    return mode, int(steps or 1)
+
+
+def default_modes(device: str) -> tuple[str, ...]:
+    return ("eager", "compile", "graphs", "graphs:4", "graphs:8") if device == "cuda" else ("eager", "eager:4")
+
+
+def gpu_busy(fn, device: str) -> float | None:
+    """% of fn's wall time the GPU spent in kernels (torch.profiler; None off CUDA)."""
+    if device != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtcore import profile as mprofile
+
+    mprofile.sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        mprofile.sync(device)
+        wall = time.perf_counter() - start
+    busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    return 100 * busy / wall
+
+
+def _mode_columns(row: dict, label: str, rate: float, floor: float, busy, tokens, first) -> None:
+    row[f"mtcore {label} tokens/s"] = common.sig(rate)
+    row[f"mtcore {label} % of floor"] = common.sig(100 * rate / floor)
+    if busy is not None:
+        row[f"mtcore {label} GPU busy %"] = common.sig(busy)
+    if tokens is not first:
+        row[f"{label} same as {next(iter(row['_labels']))}"] = tokens == first
+    row["_labels"].append(label)
+
+
+def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: int = 128, new: int = 128,
+                modes: tuple[str, ...] | None = None, shapes: tuple[str, ...] | None = None,
+                busy: bool = False, transformers: bool = True) -> tuple[list[dict], list[str]]:
+    """The decode table's greedy rows (and notes): see the module docstring. modes: decode modes, "mode:K"
+    for K steps per host visit (--decode-steps); shapes: a subset of decode_shapes' names; busy: the GPU
+    busy share of each mode (one more, profiled, call); transformers: its row too (on a GPU it compiles
+    its static-cache step once per batch size, a minute)."""
     from mtcore.device import precision
     from mtcore.sampler import KVCache, SamplingParams, generate
 
     dtype = precision(device).dtype
     bandwidth = copy_bandwidth(device)
-    modes = modes or (("eager", "compile", "graphs") if device == "cuda" else ("eager",))
+    modes = modes or default_modes(device)
+    slot_counts = slot_counts or ((1, 16, 64, 128, 210) if device == "cuda" else (1, 16, 64))
     notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s measured in this run; "
-             f"prompts of {prompt_len} tokens, {new} new tokens, greedy"]
+             f"prompts of {prompt_len} tokens, {new} new tokens, greedy; mode:K = K decode steps per host visit"]
     rows = []
     for name, args in decode_shapes(device, dry).items():
+        if shapes and name not in shapes:
+            continue
         ours = common.random_model(args, "policy", device).to(dtype).eval()
         hf = transformers_twin(ours, dtype, device)
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied counted once
@@ -263,18 +313,23 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
             params = SamplingParams(n=1, temperature=0, max_new_tokens=new)
             step_bytes = weight_bytes + slots * kv_token * (prompt_len + new / 2)  # mean prefix of a step
             floor = slots * bandwidth / step_bytes
-            row = {"shape": name, "slots": slots, "floor tokens/s": common.sig(floor)}
+            row = {"shape": name, "slots": slots, "floor tokens/s": common.sig(floor), "_labels": []}
             eager = None
-            for mode in modes:
-                generate(ours, prompts, params, slots=slots, decode_mode=mode)  # warm-up: compiles, captures
-                out, seconds = _timed(lambda: generate(ours, prompts, params, slots=slots, decode_mode=mode), device)
+            for label in modes:
+                mode, steps = _mode(label)
+
+                def run():
+                    return generate(ours, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)
+                run()  # warm-up: compiles, captures
+                out, seconds = _timed(run, device)
                 tokens = [c.token_ids for r in out for c in r]
                 eager = eager or tokens
-                rate = sum(map(len, tokens)) / seconds
-                row[f"mtcore {mode} tokens/s"] = common.sig(rate)
-                row[f"mtcore {mode} % of floor"] = common.sig(100 * rate / floor)
-                if mode != "eager":
-                    row[f"{mode} same as eager"] = tokens == eager
+                _mode_columns(row, label, sum(map(len, tokens)) / seconds, floor,
+                              gpu_busy(run, device) if busy else None, tokens, eager)
+            if not transformers:
+                del row["_labels"]
+                rows.append(row)
+                continue
             ids = torch.tensor(prompts, device=device)
             hf_kwargs = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                              attention_mask=torch.ones_like(ids))
@@ -285,13 +340,15 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
                 hf_out, hf_s = _timed(lambda: hf.generate(ids, **hf_kwargs), device)
             hf_rate = (hf_out.shape[1] - prompt_len) * slots / hf_s
             row["transformers tokens/s"] = common.sig(hf_rate)
-            row["mtcore eager / transformers"] = common.sig(row["mtcore eager tokens/s"] / hf_rate)
+            best = max(row[f"mtcore {label} tokens/s"] for label in row["_labels"])
+            row["best mtcore / transformers"] = common.sig(best / hf_rate)
             hf_tokens = hf_out[:, prompt_len:].tolist()
             agree = [a == b for r, h in zip(eager, hf_tokens) for a, b in zip(r, h)]
             row["tokens equal to transformers %"] = common.sig(100 * sum(agree) / max(1, len(agree)))
             # teacher-forced: each decoder's tokens against transformers' full-forward argmax
             row["mtcore tokens = argmax %"] = common.sig(argmax_agreement(hf, prompts, eager, device))
             row["transformers tokens = argmax %"] = common.sig(argmax_agreement(hf, prompts, hf_tokens, device))
+            del row["_labels"]
             rows.append(row)
             print(f"  {row}", file=sys.stderr, flush=True)
         del ours, hf
@@ -300,16 +357,99 @@ def decode_rows(device: str, dry: bool = False, slot_counts=(1, 16, 64), prompt_
     return rows, notes
 
 
-def decode_table(args):
-    rows, notes = decode_rows(args.device, dry=args.dry_run, new=args.decode_new_tokens,
-                              prompt_len=args.decode_prompt_tokens)
-    print(common.header("decode: mtcore's sampler vs the bandwidth floor and transformers' generate", args.device,
-                        notes[0].split(";")[0], notes[0].split("; ", 1)[1]))
+def sampled_rows(device: str, dry: bool = False, slot_counts=None, modes: tuple[str, ...] | None = None,
+                 shapes: tuple[str, ...] | None = None) -> tuple[list[dict], list[str]]:
+    """The E-step's shape: ragged prompts of about 200 tokens (150 to 250), up to 512 new tokens,
+    temperature 0.8, top-p 0.95, and ragged stops: 1 token id in 256 stops a response (about 256
+    tokens on average with random weights). The floor uses the mean prompt and response lengths of
+    the run (computed: an upper bound, since slots drain at the end); transformers samples the same
+    shape with its own random numbers, its tokens counted up to each response's stop."""
+    from mtcore.device import precision
+    from mtcore.sampler import KVCache, SamplingParams, generate
+
+    dtype = precision(device).dtype
+    bandwidth = copy_bandwidth(device)
+    modes = modes or default_modes(device)
+    slot_counts = slot_counts or ((64, 210) if device == "cuda" else (16,))
+    low, high, new = (8, 16, 24) if dry else (150, 250, 512)
+    notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s; sampled E-step shape: "
+             f"prompts of {low} to {high} tokens, up to {new} new, T 0.8, top-p 0.95, 1 id in 256 a stop"]
+    rows = []
+    for name, args in decode_shapes(device, dry).items():
+        if shapes and name not in shapes:
+            continue
+        ours = common.random_model(args, "policy", device).to(dtype).eval()
+        hf = transformers_twin(ours, dtype, device)
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        kv_token = KVCache.bytes_per_token(ours)
+        stops = tuple(range(3, 3 + max(1, args.vocab_size // 256)))
+        g = torch.Generator().manual_seed(1)
+        for slots in slot_counts:
+            lens = torch.randint(low, high + 1, (slots,), generator=g).tolist()
+            prompts = [torch.randint(3 + len(stops), args.vocab_size, (n,), generator=g).tolist() for n in lens]
+            params = SamplingParams(n=1, temperature=0.8, top_p=0.95, max_new_tokens=new, seed=3, stop_ids=stops)
+            row = {"shape": name, "slots": slots, "_labels": []}
+            first = None
+            for label in modes:
+                mode, steps = _mode(label)
+
+                def run():
+                    return generate(ours, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)
+                run()
+                out, seconds = _timed(run, device)
+                tokens = [c.token_ids for r in out for c in r]
+                if first is None:
+                    first = tokens
+                    mean_new = sum(map(len, tokens)) / len(tokens)
+                    step_bytes = weight_bytes + slots * kv_token * (sum(lens) / slots + mean_new / 2)
+                    floor = slots * bandwidth / step_bytes
+                    row.update({"mean new tokens": common.sig(mean_new), "floor tokens/s (computed)": common.sig(floor)})
+                _mode_columns(row, label, sum(map(len, tokens)) / seconds, floor, gpu_busy(run, device), tokens, first)
+            ids, mask = (t.to(device) for t in left_padded(prompts))
+            hf_kwargs = dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=new,
+                             eos_token_id=list(stops), pad_token_id=0, attention_mask=mask)
+            if device == "cuda":
+                hf_kwargs["cache_implementation"] = "static"
+            with torch.no_grad():
+                hf.generate(ids, **hf_kwargs)
+                hf_out, hf_s = _timed(lambda: hf.generate(ids, **hf_kwargs), device)
+            hf_tokens = 0
+            for r in hf_out[:, ids.shape[1]:].tolist():
+                cut = next((i + 1 for i, t in enumerate(r) if t in stops), len(r))
+                hf_tokens += cut
+            hf_rate = hf_tokens / hf_s
+            row["transformers tokens/s"] = common.sig(hf_rate)
+            row["best mtcore / transformers"] = common.sig(
+                max(row[f"mtcore {label} tokens/s"] for label in row["_labels"]) / hf_rate)
+            del row["_labels"]
+            rows.append(row)
+            print(f"  {row}", file=sys.stderr, flush=True)
+        del ours, hf
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+def _print_table(rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "—")) for k in keys) + " |")
+
+
+def decode_table(args):
+    modes = tuple(args.modes.split(",")) if args.modes else None
+    slot_counts = tuple(int(x) for x in args.decode_slots.split(",")) if args.decode_slots else None
+    rows, notes = decode_rows(args.device, dry=args.dry_run, new=args.decode_new_tokens, slot_counts=slot_counts,
+                              prompt_len=args.decode_prompt_tokens, modes=modes, busy=args.busy)
+    print(common.header("decode: mtcore's sampler vs the bandwidth floor and transformers' generate", args.device,
+                        notes[0].split(";")[0], notes[0].split("; ", 1)[1]))
+    _print_table(rows)
+    rows, notes = sampled_rows(args.device, dry=args.dry_run, modes=modes)
+    print()
+    print(notes[0].split("; ", 2)[2])
+    _print_table(rows)
 
 
 def main():
@@ -329,6 +469,11 @@ def main():
     parser.add_argument("--decode-prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-new-tokens", type=int, default=128)
     parser.add_argument("--dry-run", action="store_true", help="decode table on tiny shapes (any device)")
+    parser.add_argument("--modes", default=None,
+                        help="decode modes, comma-separated; mode:K = K steps per host visit (default on CUDA: "
+                             "eager,compile,graphs,graphs:4,graphs:8; CPU: eager,eager:4)")
+    parser.add_argument("--decode-slots", default=None, help="slot counts, comma-separated (CUDA: 1,16,64,128,210)")
+    parser.add_argument("--busy", action="store_true", help="also the GPU busy share of each greedy row (profiled)")
     args = parser.parse_args()
     decode_table(args) if args.decode else whole_process(args)
 

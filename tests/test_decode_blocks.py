@@ -94,3 +94,22 @@ def test_generate_command_with_decode_steps_writes_the_same_file(tmp_path):
         result = CliRunner().invoke(main, common + ["--out", str(tmp_path / name)] + extra)
         assert result.exit_code == 0, result.output
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "four.jsonl").read_bytes()
+
+
+def test_the_decode_benchmark_dry_run_has_the_block_and_sampled_rows():
+    """`python bench/sampler.py --decode --dry-run` on tiny shapes: the greedy rows with a blocked mode
+    (the same tokens) and the sampled E-step rows, each with transformers beside it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "sampler.py"
+    out = subprocess.run([sys.executable, str(bench), "--decode", "--dry-run", "--decode-slots", "1,4",
+                          "--modes", "eager,eager:3", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    greedy = [line for line in lines if line.startswith("| 8b-shaped (tiny) |")]
+    assert len(greedy) == 3 and all(" | True | " in line for line in greedy[:2])  # 1 and 4 slots, then sampled
+    assert any("sampled E-step shape" in line for line in lines)
+    header = next(line for line in lines if line.startswith("| shape | slots | mean new tokens"))
+    assert "mtcore eager:3 tokens/s" in header and "transformers tokens/s" in header

@@ -40,9 +40,11 @@ def test_dry_run_sections(tmp_path):
     assert all(r["ms"] > 0 and r["peak MiB"] >= 0 for r in kernels)
     assert len(records["train"]["rows"]) == 4 and all(r["tokens/s"] > 0 for r in records["train"]["rows"])
     decode = records["decode"]["rows"]
-    assert [r["slots"] for r in decode] == [1, 2, 4] * 2  # two shapes
-    assert all(r["mtcore eager tokens/s"] > 0 and 0 < r["mtcore eager % of floor"] for r in decode)
-    assert all(r["tokens equal to transformers %"] == 100 for r in decode)  # fp32, greedy, 4 tokens
+    assert [r["slots"] for r in decode] == [1, 2, 4] * 2 + [6]  # two shapes, then blocks alone at 6 slots
+    assert all(r["mtcore eager tokens/s"] > 0 and 0 < r["mtcore eager % of floor"] for r in decode[:6])
+    assert all(r["tokens equal to transformers %"] == 100 for r in decode[:6])  # fp32, greedy, 4 tokens
+    assert all(r["eager:3 same as eager"] for r in decode[:6])  # 3 steps per host visit: the same tokens
+    assert decode[6]["mtcore eager:3 tokens/s"] > 0 and "transformers tokens/s" not in decode[6]
     assert "skipped" in records["pytest"]["rows"][0]["summary"]  # no CUDA here: the cuda tests skip
 
 
