@@ -29,16 +29,17 @@ def profile_mode(model, prompts, params, slots: int, mode: str, device: str, top
     from mtcore import profile as mprofile
     from mtcore.sampler import generate
 
-    generate(model, prompts, params, slots=slots, decode_mode=mode)  # warm-up: compiles, captures
+    label, (mode, steps) = mode, bench_sampler._mode(mode)  # "graphs:8": graphs, 8 steps per host visit
+    generate(model, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)  # warm-up: compiles, captures
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     mprofile.sync(device)
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        out = generate(model, prompts, params, slots=slots, decode_mode=mode)
+        out = generate(model, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)
         mprofile.sync(device)
         wall = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for r in out for c in r)
-    lines = [f"### {mode}: {tokens} tokens in {wall * 1e3:.1f} ms ({tokens / wall:.4g} tokens/s)"]
+    lines = [f"### {label}: {tokens} tokens in {wall * 1e3:.1f} ms ({tokens / wall:.4g} tokens/s)"]
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     if kernels:
         busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
@@ -66,7 +67,8 @@ def main():
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--modes", default=None, help="comma-separated (default eager,graphs on CUDA; eager else)")
+    parser.add_argument("--modes", default=None, help="comma-separated, mode:K for K decode steps per host visit "
+                                                      "(default eager,graphs on CUDA; eager else)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, on the CPU")
     args = parser.parse_args()
