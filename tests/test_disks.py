@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import reference_caches, tiny_world
+from conftest import reference_caches, tiny_world, write_pairs
 from mtcore.cli import main
 from mtcore.errors import MtcoreError
 
@@ -49,8 +49,7 @@ def world(tmp_path_factory):
     """A tiny policy, RM and prompts, pairs for `mtcore dpo`, and one finished `mtcore train` run."""
     w = tmp_path_factory.mktemp("world")
     policy, reward, prompts = tiny_world(w)
-    (w / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} 2", "chosen": "2 x", "rejected": "x 2"})
-                                           + "\n" for i in range(6)))
+    write_pairs(w / "pairs.jsonl", 6)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
         result = CliRunner().invoke(main, ["train", *real_args(w), "--out", str(w / "run")])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import tiny_world
+from conftest import tiny_world, write_pairs
 from mtcore.cli import main
 
 pytest.importorskip("tensorboard")  # mtcore[tensorboard]; the wandb test also needs mtcore[wandb]
@@ -69,8 +69,7 @@ def metrics(path: Path) -> list[dict]:
 def world(tmp_path_factory):
     w = tmp_path_factory.mktemp("report")
     policy, reward, prompts = tiny_world(w)
-    (w / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"sort {i} 2", "chosen": "2 x", "rejected": "x 2"})
-                                           + "\n" for i in range(12)))
+    write_pairs(w / "pairs.jsonl", 12)
     return w
 
 
