@@ -42,7 +42,7 @@ from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
 from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
-from mtcore.sampling import _draw, nucleus_by_rejection, nucleus_sorted, sample  # noqa: F401 (re-exported)
+from mtcore.sampling import sample
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ import torch
 
 from mtcore import parallel, preempt, profile
 from mtcore.checkpoint import inspect_checkpoint, load_model, resolve, save_model, stored_dtype
-from mtcore.data import (Batch, Example, as_source, cut_to_length, load_tokenizer, make_batch, pack,
-                         read_demonstrations, read_pairs)
+from mtcore.data import (Batch, Example, cut_to_length, load_tokenizer, make_batch, pack, read_demonstrations,
+                         read_pairs)
 from mtcore.device import default_device, precision
 from mtcore.files import check_free_space, default_file_mode, remove_quietly, write_json, write_text_atomic
-from mtcore.config import TRAIN_HELP, TrainConfig  # noqa: F401 (TRAIN_HELP: re-exported)
+from mtcore.config import TrainConfig
 from mtcore.errors import MtcoreError
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
 from mtcore.kernels import sequence_logps

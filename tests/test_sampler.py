@@ -142,7 +142,7 @@ def test_sampling_distribution(top_k, top_p, nucleus, monkeypatch):
     for both top-p draws (by rejection on the CPU, sorted on CUDA)."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    import mtcore.sampler as smp
+    import mtcore.sampling as smp  # where sample() looks the top-p draw up
 
     monkeypatch.setattr(smp, "nucleus_by_rejection", getattr(smp, f"nucleus_{nucleus}"))
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.3, -0.5, -1.0]]).repeat(40000, 1)
@@ -374,7 +374,7 @@ def test_cache_sized_from_free_gpu_memory(models, monkeypatch):
 def test_two_level_draw_is_exact(V):
     """The block-then-token inverse CDF draws each token with its probability (unnormalised weights),
     across block edges and a padded last block, and never a zero-weight token."""
-    from mtcore.sampler import _draw
+    from mtcore.sampling import _draw
 
     weights = torch.zeros(V)
     support = torch.tensor([0, 255, 256, V - 1, V // 2])
@@ -390,7 +390,7 @@ def test_two_level_draw_is_exact(V):
 def test_draw_edges_never_pick_a_zero_weight_token():
     """A uniform draw of exactly 0, or one that rounds up to the total, still lands on a token with
     weight; NaN logits under top-p are a clear error, not an endless redraw."""
-    import mtcore.sampler as smp
+    import mtcore.sampling as smp
 
     weights = torch.zeros(2, 700)
     weights[:, [300, 301, 600]] = torch.tensor([0.2, 0.5, 0.3])  # blocks 0 and 2 empty at their edges
