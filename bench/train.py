@@ -123,7 +123,7 @@ def _trim_and_reset_peak() -> float:
 
 
 def run_mtcore(args: dict, pairs: list[dict]) -> dict:
-    from mtcore import load_model
+    from mtcore import load_model, parallel
     from mtcore.data import Example
     from mtcore.train import DPO, BradleyTerry, TrainConfig, fit, reference_logps
     from transformers import AutoTokenizer
