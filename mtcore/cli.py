@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from mtcore.config import LOG_EVERY_HELP
 from mtcore.errors import MtcoreError
 
 
@@ -112,7 +113,6 @@ COUNT = click.IntRange(min=1)
 SEED = click.IntRange(min=0, max=2**63 - 1)
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available)."
 TEMPLATE_HELP = "A Jinja file, or 'llama3', when the tokenizer has none."
-LOG_EVERY_HELP = "Seconds between progress lines in the log when stderr is not a terminal (there: a bar)."
 REPORT_TO_HELP = ("Log every training step (loss, accuracy, lr, ...) to tensorboard, wandb, or both (comma-separated); "
                   "needs the extra of that name: pip install 'mtcore[tensorboard]'.")
 OVERWRITE_HELP = "Replace an --out that holds something else than this command's previous output."

@@ -74,6 +74,9 @@ class LoopConfig:
         check_ranges(self, LOOP_RANGES)
 
 
+# --log-every's help, for train (LOOP_HELP), dpo/rm/sft (TRAIN_HELP), generate and score (cli)
+LOG_EVERY_HELP = "Seconds between progress lines in the log when stderr is not a terminal (there: a bar)."
+
 # One line of `mtcore train --help` per field: what it does (the paper's and the toy world's values
 # are added from the defaults).
 LOOP_HELP = {
@@ -128,7 +131,7 @@ LOOP_HELP = {
     "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
     "rm_eval": "Preference pairs (RewardBench's format; JSONL, Parquet, or a dataset with one split): r_0 and each "
                "iteration's RM are evaluated on it.",
-    "log_every": "Seconds between progress lines in the log when stderr is not a terminal (there: a bar).",
+    "log_every": LOG_EVERY_HELP,
     "report_to": "Log every DPO/RM step and each iteration's metrics to tensorboard, wandb, or both "
                  "(comma-separated); needs the extra of that name: pip install 'mtcore[tensorboard]'.",
     "run_name": "The TensorBoard/wandb run's name (default: the --out directory's name).",
@@ -235,7 +238,7 @@ TRAIN_HELP = {
     "reference_ops": "The plain-torch reference ops instead of the fused kernels (slow; for checking).",
     "save_state_every": "Save the (sharded) model and optimizer state every N steps to OUT.partial/train_state; "
                         "a rerun resumes from it (0: never).",
-    "log_every": "Seconds between progress lines in the log when stderr is not a terminal (there: a bar).",
+    "log_every": LOG_EVERY_HELP,
 }
 
 TRAIN_RANGES = {

@@ -31,19 +31,12 @@ FIELDS = ("pos", "n", "limit", "word", "done")
 
 class SlotState:
     """The block's per-slot state on the device, one column per slot it decodes: pos, n, limit, word,
-    done (see the module docstring). Loaded at each block's start in one copy (non-blocking on CUDA)
-    into the same storage, so a captured graph reads it."""
+    done (see the module docstring). The host loads it at each block's start in one copy into `table`'s
+    storage (sampler.load_block_state), so a captured graph reads it."""
 
     def __init__(self, rows: int, device):
         self.table = torch.zeros(len(FIELDS), rows, dtype=torch.long, device=device)
         self.pos, self.n, self.limit, self.word, self.done = self.table  # views, updated in place
-
-    def load(self, columns: list[tuple[int, int, int, int, int]]) -> None:
-        """One (pos, n, limit, word, done) per slot, in the order of the slots decoded."""
-        host = torch.tensor(columns, dtype=torch.long).t().contiguous()  # [5, R]
-        if self.table.is_cuda:
-            host = host.pin_memory()
-        self.table.copy_(host, non_blocking=True)
 
 
 def run_block(step, state: SlotState, last: torch.Tensor, steps: int, params, stops: torch.Tensor):

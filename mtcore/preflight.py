@@ -14,7 +14,6 @@ data) is a warning naming the option and the number of steps it leaves.
 import logging
 import math
 
-from mtcore.checkpoint import check_checkpoint
 from mtcore.data import encode_prompt, encode_response, load_tokenizer
 from mtcore.errors import MtcoreError
 
@@ -83,11 +82,10 @@ def _check_batches(cfg, n_policy: int, n_rm: int) -> None:
                     math.ceil(n_rm_pairs / cfg.rm_batch_size) * cfg.rm_epochs)
 
 
-def check(run) -> None:
-    """Everything above for run (a rundir.Run whose splits are made, nothing written yet)."""
+def check(run, policy_args, reward_args) -> None:
+    """Everything above for run (a rundir.Run whose splits are made, nothing written yet), its base
+    models' ModelArgs as checkpoint.check_checkpoint read them."""
     cfg = run.cfg
-    policy_args, _ = check_checkpoint(run.base_policy, "policy")
-    reward_args, _ = check_checkpoint(run.base_reward, "reward")
     prompts = [p for name in sorted(run.splits) for p in run.splits[name]]
     policy_tok = _tokenizer(run.base_policy, cfg.chat_template, "--chat-template")
     lengths = _prompt_lengths(policy_tok, prompts, "the policy")

@@ -155,7 +155,7 @@ class Run:
             raise MtcoreError(f"--redo {self.redo}: {self.dir} holds no finished stage yet; leave --redo out")  # read
         mine = identity(self.cfg)  # the state rank 0's --redo left)
         changed = [] if saved is None else [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
-        began = any(k.startswith("iter_") for k in self.state["done"])
+        began = self._begun() > 0
         even = self.world is None and self.cfg.policy_split_size == 0  # --iters decides every split
         replace = saved is not None and not began and (
             [k for k in changed if k != "iters" or even] or not splits_file.exists())
@@ -191,15 +191,20 @@ class Run:
         """Everything the first stages would find, before anything is written: the base models, the
         prompt splits (made here), the chat templates, the prompts against the models' context, the
         batch sizes against the data."""
-        check_checkpoint(self.base_policy, "policy")
-        check_checkpoint(self.base_reward, "reward")
+        policy_args, _ = check_checkpoint(self.base_policy, "policy")
+        reward_args, _ = check_checkpoint(self.base_reward, "reward")
         if self.cfg.rm_eval:
             rmeval.read_eval_pairs(self.cfg.rm_eval)
-        self.splits = json.loads(json.dumps(self._make_splits(), sort_keys=True))  # as splits.json holds them
+        self.splits = self._new_splits()
         if self.world is None:
             from mtcore import preflight
 
-            preflight.check(self)
+            preflight.check(self, policy_args, reward_args)
+
+    def _begun(self) -> int:
+        """The last iteration a stage of which is done (0: none)."""
+        return max((int(k.split("/")[0].removeprefix("iter_")) for k in self.state["done"] if k.startswith("iter_")),
+                   default=0)
 
     def _splits_for_iters(self, saved: dict, splits_file: Path) -> dict:
         """The resumed run's splits. A larger --iters extends the run (new policy splits after the old
@@ -208,8 +213,7 @@ class Run:
         iters, saved_iters = self.cfg.iters, saved.get("iters")
         if type(saved_iters) is not int or saved_iters < 1:
             raise MtcoreError(f"{self.dir / 'config.toml'}: no iteration count (iters); {CONFIG_ADVICE}")
-        begun = max((int(k.split("/")[0].removeprefix("iter_")) for k in self.state["done"]
-                     if k.startswith("iter_")), default=0)
+        begun = self._begun()
         if iters < begun:
             raise MtcoreError(f"--iters {iters}: {self.dir} has already begun iteration {begun}; give --iters "
                               f"{begun} or more (its config.toml has {saved_iters})")
@@ -228,7 +232,7 @@ class Run:
                 raise MtcoreError(f"--iters {iters}: {self.dir} split its prompts evenly over its {saved_iters} "
                                   f"iterations (policy_split_size = 0), so it cannot be extended; give --iters "
                                   f"{saved_iters}, or start a new run from its last policy")
-            new = json.loads(json.dumps(self._make_splits(), sort_keys=True))
+            new = self._new_splits()
             changed = [k for k in splits if new.get(k) != splits[k]]
             if changed:
                 raise MtcoreError(f"--iters {iters}: the prompts ({self.cfg.prompts or 'the toy world'}) no longer "
@@ -325,6 +329,11 @@ class Run:
                 raise MtcoreError(f"{e}; {path} is damaged: redo the stage that made it with `mtcore train --out "
                                   f"{self.dir} --redo {key}` and the run's other options (the stages after it "
                                   f"run again too)") from None
+
+    def _new_splits(self) -> dict:
+        """The prompt splits made afresh, as splits.json holds them (sorted keys), so a resumed run reads
+        the same bytes and a comparison with the saved ones is exact."""
+        return json.loads(json.dumps(self._make_splits(), sort_keys=True))
 
     def _make_splits(self) -> dict:
         cfg = self.cfg

@@ -363,10 +363,11 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
     return step
 
 
-def _block_columns(batch: SlotBatch, job: _Job, slot_ids: list[int]) -> list[tuple]:
-    """SlotState's columns of slot_ids (a free slot: done, at column 0)."""
-    return [(batch.position(s), len(batch.tokens[s]), min(job.params.max_new_tokens, job.max_len - batch.prompt_len[s]),
-             batch.word[s], 0) if batch.request[s] >= 0 else (0, 0, 1, 0, 1) for s in slot_ids]
+def load_block_state(state: SlotState, batch: SlotBatch, job: _Job, slot_ids: list[int]) -> None:
+    """SlotState of slot_ids, from the host's SlotBatch, in one copy (a free slot: done, at column 0)."""
+    columns = [(batch.position(s), len(batch.tokens[s]), min(job.params.max_new_tokens, job.max_len - batch.prompt_len[s]),
+                batch.word[s], 0) if batch.request[s] >= 0 else (0, 0, 1, 0, 1) for s in slot_ids]
+    _to_device([v for field in zip(*columns) for v in field], state.table.device, out=state.table.view(-1))
 
 
 def accept_block(batch: SlotBatch, slot_ids: list[int], tokens: torch.Tensor, logps, job: _Job) -> tuple[int, int]:
@@ -397,7 +398,7 @@ def block_decoder(model: Llama, cache: KVCache, mode: str, steps: int, job: _Job
         def decode(batch: SlotBatch) -> tuple[int, int]:
             active = batch.active()
             slots, state = _to_device(active, device), SlotState(len(active), device)
-            state.load(_block_columns(batch, job, active))
+            load_block_state(state, batch, job, active)
             first = max(batch.position(s) for s in active)  # the host knows every column without a sync
 
             def step(tokens, pos, k):
@@ -423,11 +424,11 @@ def block_decoder(model: Llama, cache: KVCache, mode: str, steps: int, job: _Job
 
     def decode(batch: SlotBatch) -> tuple[int, int]:
         nonlocal captured
-        active, columns = batch.active(), _block_columns(batch, job, list(range(cache.slots)))
-        state.load(columns)
+        active, every = batch.active(), list(range(cache.slots))
+        load_block_state(state, batch, job, every)
         if not captured:  # the capture's warm-up ran blocks from this state: load it again (the columns
             block(batch.last)  # they wrote are written again, alike, before any step reads them)
-            state.load(columns)
+            load_block_state(state, batch, job, every)
             captured = True
         last, tokens, logps = block(batch.last)
         batch.last.copy_(last)

@@ -388,8 +388,8 @@ def test_decode_blocks_on_the_gpu_equal_one_step_and_never_sync(compiled_kernels
     set_sync_debug_mode("error")."""
     from mtcore import load_model
     from mtcore.decode_blocks import SlotState, run_block
-    from mtcore.sampler import (KVCache, SamplingParams, SlotBatch, _block_columns, _Job, decode_attention_for,
-                                decode_step, generate, prefill)
+    from mtcore.sampler import (KVCache, SamplingParams, SlotBatch, _Job, decode_attention_for, decode_step, generate,
+                                load_block_state, prefill)
 
     hf = make_hf_model("policy", seed=13, rope_scaling=LLAMA3_SCALING, num_hidden_layers=3, head_dim=64)
     ours = load_model(save_hf(hf, _tmp_dir()), dtype=torch.float32, device=DEVICE)
@@ -416,9 +416,9 @@ def test_decode_blocks_on_the_gpu_equal_one_step_and_never_sync(compiled_kernels
 
     def step(tokens, pos, k):
         return decode_step(ours, cache, tokens, slots, pos, 64, decode_attention_for(torch.device(DEVICE)))
-    state.load(_block_columns(batch, job, [0, 1, 2]))
+    load_block_state(state, batch, job, [0, 1, 2])
     run_block(step, state, batch.last, 4, params, stops)  # warm-up: the kernels compiled
-    state.load(_block_columns(batch, job, [0, 1, 2]))
+    load_block_state(state, batch, job, [0, 1, 2])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
