@@ -245,13 +245,16 @@ def transformers_twin(ours, dtype, device):
 
 
 def _mode(label: str) -> tuple[str, int]:
-    """"graphs" -> ("graphs", 1); "graphs:8" -> ("graphs", 8): a decode mode and its steps per host visit."""
+    """"graphs" -> ("graphs", 1); "graphs:8" -> ("graphs", 8); "graphs:auto" -> ("graphs", 0): a decode mode
+    and its steps per host visit (0: chosen from the measured step time)."""
     mode, _, steps = label.partition(":")
-    return mode, int(steps or 1)
+    return mode, 0 if steps == "auto" else int(steps or 1)
 
 
 def default_modes(device: str) -> tuple[str, ...]:
-    return ("eager", "compile", "graphs", "graphs:4", "graphs:8") if device == "cuda" else ("eager", "eager:4")
+    if device == "cuda":
+        return ("eager", "compile", "graphs", "compile-graphs", "graphs:4", "graphs:8", "graphs:auto")
+    return ("eager", "eager:4", "eager:auto")
 
 
 def gpu_busy(fn, device: str) -> float | None:

@@ -9,6 +9,9 @@ way off Triton on a machine where it cannot build its launcher (no C compiler, n
 kernel misbehaves. The GEMMs are cuBLAS' either way; only the fused O(N V) passes change.
 
 triton has no wheels for macOS or Windows: there the kernels are stubs that are never launched.
+
+round_to: the interpreter truncates fp32 -> bf16 (casts and stores) where the GPU rounds to nearest even
+(cvt.rn.bf16.f32); kernels that must match torch's bf16 rounding round through it.
 """
 
 import contextlib
@@ -26,6 +29,16 @@ except ImportError:  # a laptop without triton: the torch paths serve every CPU 
     HAS_TRITON = False
 else:
     HAS_TRITON = True
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 x rounded to nearest even in dtype (returned in dtype). EMULATE_RNE (interpreter only):
+    a bf16 target first has its bits rounded by hand, so the truncating cast is exact."""
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def torch_kernels_forced() -> bool:

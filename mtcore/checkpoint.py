@@ -377,6 +377,12 @@ def stored_dtype(src) -> torch.dtype:
     return stored[floats.pop()] if len(floats) == 1 else torch.float32
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy where it views part of a larger storage (the parameters merge_projections left as
+    views of one merged weight): safetensors refuses tensors that share memory."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_model(model: Llama, dst, tokenizer=None, max_shard_bytes: int = 5 * 2**30, dtype=None) -> Path:
     """Write `model` as a Hugging Face checkpoint in `dst` (replacing what is there, atomically), its
     weights cast to `dtype` (default: the model's own; see stored_dtype for a source checkpoint's).
@@ -434,8 +440,8 @@ def _write_checkpoint(model: Llama, out: Path, tokenizer, max_shard_bytes: int, 
     names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in shard.items()}, str(out / fname),
-                  metadata={"format": "pt"})
+        save_file({k: _own_storage(v.detach().to(dtype).contiguous().cpu()) for k, v in shard.items()},
+                  str(out / fname), metadata={"format": "pt"})
         os.chmod(out / fname, default_file_mode())  # safetensors writes 0600 whatever the umask
         weight_map.update({k: fname for k in shard})
     if n > 1:

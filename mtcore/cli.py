@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from mtcore.config import LOG_EVERY_HELP
+from mtcore.config import DECODE_MODES, LOG_EVERY_HELP
 from mtcore.errors import MtcoreError
 
 
@@ -239,12 +239,14 @@ def convert(src, dst, kind, dtype, max_shard_gb, overwrite):
               help="K/V cache budget that sizes the slots, in GiB (default: on CUDA the free memory after the "
                    "weights less a reserve of 15%; 2 GiB on the CPU).")
 @click.option("--decode-mode", default="auto", show_default=True,
-              type=click.Choice(["auto", "eager", "compile", "graphs"]),
+              type=click.Choice(DECODE_MODES),
               help="Decode step: auto (graphs on CUDA, else eager); eager (the active slots only); compile "
-                   "(static shapes through torch.compile); graphs (a captured CUDA graph, replayed).")
-@click.option("--decode-steps", default=1, show_default=True, type=COUNT,
+                   "(static shapes through torch.compile); graphs (a captured CUDA graph, replayed, with mtcore's "
+                   "fused kernels); compile-graphs (compiled, then captured).")
+@click.option("--decode-steps", default=1, show_default=True, type=click.IntRange(min=0),
               help="Decode steps per visit of the host, the stop checks on the device: the same tokens, fewer "
-                   "syncs (a GPU stays busy; a slot that stops inside a block wastes at most K-1 steps).")
+                   "syncs (a GPU stays busy; a slot that stops inside a block wastes at most K-1 steps). "
+                   "0: chosen from the first steps' measured device and host times.")
 @click.option("--max-len", default=None, type=click.IntRange(min=2),
               help="Tokens per cache slot (default: longest prompt + new).")
 @click.option("--skip-overlong", is_flag=True, help="Skip (and count) prompts too long for a slot, not fail.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from mtcore.errors import MtcoreError, check_ranges
 
 # The sampler's decode steps (mtcore/sampler.py), all giving the same tokens.
-DECODE_MODES = ("auto", "eager", "compile", "graphs")
+DECODE_MODES = ("auto", "eager", "compile", "graphs", "compile-graphs")
 
 DEFAULT_REWARD = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
 
@@ -58,7 +58,7 @@ class LoopConfig:
     reward_chat_template: str = ""
     kv_cache_gb: float = 0.0  # 0: sampler.cache_budget (free GPU memory less a reserve; 2 GiB off CUDA)
     decode_mode: str = "auto"
-    decode_steps: int = 1  # decode steps per visit of the host (mtcore/decode_blocks.py)
+    decode_steps: int = 1  # decode steps per visit of the host (mtcore/decode_blocks.py); 0: automatic
     device: str = ""
     grad_checkpointing: bool = False  # recompute each block's activations in backward (8B needs it)
     save_state_every: int = 25  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
@@ -117,9 +117,11 @@ LOOP_HELP = {
     "kv_cache_gb": "GiB of K/V cache for sampling, which sizes the concurrent sequences (0: on CUDA the free "
                    "memory after the weights less a reserve, at most 256 sequences; 2 GiB on the CPU).",
     "decode_steps": "Sampler decode steps per visit of the host, the stop checks on the device (the same tokens; "
-                    "1: a visit every step). Larger values keep a GPU busy; not yet measured on one.",
+                    "1: a visit every step; 0: chosen from the first steps' measured device and host times). "
+                    "Larger values keep a GPU busy; not yet measured on one.",
     "decode_mode": "Sampler decode step: auto (graphs on CUDA, else eager); eager; compile (static shapes, "
-                   "torch.compile); graphs (a captured CUDA graph, replayed).",
+                   "torch.compile); graphs (a captured CUDA graph, replayed, with mtcore's fused kernels); "
+                   "compile-graphs (compiled, then captured).",
     "device": "cpu, cuda or cuda:N (default: cuda when available).",
     "grad_checkpointing": "Recompute each block's activations in backward (8B needs it).",
     "save_state_every": "DPO/RM steps between resumable state saves (0: never), so a killed stage redoes at "
@@ -152,7 +154,7 @@ LOOP_RANGES = {
     "tau": (lambda v: 0 <= v <= 1, "in [0, 1]"), "rm_split_size": _at_least(1), "rm_lr": (lambda v: v > 0, "> 0"),
     "rm_batch_size": _at_least(1), "rm_epochs": _at_least(1), "policy_split_size": _at_least(0),
     "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
-    "shard_prompts": _at_least(1), "log_every": _at_least(0), "decode_steps": _at_least(1),
+    "shard_prompts": _at_least(1), "log_every": _at_least(0), "decode_steps": _at_least(0),
     "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
 }
 
@@ -194,8 +196,9 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
     from mtcore.device import default_device  # (torch: not imported for --help)
 
     device = default_device(cfg.device or None)  # a device string that names none is an error now, not mid-run
-    if cfg.decode_mode == "graphs" and device.type != "cuda":
-        raise MtcoreError(f"--decode-mode graphs needs a CUDA device, and this run's is {device}; use eager or compile")
+    if "graphs" in cfg.decode_mode and device.type != "cuda":
+        raise MtcoreError(f"--decode-mode {cfg.decode_mode} needs a CUDA device, and this run's is {device}; use eager "
+                          "or compile")
     if cfg.micro_batch_tokens < 2 * cfg.max_length:  # a pair, each side up to max_length, shares a micro-batch
         raise MtcoreError(f"micro_batch_tokens {cfg.micro_batch_tokens} cannot hold a pair of max_length "
                           f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "

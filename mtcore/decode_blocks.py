@@ -21,6 +21,9 @@ and K samplings) is one captured CUDA graph. This module is the device's side (t
 steps); the host's side (loading the state, taking the tokens) is sampler.block_decoder's.
 """
 
+import math
+import time
+
 import torch
 
 from mtcore.draws import Draws
@@ -37,6 +40,14 @@ class SlotState:
     def __init__(self, rows: int, device):
         self.table = torch.zeros(len(FIELDS), rows, dtype=torch.long, device=device)
         self.pos, self.n, self.limit, self.word, self.done = self.table  # views, updated in place
+
+    @classmethod
+    def of(cls, table: torch.Tensor) -> "SlotState":
+        """The state whose storage is `table` [len(FIELDS), rows]."""
+        state = cls.__new__(cls)
+        state.table = table
+        state.pos, state.n, state.limit, state.word, state.done = table
+        return state
 
 
 def run_block(step, state: SlotState, last: torch.Tensor, steps: int, params, stops: torch.Tensor):
@@ -59,3 +70,60 @@ def run_block(step, state: SlotState, last: torch.Tensor, steps: int, params, st
         tokens.append(token)
         last = token
     return last, torch.stack(tokens), torch.stack(logps) if logps else None
+
+
+MAX_AUTO_STEPS = 16
+HOST_SHARE = 0.1  # automatic K: the host's time per visit, over K device steps, at most this share
+WASTE_SHARE = 1 / 16  # ... and the K - 1 steps a stopped slot may waste, at most this share of max_new_tokens
+TIMED_STEPS = 8  # plain steps timed before K is chosen
+
+
+def choose_steps(device_s: float, host_s: float, max_new_tokens: int) -> int:
+    """Automatic K (--decode-steps 0): the smallest power of two with host_s / K <= HOST_SHARE * device_s
+    (host_s: the time a plain step's device waits for the host; device_s: the step's own time on the
+    device), at most MAX_AUTO_STEPS, and at most 1 + WASTE_SHARE * max_new_tokens (a slot that stops
+    inside a block runs up to K - 1 steps for nothing)."""
+    need = host_s / (HOST_SHARE * device_s) if device_s > 0 else 1.0
+    k = 1 << max(0, math.ceil(math.log2(max(need, 1.0))))
+    cap = max(1, int(1 + WASTE_SHARE * max_new_tokens))
+    return max(1, min(k, MAX_AUTO_STEPS, 1 << (cap.bit_length() - 1)))
+
+
+class StepTimer:
+    """Times the first plain decode steps: each step's device time (CUDA events around its launch; off
+    CUDA, where the host runs the forward, the launch's wall time) and its whole wall time, through the
+    host's sampling, copy and stop checks. Their difference is the host's share, which blocks remove."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.steps = []  # per step: [wall start, wall after the launch, wall end, start event, end event]
+
+    def _event(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def start(self):
+        self.steps.append([time.perf_counter(), 0.0, 0.0, self._event() if self.cuda else None, None])
+
+    def launched(self):
+        self.steps[-1][1] = time.perf_counter()
+        if self.cuda:
+            self.steps[-1][4] = self._event()
+
+    def stop(self):
+        self.steps[-1][2] = time.perf_counter()
+
+    def ready(self) -> bool:
+        return len(self.steps) > TIMED_STEPS  # the first step is not counted: it may compile or allocate
+
+    def measured(self) -> tuple[float, float]:
+        """(device seconds per step, host seconds per step that the device waited)."""
+        steps = self.steps[1:]
+        if self.cuda:
+            device_s = sum(a.elapsed_time(b) for *_, a, b in steps) / 1e3 / len(steps)  # the steps synced
+        else:
+            device_s = sum(launched - start for start, launched, *_ in steps) / len(steps)
+        wall_s = sum(end - start for start, _, end, *_ in steps) / len(steps)
+        return device_s, max(0.0, wall_s - device_s)

@@ -21,13 +21,16 @@ own varlen_attn (torch >= 2.10, signature detected). Otherwise, and on the CPU, 
 scaled_dot_product_attention (packed sequences padded into length buckets).
 
 Nothing here knows of distribution, training or generation: FSDP, activation checkpointing, compile
-and the KV cache are applied from outside (the sampler hands each Block an attention function that
-reads and writes its cache).
+and the KV cache are applied from outside. A Block's caller may swap its element-wise operations and
+its attention (LayerOps) for others of the same result: the sampler passes an attention that reads and
+writes its cache, and on CUDA fused Triton kernels. For inference, merge_projections makes q/k/v and
+gate/up one GEMM each without changing a parameter's name or bytes.
 """
 
 import functools
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -272,21 +275,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+        self.qkv_proj: Merged | None = None  # set by merge_projections
 
-    def qkv(self, x, cos, sin):
-        """x [..., dim] -> q [..., Hq, D], k and v [..., Hkv, D], rotary applied to q and k."""
+    def project(self, x):
+        """x [..., dim] -> q [..., Hq, D], k and v [..., Hkv, D], before rotary: views of one GEMM's
+        output where merge_projections merged the three weights (and no gradient is needed)."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        if _use_merged(self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.view(*lead, self.n_heads, self.head_dim), k.view(*lead, self.n_kv_heads, self.head_dim),
+                v.view(*lead, self.n_kv_heads, self.head_dim))
 
-    def forward(self, x, cos, sin, layout, attend_fn=None):
-        """attend_fn(q, k, v, layout) -> [..., Hq, D]: `attend` by default; the sampler passes one that
-        also reads and writes its K/V cache (and a layout of its own)."""
-        q, k, v = self.qkv(x, cos, sin)
-        out = (attend_fn or attend)(q, k, v, layout)  # same leading shape as x, [..., Hq, D]
+    def forward(self, x, cos, sin, layout, ops: "LayerOps"):
+        """ops.attend(q, k, v, cos, sin, layout) -> [..., Hq, D] applies rotary and attends: rope_attend by
+        default; the sampler's also reads and writes its K/V cache (with a layout of its own)."""
+        q, k, v = self.project(x)
+        out = ops.attend(q, k, v, cos, sin, layout)  # same leading shape as x, [..., Hq, D]
         return self.o_proj(out.flatten(-2))
+
+
+def rope_attend(q, k, v, cos, sin, layout: AttnLayout):
+    """Rotary on q and k, then `attend`: a Block's attention unless its caller passes its own."""
+    return attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, layout)
 
 
 def attend(q, k, v, layout: AttnLayout):
@@ -327,12 +339,46 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=bias)
+        self.gate_up_proj: Merged | None = None  # set by merge_projections
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, ops: "LayerOps"):
+        if _use_merged(self.gate_up_proj, (self.gate_proj, self.up_proj)):
+            gate, up = self.gate_up_proj(x).split(self.gate_up_proj.sizes, dim=-1)  # views of one GEMM's output
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.silu_mul(gate, up))
+
+
+def silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+def add_norm(x, residual, norm: RMSNorm):
+    """(x + residual, norm(x + residual)); x itself and norm(x) where residual is None (the first block)."""
+    hidden = x if residual is None else x + residual
+    return hidden, norm(hidden)
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """The operations inside a Block that a caller may swap for fused ones of the same result: the
+    sampler's decode step on CUDA takes the Triton kernels of mtcore/kernels/ (add_rms_norm, silu_mul,
+    and rope_cache inside an attention that writes its cache). The defaults are plain torch and
+    differentiable: training always runs them."""
+    attend: Callable = rope_attend  # (q, k, v, cos, sin, layout) -> [..., Hq, D]; q and k not yet rotated
+    add_norm: Callable = add_norm  # (x, residual or None, norm) -> (x + residual, norm(x + residual))
+    silu_mul: Callable = silu_mul  # (gate, up) -> silu(gate) * up
+
+
+TORCH_OPS = LayerOps()
 
 
 class Block(nn.Module):
+    """One transformer block, as Llama's: h = x + attn(norm1(x)); out = h + mlp(norm2(h)). The residual
+    stream is carried beside the block's output and added at the next norm (the next block's, or the
+    final one), so that every residual add meets a norm: forward(x, residual) -> (mlp output, h), and
+    the stream after the block is their sum (the first block takes residual None: x is the stream)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.self_attn = Attention(args)
@@ -340,9 +386,51 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, layout, attend_fn=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, attend_fn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, layout, ops: LayerOps = TORCH_OPS):
+        residual, h = ops.add_norm(x, residual, self.input_layernorm)
+        x = self.self_attn(h, cos, sin, layout, ops)
+        residual, h = ops.add_norm(x, residual, self.post_attention_layernorm)
+        return self.mlp(h, ops), residual
+
+
+class Merged:
+    """Several Linear layers' weights (and biases) concatenated on the output dim, as one GEMM, for
+    inference. The layers' parameters are left as views of the merged tensors: no memory is added,
+    state_dict keeps Hugging Face's names and bytes, and an in-place update of a parameter is seen here."""
+
+    def __init__(self, parts: list[nn.Linear]):
+        self.sizes = [p.out_features for p in parts]
+        self.weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
+        self.bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        offsets = [0]
+        for n in self.sizes:
+            offsets.append(offsets[-1] + n)
+        for p, a, b in zip(parts, offsets, offsets[1:]):
+            p.weight.data = self.weight[a:b]
+            if self.bias is not None:
+                p.bias.data = self.bias[a:b]
+
+    def __call__(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def intact(self, parts) -> bool:
+        """Whether every part still views the merged weight (a .to(), or a parameter replaced, breaks it)."""
+        base = self.weight.data_ptr()
+        offset = 0
+        for p, n in zip(parts, self.sizes):
+            if p.weight.data_ptr() != base + offset * self.weight.stride(0) * self.weight.element_size():
+                return False
+            offset += n
+        return True
+
+
+def _use_merged(merged: Merged | None, parts) -> bool:
+    """The merged GEMM serves no-grad forwards while it is intact (checked eagerly; a compiled graph
+    keeps what held when it was traced). Training never takes it: its gradient would not reach the
+    parameters."""
+    if merged is None or torch.is_grad_enabled():
+        return False
+    return torch.compiler.is_compiling() or merged.intact(parts)
 
 
 class Transformer(nn.Module):
@@ -377,12 +465,26 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be [B, T] (or flat [N] with cu_seqlens), got {tuple(tokens.shape)}")
         elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x = self.embed_tokens(tokens)
+        x, residual = self.embed_tokens(tokens), None
         cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)
         layout = make_layout(x, cu_seqlens, max_seqlen, attention_mask)
         for layer in self.layers:
-            x = layer(x, cos, sin, layout)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, layout)
+        return add_norm(x, residual, self.norm)[1]
+
+
+def merge_projections(model: "Llama") -> "Llama":
+    """q/k/v and gate/up as one GEMM each in every block, for inference (the sampler merges the models
+    it generates with): one read of x and one kernel instead of three and two. Idempotent; checkpoints
+    are still read and written in Hugging Face's layout, byte for byte (checkpoint.save_model copies
+    the views out)."""
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        if attn.qkv_proj is None or not attn.qkv_proj.intact((attn.q_proj, attn.k_proj, attn.v_proj)):
+            attn.qkv_proj = Merged([attn.q_proj, attn.k_proj, attn.v_proj])
+        if mlp.gate_up_proj is None or not mlp.gate_up_proj.intact((mlp.gate_proj, mlp.up_proj)):
+            mlp.gate_up_proj = Merged([mlp.gate_proj, mlp.up_proj])
+    return model
 
 
 def packed_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,15 @@ import torch
 from torch.profiler import record_function
 
 from mtcore.config import DECODE_MODES
-from mtcore.decode_blocks import SlotState, run_block
+from mtcore.decode_blocks import FIELDS, SlotState, StepTimer, choose_steps, run_block
 from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
-from mtcore.model import Llama, attend, make_layout, packed_positions, rope_cos_sin
+from mtcore.kernels.add_rms_norm import add_rms_norm
+from mtcore.kernels.rope_cache import rope_cache, rope_cache_ref
+from mtcore.kernels.silu_mul import silu_mul
+from mtcore.model import (LayerOps, Llama, add_norm, apply_rope, attend, make_layout, merge_projections,
+                          packed_positions, rope_cos_sin)
 from mtcore.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -140,22 +144,41 @@ class _LayerCache:
     layout: object = None  # prefill: the packed AttnLayout
     kv_len: int = 0  # decode: columns read
     attention: object = None  # decode: decode_attention or decode_attention_ref
+    rope_write: object = None  # decode: rope_cache or rope_cache_ref (rotary, and the K/V written)
     all_slots: bool = False  # decode: row r is slot r, for every slot (attention reads the cache in place)
 
 
-def _prefill_attend(q, k, v, c: _LayerCache):
-    """q [N, Hq, D], k, v [N, Hkv, D] packed: write each prompt's K/V into its slots, attend packed."""
+def _prefill_attend(q, k, v, cos, sin, c: _LayerCache):
+    """q [N, Hq, D], k, v [N, Hkv, D] packed: rotary, write each prompt's K/V into its slots, attend packed."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     c.k.index_put_((c.slots, c.pos), k[c.src])
     c.v.index_put_((c.slots, c.pos), v[c.src])
     return attend(q, k, v, c.layout)
 
 
-def _decode_attend(q, k, v, c: _LayerCache):
-    """q [R, 1, Hq, D], k, v [R, 1, Hkv, D]: write the new K/V at each row's position, attend to its prefix."""
-    c.k.index_put_((c.slots, c.pos), k[:, 0])
-    c.v.index_put_((c.slots, c.pos), v[:, 0])
+def _decode_attend(q, k, v, cos, sin, c: _LayerCache):
+    """q [R, Hq, D], k, v [R, Hkv, D], cos, sin [R, D]: rotary, write the new K/V at each row's position
+    (rope_cache: one Triton kernel for both on CUDA), attend to the row's prefix."""
+    q = c.rope_write(q, k, v, cos, sin, c.k, c.v, c.slots, c.pos)  # [R, Hq, D]
     slots = None if c.all_slots else c.slots
-    return c.attention(q[:, 0], c.k[:, :c.kv_len], c.v[:, :c.kv_len], slots, c.pos + 1)[:, None]
+    return c.attention(q, c.k[:, :c.kv_len], c.v[:, :c.kv_len], slots, c.pos + 1)
+
+
+def _fused_add_norm(x, residual, norm):
+    return add_rms_norm(x, residual, norm.weight, norm.eps)
+
+
+PREFILL_OPS = LayerOps(attend=_prefill_attend)
+DECODE_OPS = {"torch": LayerOps(attend=_decode_attend),
+              "fused": LayerOps(attend=_decode_attend, add_norm=_fused_add_norm, silu_mul=silu_mul)}
+
+
+def decode_ops_for(device: torch.device, mode: str) -> str:
+    """Which element-wise operations a decode step runs: the fused Triton kernels (mtcore/kernels/
+    add_rms_norm.py, rope_cache.py, silu_mul.py) on CUDA, except under torch.compile, which fuses the
+    torch ones itself; the torch operations elsewhere (the interpreter would be far slower; tests run
+    the kernels explicitly)."""
+    return "fused" if device.type == "cuda" and "compile" not in mode else "torch"
 
 
 def _to_device(values: list[int], device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,28 +214,31 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
     x = body.embed_tokens(tokens)  # [N, dim]
     cos, sin = rope_cos_sin(cache.inv_freq, packed_positions(cu_seqlens), x.dtype)
     layout = make_layout(x, cu_seqlens, max(lens))
+    residual = None
     for i, layer in enumerate(body.layers):
-        x = layer(x, cos, sin, _LayerCache(cache.k[i], cache.v[i], dst_slot, dst_pos, src, layout),
-                  attend_fn=_prefill_attend)
-    last = body.norm(x[cu_seqlens[1:].long() - 1])  # [P, dim]
-    return model.lm_head(last).float()
+        x, residual = layer(x, residual, cos, sin, _LayerCache(cache.k[i], cache.v[i], dst_slot, dst_pos, src, layout),
+                            PREFILL_OPS)
+    last = cu_seqlens[1:].long() - 1  # [P]
+    return model.lm_head(add_norm(x[last], residual[last], body.norm)[1]).float()  # [P, V]
 
 
 @torch.no_grad()
 def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
-                kv_len: int, attention=decode_attention) -> torch.Tensor:
+                kv_len: int, attention=decode_attention, ops: str = "torch") -> torch.Tensor:
     """One token for each row: tokens [R] into cache slots [R] (distinct, increasing) at columns pos [R],
     each attending to its slot's first pos + 1 columns (of the kv_len read). Returns logits [R, V] fp32.
     No host sync: shapes depend on R and kv_len only, so with R = every slot and kv_len = max_len the
-    step is static. With every slot, attention reads the cache in place (no gather of the rows' slots)."""
-    body = model.model
-    x = body.embed_tokens(tokens[:, None])  # [R, 1, dim]
-    cos, sin = rope_cos_sin(cache.inv_freq, pos[:, None], x.dtype)  # [R, 1, head_dim]
+    step is static. With every slot, attention reads the cache in place (no gather of the rows' slots).
+    ops: "torch", or "fused" (the Triton kernels of decode_ops_for)."""
+    body, layer_ops = model.model, DECODE_OPS[ops]
+    rope_write = rope_cache if ops == "fused" else rope_cache_ref
+    x, residual = body.embed_tokens(tokens), None  # [R, dim]
+    cos, sin = rope_cos_sin(cache.inv_freq, pos, x.dtype)  # [R, head_dim]
     for i, layer in enumerate(body.layers):
         c = _LayerCache(cache.k[i], cache.v[i], slots, pos, kv_len=kv_len, attention=attention,
-                        all_slots=slots.shape[0] == cache.slots)
-        x = layer(x, cos, sin, c, attend_fn=_decode_attend)  # [R, 1, dim]
-    return model.lm_head(body.norm(x[:, 0])).float()
+                        rope_write=rope_write, all_slots=slots.shape[0] == cache.slots)
+        x, residual = layer(x, residual, cos, sin, c, layer_ops)  # [R, dim] each
+    return model.lm_head(layer_ops.add_norm(x, residual, body.norm)[1]).float()
 
 
 def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> int:
@@ -323,35 +349,32 @@ def take_token(batch: SlotBatch, s: int, token: int, logprob: float | None, job:
 
 def eager_decoder(model: Llama, cache: KVCache):
     """Decode the active slots only, over the columns up to the longest: shapes change step to step."""
-    attention = decode_attention_for(cache.device)
+    attention, ops = decode_attention_for(cache.device), decode_ops_for(cache.device, "eager")
 
     def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
         positions = [batch.position(s) for s in active]
         slots = _to_device(active, cache.device)
         return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.device),
-                                   max(positions) + 1, attention)
+                                   max(positions) + 1, attention, ops)
     return step
 
 
 def static_decoder(model: Llama, cache: KVCache, mode: str):
     """Decode every slot over every column (a free slot writes column 0 of its own, unused, cache): the
-    same shapes at every step, compiled (mode "compile") or captured as a CUDA graph ("graphs")."""
+    same shapes at every step, compiled ("compile"), captured as a CUDA graph ("graphs"), or compiled
+    and then captured ("compile-graphs")."""
     device = cache.device
-    # compile: the attention as one opaque operator (inductor does not re-compile the Triton kernel)
-    attention = decode_attention_opaque if mode == "compile" else decode_attention_for(device)
+    attention, ops = static_attention(mode, device), decode_ops_for(device, mode)
     all_slots = torch.arange(cache.slots, device=device)
     pos = torch.zeros(cache.slots, dtype=torch.long, device=device)  # the step's input, updated in place
 
     def forward(tokens):
-        return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention)
+        return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention, ops)
 
-    if mode == "compile":
-        run = torch.compile(forward, fullgraph=True)
-    elif device.type != "cuda":
-        raise MtcoreError("decode mode 'graphs' needs a CUDA device; use 'eager' or 'compile'")
-    else:
-        run = _cuda_graph(forward, device)
+    run = torch.compile(forward, fullgraph=True) if "compile" in mode else forward
+    if "graphs" in mode:
+        run = _cuda_graph(run, device)
 
     def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
@@ -361,6 +384,12 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
         _to_device(positions, device, out=pos)
         return active, run(batch.last)[_to_device(active, device)]  # only the active rows are sampled
     return step
+
+
+def static_attention(mode: str, device: torch.device):
+    """The static modes' decode attention: under compile one opaque operator (inductor does not
+    re-compile the Triton kernel), else the device's own."""
+    return decode_attention_opaque if "compile" in mode else decode_attention_for(device)
 
 
 def load_block_state(state: SlotState, batch: SlotBatch, job: _Job, slot_ids: list[int]) -> None:
@@ -392,6 +421,7 @@ def block_decoder(model: Llama, cache: KVCache, mode: str, steps: int, job: _Job
     accept_block."""
     device = cache.device
     stop_ids = torch.tensor(sorted(job.stops) or [-1], dtype=torch.long, device=device)
+    ops = decode_ops_for(device, mode)
     if mode == "eager":
         attention = decode_attention_for(device)
 
@@ -402,39 +432,89 @@ def block_decoder(model: Llama, cache: KVCache, mode: str, steps: int, job: _Job
             first = max(batch.position(s) for s in active)  # the host knows every column without a sync
 
             def step(tokens, pos, k):
-                return decode_step(model, cache, tokens, slots, pos, min(first + k + 1, cache.max_len), attention)
+                return decode_step(model, cache, tokens, slots, pos, min(first + k + 1, cache.max_len), attention, ops)
             last, tokens, logps = run_block(step, state, batch.last[slots], steps, job.params, stop_ids)
             batch.last[slots] = last
             return accept_block(batch, active, tokens, logps, job)
         return decode
 
     all_slots, state = torch.arange(cache.slots, device=device), SlotState(cache.slots, device)
-    attention = decode_attention_opaque if mode == "compile" else decode_attention_for(device)
+    attention = static_attention(mode, device)
 
     def forward(tokens, pos):
-        return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention)
+        return decode_step(model, cache, tokens, all_slots, pos, cache.max_len, attention, ops)
 
-    run = torch.compile(forward, fullgraph=True) if mode == "compile" else forward
+    run = torch.compile(forward, fullgraph=True) if "compile" in mode else forward
 
     def one_block(last):
         return run_block(lambda tokens, pos, k: run(tokens, pos), state, last, steps, job.params, stop_ids)
 
-    block = one_block if mode == "compile" else _cuda_graph(one_block, device)
-    captured = mode == "compile"
+    graphed = "graphs" in mode
+    block = _cuda_graph(one_block, device) if graphed else one_block
+    return pipelined(block, state, cache.slots, steps, job, captured=not graphed)
+
+
+def pipelined(block, state: SlotState, n_slots: int, steps: int, job: _Job, captured: bool):
+    """decode(batch) -> (slots finished, tokens taken) of the static modes' blocks, with the host one
+    block behind the device: each call launches block c, then reads block c - 1's tokens (copied to
+    pinned memory without blocking, behind an event) while block c runs. The slots' state stays on the
+    device from block to block (a slot that finished in block c - 1 runs block c as done, harmlessly);
+    the host loads only the columns of slots whose request changed since it last loaded them (refills,
+    and freed slots), between blocks. A block's tokens are taken for a slot only while it still serves
+    the request it served at that block's launch. A slot waits at most 2K - 1 steps for its refill."""
+    device = state.table.device
+    pinned = device.type == "cuda"
+    loaded: list[int | None] = [None] * n_slots  # per slot: the request whose state the device holds
+    pending = None  # the block in flight: (its launch's requests per slot, host tokens, host logps, event)
+
+    def load_changed(batch: SlotBatch) -> None:
+        changed = [s for s in range(n_slots) if batch.request[s] != loaded[s]]
+        if changed:
+            columns = torch.empty(len(FIELDS), len(changed), dtype=torch.long, device=device)
+            load_block_state(SlotState.of(columns), batch, job, changed)
+            state.table[:, _to_device(changed, device)] = columns
+            for s in changed:
+                loaded[s] = batch.request[s]
+
+    def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+        return host.copy_(t, non_blocking=pinned)
+
+    def take(batch: SlotBatch, requests: list[int], tokens: torch.Tensor, logps) -> tuple[int, int]:
+        rows = [s for s, r in enumerate(requests) if r >= 0 and batch.request[s] == r]
+        return accept_block(batch, rows, tokens[:, rows], None if logps is None else logps[:, rows], job)
 
     def decode(batch: SlotBatch) -> tuple[int, int]:
-        nonlocal captured
-        active, every = batch.active(), list(range(cache.slots))
-        load_block_state(state, batch, job, every)
+        nonlocal pending, captured, loaded
         if not captured:  # the capture's warm-up ran blocks from this state: load it again (the columns
-            block(batch.last)  # they wrote are written again, alike, before any step reads them)
-            load_block_state(state, batch, job, every)
+            load_changed(batch)  # they wrote are written again, alike, before any step reads them)
+            block(batch.last)
+            loaded = [None] * n_slots
             captured = True
+        load_changed(batch)
         last, tokens, logps = block(batch.last)
         batch.last.copy_(last)
-        rows = _to_device(active, device)
-        return accept_block(batch, active, tokens[:, rows], None if logps is None else logps[:, rows], job)
+        launched = (list(batch.request), to_host(tokens), to_host(logps), _event(device))
+        done = (0, 0)
+        if pending is not None:
+            requests, host_tokens, host_logps, event = pending
+            if event is not None:
+                event.synchronize()
+            done = take(batch, requests, host_tokens, host_logps)
+        pending = launched
+        return done
     return decode
+
+
+def _event(device: torch.device):
+    """A CUDA event recorded now on device's stream (None off CUDA, where every copy is synchronous)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _cuda_graph(forward, device):
@@ -481,7 +561,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     max_len: tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings).
     progress: called at each step with (requests finished, tokens sampled), for a progress bar.
     decode_mode: one of DECODE_MODES.
-    decode_steps: decode steps per visit of the host (mtcore/decode_blocks.py); the same tokens.
+    decode_steps: decode steps per visit of the host (mtcore/decode_blocks.py); the same tokens. 0: chosen
+    (decode_blocks.choose_steps) from the first plain steps' device and host times.
     """
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
@@ -495,21 +576,25 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     requests = [(i, j) for i in keep for j in range(params.n)]
     if not requests:
         return results
+    merge_projections(model)  # q/k/v and gate/up as one GEMM each (the parameters become views: no copy)
     cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
     device = cache.device
     prompt_keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
     job = _Job(prompts, requests, params, max_len, results, prompt_keys, set(params.stop_ids))
     if decode_mode == "auto":
         decode_mode = "graphs" if device.type == "cuda" else "eager"
-    if decode_steps < 1:
-        raise MtcoreError(f"decode steps per host visit must be >= 1; got {decode_steps}")
-    if decode_mode == "graphs" and device.type != "cuda":
-        raise MtcoreError("decode mode 'graphs' needs a CUDA device; use 'eager' or 'compile'")
+    if decode_steps < 0:
+        raise MtcoreError(f"decode steps per host visit must be >= 1 (0: automatic); got {decode_steps}")
+    if "graphs" in decode_mode and device.type != "cuda":
+        raise MtcoreError(f"decode mode '{decode_mode}' needs a CUDA device; use 'eager' or 'compile'")
+    timer = StepTimer(device) if decode_steps == 0 else None  # automatic: K from the first plain steps' times
+    decode_steps = decode_steps or 1
     if decode_steps > 1:
         decode_block = block_decoder(model, cache, decode_mode, decode_steps, job)
     else:
         decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
     batch, queue = SlotBatch.empty(cache.slots, device), deque(range(len(requests)))
+    timed = False  # whether this pass through the loop decoded a timed step
     while True:
         active, free = batch.active(), len(batch.free())
         if queue and free and (not active or free * REFILL_FRACTION >= cache.slots
@@ -525,15 +610,31 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
                 progress(finished, taken)
             continue
         elif active:
+            if timer:
+                timer.start()
             with record_function("mtcore.decode"):
                 slot_ids, logits = decode(batch)
             batch.idle_steps += bool(queue and free)
+            if timer:
+                timer.launched()
+            timed = timer is not None
         else:
             return results
         with record_function("mtcore.accept"):
             finished = accept(batch, slot_ids, logits, job)
         if progress:
             progress(finished, len(slot_ids))
+        if timed:
+            timed = False
+            timer.stop()
+            if timer.ready():
+                device_s, host_s = timer.measured()
+                decode_steps = choose_steps(device_s, host_s, params.max_new_tokens)
+                log.info("decode steps per host visit: %d (a plain step: %.2f ms on the device, %.2f ms of host "
+                         "time it waited)", decode_steps, 1e3 * device_s, 1e3 * host_s)
+                timer = None
+                if decode_steps > 1:
+                    decode_block = block_decoder(model, cache, decode_mode, decode_steps, job)
 
 
 def _fitting(prompts: list[list[int]], max_len: int, on_overlong: str) -> list[int]:

@@ -234,10 +234,10 @@ CASES = [
     # mtcore generate
     ("gen-n-0", GEN + " --out {w}/g.jsonl --n 0", "--n", ["g.jsonl"]),
     ("gen-samples-0", GEN + " --out {w}/g.jsonl --samples 0", "--samples", ["g.jsonl"]),
-    ("gen-decode-steps-0", GEN + " --out {w}/g.jsonl --decode-steps 0", "--decode-steps", ["g.jsonl"]),
+    ("gen-decode-steps-neg", GEN + " --out {w}/g.jsonl --decode-steps -1", "--decode-steps", ["g.jsonl"]),
     ("train-policy-split-size-neg", "train --out {w}/r --policy-split-size -1", "--policy-split-size -1: must be >= 0",
      ["r"]),
-    ("train-decode-steps-0", "train --out {w}/r --decode-steps 0", "--decode-steps 0: must be >= 1", ["r"]),
+    ("train-decode-steps-neg", "train --out {w}/r --decode-steps -1", "--decode-steps -1: must be >= 0", ["r"]),
     ("gen-samples-text", GEN + " --out {w}/g.jsonl --samples two", "--samples", ["g.jsonl"]),
     ("gen-temp-nan", GEN + " --out {w}/g.jsonl --temperature nan", "not a finite number", ["g.jsonl"]),
     ("gen-temp-inf", GEN + " --out {w}/g.jsonl --temperature inf", "not a finite number", ["g.jsonl"]),

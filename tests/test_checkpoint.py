@@ -337,3 +337,16 @@ def test_tests_without_the_cuda_mark_are_pinned_to_the_cpu(monkeypatch):
     assert os.environ["MTCORE_DEVICE"] == "cpu" and default_device() == torch.device("cpu")
     monkeypatch.setenv("MTCORE_DEVICE", "meta")
     assert default_device("cpu") == torch.device("cpu")
+
+
+def test_merged_projections_save_byte_identical_safetensors(tmp_path):
+    """A model whose projections were merged for sampling (its parameters views of the merged weights)
+    saves the same bytes as before merging, and reloads to them."""
+    from mtcore.model import merge_projections
+    src = save_hf(make_hf_model("policy", seed=5, rope_scaling=LLAMA3_SCALING), tmp_path / "src")
+    save_model(load_model(src), tmp_path / "plain")
+    save_model(merge_projections(load_model(src)), tmp_path / "merged")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "merged" / name).read_bytes()
+    save_model(merge_projections(load_model(tmp_path / "merged")), tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()

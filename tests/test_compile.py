@@ -19,8 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 # the package re-exports functions under the modules' names: fetch the modules themselves
-bt_loss, dpo_loss, fl, da = (importlib.import_module(f"mtcore.kernels.{m}")
-                             for m in ("bt_loss", "dpo_loss", "fused_logprobs", "decode_attention"))
+bt_loss, dpo_loss, fl, da, arn, rc, sm = (importlib.import_module(f"mtcore.kernels.{m}") for m in (
+    "bt_loss", "dpo_loss", "fused_logprobs", "decode_attention", "add_rms_norm", "rope_cache", "silu_mul"))
 
 POWERS = [2 ** k for k in range(25)]
 # Tile widths: powers of two up to 4 blocks of the largest (bigger tiles add only trip counts), and the
@@ -71,6 +71,31 @@ for dt in ("fp32", "bf16", "fp16"):
                "BLOCK_SPLITS": "constexpr", "BLOCK_D": "constexpr"}
         jobs.append(("decode_combine", da._combine_kernel, sig, {"BLOCK_SPLITS": da.MAX_SPLITS, "BLOCK_D": block_d}, 4,
                      dt))
+# The decode step's element-wise kernels: each dtype (x, weight and caches in one dtype), each
+# (BLOCK, num_warps) the norm can pick for rows up to MAX_DIM, with and without a residual; both head dims.
+for block, num_warps in sorted({arn.launch_config(n) for n in range(1, arn.MAX_DIM + 1)}):
+    for dt in ("fp32", "bf16", "fp16"):
+        for has_residual in (False, True):
+            sig = {n: f"*{dt}" for n in ("x_ptr", "residual_ptr", "weight_ptr", "hidden_ptr", "out_ptr")}
+            sig |= {n: "i32" for n in ("stride_x", "stride_residual", "stride_hidden", "stride_out", "dim")}
+            sig |= {"eps": "fp32", "BLOCK": "constexpr", "HAS_RESIDUAL": "constexpr", "EMULATE_RNE": "constexpr"}
+            jobs.append(("add_rms_norm", arn._add_rms_norm_fwd_kernel, sig,
+                         {"BLOCK": block, "HAS_RESIDUAL": has_residual, "EMULATE_RNE": False}, num_warps, dt))
+rope_strides = ("stride_q_r", "stride_q_h", "stride_k_r", "stride_k_h", "stride_v_r", "stride_v_h", "stride_cos_r",
+                "stride_sin_r", "stride_kc_s", "stride_kc_l", "stride_kc_h", "stride_vc_s", "stride_vc_l",
+                "stride_vc_h", "stride_out_r", "stride_out_h")
+for dt in ("fp32", "bf16", "fp16"):
+    for head_dim in rc.HEAD_DIMS:
+        sig = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr", "v_cache_ptr")}
+        sig |= {"slots_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": f"*{dt}", **{n: "i32" for n in rope_strides},
+                "n_q_heads": "i32", "D": "constexpr", "EMULATE_RNE": "constexpr"}
+        jobs.append(("rope_cache", rc._rope_cache_fwd_kernel, sig, {"D": head_dim, "EMULATE_RNE": False},
+                     rc.NUM_WARPS, dt))
+    sig = {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+           **{n: "i32" for n in ("stride_gate", "stride_up", "stride_out", "n_cols")},
+           "BLOCK": "constexpr", "EMULATE_RNE": "constexpr"}
+    jobs.append(("silu_mul", sm._silu_mul_fwd_kernel, sig, {"BLOCK": sm.BLOCK, "EMULATE_RNE": False}, sm.NUM_WARPS,
+                 dt))
 results = []
 for arch in (90, 80):
     for name, fn, sig, constexprs, num_warps, dt in jobs:
@@ -98,8 +123,8 @@ def compiled():
 
 def test_every_config_compiles_for_sm90_and_sm80(compiled):
     kernels = {(r["kernel"], r["arch"]) for r in compiled}
-    assert kernels == {(k, a) for k in ("lse_update", "logit_grad", "dpo", "bt", "decode_attn", "decode_combine")
-                       for a in (90, 80)}
+    assert kernels == {(k, a) for k in ("lse_update", "logit_grad", "dpo", "bt", "decode_attn", "decode_combine",
+                                        "add_rms_norm", "rope_cache", "silu_mul") for a in (90, 80)}
     blocks = {r["constexprs"]["BLOCK_V"] for r in compiled if r["kernel"] == "lse_update"}
     assert blocks == {256, 512, 1024, 2048, 4096}
     for r in compiled:
@@ -119,3 +144,15 @@ def test_decode_attention_dots_use_tensor_cores(compiled):
     decode = [r for r in compiled if r["kernel"] == "decode_attn"]
     assert len(decode) == 2 * 3 * 2
     assert all(r["mma"] for r in decode if r["dtype"] != "fp32"), [r for r in decode if not r["mma"]]
+
+
+def test_decode_elementwise_kernels_every_config_and_bf16_rounding(compiled):
+    """The norm at each of its block sizes (128 .. 8192, 1 .. 16 warps), dtype and residual choice; rotary +
+    cache write at head dims 64 and 128; SiLU-mul; on both archs. Their bf16 stores round to nearest even
+    (the interpreter's EMULATE_RNE stands in for this; utils.round_to)."""
+    count = {k: sum(r["kernel"] == k for r in compiled) for k in ("add_rms_norm", "rope_cache", "silu_mul")}
+    assert count == {"add_rms_norm": 7 * 3 * 2 * 2, "rope_cache": 3 * 2 * 2, "silu_mul": 3 * 2}
+    norm = {(r["constexprs"]["BLOCK"], r["num_warps"]) for r in compiled if r["kernel"] == "add_rms_norm"}
+    assert norm == {(128, 1), (256, 1), (512, 1), (1024, 2), (2048, 4), (4096, 8), (8192, 16)}
+    bf16 = [r for r in compiled if r["kernel"] in count and r["dtype"] == "bf16"]
+    assert bf16 and all(r["bf16_rne"] for r in bf16), [r for r in bf16 if not r["bf16_rne"]]

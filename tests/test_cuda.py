@@ -342,9 +342,72 @@ def test_decode_attention_kernel_on_gpu(compiled_kernels, dtype):
         assert_within_twice(f"R={R}", out, ref64, base)
 
 
+# The decode step's element-wise kernels at Llama-3-8B's decode shapes: 64 rows, dim 4096, intermediate
+# 14336, 32 query and 8 KV heads of 128, in bf16; inputs laid out as the merged GEMMs give them.
+ROWS, DIM, INTERMEDIATE, HQ, HKV, HEAD_DIM = 64, 4096, 14336, 32, 8, 128
+
+
+def test_add_rms_norm_kernel_on_gpu(compiled_kernels):
+    from mtcore.kernels.add_rms_norm import add_rms_norm, add_rms_norm_ref
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x, residual = ((3 * torch.randn(ROWS, DIM, device=DEVICE, generator=gen)).to(torch.bfloat16) for _ in range(2))
+    weight = (1 + 0.5 * torch.randn(DIM, device=DEVICE, generator=gen)).to(torch.bfloat16)
+    hidden, normed = add_rms_norm(x, residual, weight, 1e-5)
+    _, ref_normed = add_rms_norm_ref(x.double(), residual.double(), weight.double(), 1e-5)
+    base_hidden, base_normed = add_rms_norm_ref(x, residual, weight, 1e-5)  # torch in bf16
+    assert hidden.dtype == normed.dtype == torch.bfloat16
+    assert torch.equal(hidden, base_hidden)  # the sum rounded to bf16 as torch rounds it
+    assert_within_twice("normed", normed, ref_normed, base_normed)
+
+
+def test_rope_cache_kernel_on_gpu(compiled_kernels):
+    """q, k, v column views of one qkv GEMM output; rows write permuted slots of a 1024-long cache at random
+    columns: v exactly, k roped, and nothing else in either cache changes."""
+    from mtcore.kernels.rope_cache import rope_cache, rope_cache_ref
+
+    S, L, dtype = 80, 1024, torch.bfloat16
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    qkv = torch.randn(ROWS, (HQ + 2 * HKV) * HEAD_DIM, device=DEVICE, generator=gen).to(dtype)
+    q, k, v = (part.view(ROWS, -1, HEAD_DIM) for part in qkv.split([HQ * HEAD_DIM, HKV * HEAD_DIM, HKV * HEAD_DIM], 1))
+    positions = torch.randint(0, 8192, (ROWS,), device=DEVICE, generator=gen)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE, dtype=torch.float64) / HEAD_DIM)
+    freqs = positions.double()[:, None] * inv_freq  # [R, D / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [R, D]
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    k_cache, v_cache = (torch.randn(S, L, HKV, HEAD_DIM, device=DEVICE, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.randperm(S, device=DEVICE, generator=gen)[:ROWS]
+    pos = torch.randint(0, L, (ROWS,), device=DEVICE, generator=gen)
+    got, base, ref = ([c.to(dt, copy=True) for c in (k_cache, v_cache)] for dt in (dtype, dtype, torch.float64))
+    out = rope_cache(q, k, v, cos, sin, *got, slots, pos)
+    base_out = rope_cache_ref(q, k, v, cos, sin, *base, slots, pos)  # torch in bf16
+    ref_out = rope_cache_ref(q.double(), k.double(), v.double(), cos.double(), sin.double(), *ref, slots, pos)
+    assert out.dtype == dtype and out.shape == (ROWS, HQ, HEAD_DIM)
+    assert_within_twice("q", out, ref_out, base_out)
+    written = torch.zeros(S, L, dtype=torch.bool, device=DEVICE)
+    written[slots, pos] = True
+    assert torch.equal(got[1], base[1]) and torch.equal(got[1][slots, pos], v)  # v written exactly, only there
+    assert torch.equal(got[0][~written], k_cache[~written])  # k only at (slots, pos)
+    assert_within_twice("k in the cache", got[0][written], ref[0][written], base[0][written])
+    nearest = (got[0][written] == ref[0][written].to(dtype)).double().mean().item()
+    assert nearest >= 0.99, f"only {nearest:.1%} of the cached k are the float64 rope rounded once"
+
+
+def test_silu_mul_kernel_on_gpu(compiled_kernels):
+    from mtcore.kernels.silu_mul import silu_mul, silu_mul_ref
+
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    gate_up = (2 * torch.randn(ROWS, 2 * INTERMEDIATE, device=DEVICE, generator=gen)).to(torch.bfloat16)
+    gate, up = gate_up[:, :INTERMEDIATE], gate_up[:, INTERMEDIATE:]  # the halves of one [R, 2I] GEMM output
+    out = silu_mul(gate, up)
+    assert out.dtype == torch.bfloat16 and out.shape == (ROWS, INTERMEDIATE) and out.is_contiguous()
+    assert_within_twice("silu(gate) * up", out, silu_mul_ref(gate.double(), up.double()), silu_mul_ref(gate, up))
+
+
 def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
-    """Greedy: eager, compile and CUDA graphs give the same tokens as transformers; a decode step
-    (eager and graphs) runs under torch.cuda.set_sync_debug_mode("error"), so it never syncs."""
+    """Greedy: eager, compile, CUDA graphs (eager and graphs with the fused kernels: add_rms_norm,
+    rope_cache, silu_mul) and compile-graphs give the same tokens as transformers; a decode step (eager
+    and graphs) runs under torch.cuda.set_sync_debug_mode("error"), so it never syncs."""
     from mtcore import load_model
     from mtcore.draws import Draws
     from mtcore.sampler import KVCache, SamplingParams, SlotBatch, eager_decoder, generate, prefill, sample, static_decoder
@@ -360,7 +423,7 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
         out = hf.generate(torch.tensor([prompt], device=DEVICE), do_sample=False, max_new_tokens=16, eos_token_id=2,
                           pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=DEVICE))
         expected.append(out[0, len(prompt):].tolist())
-    for mode in ("eager", "compile", "graphs"):
+    for mode in ("eager", "compile", "graphs", "compile-graphs"):
         got = generate(ours, prompts, params, slots=5, decode_mode=mode)
         assert [[c.token_ids for c in r] for r in got] == [[e, e] for e in expected], mode
     for make in (eager_decoder, lambda m, c: static_decoder(m, c, "graphs")):
@@ -382,9 +445,10 @@ def test_decode_modes_equal_and_no_host_sync_in_a_step(compiled_kernels):
 
 
 def test_decode_blocks_on_the_gpu_equal_one_step_and_never_sync(compiled_kernels):
-    """K decode steps per host visit (mtcore/decode_blocks.py): in eager, compile and graphs (the whole
-    block captured), greedy and sampled (top-p, n = 2, stops inside blocks) tokens equal K = 1's; a
-    block's device side (K forwards and samplings, the stop checks) runs under
+    """K decode steps per host visit (mtcore/decode_blocks.py): in eager, compile, graphs (the whole
+    block captured) and compile-graphs, the static modes pipelined (the host one block behind), greedy
+    and sampled (top-p, n = 2, stops inside blocks) tokens equal K = 1's, and so do automatic K's; a
+    block's device side (K forwards with the fused kernels and samplings, the stop checks) runs under
     set_sync_debug_mode("error")."""
     from mtcore import load_model
     from mtcore.decode_blocks import SlotState, run_block
@@ -399,8 +463,8 @@ def test_decode_blocks_on_the_gpu_equal_one_step_and_never_sync(compiled_kernels
                    SamplingParams(n=2, temperature=0.8, top_p=0.9, max_new_tokens=16, seed=5,
                                   stop_ids=(2, 17, 40, 61))):
         one = generate(ours, prompts, params, slots=5, decode_mode="eager")
-        for mode in ("eager", "compile", "graphs"):
-            for steps in (3, 8):
+        for mode in ("eager", "compile", "graphs", "compile-graphs"):
+            for steps in (3, 8, 0):
                 got = generate(ours, prompts, params, slots=5, decode_mode=mode, decode_steps=steps)
                 assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in one], \
                     (mode, steps, params.temperature)
@@ -415,7 +479,7 @@ def test_decode_blocks_on_the_gpu_equal_one_step_and_never_sync(compiled_kernels
     slots, stops = torch.arange(3, device=DEVICE), torch.tensor([2], device=DEVICE)
 
     def step(tokens, pos, k):
-        return decode_step(ours, cache, tokens, slots, pos, 64, decode_attention_for(torch.device(DEVICE)))
+        return decode_step(ours, cache, tokens, slots, pos, 64, decode_attention_for(torch.device(DEVICE)), "fused")
     load_block_state(state, batch, job, [0, 1, 2])
     run_block(step, state, batch.last, 4, params, stops)  # warm-up: the kernels compiled
     load_block_state(state, batch, job, [0, 1, 2])

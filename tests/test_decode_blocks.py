@@ -4,7 +4,6 @@ falling inside blocks, refills between blocks, n > 1 samples per prompt, sampled
 compiled."""
 
 import pytest
-import torch
 
 from conftest import LLAMA3_SCALING, make_hf_model, save_hf
 from mtcore import load_model
@@ -105,7 +104,8 @@ def test_the_decode_benchmark_dry_run_has_the_block_and_sampled_rows():
 
     bench = Path(__file__).resolve().parent.parent / "bench" / "sampler.py"
     out = subprocess.run([sys.executable, str(bench), "--decode", "--dry-run", "--decode-slots", "1,4",
-                          "--modes", "eager,eager:3", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+                          "--modes", "eager,eager:3,eager:auto", "--device", "cpu"], capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     greedy = [line for line in lines if line.startswith("| 8b-shaped (tiny) |")]
@@ -113,3 +113,64 @@ def test_the_decode_benchmark_dry_run_has_the_block_and_sampled_rows():
     assert any("sampled E-step shape" in line for line in lines)
     header = next(line for line in lines if line.startswith("| shape | slots | mean new tokens"))
     assert "mtcore eager:3 tokens/s" in header and "transformers tokens/s" in header
+    assert "mtcore eager:auto tokens/s" in header
+
+
+@pytest.mark.parametrize("steps", [3, 8])
+def test_pipelined_blocks_read_one_block_late_and_equal_the_plain_step(models, monkeypatch, steps):
+    """The static modes' blocks run with the host one block behind (sampler.pipelined): the state stays on
+    the device, refills load only their slots' columns, a block's tokens are taken only for the requests
+    its launch served. Run here without the compiler (torch.compile as the identity: the same static
+    step, eagerly): n = 3 samples of 9 prompts in 4 slots, stops inside blocks, log-probs."""
+    import mtcore.sampler as sampler
+    monkeypatch.setattr(sampler.torch, "compile", lambda fn, **kwargs: fn)
+    _, ours = models
+    prompts = ragged_prompts(9, seed=4)
+    probe = generate(ours, prompts, SamplingParams(n=3, temperature=0.8, max_new_tokens=12, seed=5), slots=4)
+    params = SamplingParams(n=3, temperature=0.8, max_new_tokens=12, seed=5, stop_ids=frequent_stops(probe),
+                            logprobs=True)
+    plain = generate(ours, prompts, params, slots=4)
+    assert {c.finish_reason for r in plain for c in r} == {"stop", "length"}
+    got = generate(ours, prompts, params, slots=4, decode_steps=steps, decode_mode="compile")
+    assert ids(got) == ids(plain)
+    for r, q in zip(got, plain):
+        for a, b in zip(r, q):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=13, stop_ids=(EOS,))
+    assert ids(generate(ours, prompts, greedy, slots=3, decode_steps=steps, decode_mode="compile")) == \
+        ids(generate(ours, prompts, greedy, slots=3))
+
+
+@pytest.mark.parametrize("device_ms, host_ms, max_new, expected", [
+    (10.0, 0.05, 512, 1),   # the host is nothing beside the step: a visit every step
+    (10.0, 3.3, 512, 4),    # Llama-3-8B on an H100: the GPU idled 25% of the wall -> host 1/3 of a step
+    (3.5, 2.75, 512, 8),    # Llama-3.2-1B: idle 44%
+    (1.0, 50.0, 512, 16),   # at most MAX_AUTO_STEPS
+    (1.0, 50.0, 20, 2),     # a slot stopping inside a block wastes at most 1/16 of max_new_tokens
+    (1.0, 50.0, 8, 1),
+    (0.0, 1.0, 512, 1),     # nothing measured: the plain step
+])
+def test_automatic_steps_follow_the_measured_host_share(device_ms, host_ms, max_new, expected):
+    from mtcore.decode_blocks import choose_steps
+    assert choose_steps(device_ms / 1e3, host_ms / 1e3, max_new) == expected
+
+
+def test_automatic_steps_measure_then_switch_to_blocks_with_the_same_tokens(models, monkeypatch, caplog):
+    """--decode-steps 0: the first plain steps are timed, K is chosen and logged, and decoding goes on in
+    blocks of K from where the plain steps left it. Here the timer reports a host that takes half a
+    step (K = 8), and 64 new tokens cap K at 4: the tokens are the plain step's."""
+    import logging
+
+    import mtcore.decode_blocks as blocks
+    _, ours = models
+    prompts = ragged_prompts(7, seed=2)
+    params = SamplingParams(n=2, temperature=0.8, max_new_tokens=64, seed=3, stop_ids=(EOS,))
+    plain = generate(ours, prompts, params, slots=3)
+    measured = []
+    real = blocks.StepTimer.measured
+    monkeypatch.setattr(blocks.StepTimer, "measured", lambda self: measured.append(real(self)) or (2e-3, 1e-3))
+    with caplog.at_level(logging.INFO, logger="mtcore.sampler"):
+        got = generate(ours, prompts, params, slots=3, decode_steps=0)
+    assert ids(got) == ids(plain)
+    assert len(measured) == 1 and measured[0][0] > 0  # the real timer ran once, over real steps
+    assert "decode steps per host visit: 4" in caplog.text

@@ -357,3 +357,69 @@ def test_attention_kernels_get_the_autocast_dtype(monkeypatch, backend):
     finally:
         m._varlen_attn.cache_clear()
     assert max_err(got, fp32) <= 2 * max_err(sdpa, fp32)
+
+
+def _bias_model(seed=3):
+    """A small policy with attention and MLP biases, GQA, odd sizes: every merged part is exercised."""
+    args = ModelArgs(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, intermediate_size=83,
+                     attention_bias=True, mlp_bias=True, rope_scaling=None)
+    model = Llama(args).init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))  # non-trivial biases and norms
+    return model
+
+
+def test_merged_projections_give_the_same_forward_and_no_new_memory():
+    """merge_projections: q/k/v and gate/up as one GEMM each. The parameters become views of the merged
+    weights (same storage: no copy stays), the no-grad forward equals the unmerged one, a forward that
+    needs gradients takes the separate projections (and gets their gradients)."""
+    from mtcore.model import merge_projections
+    model, reference = _bias_model(), _bias_model()
+    tokens = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(0))
+    merge_projections(model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    merged = attn.qkv_proj.weight.untyped_storage().data_ptr()
+    assert all(p.weight.untyped_storage().data_ptr() == merged for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.k_proj.bias.untyped_storage().data_ptr() == attn.qkv_proj.bias.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_proj.weight.untyped_storage().data_ptr()
+    assert {k: v.tolist() for k, v in model.state_dict().items()} == \
+        {k: v.tolist() for k, v in reference.state_dict().items()}
+    calls = []
+    real = type(attn.qkv_proj).__call__
+    type(attn.qkv_proj).__call__ = lambda self, x: calls.append(1) or real(self, x)
+    try:
+        with torch.no_grad():
+            got = model.logits(tokens)
+        assert len(calls) == 4  # two merged GEMMs in each of the 2 blocks
+        assert max_err(got, reference.logits(tokens).detach()) < 1e-5
+        calls.clear()
+        model.logits(tokens).sum().backward()  # with gradients: the separate projections
+        assert not calls
+    finally:
+        type(attn.qkv_proj).__call__ = real
+    reference.logits(tokens).sum().backward()
+    assert max_err(attn.k_proj.weight.grad, reference.model.layers[1].self_attn.k_proj.weight.grad) < 1e-5
+
+
+def test_merged_projections_broken_by_a_conversion_are_not_used():
+    """After .to(float64) the parameters no longer view the merged weights: the forward takes them, not
+    the stale merged copy; merging again restores the single GEMM."""
+    from mtcore.model import merge_projections
+    model = merge_projections(_bias_model())
+    attn = model.model.layers[0].self_attn
+    model.to(torch.float64)
+    with torch.no_grad():
+        attn.q_proj.weight.mul_(2)  # would go unseen through a stale merged weight
+        tokens = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+        assert not attn.qkv_proj.intact((attn.q_proj, attn.k_proj, attn.v_proj))
+        expected = model.logits(tokens)
+        merge_projections(model)
+        assert attn.qkv_proj.intact((attn.q_proj, attn.k_proj, attn.v_proj))
+        assert attn.qkv_proj.weight.dtype == torch.float64
+        assert max_err(model.logits(tokens), expected) < 1e-12
+    separate = _bias_model().to(torch.float64)
+    with torch.no_grad():
+        separate.model.layers[0].self_attn.q_proj.weight.mul_(2)
+        assert max_err(expected, separate.logits(tokens)) < 1e-12

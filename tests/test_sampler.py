@@ -324,6 +324,8 @@ def test_graphs_mode_needs_cuda(models):
     _, ours = models
     with pytest.raises(MtcoreError, match="'graphs' needs a CUDA device"):
         generate(ours, [[5, 6]], SamplingParams(temperature=0, max_new_tokens=2), decode_mode="graphs")
+    with pytest.raises(MtcoreError, match="'compile-graphs' needs a CUDA device"):
+        generate(ours, [[5, 6]], SamplingParams(temperature=0, max_new_tokens=2), decode_mode="compile-graphs")
     with pytest.raises(MtcoreError, match="decode mode must be one of"):
         generate(ours, [[5, 6]], SamplingParams(temperature=0, max_new_tokens=2), decode_mode="fast")
 
@@ -434,3 +436,34 @@ def test_bf16_decode_step_is_as_accurate_as_the_full_forward(attention):
         return ((logits.double() - exact).norm(dim=-1) / exact.norm(dim=-1)).mean().item()
     assert 1e-3 < error(full) < 0.05  # bf16's rounding, measurably
     assert error(steps) <= 1.05 * error(full), (error(steps), error(full))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_greedy_equals_transformers_with_the_fused_decode_kernels(models64, monkeypatch, steps):
+    """The decode step's fused kernels (add_rms_norm, rope_cache, silu_mul: what a CUDA decode step runs,
+    sampler.decode_ops_for), interpreted on the CPU, with the projections merged (generate merges them):
+    transformers' greedy tokens, plain steps and blocks of 3; every kernel ran on every step."""
+    import mtcore.kernels.add_rms_norm as norm_kernel
+    import mtcore.kernels.rope_cache as rope_kernel
+    import mtcore.kernels.silu_mul as silu_kernel
+    import mtcore.sampler as smp
+
+    calls = {"norm": 0, "rope": 0, "silu": 0}
+    for name, module, attr in (("norm", norm_kernel, "_add_rms_norm_triton"), ("rope", rope_kernel, "_rope_cache_triton"),
+                               ("silu", silu_kernel, "_silu_mul_triton")):
+        def counted(*args, _real=getattr(module, attr), _name=name):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(module, attr, counted)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(smp, "decode_ops_for", lambda device, mode: "fused")
+    hf, ours = models64
+    prompts = ragged_prompts(5, seed=3)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=8, stop_ids=(EOS,))
+    got = generate(ours, prompts, params, slots=4, decode_steps=steps)
+    for i, prompt in enumerate(prompts):
+        expected = hf_greedy(hf, prompt, 8)
+        assert got[i][0].token_ids == expected and got[i][1].token_ids == expected, f"prompt {i}"
+    layers = ours.args.n_layers
+    assert calls["rope"] >= 7 * layers and calls["silu"] == calls["rope"]  # at least one step per new token
+    assert calls["norm"] == calls["rope"] * (2 * layers + 1) // layers  # two per block, and the final one
