@@ -17,8 +17,11 @@ decode_profile_h100_20261127.md). A block runs K steps with no host in between:
 A slot that finishes inside a block wastes at most K - 1 steps; refills happen between blocks. The
 tokens are those of K = 1 exactly: the same streams, the same stop rule, the same logits (each step
 is the plain step's computation on the same inputs). In mode "graphs" the whole block (K forwards
-and K samplings) is one captured CUDA graph. This module is the device's side (the state and the K
-steps); the host's side (loading the state, taking the tokens) is sampler.block_decoder's.
+and K samplings) is one captured CUDA graph. In the static modes the host runs one block behind
+(sampler.pipelined): it launches block c, then reads block c - 1's tokens from pinned memory after an
+event, while block c runs; the state stays on the device, and the host loads only the columns of the
+slots it refilled or freed. This module is the device's side (the state and the K steps) and the
+choice of K (choose_steps, from StepTimer's measurements); the host's side is sampler.block_decoder's.
 """
 
 import math

@@ -15,12 +15,20 @@
 
 Decode modes (DECODE_MODES), all giving the same tokens:
 - auto (the default): graphs on CUDA, eager elsewhere;
-- eager: each step runs the active slots only, over the columns up to the longest one;
+- eager: each step runs the active slots only, over the columns up to the longest;
 - compile: the static step (every slot, every column: the same shapes at every step) through
-  torch.compile(fullgraph=True), the decode attention as one opaque operator;
+  torch.compile(fullgraph=True), the decode attention as one opaque operator; inductor fuses the
+  element-wise work;
 - graphs: the static step captured once as a CUDA graph and replayed (CUDA only). On an H100
   (bench/results/gpu_nvidia-h100-80gb-hbm3_20261127.md) it gave eager's tokens and ran 3.6x faster
-  on the Llama-3.2-1B shape and 2.1x on Llama-3-8B's, at 64 slots: eager's step is bound by the host.
+  on the Llama-3.2-1B shape and 2.1x on Llama-3-8B's, at 64 slots: eager's step is bound by the host;
+- compile-graphs: the compiled static step, captured as a CUDA graph (CUDA only).
+On CUDA, eager and graphs run mtcore's fused kernels (decode_ops_for): the residual add with each
+RMSNorm, rotary with the K/V cache write, SiLU with the multiply; generate merges q/k/v and gate/up
+into one GEMM each (model.merge_projections) in every mode.
+
+decode_steps K > 1 runs K steps per visit of the host (mtcore/decode_blocks.py); in the static modes
+the host also runs one block behind the device (pipelined). 0 chooses K from the first steps' times.
 
 The model's modules are reused as they are: each Block is handed an attention function that also
 writes the cache (model.py knows nothing of caches). Greedy results do not depend on the slot count,
