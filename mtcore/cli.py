@@ -262,7 +262,8 @@ def generate(policy, prompts_file, out_file, n, temperature, top_p, top_k, max_n
     """Sample responses for PROMPTS with the KV-cache batch sampler."""
     from mtcore.device import default_device
     from mtcore.outputs import check_out_file
-    from mtcore.sampler import SamplingParams, generate_jsonl
+    from mtcore.inference import generate_jsonl
+    from mtcore.sampler import SamplingParams
 
     check_out_file(out_file, (prompts_file, chat_template), overwrite, looks_like=lambda row: "responses" in row)
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,

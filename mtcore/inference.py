@@ -15,8 +15,9 @@ from mtcore.config import LoopConfig
 from mtcore.data import Example, encode_prompt, encode_response, load_tokenizer, make_batch, pack, stop_ids
 from mtcore.device import precision
 from mtcore.errors import MtcoreError
+from mtcore.model import Llama
 from mtcore.progress import Progress
-from mtcore.sampler import SamplingParams, generate_responses, slot_len
+from mtcore.sampler import SamplingParams, generate, response_text, slot_len
 from mtcore.train import sequence_rewards
 
 
@@ -139,3 +140,92 @@ class Scorer:
             lens = [ex.n_tokens for ex in examples]
             meter.add(sum(lens), profile.matmul_flops(model.args, lens, head_tokens=0))
         return scores
+
+
+def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
+                       slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
+                       kv_budget_bytes: int | None = None, leave: bool = True,
+                       decode_mode: str = "auto", prompt_keys: list[int] | None = None, progress=None,
+                       decode_steps: int = 1,
+                       log_every: float = 30.0) -> list[list[dict] | None]:
+    """generate, with progress (prompts done and tokens/s: the given progress.Progress, counting the
+    prompts of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
+    (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
+    each rank samples every world_size-th prompt and every rank gets them all; each prompt keeps its
+    random streams (prompt_keys, default its index here), so the samples do not depend on the ranks."""
+    keyed = list(zip(range(len(prompts)) if prompt_keys is None else prompt_keys, prompts))
+    own = progress is None
+    bar = Progress(len(prompts), "generate", "prompts", log_every=log_every, leave=leave) if own else progress
+    ranks = parallel.world_size()  # rank 0 counts its share, times the ranks (they go alike)
+
+    def step(finished, tokens):
+        bar.update(finished / params.n * ranks, tokens=tokens * ranks)
+
+    try:
+        results = parallel.map_shards(
+            lambda share: generate(model, [p for _, p in share], params, slots=slots, max_len=max_len,
+                                   on_overlong=on_overlong, progress=step, kv_budget_bytes=kv_budget_bytes,
+                                   decode_mode=decode_mode, prompt_keys=[k for k, _ in share],
+                                   decode_steps=decode_steps),
+            keyed)
+        if own:
+            bar.update_to(len(prompts))  # prompts skipped as too long included
+    finally:
+        if own:
+            bar.close()
+    stops = set(params.stop_ids)
+    out = []
+    for completions in results:
+        if completions is None:
+            out.append(None)
+            continue
+        responses = []
+        for c in completions:
+            response = {"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason}
+            if c.logprobs is not None:
+                response["logprobs"] = c.logprobs
+            responses.append(response)
+        out.append(responses)
+    return out
+
+
+def generate_jsonl(policy: str, prompts_file: str, out_file: str, params: SamplingParams, slots: int | None = None,
+                   chat_template: str | None = None, skip_overlong: bool = False, max_len: int | None = None,
+                   device=None, dtype=None, kv_budget_bytes: int | None = None, decode_mode: str = "auto",
+                   decode_steps: int = 1,
+                   log_every: float = 30.0) -> dict:
+    """`mtcore generate`: prompts JSONL -> the same rows plus "responses", in order. Returns counts.
+    Under torchrun each rank samples every world_size-th prompt and rank 0 writes them all."""
+    from mtcore.checkpoint import resolve
+    from mtcore.data import as_source, prompt_of, read_rows, write_jsonl
+
+    source = as_source(prompts_file)  # a path, hub id or data.Source: JSONL, Parquet or a dataset
+    rows = read_rows(source)
+    if not rows:
+        raise MtcoreError(f"{source}: no prompts")
+    path = resolve(policy)
+    tokenizer = load_tokenizer(path, chat_template)
+    prompts = [encode_prompt(tokenizer, prompt_of(r, r["_where"], source.prompt), r["_where"]) for r in rows]
+    if not params.stop_ids:
+        params.stop_ids = tuple(stop_ids(tokenizer, path))
+    model = load_model(path, kind="policy", device=device, dtype=dtype).eval()
+    max_len = max_len or slot_len(model, prompts, params)
+    if not skip_overlong:  # name the file line before any work is done
+        for row, p in zip(rows, prompts):
+            if len(p) >= max_len:
+                raise MtcoreError(f"{row['_where']}: the prompt has {len(p)} tokens, no room in a "
+                                  f"{max_len}-token cache slot; shorten it, raise --max-len, or --skip-overlong")
+    results = generate_responses(model, tokenizer, prompts, params, slots=slots, max_len=max_len,
+                                 on_overlong="skip" if skip_overlong else "error", kv_budget_bytes=kv_budget_bytes,
+                                 decode_mode=decode_mode, log_every=log_every, decode_steps=decode_steps)
+    skipped = 0
+    for row, responses in zip(rows, results):
+        if responses is None:
+            row["responses"], row["skipped"] = [], "prompt too long"
+            skipped += 1
+        else:
+            row["responses"] = responses
+    if parallel.is_main():
+        write_jsonl(out_file, rows)
+    return {"prompts": len(rows), "skipped": skipped, "responses": (len(rows) - skipped) * params.n}
