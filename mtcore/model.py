@@ -281,8 +281,9 @@ class Attention(nn.Module):
         """x [..., dim] -> q [..., Hq, D], k and v [..., Hkv, D], before rotary: views of one GEMM's
         output where merge_projections merged the three weights (and no gradient is needed)."""
         lead = x.shape[:-1]
-        if _use_merged(self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
+        merged = usable_merge(self, "qkv_proj")
+        if merged is not None:
+            q, k, v = merged(x).split(merged.sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return (q.view(*lead, self.n_heads, self.head_dim), k.view(*lead, self.n_kv_heads, self.head_dim),
@@ -342,8 +343,9 @@ class FeedForward(nn.Module):
         self.gate_up_proj: Merged | None = None  # set by merge_projections
 
     def forward(self, x, ops: "LayerOps"):
-        if _use_merged(self.gate_up_proj, (self.gate_proj, self.up_proj)):
-            gate, up = self.gate_up_proj(x).split(self.gate_up_proj.sizes, dim=-1)  # views of one GEMM's output
+        merged = usable_merge(self, "gate_up_proj")
+        if merged is not None:
+            gate, up = merged(x).split(merged.sizes, dim=-1)  # views of one GEMM's output
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(ops.silu_mul(gate, up))
@@ -374,10 +376,11 @@ TORCH_OPS = LayerOps()
 
 
 class Block(nn.Module):
-    """One transformer block, as Llama's: h = x + attn(norm1(x)); out = h + mlp(norm2(h)). The residual
-    stream is carried beside the block's output and added at the next norm (the next block's, or the
-    final one), so that every residual add meets a norm: forward(x, residual) -> (mlp output, h), and
-    the stream after the block is their sum (the first block takes residual None: x is the stream)."""
+    """One transformer block, as Llama's: h = x + attn(norm1(x)); out = h + mlp(norm2(h)).
+    forward(x, residual) -> (mlp output, h): the stream after the block is their sum, left to the caller,
+    and the stream before it is x + residual (x alone where residual is None). So a caller can carry
+    the residual into the next norm, and every residual add meets a norm (the sampler's decode step,
+    whose fused kernel does both); Transformer.forward sums between blocks."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -399,38 +402,48 @@ class Merged:
     state_dict keeps Hugging Face's names and bytes, and an in-place update of a parameter is seen here."""
 
     def __init__(self, parts: list[nn.Linear]):
-        self.sizes = [p.out_features for p in parts]
-        self.weight = torch.cat([p.weight.detach() for p in parts])  # [sum(out), in]
-        self.bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-        offsets = [0]
-        for n in self.sizes:
-            offsets.append(offsets[-1] + n)
-        for p, a, b in zip(parts, offsets, offsets[1:]):
+        self.parts, self.sizes = parts, [p.out_features for p in parts]
+        # Built outside inference mode: parameters viewing an inference tensor could not train afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight = torch.cat([p.weight for p in parts])  # [sum(out), in]
+            self.bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        for p, (a, b) in zip(parts, self._rows()):
             p.weight.data = self.weight[a:b]
             if self.bias is not None:
                 p.bias.data = self.bias[a:b]
 
+    def _rows(self):
+        start = 0
+        for n in self.sizes:
+            yield start, start + n
+            start += n
+
     def __call__(self, x):
         return F.linear(x, self.weight, self.bias)
 
-    def intact(self, parts) -> bool:
-        """Whether every part still views the merged weight (a .to(), or a parameter replaced, breaks it)."""
-        base = self.weight.data_ptr()
-        offset = 0
-        for p, n in zip(parts, self.sizes):
-            if p.weight.data_ptr() != base + offset * self.weight.stride(0) * self.weight.element_size():
+    def intact(self) -> bool:
+        """Whether every part's weight and bias still view the merged tensors (a .to(), a parameter
+        replaced or loaded with assign=True, FSDP's sharding, a deepcopy: each breaks it)."""
+        for p, (a, _) in zip(self.parts, self._rows()):
+            if p.weight.data_ptr() != self.weight[a].data_ptr():
                 return False
-            offset += n
+            if self.bias is not None and (p.bias is None or p.bias.data_ptr() != self.bias[a:].data_ptr()):
+                return False
         return True
 
 
-def _use_merged(merged: Merged | None, parts) -> bool:
-    """The merged GEMM serves no-grad forwards while it is intact (checked eagerly; a compiled graph
-    keeps what held when it was traced). Training never takes it: its gradient would not reach the
-    parameters."""
+def usable_merge(owner: nn.Module, name: str) -> Merged | None:
+    """owner's merged GEMM (attribute `name`) where a forward may take it: without gradients (the
+    merged tensors' gradient would not reach the parameters) and while it is intact. One no longer
+    intact is dropped, with the copy of the old weights it held. Checked eagerly; a compiled graph keeps
+    what held when it was traced (the sampler merges just before it compiles)."""
+    merged = getattr(owner, name)
     if merged is None or torch.is_grad_enabled():
-        return False
-    return torch.compiler.is_compiling() or merged.intact(parts)
+        return None
+    if torch.compiler.is_compiling() or merged.intact():
+        return merged
+    setattr(owner, name, None)
+    return None
 
 
 class Transformer(nn.Module):
@@ -465,12 +478,15 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be [B, T] (or flat [N] with cu_seqlens), got {tuple(tokens.shape)}")
         elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        x, residual = self.embed_tokens(tokens), None
+        x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)
         layout = make_layout(x, cu_seqlens, max_seqlen, attention_mask)
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, layout)
-        return add_norm(x, residual, self.norm)[1]
+            # The stream summed between blocks: a checkpointed block (parallel.checkpoint_blocks) saves
+            # one input, not two. (The sampler carries the residual instead, into the fused norms.)
+            out, residual = layer(x, None, cos, sin, layout)
+            x = out + residual
+        return self.norm(x)
 
 
 def merge_projections(model: "Llama") -> "Llama":
@@ -480,9 +496,9 @@ def merge_projections(model: "Llama") -> "Llama":
     the views out)."""
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        if attn.qkv_proj is None or not attn.qkv_proj.intact((attn.q_proj, attn.k_proj, attn.v_proj)):
+        if attn.qkv_proj is None or not attn.qkv_proj.intact():
             attn.qkv_proj = Merged([attn.q_proj, attn.k_proj, attn.v_proj])
-        if mlp.gate_up_proj is None or not mlp.gate_up_proj.intact((mlp.gate_proj, mlp.up_proj)):
+        if mlp.gate_up_proj is None or not mlp.gate_up_proj.intact():
             mlp.gate_up_proj = Merged([mlp.gate_proj, mlp.up_proj])
     return model
 
@@ -515,6 +531,13 @@ class Llama(nn.Module):
             self.tie_weights()
         else:
             self.score = nn.Linear(args.dim, 1, bias=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() copy the parameters out of the merged tensors: drop the merges first,
+        # so the old copies they hold are freed (generate merges again).
+        for block in self.model.layers:
+            block.self_attn.qkv_proj = block.mlp.gate_up_proj = None
+        return super()._apply(fn, *args, **kwargs)
 
     def tie_weights(self):
         """Point lm_head at the embedding when the config ties them (again after loading)."""

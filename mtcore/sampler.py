@@ -584,7 +584,6 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     requests = [(i, j) for i in keep for j in range(params.n)]
     if not requests:
         return results
-    merge_projections(model)  # q/k/v and gate/up as one GEMM each (the parameters become views: no copy)
     cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
     device = cache.device
     prompt_keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
@@ -595,6 +594,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         raise MtcoreError(f"decode steps per host visit must be >= 1 (0: automatic); got {decode_steps}")
     if "graphs" in decode_mode and device.type != "cuda":
         raise MtcoreError(f"decode mode '{decode_mode}' needs a CUDA device; use 'eager' or 'compile'")
+    merge_projections(model)  # q/k/v and gate/up as one GEMM each (the parameters become views: no copy)
     timer = StepTimer(device) if decode_steps == 0 else None  # automatic: K from the first plain steps' times
     decode_steps = decode_steps or 1
     if decode_steps > 1:
@@ -643,6 +643,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
                 timer = None
                 if decode_steps > 1:
                     decode_block = block_decoder(model, cache, decode_mode, decode_steps, job)
+                    decode = None  # the plain step's graph (or compiled step) is not used again: free it
 
 
 def _fitting(prompts: list[list[int]], max_len: int, on_overlong: str) -> list[int]:
