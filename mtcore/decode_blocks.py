@@ -93,14 +93,18 @@ def choose_steps(device_s: float, host_s: float, max_new_tokens: int) -> int:
 
 
 class StepTimer:
-    """Times the first plain decode steps: each step's device time (CUDA events around its launch; off
-    CUDA, where the host runs the forward, the launch's wall time) and its whole wall time, through the
-    host's sampling, copy and stop checks. Their difference is the host's share, which blocks remove."""
+    """Times the first plain decode steps: each step's device time (CUDA events around its launch,
+    the first recorded by device_start, which the decoder calls once its host-side preparation is done,
+    so the device's wait for that preparation counts as host time; off CUDA, where the host runs the
+    forward, the wall time from device_start to the launch's return) and its whole wall time, through the host's sampling, copy and
+    stop checks. Their difference is the host's share, which blocks remove."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.steps = []  # per step: [wall start, wall after the launch, wall end, start event, end event]
+        # per step: wall start, wall at the device work's start, wall after the launch, wall end, and
+        # on CUDA the events at the device work's start and after the launch
+        self.steps = []
 
     def _event(self):
         event = torch.cuda.Event(enable_timing=True)
@@ -108,15 +112,22 @@ class StepTimer:
         return event
 
     def start(self):
-        self.steps.append([time.perf_counter(), 0.0, 0.0, self._event() if self.cuda else None, None])
+        now = time.perf_counter()
+        self.steps.append([now, now, 0.0, 0.0, self._event() if self.cuda else None, None])
 
-    def launched(self):
+    def device_start(self):
+        """Where the decoder's own preparation ends and the device work begins (else: at start)."""
         self.steps[-1][1] = time.perf_counter()
         if self.cuda:
             self.steps[-1][4] = self._event()
 
-    def stop(self):
+    def launched(self):
         self.steps[-1][2] = time.perf_counter()
+        if self.cuda:
+            self.steps[-1][5] = self._event()
+
+    def stop(self):
+        self.steps[-1][3] = time.perf_counter()
 
     def ready(self) -> bool:
         return len(self.steps) > TIMED_STEPS  # the first step is not counted: it may compile or allocate
@@ -127,6 +138,6 @@ class StepTimer:
         if self.cuda:
             device_s = sum(a.elapsed_time(b) for *_, a, b in steps) / 1e3 / len(steps)  # the steps synced
         else:
-            device_s = sum(launched - start for start, launched, *_ in steps) / len(steps)
-        wall_s = sum(end - start for start, _, end, *_ in steps) / len(steps)
+            device_s = sum(launched - begun for _, begun, launched, *_ in steps) / len(steps)
+        wall_s = sum(end - start for start, _, _, end, *_ in steps) / len(steps)
         return device_s, max(0.0, wall_s - device_s)

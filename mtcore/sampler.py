@@ -355,23 +355,26 @@ def take_token(batch: SlotBatch, s: int, token: int, logprob: float | None, job:
     return reason is not None
 
 
-def eager_decoder(model: Llama, cache: KVCache):
-    """Decode the active slots only, over the columns up to the longest: shapes change step to step."""
+def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
+    """Decode the active slots only, over the columns up to the longest: shapes change step to step.
+    on_launch(), where given, is called as the step's device work begins (StepTimer.device_start)."""
     attention, ops = decode_attention_for(cache.device), decode_ops_for(cache.device, "eager")
 
     def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
         positions = [batch.position(s) for s in active]
         slots = _to_device(active, cache.device)
+        if on_launch:
+            on_launch()
         return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.device),
                                    max(positions) + 1, attention, ops)
     return step
 
 
-def static_decoder(model: Llama, cache: KVCache, mode: str):
+def static_decoder(model: Llama, cache: KVCache, mode: str, on_launch=None):
     """Decode every slot over every column (a free slot writes column 0 of its own, unused, cache): the
     same shapes at every step, compiled ("compile"), captured as a CUDA graph ("graphs"), or compiled
-    and then captured ("compile-graphs")."""
+    and then captured ("compile-graphs"). on_launch(), where given, is called just before the launch."""
     device = cache.device
     attention, ops = static_attention(mode, device), decode_ops_for(device, mode)
     all_slots = torch.arange(cache.slots, device=device)
@@ -390,6 +393,8 @@ def static_decoder(model: Llama, cache: KVCache, mode: str):
         for s in active:
             positions[s] = batch.position(s)
         _to_device(positions, device, out=pos)
+        if on_launch:
+            on_launch()
         return active, run(batch.last)[_to_device(active, device)]  # only the active rows are sampled
     return step
 
@@ -600,7 +605,9 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     if decode_steps > 1:
         decode_block = block_decoder(model, cache, decode_mode, decode_steps, job)
     else:
-        decode = eager_decoder(model, cache) if decode_mode == "eager" else static_decoder(model, cache, decode_mode)
+        on_launch = timer.device_start if timer else None
+        decode = (eager_decoder(model, cache, on_launch) if decode_mode == "eager"
+                  else static_decoder(model, cache, decode_mode, on_launch))
     batch, queue = SlotBatch.empty(cache.slots, device), deque(range(len(requests)))
     timed = False  # whether this pass through the loop decoded a timed step
     while True:

@@ -4,6 +4,7 @@ falling inside blocks, refills between blocks, n > 1 samples per prompt, sampled
 compiled."""
 
 import pytest
+import torch
 
 from conftest import LLAMA3_SCALING, make_hf_model, save_hf
 from mtcore import load_model
@@ -174,3 +175,23 @@ def test_automatic_steps_measure_then_switch_to_blocks_with_the_same_tokens(mode
     assert ids(got) == ids(plain)
     assert len(measured) == 1 and measured[0][0] > 0  # the real timer ran once, over real steps
     assert "decode steps per host visit: 4" in caplog.text
+
+
+def test_step_timer_counts_the_decoders_preparation_as_host_time(monkeypatch):
+    """A step: 3 ms of the decoder's own host preparation, 10 ms of forward (off CUDA, the launch's
+    wall time), 2 ms of sampling and stop checks. The device's share is the forward alone: the
+    preparation is host time that blocks remove, as the checks are. (A fake clock: nothing is timed.)"""
+    import mtcore.decode_blocks as blocks
+    clock = [0.0]
+    monkeypatch.setattr(blocks.time, "perf_counter", lambda: clock[0])
+    timer = blocks.StepTimer(torch.device("cpu"))
+    while not timer.ready():
+        timer.start()
+        clock[0] += 3e-3
+        timer.device_start()
+        clock[0] += 10e-3
+        timer.launched()
+        clock[0] += 2e-3
+        timer.stop()
+    device_s, host_s = timer.measured()
+    assert device_s == pytest.approx(10e-3) and host_s == pytest.approx(5e-3)
