@@ -93,11 +93,12 @@ def choose_steps(device_s: float, host_s: float, max_new_tokens: int) -> int:
 
 
 class StepTimer:
-    """Times the first plain decode steps: each step's device time (CUDA events around its launch,
-    the first recorded by device_start, which the decoder calls once its host-side preparation is done,
-    so the device's wait for that preparation counts as host time; off CUDA, where the host runs the
-    forward, the wall time from device_start to the launch's return) and its whole wall time, through the host's sampling, copy and
-    stop checks. Their difference is the host's share, which blocks remove."""
+    """Times the first plain decode steps: each step's device time and its whole wall time, through the
+    host's sampling, copy and stop checks. Their difference is the host's share, which blocks remove.
+    The device time starts at device_start, which the decoder calls once its own host preparation is
+    done (so the device's wait for that preparation counts as host time): on CUDA, events from there
+    to the launch's end; off CUDA, where the host runs the forward, the wall time from there to the
+    launch's return."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

@@ -427,7 +427,7 @@ class Merged:
         for p, (a, _) in zip(self.parts, self._rows()):
             if p.weight.data_ptr() != self.weight[a].data_ptr():
                 return False
-            if self.bias is not None and (p.bias is None or p.bias.data_ptr() != self.bias[a:].data_ptr()):
+            if self.bias is not None and (p.bias is None or p.bias.data_ptr() != self.bias[a].data_ptr()):
                 return False
         return True
 
