@@ -13,6 +13,7 @@ filtered and identical counts. --assets DIR runs the toy world from another asse
 `mtcore build-toy --out DIR`), through MTCORE_TOY_ASSETS.
 
     python bench/study.py [--seeds 0 1 2] [--iters 3] [--out runs/study] [--extra "--dpo-lr 1e-4"] [--assets DIR]
+                          [--mt-extra "--rm-lr 3e-5" --fixed-out runs/study_fixed]
 """
 
 import argparse
@@ -35,9 +36,11 @@ METHODS = {"mutual-taught": [], "fixed-rm": ["--no-m-step"]}
 
 
 def run(method: str, seed: int, args) -> tuple[dict, float]:
-    out = Path(args.out) / f"{method}_seed{seed}"
+    base = args.fixed_out if method == "fixed-rm" and args.fixed_out else args.out
+    out = Path(base) / f"{method}_seed{seed}"
+    mine = args.mt_extra if method == "mutual-taught" else ""
     cmd = [sys.executable, "-m", "mtcore", "train", "--iters", str(args.iters), "--seed", str(seed), "--out", str(out),
-           *METHODS[method], *shlex.split(args.extra)]
+           *METHODS[method], *shlex.split(args.extra), *shlex.split(mine)]
     start = time.perf_counter()
     env = {**os.environ, "TRITON_INTERPRET": "0", **({"MTCORE_TOY_ASSETS": args.assets} if args.assets else {})}
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
@@ -65,6 +68,10 @@ def main():
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default="runs/study")
     parser.add_argument("--extra", default="", help="More `mtcore train` options, for both methods.")
+    parser.add_argument("--mt-extra", default="", help="More options for Mutual-Taught only (M-step settings, "
+                        "which the fixed RM has no use for).")
+    parser.add_argument("--fixed-out", default=None, help="Where the fixed-RM runs live (default: --out): several "
+                        "studies that differ only in --mt-extra share them, finished runs being reused.")
     parser.add_argument("--plot", default=None, help="PNG path (default: OUT/study.png).")
     parser.add_argument("--assets", default=None, help="Toy asset directory (default: the package's).")
     args = parser.parse_args()
@@ -78,6 +85,7 @@ def main():
     device = default_device()  # where `mtcore train` ran
     print(header("toy-world study", device, "fp32" if device == "cpu" else "bf16",
                  f"seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'"
+                 + (f", Mutual-Taught only '{args.mt_extra}'" if args.mt_extra else "")
                  + (f", assets {args.assets}" if args.assets else "")))
     print("| iteration | method | " + " | ".join(SHORT[k] for k in KEYS) + " |")
     print("|---|---|" + "---:|" * len(KEYS))

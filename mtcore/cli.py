@@ -474,8 +474,12 @@ def train(out, config_file, redo, **options):
               help="The kind of error in the SFT demonstrations, hence in the initial policy's answers.")
 @click.option("--p-error", default=0.9, show_default=True, type=Finite(0, 1),
               help="The share of SFT demonstrations that are wrong (lower: a stronger initial policy).")
+@click.option("--min-digits", default=4, show_default=True, type=click.IntRange(1, 12),
+              help="Fewest digits in a prompt (every split's; training runs read it from build.json).")
+@click.option("--max-digits", default=8, show_default=True, type=click.IntRange(1, 12),
+              help="Most digits in a prompt (longer: a harder task, and more room for the policy to improve).")
 @user_errors
-def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error):
+def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error, min_digits, max_digits):
     """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed.
 
     The defaults rebuild the committed assets byte for byte (one torch thread, x86-64 CPU; about
@@ -485,9 +489,14 @@ def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error):
     from mtcore import toy
     from mtcore.outputs import one_writer
 
+    try:
+        toy.check_digits(min_digits, max_digits)
+    except ValueError as e:
+        raise MtcoreError(f"--min-digits/--max-digits: {e}") from None
     with one_writer(out or toy.ASSETS):
         built = toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm,
-                                 demo_errors=demo_errors, p_error=p_error)
+                                 demo_errors=demo_errors, p_error=p_error, min_digits=min_digits,
+                                 max_digits=max_digits)
     click.echo(f"wrote {built}")
 
 

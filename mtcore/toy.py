@@ -1,7 +1,7 @@
 """The toy world: Mutual-Taught in miniature, on a task whose truth a program knows.
 
 The task is sorting digits. A prompt is the word "sort" and digits separated by single spaces
-(`sort 3 9 1 4`, 4 to 8 digits by default, repeats allowed); the perfect response is the sorted
+(`sort 3 9 1 4`, of the world's min_digits to max_digits digits, 4 to 8 by default, repeats allowed); the perfect response is the sorted
 digits, `1 3 4 9`. `gold_score` grades any response in [0, 1]: the fraction of positions that hold
 the right digit, over max(len(target), len(response)). A wrong order earns partial credit, while a
 missing digit, a duplicated digit or rambling on past the answer are penalised through the
@@ -39,7 +39,13 @@ from mtcore.data import LLAMA3_CHAT_TEMPLATE
 log = logging.getLogger(__name__)
 
 TASK_WORD = "sort"
-MIN_DIGITS, MAX_DIGITS = 4, 8
+MIN_DIGITS, MAX_DIGITS = 4, 8  # the default prompt lengths (a world's min_digits, max_digits)
+# Longest prompt a world may ask for: its answer, with the duplicates the demonstrations add, and the end
+# of turn fit the toy's 20 new tokens, and prompt plus answer its 64-token training sequences.
+DIGITS_LIMIT = 12
+# Fewest distinct prompts a world's range must hold: every split, with room for many iterations and
+# for drawing them without repeats quickly (4 to 4 digits make 10,000; 4 to 5 make 110,000).
+MIN_CAPACITY = 100_000
 _PROMPT_RE = re.compile(rf"{TASK_WORD}(?: [0-9])+")
 
 # Prompts per split. "policy" is the size of each E-step split policy_1 .. policy_<iters>.
@@ -188,11 +194,13 @@ def _split_rng(seed: int, name: str) -> random.Random:
     return random.Random(f"mtcore.toy:{seed}:{name}")  # a str seed is hashed with SHA-512: stable across runs
 
 
-def make_splits(seed: int, iters: int, sizes: dict | None = None) -> dict[str, list[str]]:
-    """Disjoint prompt lists: the fixed splits of SPLIT_SIZES and policy_1 .. policy_<iters>.
+def make_splits(seed: int, iters: int, sizes: dict | None = None,
+                digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> dict[str, list[str]]:
+    """Disjoint prompt lists: the fixed splits of SPLIT_SIZES and policy_1 .. policy_<iters>, each
+    prompt of digits[0] to digits[1] digits (the world's: `world_digits`).
 
-    sizes overrides some entries of SPLIT_SIZES ("policy" sizes each E-step split). The same seed and
-    sizes give the same lists, and the policy_k of a shorter run equal those of a longer one.
+    sizes overrides some entries of SPLIT_SIZES ("policy" sizes each E-step split). The same seed,
+    sizes and digits give the same lists, and the policy_k of a shorter run equal those of a longer one.
     """
     unknown = set(sizes or {}) - set(SPLIT_SIZES)
     if unknown:
@@ -201,9 +209,9 @@ def make_splits(seed: int, iters: int, sizes: dict | None = None) -> dict[str, l
         raise ValueError(f"iters must be >= 0, got {iters}")
     sizes = {**SPLIT_SIZES, **(sizes or {})}
     taken: set[str] = set()
-    splits = {name: _draw_prompts(_split_rng(seed, name), sizes[name], taken) for name in _FIXED_SPLITS}
+    splits = {name: _draw_prompts(_split_rng(seed, name), sizes[name], taken, *digits) for name in _FIXED_SPLITS}
     for k in range(1, iters + 1):
-        splits[f"policy_{k}"] = _draw_prompts(_split_rng(seed, f"policy_{k}"), sizes["policy"], taken)
+        splits[f"policy_{k}"] = _draw_prompts(_split_rng(seed, f"policy_{k}"), sizes["policy"], taken, *digits)
     log.debug("toy splits (seed %d): %s", seed, {name: len(p) for name, p in splits.items()})
     return splits
 
@@ -269,8 +277,10 @@ ASSETS = Path(__file__).parent / "toy_assets"
 ASSETS_ENV = "MTCORE_TOY_ASSETS"  # when set, the directory asset() reads instead of ASSETS
 BASE_RMS = ("onpolicy", "offpolicy")  # build_assets's base_rm: what the base RM's gold-labelled pairs are drawn from
 # The committed world, build_assets' defaults: an off-policy base RM, and a weak initial policy whose
-# errors (90% of its demonstrations, all duplicated digits) are what that RM never saw.
-WORLD = dict(base_rm="offpolicy", demo_errors="duplicate", p_error=0.9)
+# errors (90% of its demonstrations, all duplicated digits) are what that RM never saw; prompts of 4 to
+# 8 digits. build.json records the world, and a run's splits take the prompt lengths from it.
+WORLD = dict(base_rm="offpolicy", demo_errors="duplicate", p_error=0.9, min_digits=MIN_DIGITS,
+             max_digits=MAX_DIGITS)
 # 0.8M parameters: the shape the feasibility run used (hidden 128, 4 layers, GQA 4/2).
 MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=344, max_position_embeddings=128,
                    rope_theta=10000.0)
@@ -279,6 +289,26 @@ RM_TRAINING = dict(lr=3e-4, epochs=3, batch_size=32, micro_batch_tokens=4096, wa
 BASE_SAMPLES = 5  # initial-policy samples per rm_base prompt
 BASE_PAIRS = 2  # gold-differing pairs kept per rm_base prompt (512 x 1 gave a base RM of 74% held-out accuracy,
 #                 2048 x 2 one of 91%: an RM good enough that DPO on its labels can improve the policy)
+
+
+def check_digits(min_digits: int, max_digits: int) -> None:
+    """ValueError unless min_digits..max_digits is a range of prompt lengths a world can use."""
+    if not 1 <= min_digits <= max_digits <= DIGITS_LIMIT:
+        raise ValueError(f"need 1 <= min_digits <= max_digits <= {DIGITS_LIMIT}, got min_digits={min_digits}, "
+                         f"max_digits={max_digits}")
+    capacity = sum(10 ** k for k in range(min_digits, max_digits + 1))
+    if capacity < MIN_CAPACITY:
+        raise ValueError(f"prompts of {min_digits} to {max_digits} digits: only {capacity} distinct ones, and a "
+                         f"toy world needs at least {MIN_CAPACITY}; give a wider range")
+
+
+def world_digits() -> tuple[int, int]:
+    """The prompt lengths of the asset set asset() reads, from its build.json (4 to 8 when it does not
+    say: a set built before they were a choice)."""
+    import json
+
+    world = json.loads(asset("build.json").read_text()).get("world", {})
+    return world.get("min_digits", MIN_DIGITS), world.get("max_digits", MAX_DIGITS)
 
 
 def asset(name: str) -> Path:
@@ -314,7 +344,8 @@ def _gold_pairs(prompts, samples, rng, per_prompt=1):
 
 
 def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False, base_rm: str = WORLD["base_rm"],
-                 demo_errors: str = WORLD["demo_errors"], p_error: float = WORLD["p_error"]) -> Path:
+                 demo_errors: str = WORLD["demo_errors"], p_error: float = WORLD["p_error"],
+                 min_digits: int = WORLD["min_digits"], max_digits: int = WORLD["max_digits"]) -> Path:
     """Build every toy asset from `seed`, deterministically (CPU, fp32, one torch thread):
     1. the tokenizer;
     2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations of the "sft"
@@ -326,11 +357,13 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
        on it); "onpolicy" from the initial policy's samples;
     4. held-out RM pairs, the same way, on the "heldout_rm" prompts: rm_accuracy_heldout is the RM's
        accuracy on its own training distribution.
+    Every prompt has min_digits to max_digits digits (the tokenizer is the same for any range).
     The defaults build the committed world (WORLD). out_dir is replaced whole (outputs.check_out_dir's
     rules), at the end."""
     if base_rm not in BASE_RMS:
         raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
     check_demonstrations(p_error, demo_errors)  # before anything is written
+    check_digits(min_digits, max_digits)
     import torch
 
     from mtcore.outputs import check_out_dir, commit_dir, open_partial
@@ -342,7 +375,8 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # CPU sums split by thread: one thread makes the bytes the same on any core count
     try:
-        _build_into(out, seed, dict(base_rm=base_rm, demo_errors=demo_errors, p_error=p_error))
+        _build_into(out, seed, dict(base_rm=base_rm, demo_errors=demo_errors, p_error=p_error, min_digits=min_digits,
+                                    max_digits=max_digits))
     finally:
         torch.set_num_threads(threads)
     commit_dir(out, final, "build-toy")
@@ -362,7 +396,7 @@ def _build_into(out: Path, seed: int, world: dict) -> None:
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(build_tokenizer(out / "tokenizer"))
-    splits = make_splits(seed, 0)
+    splits = make_splits(seed, 0, digits=(world["min_digits"], world["max_digits"]))
     rng = random.Random(seed)
     args = ModelArgs(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.convert_tokens_to_ids(EOT), pad_token_id=tokenizer.pad_token_id,
@@ -471,7 +505,7 @@ def world():
 
     def splits(cfg):
         return make_splits(cfg.seed, cfg.iters, {"policy": cfg.policy_split_size, "rm": cfg.rm_split_size,
-                                                 "selection": cfg.selection_size})
+                                                 "selection": cfg.selection_size}, world_digits())
 
     return World(asset("policy"), asset("reward"), splits, gold_metrics, plot)
 
@@ -573,7 +607,7 @@ def plot(path, metrics: dict) -> None:
 def gold_metrics_of(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:
     """`mtcore eval` on the toy world: the four gold-judged numbers of any policy and RM, against the
     built-in initial policy, on the toy test prompts (the same as `mtcore train`'s, seed 0 splits)."""
-    prompts = make_splits(ASSET_SEED, 0)["test"]
+    prompts = make_splits(ASSET_SEED, 0, digits=world_digits())["test"]
     answers = _test_answers(cfg, device, policy_dir, prompts, seed)
     initial = _test_answers(cfg, device, asset("policy"), prompts, seed)
     return _metrics(cfg, device, reward_dir, prompts, answers, initial)

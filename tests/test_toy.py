@@ -147,6 +147,44 @@ def test_splits_prefix_across_iters():
     assert all(three[name] == five[name] for name in three)
 
 
+def test_splits_take_the_worlds_prompt_lengths(tmp_path, monkeypatch):
+    """A world's digit range reaches every split, and a run's splits read it from the asset set's build.json."""
+    import json
+
+    from mtcore import toy
+
+    long = make_splits(seed=0, iters=2, sizes={"sft": 300}, digits=(6, 10))
+    lengths = {len(parse_prompt(p)) for prompts in long.values() for p in prompts}
+    assert lengths == set(range(6, 11))
+    assert long["test"] != make_splits(seed=0, iters=2)["test"]
+    # the committed set says 4 to 8; a set built before the range was a choice says nothing: 4 to 8
+    assert toy.world_digits() == (4, 8)
+    (tmp_path / "build.json").write_text(json.dumps({"world": {"base_rm": "offpolicy"}}))
+    monkeypatch.setenv(toy.ASSETS_ENV, str(tmp_path))
+    assert toy.world_digits() == (4, 8)
+    (tmp_path / "build.json").write_text(json.dumps({"world": {"min_digits": 6, "max_digits": 10}}))
+    assert toy.world_digits() == (6, 10)
+    (tmp_path / "policy").mkdir(), (tmp_path / "reward").mkdir()
+    from mtcore.config import resolve_config
+    cfg = resolve_config({}, {"iters": 2})
+    run_splits = toy.world().make_splits(cfg)
+    assert run_splits["test"] == long["test"] and run_splits["policy_2"] == make_splits(
+        0, 2, {"policy": cfg.policy_split_size, "rm": cfg.rm_split_size, "selection": cfg.selection_size},
+        (6, 10))["policy_2"]
+
+
+@pytest.mark.parametrize("digits, match", [((5, 4), "min_digits <= max_digits"), ((0, 8), "min_digits"),
+                                           ((4, 13), "max_digits <= 12"), ((4, 4), "only 10000 distinct")])
+def test_check_digits(digits, match):
+    from mtcore.toy import build_assets, check_digits
+
+    check_digits(4, 8), check_digits(4, 5), check_digits(12, 12)
+    with pytest.raises(ValueError, match=match):
+        check_digits(*digits)
+    with pytest.raises(ValueError, match=match):
+        build_assets("/nonexistent/never_written", min_digits=digits[0], max_digits=digits[1])
+
+
 def test_splits_size_overrides():
     base = make_splits(seed=0, iters=2)
     small = make_splits(seed=0, iters=2, sizes={"sft": 100, "policy": 8})
