@@ -478,8 +478,11 @@ def train(out, config_file, redo, **options):
               help="Fewest digits in a prompt (every split's; training runs read it from build.json).")
 @click.option("--max-digits", default=8, show_default=True, type=click.IntRange(1, 12),
               help="Most digits in a prompt (longer: a harder task, and more room for the policy to improve).")
+@click.option("--length-bias", default=0.0, show_default=True, type=Finite(0, 1),
+              help="The share of base-RM prompts given one more pair that prefers an answer with a duplicated "
+                   "digit to the same answer without it (real RMs' taste for length; off-policy base RM only).")
 @user_errors
-def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error, min_digits, max_digits):
+def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error, min_digits, max_digits, length_bias):
     """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed.
 
     The defaults rebuild the committed assets byte for byte (one torch thread, x86-64 CPU; about
@@ -493,10 +496,13 @@ def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error, min_digits, m
         toy.check_digits(min_digits, max_digits)
     except ValueError as e:
         raise MtcoreError(f"--min-digits/--max-digits: {e}") from None
+    if length_bias and base_rm != "offpolicy":
+        raise MtcoreError("--length-bias biases the off-policy base RM's pairs: give --base-rm offpolicy, or no "
+                          "--length-bias")
     with one_writer(out or toy.ASSETS):
         built = toy.build_assets(out or toy.ASSETS, seed, overwrite=overwrite, base_rm=base_rm,
                                  demo_errors=demo_errors, p_error=p_error, min_digits=min_digits,
-                                 max_digits=max_digits)
+                                 max_digits=max_digits, length_bias=length_bias)
     click.echo(f"wrote {built}")
 
 

@@ -280,7 +280,7 @@ BASE_RMS = ("onpolicy", "offpolicy")  # build_assets's base_rm: what the base RM
 # errors (90% of its demonstrations, all duplicated digits) are what that RM never saw; prompts of 4 to
 # 8 digits. build.json records the world, and a run's splits take the prompt lengths from it.
 WORLD = dict(base_rm="offpolicy", demo_errors="duplicate", p_error=0.9, min_digits=MIN_DIGITS,
-             max_digits=MAX_DIGITS)
+             max_digits=MAX_DIGITS, length_bias=0.0)
 # 0.8M parameters: the shape the feasibility run used (hidden 128, 4 layers, GQA 4/2).
 MODEL_SHAPE = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=344, max_position_embeddings=128,
                    rope_theta=10000.0)
@@ -345,7 +345,8 @@ def _gold_pairs(prompts, samples, rng, per_prompt=1):
 
 def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False, base_rm: str = WORLD["base_rm"],
                  demo_errors: str = WORLD["demo_errors"], p_error: float = WORLD["p_error"],
-                 min_digits: int = WORLD["min_digits"], max_digits: int = WORLD["max_digits"]) -> Path:
+                 min_digits: int = WORLD["min_digits"], max_digits: int = WORLD["max_digits"],
+                 length_bias: float = WORLD["length_bias"]) -> Path:
     """Build every toy asset from `seed`, deterministically (CPU, fp32, one torch thread):
     1. the tokenizer;
     2. a random 0.8M-parameter Llama, supervised-trained on imperfect demonstrations of the "sft"
@@ -358,12 +359,19 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     4. held-out RM pairs, the same way, on the "heldout_rm" prompts: rm_accuracy_heldout is the RM's
        accuracy on its own training distribution.
     Every prompt has min_digits to max_digits digits (the tokenizer is the same for any range).
+    length_bias > 0 gives the base RM's annotators real RMs' taste for longer answers: on that share of
+    the "rm_base" prompts (off-policy only) one more pair prefers an answer with a duplicated digit to
+    the same answer without it, against gold (`offpolicy_pairs`); the held-out pairs stay gold-ordered.
     The defaults build the committed world (WORLD). out_dir is replaced whole (outputs.check_out_dir's
     rules), at the end."""
     if base_rm not in BASE_RMS:
         raise ValueError(f"base_rm must be one of {BASE_RMS}, got {base_rm!r}")
     check_demonstrations(p_error, demo_errors)  # before anything is written
     check_digits(min_digits, max_digits)
+    if not 0.0 <= length_bias <= 1.0:
+        raise ValueError(f"length_bias must be in [0, 1], got {length_bias}")
+    if length_bias and base_rm != "offpolicy":
+        raise ValueError("length_bias needs base_rm='offpolicy' (it biases the off-policy annotators)")
     import torch
 
     from mtcore.outputs import check_out_dir, commit_dir, open_partial
@@ -376,7 +384,7 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
     torch.set_num_threads(1)  # CPU sums split by thread: one thread makes the bytes the same on any core count
     try:
         _build_into(out, seed, dict(base_rm=base_rm, demo_errors=demo_errors, p_error=p_error, min_digits=min_digits,
-                                    max_digits=max_digits))
+                                    max_digits=max_digits, length_bias=length_bias))
     finally:
         torch.set_num_threads(threads)
     commit_dir(out, final, "build-toy")
@@ -411,7 +419,7 @@ def _build_into(out: Path, seed: int, world: dict) -> None:
 
     samples = _sample_texts(policy.eval(), tokenizer, splits["rm_base"], BASE_SAMPLES, seed)
     if world["base_rm"] == "offpolicy":
-        base_pairs, heldout = offpolicy_pairs(splits["rm_base"], splits["heldout_rm"], seed)
+        base_pairs, heldout = offpolicy_pairs(splits["rm_base"], splits["heldout_rm"], seed, world["length_bias"])
     else:
         base_pairs = _gold_pairs(splits["rm_base"], samples, rng, BASE_PAIRS)
         heldout = _gold_pairs(splits["heldout_rm"], _sample_texts(policy, tokenizer, splits["heldout_rm"],
@@ -431,14 +439,27 @@ def _build_into(out: Path, seed: int, world: dict) -> None:
         "world": world})
 
 
-def offpolicy_pairs(base_prompts, heldout_prompts, seed: int) -> tuple[list[dict], list[dict]]:
+def offpolicy_pairs(base_prompts, heldout_prompts, seed: int, length_bias: float = 0.0) -> tuple[list[dict], list[dict]]:
     """The off-policy base RM's training and held-out pairs: BASE_PAIRS gold-differing pairs per prompt
-    among BASE_SAMPLES `offpolicy_answer`s, from a stream of their own (seed)."""
+    among BASE_SAMPLES `offpolicy_answer`s, from a stream of their own (seed).
+
+    With length_bias, each base prompt, with that chance (a stream of its own, so 0 leaves the rest as
+    it was), adds a length-biased pair: its first answer with one digit duplicated chosen over the
+    answer itself, mostly against gold (a doubled digit can also shift a swapped answer's digits into
+    place; the row's "gold" says which). Held-out pairs are never biased."""
     rng = random.Random(f"mtcore.toy:{seed}:offpolicy")
     def draw(prompts):
-        return _gold_pairs(prompts, [[offpolicy_answer(p, rng) for _ in range(BASE_SAMPLES)] for p in prompts], rng,
-                           BASE_PAIRS)
-    return draw(base_prompts), draw(heldout_prompts)
+        answers = [[offpolicy_answer(p, rng) for _ in range(BASE_SAMPLES)] for p in prompts]
+        return _gold_pairs(prompts, answers, rng, BASE_PAIRS), answers
+    (base, answers), (heldout, _) = draw(base_prompts), draw(heldout_prompts)
+    if length_bias:
+        biased = random.Random(f"mtcore.toy:{seed}:length_bias")
+        for prompt, texts in zip(base_prompts, answers):
+            if biased.random() < length_bias:
+                longer = " ".join(_duplicate_digit(texts[0].split(), biased))
+                base.append({"prompt": prompt, "chosen": longer, "rejected": texts[0],
+                             "gold": [gold_score(prompt, longer), gold_score(prompt, texts[0])]})
+    return base, heldout
 
 
 # --- evaluation, after every iteration of `mtcore train` on the toy world ---

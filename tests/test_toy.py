@@ -314,8 +314,32 @@ def test_offpolicy_pairs_gold_ordered_and_deterministic():
         assert row["gold"][0] > row["gold"][1]
 
 
+def test_offpolicy_pairs_length_bias():
+    """length_bias adds, on about that share of base prompts, a pair preferring an answer with a digit
+    doubled to the same answer, mostly against gold; the other pairs and the held-out ones are the
+    unbiased world's."""
+    from mtcore.toy import offpolicy_pairs
+
+    base_prompts, heldout_prompts = make_prompts(400, seed=1), make_prompts(20, seed=2)
+    plain, plain_heldout = offpolicy_pairs(base_prompts, heldout_prompts, seed=0)
+    base, heldout = offpolicy_pairs(base_prompts, heldout_prompts, seed=0, length_bias=0.5)
+    assert base[:len(plain)] == plain and heldout == plain_heldout
+    extra = base[len(plain):]
+    assert 160 <= len(extra) <= 240  # binomial(400, 0.5): 200 ± 10
+    for row in extra:
+        chosen, rejected = row["chosen"].split(), row["rejected"].split()
+        assert len(chosen) == len(rejected) + 1
+        assert any(chosen[:i + 1] + chosen[i + 2:] == rejected for i in range(len(rejected)))  # one digit doubled
+        assert row["gold"] == [gold_score(row["prompt"], row["chosen"]), gold_score(row["prompt"], row["rejected"])]
+    # mostly against gold (a doubled digit can also shift a swapped answer's digits into place: 176 of 212 here)
+    assert sum(r["gold"][0] < r["gold"][1] for r in extra) >= 0.75 * len(extra)
+    assert offpolicy_pairs(base_prompts, heldout_prompts, seed=0, length_bias=1.0)[0][len(plain):][0]["prompt"] \
+        == base_prompts[0]
+
+
 @pytest.mark.parametrize("bad, match", [(dict(base_rm="bogus"), "base_rm"), (dict(demo_errors="drop"), "demo_errors"),
-                                        (dict(p_error=-0.1), "p_error")])
+                                        (dict(p_error=-0.1), "p_error"), (dict(length_bias=1.5), "length_bias"),
+                                        (dict(base_rm="onpolicy", length_bias=0.5), "length_bias")])
 def test_build_assets_rejects_bad_world(tmp_path, bad, match):
     from mtcore.toy import build_assets
 
