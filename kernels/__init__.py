@@ -4,9 +4,28 @@ Each op runs Triton on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1
 implementation of the same algorithm on CPU tensors otherwise. Each has a plain-torch `*_ref`.
 """
 
-from mtcore.kernels.bt_loss import BTOutput, bt_loss, bt_loss_ref
-from mtcore.kernels.dpo_loss import DPOOutput, dpo_loss, dpo_loss_ref
-from mtcore.kernels.fused_logprobs import fused_logprobs, fused_logprobs_ref, sequence_logps
+if __name__ == "kernels":
+    # Imported as a top-level `kernels`: a clone's root is on sys.path (`python -m mtcore` run there), where
+    # this folder shadows Hugging Face's `kernels`, which transformers 5.25 depends on and imports while it
+    # loads a checkpoint. Hand the name over to that package (found on the rest of sys.path), or fail as a
+    # missing package does.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError("No module named 'kernels' (mtcore's kernels/ is mtcore.kernels)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds after this file ran
+    _spec.loader.exec_module(_module)
+else:
+    from mtcore.kernels.bt_loss import BTOutput, bt_loss, bt_loss_ref
+    from mtcore.kernels.dpo_loss import DPOOutput, dpo_loss, dpo_loss_ref
+    from mtcore.kernels.fused_logprobs import fused_logprobs, fused_logprobs_ref, sequence_logps
 
 __all__ = ["BTOutput", "DPOOutput", "bt_loss", "bt_loss_ref", "dpo_loss", "dpo_loss_ref", "fused_logprobs",
            "fused_logprobs_ref", "sequence_logps"]
