@@ -135,25 +135,3 @@ def test_help_imports_neither_torch_nor_transformers():
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout) >= 10
 
-
-def test_a_clones_root_hands_the_name_kernels_to_hugging_faces_package(tmp_path):
-    """`python -m mtcore` in a clone puts the clone's root first on sys.path, where kernels/ (installed as
-    mtcore.kernels) would shadow Hugging Face's `kernels`, which transformers 5.25 depends on and imports
-    while loading a checkpoint: `from kernels import CUDAProperties` failed, and with it every tokenizer.
-    A stand-in package after the root gets the name; with none, the import fails as a missing package."""
-    import subprocess
-    import sys
-
-    root = PACKAGE.parent
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'stand-in'\n")
-    code = (f"import sys\nsys.path[:0] = [{str(root)!r}, {str(tmp_path)!r}]\n"
-            "from kernels import CUDAProperties\nimport kernels\nprint(CUDAProperties, kernels.__file__)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["stand-in", str(tmp_path / "kernels" / "__init__.py")]
-
-    (tmp_path / "elsewhere").mkdir()
-    code = f"import sys\nsys.path.insert(0, {str(root)!r})\nimport kernels\n"
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path / "elsewhere")
-    assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr

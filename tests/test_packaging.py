@@ -1,5 +1,6 @@
 """Packaging: kernels/ installs as mtcore.kernels only, in editable and regular installs, and never
-shadows Hugging Face's top-level `kernels` (which transformers probes by that name)."""
+shadows Hugging Face's top-level `kernels` (which transformers 5.25 depends on and imports), not even
+from a clone's root on sys.path."""
 
 import json
 import os
@@ -39,7 +40,8 @@ def probe(env=None, cwd=None):
 def assert_no_shadow(found):
     assert found["logits_shape"] == [1, 3, 32]
     origin = found["top_level_kernels"]
-    assert origin is None or not Path(origin).resolve().is_relative_to(REPO), origin
+    # Hugging Face's package may live under REPO (CI's venv is the clone's .venv), never in kernels/
+    assert origin is None or not Path(origin).resolve().is_relative_to(REPO / "kernels"), origin
 
 
 def test_installed_mtcore_keeps_transformers_working(tmp_path):
@@ -78,3 +80,23 @@ def test_console_script_lists_commands():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout and "info" in result.stdout
     assert mtcore.__version__
+
+
+def test_a_clones_root_hands_the_name_kernels_to_hugging_faces_package(tmp_path):
+    """`python -m mtcore` in a clone puts the clone's root first on sys.path, where kernels/ (installed as
+    mtcore.kernels) would shadow Hugging Face's `kernels`, which transformers 5.25 depends on and imports
+    while loading a checkpoint: `from kernels import CUDAProperties` failed, and with it every tokenizer.
+    A stand-in package after the root gets the name; with none, the import fails as a missing package."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'stand-in'\n")
+    code = (f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(tmp_path)!r}]\n"
+            "from kernels import CUDAProperties\nimport kernels\nprint(CUDAProperties, kernels.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["stand-in", str(tmp_path / "kernels" / "__init__.py")]
+
+    (tmp_path / "elsewhere").mkdir()
+    code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport kernels\n"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path / "elsewhere")
+    assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
