@@ -14,9 +14,9 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+        "kernels", [p for p in sys.path if os.path.realpath(p or os.curdir) != _root])  # links too
     if _spec is None:
         raise ModuleNotFoundError("No module named 'kernels' (mtcore's kernels/ is mtcore.kernels)", name="kernels")
     _module = importlib.util.module_from_spec(_spec)

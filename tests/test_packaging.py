@@ -89,7 +89,8 @@ def test_a_clones_root_hands_the_name_kernels_to_hugging_faces_package(tmp_path)
     A stand-in package after the root gets the name; with none, the import fails as a missing package."""
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'stand-in'\n")
-    code = (f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(tmp_path)!r}]\n"
+    (tmp_path / "clone").symlink_to(REPO)  # the clone reached by a link too: still the same folder
+    code = (f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(tmp_path / 'clone')!r}, {str(tmp_path)!r}]\n"
             "from kernels import CUDAProperties\nimport kernels\nprint(CUDAProperties, kernels.__file__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
