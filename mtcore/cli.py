@@ -487,9 +487,9 @@ def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error, min_digits, m
 
     The defaults rebuild the committed assets byte for byte on the kind of CPU that built them (an AMD
     EPYC Zen 4, torch 2.13.0; one torch thread; about 2 minutes). Other CPUs round floats differently
-    and build a similar world, not the same bytes. The first toy world, whose study the README keeps: --base-rm onpolicy
-    --demo-errors both --p-error 0.5. Anything but the defaults is an experiment: give --out, and
-    point `mtcore train` at it with MTCORE_TOY_ASSETS=DIR."""
+    and build a similar world, not the same bytes. The first toy world, whose study docs/toy-world.md
+    keeps: --base-rm onpolicy --demo-errors both --p-error 0.5. Anything but the defaults is an
+    experiment: give --out, and point `mtcore train` at it with MTCORE_TOY_ASSETS=DIR."""
     from mtcore import toy
     from mtcore.outputs import one_writer
 

@@ -134,4 +134,3 @@ def test_help_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PATH": "/usr/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout) >= 10
-
