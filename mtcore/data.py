@@ -3,9 +3,10 @@
 A sequence is the prompt's ids (the chat template with the generation prompt, e.g.
 `<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>
 <|start_header_id|>assistant<|end_header_id|>\\n\\n`), then the response's ids (the response text
-encoded without special tokens), then the end-of-turn id (`<|eot_id|>` for Llama-3). The policy
-scores the response ids and the end-of-turn id; the reward model reads the last token that is not its
-pad id (train.reward_index: the end-of-turn id, or the token before it when the pad id is <|eot_id|>).
+as the template renders it, Llama-3's trimmed, encoded without special tokens), then the end-of-turn
+id (`<|eot_id|>` for Llama-3): apply_chat_template's ids of the whole conversation. The policy scores
+the response ids and the end-of-turn id; the reward model reads the last token that is not its pad id
+(train.reward_index: the end-of-turn id, or the token before it when the pad id is <|eot_id|>).
 """
 
 import json
@@ -121,13 +122,36 @@ def encode_prompt(tokenizer, prompt, where: str = "prompt") -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+# How a chat template renders an assistant message's content, by template text (content_rule).
+_CONTENT_RULES: dict[str, str] = {}
+_STRIPS = {"as is": lambda s: s, "lstrip": str.lstrip, "rstrip": str.rstrip, "trim": str.strip}
+
+
+def content_rule(tokenizer) -> str:
+    """What the chat template does to an assistant message's content: "as is", "lstrip", "rstrip" or
+    "trim" (Llama-3's `message['content'] | trim`), found once per template by rendering a probe."""
+    template = tokenizer.chat_template or ""
+    if template not in _CONTENT_RULES:
+        probe = " \n\tmtcore-probe \n\t"
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": probe}], tokenize=False)
+        except Exception:  # a template that refuses a finished conversation: leave the text as it is
+            text = probe
+        _CONTENT_RULES[template] = next((name for name, strip in _STRIPS.items() if strip(probe) in text), "as is")
+    return _CONTENT_RULES[template]
+
+
 def encode_response(tokenizer, text: str) -> list[int]:
-    """Response ids: the text without special tokens, then the end-of-turn id.
+    """Response ids: the text as the chat template renders an assistant message's content (Llama-3's
+    trims it, so ids equal apply_chat_template's for the whole conversation), without special tokens,
+    then the end-of-turn id.
 
     Special-token spellings inside the text ("<|eot_id|>") are split into ordinary tokens, so a
     response can end only at the end-of-turn id we append.
     """
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    shown = _STRIPS[content_rule(tokenizer)](text)
+    ids = tokenizer(shown, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids + [end_of_turn_id(tokenizer)]
 
 

@@ -93,8 +93,8 @@ def test_decoding_is_exact_and_quiet(llama3_tokenizer_path, caplog, capfd):
     texts = ["Hello , world ! It 's 1 . 5 ?", "a <|eot_id|> b", "  two  spaces\n\nand a tab\t. ", "naïve — 東京 ?"]
     logging.Logger.warning_once.cache_clear()  # transformers warns once per process: let it warn again
     with caplog.at_level(logging.WARNING):
-        for text in texts:
-            ids = encode_response(tok, text)
+        for text in texts:  # the sampler's ids (not encode_response's, which the template's trim applies to)
+            ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [EOT]
             assert response_text(tok, Completion(ids, "stop"), {EOT}) == text
             assert response_text(tok, Completion(ids[:-1], "length"), {EOT}) == text
     assert "clean_up_tokenization_spaces" not in caplog.text + capfd.readouterr().err
@@ -103,3 +103,65 @@ def test_decoding_is_exact_and_quiet(llama3_tokenizer_path, caplog, capfd):
     ids = encode_response(forced, texts[0])[:-1]
     assert forced.decode(ids) != texts[0]  # the cleanup is live: a decode that kept it would fail above
     assert response_text(forced, Completion(ids, "length"), {EOT}) == texts[0]
+
+
+def _template_ids(tok, messages) -> list[int]:
+    """transformers' apply_chat_template ids of a whole conversation (no generation prompt)."""
+    out = tok.apply_chat_template(messages, tokenize=True)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+WHITESPACE_RESPONSES = ["4, of course. ", "4, of course.\n", " 4, of course.", "\t 4,\n of course. \n\n", "4"]
+
+
+@pytest.mark.parametrize("response", WHITESPACE_RESPONSES)
+def test_sequence_equals_apply_chat_template_whitespace_included(llama3_tokenizer_path, response):
+    """Llama-3's template trims each message (`message['content'] | trim`): a response with whitespace
+    at either end is the same ids as transformers' apply_chat_template of the whole conversation."""
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template="llama3")
+    prompt = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": " What is 2+2?\n"}]
+    ids, n_prompt = encode_sequence(tok, prompt, response)
+    assert ids == _template_ids(tok, prompt + [{"role": "assistant", "content": response}])
+    assert tok.decode(ids[n_prompt:]) == response.strip() + "<|eot_id|>"
+
+
+def test_a_template_that_keeps_whitespace_keeps_it(llama3_tokenizer_path, tmp_path):
+    """A template that renders content as it is: the response's spaces stay, as apply_chat_template has them."""
+    (tmp_path / "t.jinja").write_text(
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    tok = load_tokenizer(llama3_tokenizer_path, chat_template=str(tmp_path / "t.jinja"))
+    for response in ("4 ", "4\n", " 4"):
+        ids, n_prompt = encode_sequence(tok, "2+2?", response)
+        assert ids == _template_ids(tok, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": response}])
+        assert tok.decode(ids[n_prompt:]) == response + "<|eot_id|>"
+
+
+def test_scores_equal_transformers_with_whitespace_at_either_end(llama3_tokenizer_path, tmp_path):
+    """`mtcore score`'s rewards (inference.score_responses) equal transformers' LlamaForSequenceClassification
+    on apply_chat_template's ids, for responses with a trailing space, a trailing newline, a leading space."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import make_hf_model
+    from mtcore.config import LoopConfig
+    from mtcore.data import LLAMA3_CHAT_TEMPLATE
+    from mtcore.inference import score_responses
+
+    hf_tok = AutoTokenizer.from_pretrained(str(llama3_tokenizer_path))
+    hf_tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    model = make_hf_model("reward", seed=3, vocab_size=128256, bos_token_id=BEGIN, eos_token_id=EOT, pad_token_id=EOT)
+    model.save_pretrained(str(tmp_path / "rm"))
+    hf_tok.save_pretrained(str(tmp_path / "rm"))
+    prompts = ["What is 2+2?", [{"role": "user", "content": "Say hi. "}]]
+    responses = [["4 ", "4\n", " 4", "4"], ["hi\n\n", "  hi"]]
+    got = score_responses(LoopConfig(), torch.device("cpu"), tmp_path / "rm", prompts, responses)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm")).float().eval()
+    for prompt, texts, scores in zip(prompts, responses, got):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        for text, score in zip(texts, scores):
+            ids = _template_ids(hf_tok, messages + [{"role": "assistant", "content": text}])
+            with torch.no_grad():
+                want = hf(torch.tensor([ids])).logits[0, 0].item()
+            assert score == pytest.approx(want, abs=1e-5), (text, score, want)
+    assert got[0][0] == got[0][1] == got[0][2] == got[0][3]  # the template trims: the same sequence
