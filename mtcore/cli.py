@@ -360,7 +360,7 @@ def _report(out, history):
 @user_errors
 @stops_at_safe_points
 def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, cache_dir, **kw):
-    """DPO of a policy on preference pairs, with reference log-probs computed once (cached beside PAIRS)."""
+    """DPO of a policy on preference pairs, with reference log-probs computed once (cached in --cache-dir)."""
     from mtcore.outputs import one_writer
     from mtcore.train import run_dpo
 

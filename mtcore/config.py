@@ -262,6 +262,9 @@ def config_file_path(name):
 
     if name in BUILTIN_CONFIGS and not Path(name).exists():
         return Path(__file__).parent / "configs" / f"{name}.toml"
+    if not Path(name).exists() and not Path(name).suffix and len(Path(name).parts) == 1:  # a name, mistyped ("smal")
+        raise MtcoreError(f"--config {name}: no such file, and not a built-in config (those are "
+                          f"{', '.join(BUILTIN_CONFIGS)}: --config small, or a TOML file)")
     return Path(name)
 
 

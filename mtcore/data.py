@@ -192,13 +192,29 @@ def _check_text(row: dict, raw: bytes | None, where: str) -> None:
                               f'of a pair), which is not text; fix or remove it')
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _open_bytes(path):
+    """A file's bytes, gunzipped where it is gzip (a .jsonl.gz, as datasets reads it)."""
+    import gzip
+
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
 def read_jsonl(path) -> list[dict]:
-    """JSON objects, one per line (blank lines skipped); a malformed line, or one holding a string
-    that is not text (not_text), is an error naming it."""
+    """JSON objects, one per line (blank lines skipped; a UTF-8 byte order mark at the start, and gzip
+    compression, are read through); a malformed line, or one holding a string that is not text
+    (not_text), is an error naming it."""
     rows = []
     try:
-        with open(path, "rb") as f:
+        with _open_bytes(path) as f:
             for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(UTF8_BOM):  # Windows editors write one; json refuses it
+                    raw = raw[len(UTF8_BOM):]
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -215,8 +231,8 @@ def read_jsonl(path) -> list[dict]:
                 _check_text(row, raw, f"{path}:{lineno}")
                 row["_line"] = lineno
                 rows.append(row)
-    except OSError as e:
-        raise MtcoreError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (OSError, EOFError) as e:  # EOFError: a gzip file cut short
+        raise MtcoreError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     return rows
 
 

@@ -29,7 +29,7 @@ def _is_parquet_file(path: Path) -> bool:
 def looks_like_hub_id(source: str) -> bool:
     """"org/name": one slash, not a path spelled as one, no file extension of ours."""
     return (source.count("/") == 1 and not source.startswith((".", "/", "~"))
-            and not source.lower().endswith((".jsonl", ".json", ".parquet", ".pq")))
+            and not source.lower().endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".pq")))
 
 
 def kind_of(source) -> str:

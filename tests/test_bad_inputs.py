@@ -464,6 +464,8 @@ CASES = [
     ("train-config-unknown", "train --config {w}/unknown_key.toml --out {w}/r", "unknown config key", ["r"]),
     ("train-config-type", "train --config {w}/wrong_type.toml --out {w}/r", "expected int", ["r"]),
     ("train-config-missing", "train --config {w}/nope.toml --out {w}/r", "cannot read", ["r"]),
+    ("train-config-mistyped", "train --config smal --out {w}/r",
+     "--config smal: no such file, and not a built-in config (those are paper, small", ["r"]),
     ("train-out-user-dir", "train --out {w}/user_dir", "holds no mtcore run"),
     ("train-out-file", "train --out {w}/notes.txt", "is a file"),
     ("train-other-config", "train --out {w}/run_other", "another config"),

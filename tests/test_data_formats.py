@@ -201,3 +201,33 @@ def test_the_reference_cache_lives_in_mtcores_cache_directory(tmp_path, monkeypa
         reference_cache_dir(tmp_path / "a_file")
     monkeypatch.setenv("MTCORE_CACHE", str(tmp_path / "a_file"))
     assert reference_cache_dir() is None
+
+
+def test_a_bom_and_gzip_read_as_the_plain_jsonl(tmp_path, monkeypatch):
+    """A UTF-8 byte order mark (Windows editors write one) and a .jsonl.gz (read as datasets reads it:
+    the same rows) give the rows of the plain file; a gzip cut short is one error."""
+    import gzip
+
+    text = "".join(json.dumps(r) + "\n" for r in PROMPTS)
+    plain, bom, gz = tmp_path / "p.jsonl", tmp_path / "bom.jsonl", tmp_path / "p.jsonl.gz"
+    plain.write_text(text)
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    gz.write_bytes(gzip.compress(b"\xef\xbb\xbf" + text.encode()))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "_where"} for r in rows]  # noqa: E731
+    want = strip(read_rows(plain))
+    assert strip(read_rows(bom)) == want and strip(read_rows(gz)) == want
+    assert read_rows(gz)[2]["_where"] == f"{gz}:3"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    theirs = datasets.load_dataset("json", data_files=str(tmp_path / "p.jsonl.gz"), split="train")
+    assert [{k: r[k] for k in ("prompt", "id", "source")} for r in theirs] == PROMPTS
+    (tmp_path / "cut.jsonl.gz").write_bytes(gz.read_bytes()[:-12])
+    with pytest.raises(MtcoreError, match="cut.jsonl.gz: cannot read"):
+        read_rows(tmp_path / "cut.jsonl.gz")
+
+
+def test_dpo_help_says_where_the_reference_cache_is():
+    from mtcore.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["dpo", "--help"]).output.split())
+    assert "beside PAIRS" not in text and "cached in --cache-dir" in text
+    assert "Nothing is written beside the data." in text
