@@ -485,11 +485,11 @@ def train(out, config_file, redo, **options):
 def build_toy(out, seed, overwrite, base_rm, demo_errors, p_error, min_digits, max_digits, length_bias):
     """Rebuild the toy world's tokenizer, SFT policy, base RM and held-out pairs from a seed.
 
-    The defaults rebuild the committed assets byte for byte on the kind of CPU that built them (an AMD
-    EPYC Zen 4, torch 2.13.0; one torch thread; about 2 minutes). Other CPUs round floats differently
-    and build a similar world, not the same bytes. The first toy world, whose study docs/toy-world.md
-    keeps: --base-rm onpolicy --demo-errors both --p-error 0.5. Anything but the defaults is an
-    experiment: give --out, and point `mtcore train` at it with MTCORE_TOY_ASSETS=DIR."""
+    The defaults built the committed assets (an AMD EPYC Zen 4, torch 2.13.0; one torch thread; about 2
+    minutes), before the trainer took transformers' warm-up: they now build a similar world, not the
+    same bytes, as other CPUs (which round floats differently) always did. The first toy world, whose
+    study docs/toy-world.md keeps: --base-rm onpolicy --demo-errors both --p-error 0.5. Anything but
+    the defaults is an experiment: give --out, and point `mtcore train` at it with MTCORE_TOY_ASSETS=DIR."""
     from mtcore import toy
     from mtcore.outputs import one_writer
 

@@ -11,8 +11,9 @@ The loop (`fit`): the examples are shuffled each epoch (seeded) and cut into glo
 `batch_size` examples; each global batch is packed into micro-batches of at most
 `micro_batch_tokens` tokens (first-fit decreasing, a pair's two sequences together), and every
 micro-batch's loss is its examples' loss sum over the global batch's count, so one optimizer step
-computes the mean over the global batch whatever the micro-batching. AdamW, cosine schedule with
-linear warm-up, gradient clipping on the total L2 norm. A NaN or inf loss stops before the optimizer
+computes the mean over the global batch whatever the micro-batching. AdamW (biases and norm weights
+exempt from weight decay), cosine schedule with linear warm-up (both as transformers' Trainer has them,
+which the paper trained with), gradient clipping on the total L2 norm. A NaN or inf loss stops before the optimizer
 step that would use it, so the model in memory is still the last good one.
 
 Under torchrun the caller shards the model first (parallel.parallelize, once, from outside), and each
@@ -43,11 +44,17 @@ from mtcore.config import TrainConfig
 from mtcore.errors import MtcoreError
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
 from mtcore.kernels import sequence_logps
-from mtcore.model import Llama
+from mtcore.model import Llama, RMSNorm
 from mtcore.outputs import check_out_dir, commit_dir, open_partial, partial_dir
 from mtcore.progress import Progress
 
 log = logging.getLogger(__name__)
+
+# Norm layers, whose weights take no weight decay (transformers' Trainer's rule).
+NORM_LAYERS = (RMSNorm, torch.nn.RMSNorm, torch.nn.LayerNorm)
+# The optimizer's conventions, in a resumable state's identity: a state saved under others (mtcore's own,
+# before it followed the Trainer's warm-up and decay groups) is refused, not resumed.
+CONVENTIONS = "transformers-trainer"
 
 
 class NonFiniteLoss(MtcoreError):
@@ -154,12 +161,13 @@ class SFT:
 
 
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
-    """The learning-rate factor at optimizer step `step` (0-based): linear warm-up from 1/warmup to 1,
-    then cosine decay to 0 at `total`."""
+    """The learning-rate factor at optimizer step `step` (0-based), as transformers'
+    get_cosine_schedule_with_warmup gives it (the paper trained with Hugging Face's Trainer): linear
+    warm-up, step s getting s/warmup (so the first step's rate is 0), then cosine decay to 0 at `total`."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def global_batches(examples: list[Example], cfg: TrainConfig) -> list[list[int]]:
@@ -210,11 +218,28 @@ def check_training_disk(where: Path, src: Path, examples: list[Example], cfg: Tr
     check_free_space(where, need, what)
 
 
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """The parameters weight decay applies to, as transformers' Trainer chooses them
+    (get_decay_parameter_names): every one but the biases and the weights of norm layers."""
+    norms = {name for name, m in model.named_modules() if isinstance(m, NORM_LAYERS)}
+    return {name for name, _ in model.named_parameters()
+            if "bias" not in name.lower() and name.rpartition(".")[0] not in norms}
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: the decayed parameters, and the rest at weight decay 0 (empty groups left out)."""
+    decays = decay_parameter_names(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for name, p in named if name in decays], "weight_decay": weight_decay},
+              {"params": [p for name, p in named if name not in decays], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(model: Llama, cfg: TrainConfig, total_steps: int):
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = params[0].is_cuda
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    groups = parameter_groups(model, cfg.weight_decay)
+    fused = groups[0]["params"][0].is_cuda
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    warmup = math.ceil(total_steps * cfg.warmup_ratio)  # the Trainer's warm-up steps for a ratio
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_schedule(s, total_steps, warmup))
     return optimizer, scheduler
 
@@ -284,7 +309,7 @@ def fit(model: Llama, examples: list[Example], objective, cfg: TrainConfig, metr
     optimizer, scheduler = make_optimizer(model, cfg, len(steps))
     history = []
     run_id = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("save_state_every", "log_every")},
-              "examples": len(examples), "steps": len(steps)}
+              "examples": len(examples), "steps": len(steps), "conventions": CONVENTIONS}
     saved = parallel.load_train_state(state_dir, model, optimizer) if state_dir is not None else None
     if saved is not None:
         if saved["run"] != run_id:

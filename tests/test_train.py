@@ -229,6 +229,54 @@ def test_cosine_schedule_and_step_count(tmp_path):
     assert [r["examples"] for r in history] == [4, 4, 2, 4, 4, 2]  # 2 epochs of ceil(10 / 4) steps
     lrs = [r["lr"] for r in history]
     warmup = math.ceil(0.2 * 6)
-    assert lrs[:warmup] == pytest.approx([1e-3 * (s + 1) / warmup for s in range(warmup)])
+    assert lrs[:warmup] == pytest.approx([1e-3 * s / warmup for s in range(warmup)])  # step 0: rate 0
     assert lrs[warmup] == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (5 - warmup) / (6 - warmup))))
+
+
+@pytest.mark.parametrize("total,ratio", [(1, 0.1), (6, 0.2), (10, 0.1), (47, 0.1), (123, 0.05), (20, 0.0)])
+def test_schedule_equals_transformers_cosine_with_warmup(tmp_path, total, ratio):
+    """Every step's learning rate equals the one transformers' Trainer gives for the same ratio
+    (TrainingArguments.get_warmup_steps, get_cosine_schedule_with_warmup): step 0 of a warm-up is 0."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments, get_cosine_schedule_with_warmup
+
+    from mtcore.train import make_optimizer
+
+    # (its method on a stand-in: a TrainingArguments needs accelerate, which mtcore does not install)
+    warmup = TrainingArguments.get_warmup_steps(SimpleNamespace(warmup_steps=ratio), total)
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    their_schedule = get_cosine_schedule_with_warmup(theirs, warmup, total)
+    model = load_model(save_hf(make_hf_model("policy", seed=0), tmp_path / "m"), dtype=torch.float32)
+    my_optimizer, mine = make_optimizer(model, TrainConfig(lr=3e-4, warmup_ratio=ratio), total)
+    got, want = [], []
+    for _ in range(total):
+        got.append(mine.get_last_lr()[0])
+        want.append(their_schedule.get_last_lr()[0])
+        for optimizer, schedule in ((my_optimizer, mine), (theirs, their_schedule)):
+            optimizer.step()  # (no gradients: no change; the order the scheduler expects)
+            schedule.step()
+    assert got == want, [(s, a, b) for s, (a, b) in enumerate(zip(got, want)) if a != b]
+    if warmup:
+        assert got[0] == 0.0
+
+
+def test_weight_decay_groups_equal_the_trainers(tmp_path):
+    """The decayed parameters are the ones transformers' Trainer decays (get_decay_parameter_names:
+    not biases, not norm weights), on a tiny model with attention and MLP biases, policy and reward."""
+    from transformers import Trainer
+
+    from mtcore.train import make_optimizer
+
+    for kind in ("policy", "reward"):
+        model = load_model(save_hf(make_hf_model(kind, seed=0, attention_bias=True, mlp_bias=True), tmp_path / kind),
+                           kind=kind, dtype=torch.float32)
+        optimizer, _ = make_optimizer(model, TrainConfig(weight_decay=0.1), 10)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        groups = {g["weight_decay"]: {name_of[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+        want = set(Trainer.get_decay_parameter_names(None, model))
+        assert groups[0.1] == want, sorted(groups[0.1] ^ want)
+        assert groups[0.0] == set(name_of.values()) - want
+        assert any("bias" in n for n in groups[0.0]) and any("norm" in n for n in groups[0.0])
+        assert len(groups[0.1]) > 0 and not any("bias" in n or "norm" in n for n in groups[0.1])
