@@ -37,7 +37,7 @@ class Sampler:
         too long for the model). Prompt i draws from the random streams of (seed, prompt_keys[i])
         (default: its index here), so a prompt's samples do not depend on the others or on the ranks.
         Under torchrun each rank samples every world_size-th prompt; all get them all. progress: a
-        progress.Progress counting prompts (default: one of its own)."""
+        progress.Progress counting responses (default: one of its own)."""
         cfg, tokenizer = self.cfg, self.tokenizer
         prompt_ids = [encode_prompt(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
         if self.model is None:
@@ -148,18 +148,19 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
                        decode_mode: str = "auto", prompt_keys: list[int] | None = None, progress=None,
                        decode_steps: int = 1,
                        log_every: float = 30.0) -> list[list[dict] | None]:
-    """generate, with progress (prompts done and tokens/s: the given progress.Progress, counting the
-    prompts of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
+    """generate, with progress (responses done and tokens/s: the given progress.Progress, counting the
+    responses of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
     (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
     each rank samples every world_size-th prompt and every rank gets them all; each prompt keeps its
     random streams (prompt_keys, default its index here), so the samples do not depend on the ranks."""
     keyed = list(zip(range(len(prompts)) if prompt_keys is None else prompt_keys, prompts))
     own = progress is None
-    bar = Progress(len(prompts), "generate", "prompts", log_every=log_every, leave=leave) if own else progress
+    bar = Progress(len(prompts) * params.n, "generate", "responses", log_every=log_every, leave=leave,
+                   item_tokens=params.max_new_tokens) if own else progress
     ranks = parallel.world_size()  # rank 0 counts its share, times the ranks (they go alike)
 
-    def step(finished, tokens):
-        bar.update(finished / params.n * ranks, tokens=tokens * ranks)
+    def step(finished, tokens):  # finished requests: one response each
+        bar.update(finished * ranks, tokens=tokens * ranks)
 
     try:
         results = parallel.map_shards(
@@ -169,7 +170,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
                                    decode_steps=decode_steps),
             keyed)
         if own:
-            bar.update_to(len(prompts))  # prompts skipped as too long included
+            bar.update_to(len(prompts) * params.n)  # prompts skipped as too long included
     finally:
         if own:
             bar.close()

@@ -6,7 +6,10 @@
         progress.update(1, loss=0.61, accuracy=0.75)
 
 It shows the count done of the total, the rate, the time left, tokens/s (when tokens are counted) and
-the named numbers last given. When stderr is a terminal it redraws one bar line; otherwise it logs a
+the named numbers last given. The rate and the time left wait for the first item done; where an item
+takes at most `item_tokens` tokens (a sampled response, max_new_tokens), the time left is at most what
+the tokens still possible take at the tokens/s so far, so a sampler whose requests all finish together
+near the end is not given hours left after its first short response. When stderr is a terminal it redraws one bar line; otherwise it logs a
 line every `log_every` seconds (as tqdm's mininterval does in cluster logs; 0: at every counted item)
 and one at the end. Under torchrun rank 0 alone shows it.
 """
@@ -46,14 +49,17 @@ class Progress:
     """Count done of total, a rate, the time left, tokens/s and named numbers; see the module's doc.
 
     initial: items done before this process (a resumed stage's), not counted in the rate.
+    item_tokens: the most tokens one item takes (0: unknown), which bounds the time left.
     leave: False for a bar inside another loop: no end line, and the bar is wiped when done.
     clock and tty are for tests (a fake clock; a terminal or not, default: stderr.isatty())."""
 
     def __init__(self, total: float, desc: str, unit: str = "it", initial: float = 0, log_every: float = LOG_EVERY,
-                 leave: bool = True, clock=time.monotonic, tty: bool | None = None, stream=None):
+                 leave: bool = True, clock=time.monotonic, tty: bool | None = None, stream=None,
+                 item_tokens: int = 0):
         from mtcore import parallel
 
         self.total, self.desc, self.unit, self.leave, self.clock = total, desc, unit, leave, clock
+        self.item_tokens = item_tokens
         self.done = self.initial = initial
         self.tokens, self.numbers = 0, {}
         self.log_every = LOG_EVERY if log_every is None else log_every
@@ -107,9 +113,13 @@ class Progress:
         return self.tokens / elapsed if elapsed > 0 else 0.0
 
     def time_left(self) -> float | None:
-        """Seconds to the total at the rate so far (None before any item is done)."""
-        rate = self.rate()
-        return max(0.0, self.total - self.done) / rate if rate > 0 else None
+        """Seconds to the total at the rate so far, at most the tokens still possible at the tokens/s so
+        far (item_tokens); None before either is known."""
+        rate, tokens_per_s = self.rate(), self.tokens_per_s()
+        left = [max(0.0, self.total - self.done) / rate] if rate > 0 else []
+        if self.item_tokens and tokens_per_s > 0:
+            left.append(max(0.0, (self.total - self.initial) * self.item_tokens - self.tokens) / tokens_per_s)
+        return min(left) if left else None
 
     def line(self, final: bool = False) -> str:
         """`desc: 12/40 steps (30%), 1.5 steps/s, 19s left, 2,310 tokens/s, loss 0.6131` (at the end:
@@ -120,7 +130,8 @@ class Progress:
             parts[0] += f" in {duration(self.elapsed())}"
         elif self.total:
             parts[0] += f" ({100 * min(1.0, self.done / self.total):.0f}%)"
-        parts.append(f"{_rate(self.rate())} {self.unit}/s")
+        if self.done > self.initial:  # no "0 responses/s" before the first one is done
+            parts.append(f"{_rate(self.rate())} {self.unit}/s")
         left = self.time_left()
         if not final and left is not None:
             parts.append(f"{duration(left)} left")

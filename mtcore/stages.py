@@ -41,20 +41,20 @@ def shard_dir(run: Run, t: int, stage: str) -> Path:
     return run.iter_dir(t) / f"{stage}.shards"
 
 
-def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None) -> list:
+def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None, weight: int = 1) -> list:
     """fn(indices, progress) -> one JSON-able result per index, over the items 0..n-1 in shards of
     cfg.shard_prompts per rank (consecutive, on a fixed grid: the same in a resumed run as in an
     uninterrupted one). Each finished shard is saved in <stage>.shards/<part>/ before the next starts,
     and a rerun reads the saved ones instead of computing them again: a kill loses at most the shard
     in progress. After each shard, a stop signal stops the run here (preempt.check).
-    progress: the stage's progress.Progress, counting items (default: one of this call's own); fn
-    updates it as it goes, and each shard's end sets the exact count."""
+    progress: the stage's progress.Progress, counting `weight` per item (default: one of this call's
+    own); fn updates it as it goes, and each shard's end sets the exact count."""
     directory = shard_dir(run, t, stage) / part
     saved = _read_shards(directory)
     size = run.cfg.shard_prompts * parallel.world_size()
     results = [saved.get(i) for i in range(n)]
     with (contextlib.nullcontext(progress) if progress else stage_progress(run, t, stage, n)) as progress:
-        progress.resume(sum(i in saved for i in range(n)))
+        progress.resume(weight * sum(i in saved for i in range(n)))
         base, computed = progress.done, 0
         for start in range(0, n, size):
             todo = [i for i in range(start, min(n, start + size)) if i not in saved]
@@ -63,13 +63,13 @@ def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None
             for i, r in zip(todo, fn(todo, progress)):
                 results[i] = r
             computed += len(todo)
-            progress.update_to(base + computed)
+            progress.update_to(base + weight * computed)
             _save_shard(run, t, stage, part, directory, todo, results, min(n, start + size), n)
     return results
 
 
-def stage_progress(run: Run, t: int, stage: str, total: int, unit: str = "prompts") -> Progress:
-    return Progress(total, f"iteration {t} {stage}", unit, log_every=run.cfg.log_every)
+def stage_progress(run: Run, t: int, stage: str, total: int, unit: str = "prompts", item_tokens: int = 0) -> Progress:
+    return Progress(total, f"iteration {t} {stage}", unit, log_every=run.cfg.log_every, item_tokens=item_tokens)
 
 
 def _save_shard(run: Run, t: int, stage: str, part: str, directory: Path, todo: list[int], results: list,
@@ -118,12 +118,13 @@ def _scores(run: Run, t: int, stage: str, part: str, scorer: Scorer, prompts: li
 
 def stage_sample(run: Run, t: int, meter) -> dict:
     """pi_{t-1} samples M responses to each prompt of the split policy_t (prompt i from the random
-    streams of (seed, i), in shards)."""
-    prompts, seed = run.splits[f"policy_{t}"], run.seed(t, "sample")
+    streams of (seed, i), in shards). Its progress counts responses, each at most max_new_tokens."""
+    prompts, seed, m = run.splits[f"policy_{t}"], run.seed(t, "sample"), run.cfg.samples
     sampler = Sampler(run.cfg, run.device, run.policy(t - 1))
-    responses = in_shards(run, t, "sample", "responses", len(prompts),
-                          lambda idx, bar: sampler([prompts[i] for i in idx], run.cfg.samples, seed, meter,
-                                                   prompt_keys=idx, progress=bar))
+    with stage_progress(run, t, "sample", m * len(prompts), "responses", run.cfg.max_new_tokens) as bar:
+        responses = in_shards(run, t, "sample", "responses", len(prompts),
+                              lambda idx, bar: sampler([prompts[i] for i in idx], m, seed, meter,
+                                                       prompt_keys=idx, progress=bar), bar, weight=m)
     if parallel.is_main():
         write_jsonl(run.iter_dir(t) / "samples.jsonl",
                     [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])

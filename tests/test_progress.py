@@ -45,6 +45,56 @@ def test_resumed_items_count_but_not_in_the_rate():
     assert duration(42) == "42s" and duration(185) == "3m05s" and duration(7620) == "2h07m"
 
 
+def test_no_rate_before_the_first_item_and_the_time_left_bounded_by_the_tokens():
+    """A sampler whose 64 requests run together: after 30 s no response is done (no "0 responses/s"),
+    then one short one. Counting alone would say 63 x 30 s left; at most 64 x 20 tokens at the tokens/s
+    so far is the bound: (1280 - 600) / 20 = 34 s."""
+    clock = FakeClock()
+    p = Progress(64, "sample", "responses", clock=clock, tty=False, item_tokens=20)
+    clock.now += 30
+    p.update(0, tokens=600)
+    assert p.line() == "sample: 0/64 responses (0%), 34s left, 20 tokens/s"
+    p.update(1)
+    assert p.rate() == pytest.approx(1 / 30) and p.time_left() == pytest.approx(34)
+    assert p.line() == "sample: 1/64 responses (2%), 0.0333 responses/s, 34s left, 20 tokens/s"
+    q = Progress(64, "sample", "responses", clock=clock, tty=False)  # no token bound: the count's estimate
+    clock.now += 30
+    q.update(1)
+    assert q.time_left() == pytest.approx(63 * 30)
+    r = Progress(64, "sample", "responses", initial=32, clock=clock, tty=False, item_tokens=20)  # resumed: 32 left
+    clock.now += 10
+    r.update(0, tokens=200)
+    assert r.time_left() == pytest.approx((32 * 20 - 200) / 20)
+
+
+def test_sampling_progress_counts_finished_requests(tmp_path):
+    """generate_responses counts each finished request (response) as it finishes, not prompts: with 4
+    samples a prompt, the bar moves by one per response, and ends at prompts x samples."""
+    from conftest import make_hf_model, save_hf
+    from mtcore.checkpoint import load_model
+    from mtcore.inference import generate_responses
+    from mtcore.sampler import SamplingParams
+
+    seen = []
+
+    class Recorder(Progress):
+        def update(self, n=1, tokens=0, **numbers):
+            seen.append(n)
+            super().update(n, tokens, **numbers)
+
+    model = load_model(save_hf(make_hf_model("policy", seed=0), tmp_path / "policy")).eval()
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return " ".join(map(str, ids))
+
+    bar = Recorder(3 * 4, "generate", "responses", tty=False, log_every=1e9)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=5, seed=0)
+    out = generate_responses(model, Tok(), [[1, 5, 7], [1, 9], [1, 3, 3, 3]], params, slots=5, progress=bar)
+    assert sum(map(len, out)) == 12
+    assert bar.done == 12 and all(n == int(n) for n in seen) and max(seen) < 12
+
+
 def test_without_a_terminal_a_line_every_log_every_seconds_and_one_at_the_end(caplog):
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="mtcore.progress"):
@@ -100,7 +150,8 @@ def test_other_ranks_show_nothing(monkeypatch, caplog):
 @pytest.mark.usefixtures("torch_cpu_path")
 def test_train_logs_sampling_progress_before_the_stage_ends(tmp_path, caplog):
     """`mtcore train` with stderr redirected (not a terminal) and --log-every 0: the sample stage's
-    progress lines (prompts, tokens/s) come while it runs, before its end line and the next stage."""
+    progress lines (responses, tokens/s) come while it runs, before its end line and the next stage;
+    none says "0 responses/s"."""
     from conftest import tiny_world
 
     policy, reward, prompts = tiny_world(tmp_path)
@@ -116,10 +167,10 @@ def test_train_logs_sampling_progress_before_the_stage_ends(tmp_path, caplog):
     sample = [m for m in messages[start:end] if m.startswith("iteration 1 sample: ")]
     assert len(sample) >= 3, messages[start:end]
     *during, last = sample
-    assert " in " in last and "/16 prompts" in last  # the end line: 16 prompts (24 less 4 + 4 held out)
-    assert all("tokens/s" in m and "left" in m for m in during)
+    assert " in " in last and "32/32 responses" in last  # 16 prompts (24 less 4 + 4 held out) x 2 samples
+    assert all("tokens/s" in m and "left" in m and " 0 responses/s" not in m for m in during)
     counts = [float(m.split(": ")[1].split("/")[0]) for m in during]
-    assert counts == sorted(counts) and counts[-1] <= 16
+    assert counts == sorted(counts) and counts[-1] <= 32 and counts[0] >= 1
     for stage in ("score", "select"):
         assert any(m.startswith(f"iteration 1 {stage}: ") for m in messages), stage
     assert any(m.startswith("iter_1 dpo: ") and "loss" in m and "accuracy" in m for m in messages)
