@@ -86,7 +86,7 @@ def test_a_clones_root_hands_the_name_kernels_to_hugging_faces_package(tmp_path)
     """`python -m mtcore` in a clone puts the clone's root first on sys.path, where kernels/ (installed as
     mtcore.kernels) would shadow Hugging Face's `kernels`, which transformers 5.25 depends on and imports
     while loading a checkpoint: `from kernels import CUDAProperties` failed, and with it every tokenizer.
-    A stand-in package after the root gets the name; with none, the import fails as a missing package."""
+    A stand-in package after the root gets the name."""
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'stand-in'\n")
     (tmp_path / "clone").symlink_to(REPO)  # the clone reached by a link too: still the same folder
@@ -96,8 +96,79 @@ def test_a_clones_root_hands_the_name_kernels_to_hugging_faces_package(tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["stand-in", str(tmp_path / "kernels" / "__init__.py")]
 
-    (tmp_path / "elsewhere").mkdir()
-    code = f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport kernels\n"
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                         cwd=tmp_path / "elsewhere")
-    assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
+
+# transformers 5.17's check for an optional package, `_is_package_available(name, return_version=True)`:
+# found by find_spec, no distribution metadata, so imported for its version; no version and no __file__
+# is a namespace package shadowing the name, read as not installed.
+STAND_IN_CHECK = """
+import importlib, importlib.metadata, importlib.util, json, sys
+sys.path.insert(0, {root!r})
+found = importlib.util.find_spec("kernels") is not None
+try:
+    version = importlib.metadata.version("kernels")
+except importlib.metadata.PackageNotFoundError:
+    module = importlib.import_module("kernels")
+    version = getattr(module, "__version__", "N/A")
+    found = found and not (version == "N/A" and getattr(module, "__file__", None) is None)
+try:
+    import kernels.bt_loss
+    beneath = True
+except ImportError:
+    beneath = False
+print(json.dumps({{"found": found, "beneath": beneath}}))
+"""
+
+
+def test_a_clones_root_reads_as_no_kernels_where_hugging_faces_is_absent(tmp_path):
+    """With no Hugging Face `kernels` (the GPU image's transformers 5.17), the clone's kernels/ must read as
+    no package at all: raising ModuleNotFoundError escaped transformers' lazy imports, and
+    `from transformers import LlamaForCausalLM` failed from a clone's root. `-S`: no site-packages, so no
+    real `kernels` either."""
+    out = subprocess.run([sys.executable, "-S", "-c", STAND_IN_CHECK.format(root=str(REPO))], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == {"found": False, "beneath": False}
+
+
+def hugging_faces_kernels_installed() -> bool:
+    try:
+        distribution("kernels")
+        return True
+    except Exception:  # PackageNotFoundError
+        return False
+
+
+CLONE_ROOT_TRANSFORMERS = """
+import json, sys
+sys.path.insert(0, {root!r})
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils.import_utils import is_kernels_available
+LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1))
+import kernels
+print(json.dumps({{"available": is_kernels_available(), "file": getattr(kernels, "__file__", None)}}))
+"""
+
+
+def test_transformers_from_a_clones_root_with_the_installed_versions(tmp_path):
+    """The real transformers of this venv, from the clone's root: CI runs this with the newest versions
+    (Hugging Face's `kernels` installed) and with the GPU image's (transformers 5.17, none installed)."""
+    out = subprocess.run([sys.executable, "-c", CLONE_ROOT_TRANSFORMERS.format(root=str(REPO))],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    if hugging_faces_kernels_installed():
+        assert found["file"] and not Path(found["file"]).resolve().is_relative_to(REPO / "kernels"), found
+    else:
+        assert found == {"available": False, "file": None}
+
+
+def test_toy_train_from_a_clones_root(tmp_path):
+    """`python -m mtcore train --iters 1` from the clone's root: the toy world's tokenizer and models load
+    through transformers there too, whichever `kernels` this venv has."""
+    out = subprocess.run([sys.executable, "-m", "mtcore", "train", "--iters", "1", "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final_iteration"] in (0, 1)
+    assert (tmp_path / "run" / metrics["final_policy"] / "config.json").is_file()
