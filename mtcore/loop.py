@@ -88,7 +88,7 @@ def _iterations(run: Run, echo) -> dict:
                 break
         metrics = write_run_metrics(run)
         if run.reporter is not None and len(metrics["iterations"]) >= t:
-            run.reporter.log("iteration", metrics["iterations"][t - 1], step=t)
+            run.reporter.log("iteration", metrics["iterations"][t - 1], step=t, again=False)  # once, not at a rerun
         if results.get("select", {}).get("stopped") is False:
             echo(summary(run, t, results))
     return metrics if metrics is not None else write_run_metrics(run)

@@ -3,10 +3,19 @@
 Each DPO, RM or SFT training step's row (train.fit's metrics.jsonl row: loss, accuracy, lr,
 grad_norm, tokens/s, ...) is logged under a prefix (`dpo`, `iter_1/dpo`), and `mtcore train` adds
 each iteration's numbers from metrics.json under `iteration/`, at step t. One run name (--run-name)
-for the whole command: TensorBoard's events go to the logging directory, wandb's run (project
-"mtcore") to <logging directory>/wandb, resumed by a rerun as the same run (its id comes from the
-run name and the output directory). tensorboard and wandb are imported only when asked for.
-Under torchrun rank 0 alone reports.
+for the whole command: TensorBoard's events go to the logging directory, one subdirectory a prefix
+(<logging directory>/iter_1/dpo: each prefix counts its own steps), wandb's run (project "mtcore")
+to <logging directory>/wandb, resumed by a rerun as the same run (its id comes from the run name and
+the output directory). tensorboard and wandb are imported only when asked for. Under torchrun rank 0
+alone reports.
+
+No step is logged twice. A rerun resumes a training stage at the step after its last saved state, so
+it may redo steps an earlier process logged before it was killed: TensorBoard's writer of the prefix
+opens with that step as its purge_step (TensorBoard drops the earlier process's events from it on),
+and wandb, whose steps only move forward, skips the steps its run has. An iteration's numbers are
+logged once: a rerun or an extension (a larger --iters) skips the iterations logged before.
+logged.json in the logging directory holds the last step logged of each prefix, written after the
+events are flushed.
 """
 
 import hashlib
@@ -14,8 +23,10 @@ import math
 from pathlib import Path
 
 from mtcore.errors import MtcoreError
+from mtcore.files import read_json, write_json
 
 TARGETS = ("tensorboard", "wandb")
+LOGGED = "logged.json"  # {prefix: the last step logged}, in the logging directory
 EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the pip extra of mtcore that installs each
 
 
@@ -64,8 +75,10 @@ class Reporter:
     def __init__(self, targets: tuple[str, ...], run_name: str, logging_dir: str | None = None):
         self.targets, self.run_name, self.logging_dir = targets, run_name, logging_dir
         self.directory = None
-        self.writer = self.wandb_run = None
+        self.writers = {}  # prefix -> TensorBoard's SummaryWriter in <directory>/<prefix>, opened at its first step
+        self.wandb_run = None
         self.prefixes = set()  # those wandb was told the step metric of
+        self.logged = {}  # prefix -> the last step logged, by this process or an earlier one (LOGGED)
 
     def open(self, default_dir: Path) -> None:
         from mtcore import parallel
@@ -74,40 +87,66 @@ class Reporter:
             return
         self.directory = Path(self.logging_dir) if self.logging_dir else Path(default_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
-        if "tensorboard" in self.targets:
-            self.writer = _import("tensorboard")(log_dir=str(self.directory))
+        self.logged = _read_logged(self.directory / LOGGED)
         if "wandb" in self.targets:
             wandb = _import("wandb")
             run_id = hashlib.sha256(f"{self.run_name}|{Path(default_dir).resolve()}".encode()).hexdigest()[:16]
             self.wandb_run = wandb.init(project="mtcore", name=self.run_name, dir=str(self.directory), id=run_id,
                                         resume="allow")
 
-    def log(self, prefix: str, row: dict, step: int) -> None:
-        """row's numbers as prefix/<key> at `step` (each prefix counts its own steps)."""
+    def log(self, prefix: str, row: dict, step: int, again: bool = True) -> None:
+        """row's numbers as prefix/<key> at `step` (each prefix counts its own steps). again: a step an
+        earlier process logged may come again (a training step redone after a resume): TensorBoard
+        purges from it, wandb skips it. False (an iteration's numbers): such a step is skipped."""
         if self.directory is None:
             return
+        new = step > self.logged.get(prefix, 0)
+        if not (new or again):
+            return
         scalars = _scalars(row, prefix)
-        if self.writer is not None:
+        if "tensorboard" in self.targets:
+            writer = self._writer(prefix, step)
             for key, value in scalars.items():
-                self.writer.add_scalar(key, value, global_step=step)
-        if self.wandb_run is not None:
+                writer.add_scalar(key, value, global_step=step)
+            writer.flush()  # before logged.json says so
+        if self.wandb_run is not None and new:
             # wandb's own step only grows, and each stage restarts at 1: its step is a metric of its own
             if prefix not in self.prefixes:
                 self.prefixes.add(prefix)
                 self.wandb_run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
             self.wandb_run.log({**scalars, f"{prefix}/step": step})
+        if new:
+            self.logged[prefix] = step
+            write_json(self.directory / LOGGED, self.logged)
+
+    def _writer(self, prefix: str, step: int):
+        """The prefix's SummaryWriter, opened at its first step in this process with that step as its
+        purge_step: what an earlier process logged there from that step on is dropped by TensorBoard."""
+        if prefix not in self.writers:
+            self.writers[prefix] = _import("tensorboard")(log_dir=str(self.directory / prefix), purge_step=step)
+        return self.writers[prefix]
 
     def step_logger(self, prefix: str):
         """A train.fit `report` function: each step's row under prefix."""
         return lambda row: self.log(prefix, row, row["step"])
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
-        self.writer = self.wandb_run = None
+        self.writers, self.wandb_run = {}, None
         self.directory = None
+
+
+def _read_logged(path: Path) -> dict[str, int]:
+    """LOGGED's {prefix: last step}; none (a new directory, or one that is not mtcore's) is {}."""
+    try:
+        logged = read_json(path) if path.exists() else {}
+    except MtcoreError:
+        return {}
+    ok = isinstance(logged, dict) and all(type(v) is int for v in logged.values())
+    return logged if ok else {}
 
 
 def reporter(report_to: str, run_name: str, logging_dir: str | None = None) -> Reporter | None:
