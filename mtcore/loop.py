@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from mtcore import parallel, profile, rmeval, stages
+from mtcore.errors import MtcoreError
 from mtcore.files import read_json, write_json
 from mtcore.rundir import Run
 from mtcore.train import NonFiniteLoss
@@ -62,8 +63,33 @@ def train(run: Run, echo=print, reporter=None) -> dict:
             reporter.close()
 
 
+def resume_point(run: Run) -> str | None:
+    """Where a run with stages done goes on, for the log: "resuming iteration 1 at dpo, after step 25 of
+    40" (a training stage's saved state) or "resuming iteration 2 at sample"; None for a new run, or
+    one with nothing left to run."""
+    if not run.state["done"] or run.state["stopped_at"] is not None:
+        return None
+    for t in range(1, run.cfg.iters + 1):
+        name = next((name for name, _ in stages.stages_of(run) if not run.is_done(f"iter_{t}/{name}")), None)
+        if name is not None:
+            return f"resuming iteration {t} at {name}" + _saved_steps(run.iter_dir(t) / f"{name}_state")
+    return None
+
+
+def _saved_steps(state_dir: Path) -> str:
+    """", after step k of n" where a training stage saved its state (train.fit's trainer.json), else ""."""
+    try:
+        saved = read_json(state_dir / "trainer.json")
+        return f", after step {len(saved['history'])} of {saved['run']['steps']}"
+    except (MtcoreError, KeyError, TypeError):
+        return ""
+
+
 def _iterations(run: Run, echo) -> dict:
     """The initial evaluations, then iterations 1..T, each resumed at its first stage not done."""
+    where = resume_point(run)
+    if where is not None:
+        log.info("%s: %s", run.dir, where)
     if run.world is not None:
         run_stage(run, 0, "eval", stages.stage_eval, key="initial/eval", result_file=run.dir / "initial.json")
     if run.cfg.rm_eval:

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from conftest import tiny_world
-from mtcore import MtcoreError
+from mtcore import MtcoreError, stages
 from mtcore.config import resolve_config
 from mtcore.loop import ending, train
-from mtcore.mutual_taught import best_worst_pair, mutual_pair, pseudo_pair_filter, win_rate
+from mtcore.mutual_taught import best_worst_pair, mutual_pair, pair_rule, preference_pairs, pseudo_pair_filter
+from mtcore.mutual_taught import rm_data_iterations, win_rate
 from mtcore.rundir import Run
 
 
@@ -37,6 +38,27 @@ def test_mutual_pair_shortest_above_mean_against_lowest():
 def test_best_worst_pair():
     assert best_worst_pair([0.9, -1.0, 0.6, 0.2, 0.8], [9, 3, 4, 2, 4]) == (0, 1)
     assert best_worst_pair([0.2, 0.2], [1, 2]) is None
+
+
+# Scored samples on which the two rules differ: mean 0.3, so above it r0 (9 tokens), r2 and r4 (4 tokens,
+# r4 scoring higher); the lowest is r1. Mutual: (r4, r1); best-worst: (r0, r1). q's responses tie: no pair.
+SCORED = [{"prompt": "p", "rewards": [0.9, -1.0, 0.6, 0.2, 0.8],
+           "responses": [{"text": f"r{i}", "token_ids": [0] * n} for i, n in enumerate([9, 3, 4, 2, 4])]},
+          {"prompt": "q", "rewards": [0.5, 0.5], "responses": [{"text": "a", "token_ids": [1]}] * 2}]
+
+
+def test_pair_rule_defaults_to_the_m_steps_and_is_independent_of_it():
+    assert pair_rule("", True) == "mutual" and pair_rule("", False) == "best-worst"
+    assert pair_rule("mutual", False) == "mutual" and pair_rule("best-worst", True) == "best-worst"
+    mutual, none = preference_pairs(SCORED, "mutual")
+    best_worst, _ = preference_pairs(SCORED, "best-worst")
+    assert [(p["chosen"], p["rejected"]) for p in mutual] == [("r4", "r1")] and none == 1
+    assert [(p["chosen"], p["rejected"]) for p in best_worst] == [("r0", "r1")]
+
+
+def test_rm_data_iterations():
+    assert list(rm_data_iterations(3, "iteration")) == [3]
+    assert list(rm_data_iterations(3, "all")) == [1, 2, 3] and list(rm_data_iterations(1, "all")) == [1]
 
 
 def test_win_rate_ties_count_half():
@@ -71,16 +93,18 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def refit_rm(iter_dir, reward, seed):
+def refit_rm(iter_dirs, reward, seed):
     """An iteration's RM stage redone here from its files: the base RM fitted with Bradley-Terry on the
-    pseudo-pairs and the E-step's pairs, each encoded by hand (not through mtcore's encode_pair)."""
+    pseudo-pairs and the E-step's pairs of iter_dirs (in order), each encoded by hand (not through
+    mtcore's encode_pair)."""
     from mtcore import load_model
     from mtcore.data import Example, encode_prompt, encode_sequence, cut_to_length, load_tokenizer
     from mtcore.train import BradleyTerry, TrainConfig, fit
 
     tok = load_tokenizer(reward)
     examples = []
-    for row in read_jsonl(iter_dir / "pseudo_pairs.jsonl") + read_jsonl(iter_dir / "pairs.jsonl"):
+    rows = [row for d in iter_dirs for row in read_jsonl(d / "pseudo_pairs.jsonl") + read_jsonl(d / "pairs.jsonl")]
+    for row in rows:
         n = len(encode_prompt(tok, row["prompt"]))
         examples.append(Example(((encode_sequence(tok, row["prompt"], row["chosen"])[0], n),
                                  (encode_sequence(tok, row["prompt"], row["rejected"])[0], n))))
@@ -124,7 +148,7 @@ def test_two_iterations_follow_the_rules(tmp_path):
         assert {"sample", "dpo", "rm"} <= set(metrics["iterations"][t - 1]["stage_seconds"])
     # iteration 2's RM restarted from the BASE RM: retrain it from the base here and compare exactly
     d = run.iter_dir(2)
-    base = refit_rm(d, reward, run.seed(2, "rm"))
+    base = refit_rm([d], reward, run.seed(2, "rm"))
     trained = load_model(d / "reward", kind="reward", dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
     from_r1 = load_model(run.iter_dir(1) / "reward", kind="reward", dtype=torch.float32)
@@ -168,6 +192,82 @@ def test_no_m_step_baseline_pairs_best_against_worst(tmp_path):
             expected.append(row["responses"][picked[0]]["text"])
     assert [p["chosen"] for p in read_jsonl(d / "pairs.jsonl")] == expected
     assert not (d / "reward").exists() and run.reward(1) == reward
+
+
+def test_estep_only_arm_pairs_by_the_mutual_rule_with_a_fixed_rm(tmp_path):
+    """--no-m-step --pair-rule mutual: Mutual-Taught's pairs (re-derived from the scored samples), no
+    M-step, r_0 throughout; config.toml records the rule."""
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, iters=1, m_step=False, pair_rule="mutual"))
+    metrics = train(run, echo=lambda s: None)
+    d = run.iter_dir(1)
+    expected = []
+    for row in read_jsonl(d / "scored.jsonl"):
+        picked = mutual_pair(row["rewards"], [len(r["token_ids"]) for r in row["responses"]])
+        if picked:
+            expected.append((row["responses"][picked[0]]["text"], row["responses"][picked[1]]["text"]))
+    pairs = [(p["chosen"], p["rejected"]) for p in read_jsonl(d / "pairs.jsonl")]
+    assert pairs == expected and len(pairs) > 0
+    # (a random tiny policy's responses all run to max_new_tokens, where the rules agree:) the pairs
+    # stage again, on scored samples where they differ
+    (d / "scored.jsonl").write_text("".join(json.dumps(row) + "\n" for row in SCORED))
+    assert stages.stage_pairs(run, 1, None) == {"pairs": 1, "prompts_without_pair": 1}
+    assert [(p["chosen"], p["rejected"]) for p in read_jsonl(d / "pairs.jsonl")] == [("r4", "r1")]
+    assert not (d / "msample.json").exists() and not (d / "reward").exists() and run.reward(1) == reward
+    assert "rm" not in metrics["iterations"][0]
+    text = (run.dir / "config.toml").read_text()
+    assert 'pair_rule = "mutual"' in text and "m_step = false" in text
+
+
+def test_rm_data_all_trains_on_every_iterations_pairs(tmp_path):
+    """--rm-data all: r_2 is the base RM fitted on iterations 1 and 2's pseudo-pairs and E-step pairs
+    (refitted here from those files), not on iteration 2's alone."""
+    from mtcore import load_model
+
+    policy, reward, prompts = tiny_world(tmp_path)
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts, rm_data="all"))
+    metrics = train(run, echo=lambda s: None)
+    assert [e["rm"]["data_iterations"] for e in metrics["iterations"]] == [[1], [1, 2]]
+    trained = load_model(run.iter_dir(2) / "reward", kind="reward", dtype=torch.float32)
+    both = refit_rm([run.iter_dir(1), run.iter_dir(2)], reward, run.seed(2, "rm"))
+    assert all(torch.equal(a, b) for a, b in zip(both.state_dict().values(), trained.state_dict().values()))
+    alone = refit_rm([run.iter_dir(2)], reward, run.seed(2, "rm"))
+    assert not torch.equal(alone.score.weight, trained.score.weight)
+    first = load_model(run.iter_dir(1) / "reward", kind="reward", dtype=torch.float32)  # r_1: iteration 1's alone
+    again = refit_rm([run.iter_dir(1)], reward, run.seed(1, "rm"))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
+    assert 'rm_data = "all"' in (run.dir / "config.toml").read_text()
+    with pytest.raises(MtcoreError, match="--rm-data all chooses the M-step's pairs, and --no-m-step trains no"):
+        tiny_config(policy, reward, prompts, rm_data="all", m_step=False)
+    with pytest.raises(MtcoreError, match="--rm-data 'some': must be one of iteration, all"):
+        tiny_config(policy, reward, prompts, rm_data="some")
+    with pytest.raises(MtcoreError, match="--pair-rule 'longest': must be one of mutual, best-worst"):
+        tiny_config(policy, reward, prompts, pair_rule="longest")
+
+
+def test_pair_rule_and_rm_data_are_part_of_a_runs_identity(tmp_path):
+    """A changed --pair-rule or --rm-data is refused on resume, as any identity key; the rule a run
+    uses by default may be given by name, and a config.toml written before the keys existed (neither
+    key in it) resumes as the defaults."""
+    policy, reward, prompts = tiny_world(tmp_path)
+    baseline = Run(tmp_path / "baseline", tiny_config(policy, reward, prompts, m_step=False))
+    baseline.mark_done("iter_1/sample")
+    text = (tmp_path / "baseline" / "config.toml").read_text()
+    assert "pair_rule" not in text and "rm_data" not in text  # as config.toml was before the keys
+    with pytest.raises(MtcoreError, match=r"another config \(pair_rule the default there, 'mutual' now\)"):
+        Run(tmp_path / "baseline", tiny_config(policy, reward, prompts, m_step=False, pair_rule="mutual"))
+    Run(tmp_path / "baseline", tiny_config(policy, reward, prompts, m_step=False, pair_rule="best-worst"))
+    mt = Run(tmp_path / "mt", tiny_config(policy, reward, prompts))
+    mt.mark_done("iter_1/sample")
+    with pytest.raises(MtcoreError, match=r"another config \(rm_data the default there, 'all' now\)"):
+        Run(tmp_path / "mt", tiny_config(policy, reward, prompts, rm_data="all"))
+    with pytest.raises(MtcoreError, match=r"another config \(pair_rule the default there, 'best-worst' now\)"):
+        Run(tmp_path / "mt", tiny_config(policy, reward, prompts, pair_rule="best-worst"))
+    Run(tmp_path / "mt", tiny_config(policy, reward, prompts, pair_rule="mutual"))
+    estep = Run(tmp_path / "estep", tiny_config(policy, reward, prompts, m_step=False, pair_rule="mutual"))
+    estep.mark_done("iter_1/sample")
+    with pytest.raises(MtcoreError, match=r"another config \(pair_rule 'mutual' there, the default now\)"):
+        Run(tmp_path / "estep", tiny_config(policy, reward, prompts, m_step=False))
 
 
 def test_a_different_config_is_refused_once_a_stage_finished(tmp_path):
@@ -241,6 +341,39 @@ def test_a_larger_iters_extends_a_finished_run(tmp_path, caplog):
     assert 'iters = 3' in (tmp_path / "run" / "config.toml").read_text()
     with pytest.raises(MtcoreError, match="has already begun iteration 3; give --iters 3 or more"):
         Run(tmp_path / "run", tiny_config(policy, reward, prompts, iters=2, **cfg))
+
+
+def test_a_resumed_run_logs_where_it_resumes(tmp_path, caplog, monkeypatch):
+    """Killed right after DPO saved its state at step 2, a rerun says "resuming iteration 1 at dpo, after
+    step 2 of N" (N: the stage's steps, as its metrics show at the end); a run at a stage without saved
+    state names the stage; a new run says nothing."""
+    from mtcore import parallel
+    from mtcore.loop import resume_point
+
+    policy, reward, prompts = tiny_world(tmp_path)
+    cfg = tiny_config(policy, reward, prompts, iters=1, save_state_every=2)
+    assert resume_point(Run(tmp_path / "run", cfg)) is None
+    save = parallel.save_train_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, *args):
+        save(path, *args)
+        raise Killed(path)
+
+    monkeypatch.setattr(parallel, "save_train_state", save_then_die)
+    with pytest.raises(Killed):
+        train(Run(tmp_path / "run", cfg), echo=lambda s: None)
+    monkeypatch.setattr(parallel, "save_train_state", save)
+    with caplog.at_level("INFO", logger="mtcore.loop"):
+        train(Run(tmp_path / "run", cfg), echo=lambda s: None)
+    steps = len(read_jsonl(tmp_path / "run" / "iter_1" / "dpo_metrics.jsonl"))
+    assert steps > 2 and f"resuming iteration 1 at dpo, after step 2 of {steps}" in caplog.text
+    other = Run(tmp_path / "other", cfg)
+    other.mark_done("iter_1/sample")
+    assert resume_point(Run(tmp_path / "other", cfg)) == "resuming iteration 1 at score"
+    assert resume_point(Run(tmp_path / "run", cfg)) is None  # finished
 
 
 def test_a_retry_with_a_lower_lr_and_a_larger_iters_keeps_both(tmp_path):
