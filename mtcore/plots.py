@@ -25,6 +25,23 @@ def save_panels(path, title: str, panels: list[Panel], xlabel: str = "iteration"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = draw_panels(title, panels, xlabel)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+
+
+def draw_panels(title: str, panels: list[Panel], xlabel: str = "iteration"):
+    """The figure of save_panels. Axes show plain values, never an offset ("1e-6+6.9314e-1" above a
+    loss that moved by 1e-6)."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=100, squeeze=False)
     for ax, p in zip(axes[0], panels):
         ax.plot(p.xs, [float("nan") if y is None else y for y in p.ys], marker="o")
@@ -36,18 +53,11 @@ def save_panels(path, title: str, panels: list[Panel], xlabel: str = "iteration"
         ax.set_xticks(p.xs)
         if p.unit_range:
             ax.set_ylim(0, 1)
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        tmp.replace(path)
-    except OSError as e:
-        remove_quietly(tmp)
-        raise MtcoreError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def run_panels(metrics: dict, tau: float) -> list[Panel]:

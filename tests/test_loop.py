@@ -535,3 +535,25 @@ def test_summary_of_a_finished_stage_read_back_with_null_accuracies():
     assert text.splitlines()[-1] == "files   policy runs/x/iter_1/policy, reward model rm, runs/x/metrics.json"
     r["eval"]["rm_accuracy_current_policy"] = float("nan")  # as a fresh run holds it
     assert "current policy -, held-out" in summary(run, 1, r)
+
+
+def test_plot_axes_have_no_offset_notation():
+    """A loss that moved by 1e-6 is labelled in plain numbers, not "1e-6+6.9314e-1" (matplotlib's offset)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtcore.plots import Panel, draw_panels
+
+    fig = draw_panels("t", [Panel("DPO loss", "loss", [1, 2, 3], [0.6931472, 0.6931462, 0.6931452], unit_range=False),
+                            Panel("accuracy", "accuracy", [1, 2, 3], [0.5, 0.75, 1.0])])
+    fig.canvas.draw()
+    try:
+        loss_ax = fig.axes[0]
+        assert [ax.yaxis.get_offset_text().get_text() for ax in fig.axes] == ["", ""]
+        labels = [float(t.get_text().replace("\u2212", "-")) for t in loss_ax.get_yticklabels() if t.get_text()]
+        assert labels and all(0.6931 < v < 0.6932 for v in labels), labels
+    finally:
+        plt.close(fig)
+
