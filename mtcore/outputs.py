@@ -37,16 +37,17 @@ _OVERWRITE_HINT = f"{_ANOTHER}, or pass --overwrite to replace it"
 @contextlib.contextmanager
 def one_writer(out):
     """The lock of the output `out` (lock.acquire) while the block runs, released at its end, error or
-    not. Under torchrun rank 0 holds it, and every rank stops when rank 0 is refused."""
+    not. Under torchrun rank 0 holds it, and every rank stops when rank 0 is refused. The release covers
+    the all-reduce too: a rank that died there (its peer killed) must not leave the lock behind."""
     path, text, refused = lock.lock_path(out), None, None
-    if parallel.is_main():
-        try:
-            text = lock.acquire(path)
-        except MtcoreError as e:
-            refused = e
-    if parallel.all_max(int(refused is not None)):
-        raise refused or MtcoreError(f"{out}: in use by another process (rank 0 says which)")
     try:
+        if parallel.is_main():
+            try:
+                text = lock.acquire(path)
+            except MtcoreError as e:
+                refused = e
+        if parallel.all_max(int(refused is not None)):
+            raise refused or MtcoreError(f"{out}: in use by another process (rank 0 says which)")
         yield path
     finally:
         lock.release(path, text)

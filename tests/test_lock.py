@@ -212,3 +212,21 @@ def test_under_torchrun_rank_0_holds_the_lock_and_every_rank_stops_when_it_is_re
     with pytest.raises(MtcoreError, match="in use by another process"):
         with outputs.one_writer(out):
             pytest.fail("a rank went on while rank 0 was refused")
+
+
+def test_an_error_in_the_all_reduce_releases_the_lock(tmp_path, monkeypatch):
+    """Rank 0 took the lock, then the all-reduce that tells the ranks failed (a peer was killed): the lock
+    file is gone with the error, so a restarted rank 0 finds no lock of its predecessor's."""
+    from mtcore import outputs, parallel
+
+    out = tmp_path / "run"
+
+    def peer_died(value):
+        assert lock.lock_path(out).exists()  # rank 0 holds it here
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(parallel, "all_max", peer_died)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        with outputs.one_writer(out):
+            pytest.fail("the block ran after the all-reduce failed")
+    assert not lock.lock_path(out).exists()
