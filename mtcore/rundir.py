@@ -4,12 +4,15 @@ models have been checked; a run directory holds one run, and a rerun resumes it.
 
   config.toml        the run's identity (config.LoopConfig less its runtime keys)
   splits.json        the prompt splits: selection, rm, policy_1 ... policy_T (the toy world: test too)
+  prompts.sha256     the prompts' content hash, part of the run's identity (their path is not: a renamed
+                     or moved prompts file resumes the run, other prompts at the same path do not)
   state.json         the stages done, where the run stopped early, a stage that failed
   iter_t/            one iteration's files: samples, pairs, candidates, policy, reward, <stage>.json
 
 Under torchrun every rank opens the run alike; rank 0 alone writes.
 """
 
+import hashlib
 import json
 import logging
 import random
@@ -39,6 +42,7 @@ SHARD_KEYS = {"policy", "reward", "prompts", "prompts_split", "prompt_field", "s
 STATE_ADVICE = "restore it, or delete it to run every stage again"
 SPLITS_ADVICE = "restore it, or start the run in another --out"
 CONFIG_ADVICE = "restore it, or start the run in another --out"
+PROMPTS_HASH = "prompts.sha256"  # the prompts' content hash (Run.prompts_sha256), written with config.toml
 
 
 def read_run_file(path: Path, read, advice: str):
@@ -154,8 +158,12 @@ class Run:
         if self.redo and parallel.is_main() and (saved is None or not self.state["done"]):  # (the other ranks
             raise MtcoreError(f"--redo {self.redo}: {self.dir} holds no finished stage yet; leave --redo out")  # read
         mine = identity(self.cfg)  # the state rank 0's --redo left)
+        saved, moved, other_prompts = self._saved_prompts(saved)
         changed = [] if saved is None else [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        changed += ["prompts"] if other_prompts and "prompts" not in changed else []
         began = self._begun() > 0
+        if other_prompts and began:
+            self._refuse_other_prompts()
         even = self.world is None and self.cfg.policy_split_size == 0  # --iters decides every split
         replace = saved is not None and not began and (
             [k for k in changed if k != "iters" or even] or not splits_file.exists())
@@ -165,13 +173,62 @@ class Run:
                 if replace:
                     self._replace(changed)
                 write_json(splits_file, self.splits)  # first: a config.toml always has its splits
+                self._write_prompts_hash()
                 write_text_atomic(config_file, to_toml(mine))
             return
         saved = self._check_same_config(saved)
+        if parallel.is_main() and self.world is None and (moved or not (self.dir / PROMPTS_HASH).exists()):
+            self._record_prompts(config_file)
         if self.redo and parallel.is_main():  # the other ranks read the state rank 0 wrote
             self._redo(self.redo)
         self.splits = self._splits_for_iters(saved, splits_file)
         self._check_models()
+
+    def prompts_sha256(self) -> str:
+        """The hash of the prompts as read (each prompt_of, in file order): the same for the same prompts
+        in a renamed, moved, gzipped or Parquet file, other for any prompt changed, added or removed."""
+        text = json.dumps(self._prompts(), ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def _prompts(self) -> list:
+        """--prompts' prompts in file order, read once."""
+        if not hasattr(self, "_prompt_list"):
+            cfg = self.cfg
+            source = Source(cfg.prompts, cfg.prompts_split or None, "--prompts-split", prompt=cfg.prompt_field)
+            self._prompt_list = [prompt_of(r, r["_where"], cfg.prompt_field) for r in read_rows(source)]
+        return self._prompt_list
+
+    def _saved_prompts(self, saved: dict | None) -> tuple[dict | None, bool, bool]:
+        """(config.toml's values with its prompts path as this command's where the content is the same,
+        whether the file moved, whether the content differs). A run without PROMPTS_HASH (made before
+        it) compares the paths alone, as it did."""
+        path = self.dir / PROMPTS_HASH
+        if saved is None or self.world is not None or not path.exists():
+            return saved, False, False
+        same = path.read_text(encoding="utf-8").strip() == self.prompts_sha256()
+        moved = same and saved.get("prompts") != self.cfg.prompts
+        if moved and parallel.is_main():
+            log.warning("%s: the prompts moved (%r there, %r now; the same content); the run goes on with %r",
+                        self.dir, saved.get("prompts"), self.cfg.prompts, self.cfg.prompts)
+        return ({**saved, "prompts": self.cfg.prompts} if same else saved), moved, not same
+
+    def _refuse_other_prompts(self) -> None:
+        raise MtcoreError(f"{self.dir} holds a run on other prompts: {self.cfg.prompts} does not hold the content it "
+                          f"started from (its {PROMPTS_HASH}); resume it with those prompts, or give another --out")
+
+    def _record_prompts(self, config_file: Path) -> None:
+        """A resumed run's prompts as this command gives them: config.toml names their path now, and a
+        run made before PROMPTS_HASH gets it. Only a record: where it cannot be written (a read-only
+        mount) the run goes on, and the next rerun finds the same."""
+        try:
+            self._write_prompts_hash()
+            write_text_atomic(config_file, to_toml({**read_config_file(config_file), "prompts": self.cfg.prompts}))
+        except MtcoreError as e:
+            log.warning("%s: the prompts' record is not updated (%s)", self.dir, e)
+
+    def _write_prompts_hash(self) -> None:
+        if self.world is None:
+            write_text_atomic(self.dir / PROMPTS_HASH, self.prompts_sha256() + "\n")
 
     def _replace(self, changed: list[str]) -> None:
         """A directory in which no iteration's stage has finished takes this command's config. The
@@ -340,7 +397,7 @@ class Run:
         if self.world is not None:
             return self.world.make_splits(cfg)
         source = Source(cfg.prompts, cfg.prompts_split or None, "--prompts-split", prompt=cfg.prompt_field)
-        prompts = [prompt_of(r, r["_where"], cfg.prompt_field) for r in read_rows(source)]
+        prompts = list(self._prompts())
         random.Random(cfg.seed).shuffle(prompts)
         sizes = split_sizes(cfg, len(prompts), str(source))
         splits, start = {}, 0

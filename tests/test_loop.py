@@ -557,3 +557,42 @@ def test_plot_axes_have_no_offset_notation():
     finally:
         plt.close(fig)
 
+
+def test_a_runs_identity_holds_its_prompts_content_not_their_path(tmp_path, caplog):
+    """A renamed (or gzipped) prompts file resumes the run, and config.toml names it from then on; other
+    content at the same path is refused once a stage finished. A run made before prompts.sha256 compares
+    paths as it did, and gets the hash at its next resume."""
+    import gzip
+
+    policy, reward, prompts = tiny_world(tmp_path)
+    run_dir = tmp_path / "run"
+    Run(run_dir, tiny_config(policy, reward, prompts)).mark_done("iter_1/sample")
+    digest = (run_dir / "prompts.sha256").read_text()
+    renamed = tmp_path / "prompts_renamed.jsonl"
+    prompts.rename(renamed)
+    with caplog.at_level("WARNING"):
+        Run(run_dir, tiny_config(policy, reward, renamed))
+    assert "the prompts moved" in caplog.text
+    assert f'prompts = "{renamed}"' in (run_dir / "config.toml").read_text()
+    assert (run_dir / "prompts.sha256").read_text() == digest
+    gz = tmp_path / "prompts.jsonl.gz"
+    gz.write_bytes(gzip.compress(renamed.read_bytes()))
+    Run(run_dir, tiny_config(policy, reward, gz))  # the same prompts, compressed
+    lines = renamed.read_text().splitlines()
+    renamed.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # the same prompts, another order
+    with pytest.raises(MtcoreError, match=f"holds a run on other prompts: {renamed} does not hold the content"):
+        Run(run_dir, tiny_config(policy, reward, renamed))
+    (run_dir / "prompts.sha256").unlink()  # a run from before the hash: paths compared
+    with pytest.raises(MtcoreError, match="another config"):
+        Run(run_dir, tiny_config(policy, reward, renamed))
+    Run(run_dir, tiny_config(policy, reward, gz))
+    assert (run_dir / "prompts.sha256").read_text() == digest
+
+
+def test_other_prompts_replace_a_run_in_which_no_stage_finished(tmp_path):
+    policy, reward, prompts = tiny_world(tmp_path)
+    Run(tmp_path / "run", tiny_config(policy, reward, prompts))
+    digest = (tmp_path / "run" / "prompts.sha256").read_text()
+    prompts.write_text(prompts.read_text().replace("sort", "order"))
+    run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
+    assert (tmp_path / "run" / "prompts.sha256").read_text() != digest and "order" in json.dumps(run.splits)
