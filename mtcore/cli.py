@@ -50,16 +50,17 @@ def user_errors(fn):
 
 def stops_at_safe_points(fn):
     """SIGTERM and SIGUSR1 stop the command at its next safe point (mtcore/preempt.py): one line saying
-    where, and exit 143; the same command resumes."""
+    where (rank 0's, under torchrun), and exit 143; the same command resumes."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mtcore import preempt
+        from mtcore import parallel, preempt
 
         preempt.install()
         try:
             return fn(*args, **kwargs)
         except preempt.Preempted as e:
-            click.echo(_one_line(e), err=True)
+            if parallel.is_main():
+                click.echo(_one_line(e), err=True)
             sys.exit(preempt.EXIT_STATUS)
         finally:
             preempt.uninstall()

@@ -32,12 +32,13 @@ class Sampler:
         self.model = None
 
     def __call__(self, prompts: list, n: int, seed: int, meter=None,
-                 prompt_keys: list[int] | None = None, progress=None) -> list[list[dict]]:
+                 prompt_keys: list[int] | None = None, progress=None, should_stop=None) -> list[list[dict] | None]:
         """n responses per prompt: [{"text", "token_ids", "finish_reason"}] per prompt (none for a prompt
         too long for the model). Prompt i draws from the random streams of (seed, prompt_keys[i])
         (default: its index here), so a prompt's samples do not depend on the others or on the ranks.
         Under torchrun each rank samples every world_size-th prompt; all get them all. progress: a
-        progress.Progress counting responses (default: one of its own)."""
+        progress.Progress counting responses (default: one of its own). should_stop: see generate; a
+        prompt whose responses were not all finished then is None."""
         cfg, tokenizer = self.cfg, self.tokenizer
         prompt_ids = [encode_prompt(tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
         if self.model is None:
@@ -49,18 +50,21 @@ class Sampler:
                                                     on_overlong="skip",
                                                     kv_budget_bytes=int(cfg.kv_cache_gb * 2**30) or None, leave=False,
                                                     decode_mode=cfg.decode_mode, prompt_keys=prompt_keys,
-                                                    decode_steps=cfg.decode_steps,
+                                                    decode_steps=cfg.decode_steps, should_stop=should_stop,
                                                     progress=progress, log_every=cfg.log_every)]
+        out = [None if None in r else r for r in out]  # stopped before all its responses were done
         if meter is not None:
-            lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs]
-            sampled = sum(len(r["token_ids"]) for rs in out for r in rs)  # the head runs for these only
+            lens = [len(ids) + len(r["token_ids"]) for ids, rs in zip(prompt_ids, out) for r in rs or ()]
+            sampled = sum(len(r["token_ids"]) for rs in out for r in rs or ())  # the head runs for these only
             meter.add(sum(lens), profile.matmul_flops(self.model.args, lens, head_tokens=sampled))
         return out
 
     def first_answers(self, prompts: list, seed: int, meter=None, prompt_keys: list[int] | None = None,
-                      progress=None) -> list[str]:
-        """One response text per prompt ("" for a prompt too long for the model)."""
-        return [r[0]["text"] if r else "" for r in self(prompts, 1, seed, meter, prompt_keys, progress)]
+                      progress=None, should_stop=None) -> list[str | None]:
+        """One response text per prompt ("" for a prompt too long for the model; None: not finished when
+        should_stop stopped it)."""
+        return [None if r is None else r[0]["text"] if r else ""
+                for r in self(prompts, 1, seed, meter, prompt_keys, progress, should_stop)]
 
 
 def sample_responses(cfg: LoopConfig, device: torch.device, policy_dir: Path, prompts: list, n: int, seed: int,
@@ -92,9 +96,11 @@ class Scorer:
         self.truncated = 0  # sequences cut to cfg.max_length, over every call
 
     @torch.no_grad()
-    def __call__(self, prompts: list, responses: list[list[str]], meter=None, progress=None) -> list[list[float]]:
+    def __call__(self, prompts: list, responses: list[list[str]], meter=None, progress=None,
+                 should_stop=None) -> list[list[float] | None]:
         """Every response's reward. progress: a progress.Progress counting prompts (default: one of its
-        own, counting sequences)."""
+        own, counting sequences). should_stop: asked before each micro-batch (preempt.stopping); once it
+        says True no more are scored, and a prompt with a response left unscored is None."""
         if self.model is None:
             self.model = load_model(self.reward_dir, "reward", device=self.device).eval()
         cfg, device, tokenizer, model = self.cfg, self.device, self.tokenizer, self.model
@@ -115,6 +121,9 @@ class Scorer:
         def score(bins):
             out = []
             for index in bins:
+                if should_stop is not None and should_stop():
+                    out.append(None)
+                    continue
                 batch = make_batch(examples, index).to(device)
                 with precision(device).autocast:
                     out.append(sequence_rewards(model, batch).tolist())
@@ -133,26 +142,27 @@ class Scorer:
             if own:
                 bar.close()
         for index, rewards in zip(bins, scored):
-            for k, r in zip(index, rewards):
+            for k, r in zip(index, rewards or [None] * len(index)):
                 i, j = owner[k]
                 scores[i][j] = r
         if meter is not None:
             lens = [ex.n_tokens for ex in examples]
             meter.add(sum(lens), profile.matmul_flops(model.args, lens, head_tokens=0))
-        return scores
+        return [None if None in s else s for s in scores]
 
 
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
                        kv_budget_bytes: int | None = None, leave: bool = True,
                        decode_mode: str = "auto", prompt_keys: list[int] | None = None, progress=None,
-                       decode_steps: int = 1,
+                       decode_steps: int = 1, should_stop=None,
                        log_every: float = 30.0) -> list[list[dict] | None]:
     """generate, with progress (responses done and tokens/s: the given progress.Progress, counting the
     responses of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
     (, "logprobs")} per prompt, in prompt order (None: a prompt skipped as too long). Under torchrun
     each rank samples every world_size-th prompt and every rank gets them all; each prompt keeps its
-    random streams (prompt_keys, default its index here), so the samples do not depend on the ranks."""
+    random streams (prompt_keys, default its index here), so the samples do not depend on the ranks.
+    should_stop: see generate; a response not finished then is None in its prompt's list."""
     keyed = list(zip(range(len(prompts)) if prompt_keys is None else prompt_keys, prompts))
     own = progress is None
     bar = Progress(len(prompts) * params.n, "generate", "responses", log_every=log_every, leave=leave,
@@ -167,7 +177,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
             lambda share: generate(model, [p for _, p in share], params, slots=slots, max_len=max_len,
                                    on_overlong=on_overlong, progress=step, kv_budget_bytes=kv_budget_bytes,
                                    decode_mode=decode_mode, prompt_keys=[k for k, _ in share],
-                                   decode_steps=decode_steps),
+                                   decode_steps=decode_steps, should_stop=should_stop),
             keyed)
         if own:
             bar.update_to(len(prompts) * params.n)  # prompts skipped as too long included
@@ -182,6 +192,9 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
             continue
         responses = []
         for c in completions:
+            if c is None:  # not finished: should_stop stopped generate
+                responses.append(None)
+                continue
             response = {"text": response_text(tokenizer, c, stops), "token_ids": c.token_ids,
                         "finish_reason": c.finish_reason}
             if c.logprobs is not None:

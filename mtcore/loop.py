@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from mtcore import parallel, profile, rmeval, stages
+from mtcore import parallel, preempt, profile, rmeval, stages
 from mtcore.errors import MtcoreError
 from mtcore.files import read_json, write_json
 from mtcore.rundir import Run
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path | None = None) -> dict:
     """A stage, unless done: run it, write iter_t/<name>.json (its numbers and profile), mark it done.
-    key and result_file name another place (the initial evaluation's)."""
+    key and result_file name another place (the initial evaluation's). A stage's end is a safe point: a
+    stop signal received during a short stage (pairs, eval) stops the run here."""
     key, result_file = key or f"iter_{t}/{name}", result_file or run.iter_dir(t) / f"{name}.json"
     if run.is_done(key):
         return read_json(result_file)
@@ -47,6 +48,7 @@ def run_stage(run: Run, t: int, name: str, fn, key: str = "", result_file: Path 
     if parallel.is_main():  # the stage's shards are in its output now
         shutil.rmtree(stages.shard_dir(run, t, name), ignore_errors=True)
     parallel.barrier()
+    preempt.check(f"after {key}, its results saved")
     return result
 
 

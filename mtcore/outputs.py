@@ -11,6 +11,9 @@ command leaves either the previous output or the new one, never a mix of the two
 - One process per output: a command that writes a directory (`mtcore train`'s run directory
   too) holds its lock (mtcore/lock.py, `<OUT>.lock` beside it) from before it reads OUT until it
   ends; a second process on the same OUT is refused, naming the holder.
+- A command stopped by a signal at a safe point (mtcore/preempt.py) leaves `<OUT>.stopped` beside
+  OUT: the output is unfinished and the same command resumes it. A job script reads it (under
+  torchrun the launcher's exit status cannot say so); the next command on OUT removes it.
 - A command that writes one file (`mtcore generate|score|eval`) writes it atomically (write to a
   temp file, rename); an existing --out that is one of its inputs is refused always, and one that
   does not look like the command's own output is refused unless --overwrite.
@@ -20,9 +23,10 @@ import contextlib
 import json
 import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
-from mtcore import lock, parallel
+from mtcore import lock, parallel, preempt
 from mtcore.errors import MtcoreError
 from mtcore.files import finite, remove_quietly, replace_dir, write_text_atomic
 
@@ -38,7 +42,8 @@ _OVERWRITE_HINT = f"{_ANOTHER}, or pass --overwrite to replace it"
 def one_writer(out):
     """The lock of the output `out` (lock.acquire) while the block runs, released at its end, error or
     not. Under torchrun rank 0 holds it, and every rank stops when rank 0 is refused. The release covers
-    the all-reduce too: a rank that died there (its peer killed) must not leave the lock behind."""
+    the all-reduce too: a rank that died there (its peer killed) must not leave the lock behind.
+    A stop signal (preempt.Preempted) leaves the marker stopped_path(out), which the next holder removes."""
     path, text, refused = lock.lock_path(out), None, None
     try:
         if parallel.is_main():
@@ -48,9 +53,30 @@ def one_writer(out):
                 refused = e
         if parallel.all_max(int(refused is not None)):
             raise refused or MtcoreError(f"{out}: in use by another process (rank 0 says which)")
+        if parallel.is_main():
+            remove_quietly(stopped_path(out))
         yield path
+    except preempt.Preempted as e:
+        if parallel.is_main():
+            _mark_stopped(out, e)
+        raise
     finally:
         lock.release(path, text)
+
+
+def stopped_path(out) -> Path:
+    """<OUT>.stopped, beside the lock: the command writing OUT was stopped by a signal at a safe point,
+    and the same command resumes it."""
+    path = lock.lock_path(out)
+    return path.with_name(f"{path.name.removesuffix('.lock')}.stopped")
+
+
+def _mark_stopped(out, e: "preempt.Preempted") -> None:
+    """The marker, {"signal", "message" (the stop line), "since"}; a disk that refuses it costs the
+    marker only (the stop line is printed anyway)."""
+    since = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    with contextlib.suppress(OSError):
+        write_text_atomic(stopped_path(out), json.dumps({"signal": e.signal, "message": str(e), "since": since}) + "\n")
 
 
 def written_by(directory: Path, command: str) -> bool:

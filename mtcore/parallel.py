@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -49,12 +50,28 @@ def init() -> None:
     MTCORE_DEVICE=cpu keeps the run off its GPUs)."""
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
+    _die_with_launcher()
     if default_device().type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # then "cuda" means this rank's GPU
         dist.init_process_group("cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group("gloo")
     atexit.register(_destroy)
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun (it sets TORCHELASTIC_RUN_ID) on Linux, SIGTERM to this rank when its launcher
+    dies (prctl PR_SET_PDEATHSIG). torchrun starts each rank in a session of its own, so what kills the
+    launcher outright (SIGKILL, or a signal it does not handle: SIGUSR1 without --signals-to-handle)
+    reaches no rank, and the ranks ran on as orphans; now they stop at their next safe point."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        logging.getLogger(__name__).warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this rank will outlive "
+                                            "a launcher that is killed", ctypes.get_errno())
 
 
 def _destroy() -> None:

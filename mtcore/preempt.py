@@ -6,6 +6,13 @@ where it stopped, and exits 143 (128 + SIGTERM, as a process killed by it would)
 it at once (the signal's default action); the directory is resumable either way, since every file is
 written atomically. Rerunning the same command resumes.
 
+Under torchrun the launcher gets the signal and forwards it to every rank (with `--signals-to-handle`
+naming it: SIGUSR1 is not in torchrun's default list). Each rank only notes it (`stopping()`, local);
+the long loops (a sampler's decode steps, a scorer's micro-batches) look at that note and return what
+they finished, and the next safe point asks every rank (`requested()`, one all-reduce), so all stop
+there together. Rank 0 alone prints. torchrun SIGKILLs the ranks after its --shutdown-timeout (30 s by
+default): the safe point must come sooner (docs/scale-out.md#preemption gives the bound).
+
 The commands that have safe points call `install()`; the others keep the default action (they write
 their output atomically at the end, so a kill loses nothing written before).
 """
@@ -26,7 +33,8 @@ class Preempted(Exception):
     """Raised at a safe point after a stop signal; the message says where the command stopped."""
 
     def __init__(self, where: str):
-        super().__init__(f"stopped by {_received or 'a signal'} {where}; rerun the same command to resume")
+        self.signal = _received or "a signal"
+        super().__init__(f"stopped by {self.signal} {where}; rerun the same command to resume")
 
 
 def _handle(signum, frame) -> None:
@@ -36,9 +44,10 @@ def _handle(signum, frame) -> None:
         os.kill(os.getpid(), signum)
         return
     _received = signal.Signals(signum).name
-    sys.stderr.write(f"{_received} received: stopping at the next safe point (a saved shard or training step); "
-                     f"send it again to stop at once\n")
-    sys.stderr.flush()
+    if os.environ.get("RANK", "0") == "0":  # torchrun signals every rank: one line, rank 0's
+        sys.stderr.write(f"{_received} received: stopping at the next safe point (a saved shard or training "
+                         f"step); send it again to stop at once\n")
+        sys.stderr.flush()
 
 
 def install() -> None:
@@ -56,10 +65,21 @@ def uninstall() -> None:
         signal.signal(s, signal.SIG_DFL)
 
 
+def stopping() -> bool:
+    """Whether this process received a stop signal: local, no collective, so a loop whose ranks run
+    different numbers of steps may call it at every step (and then return what it has finished)."""
+    return _received is not None
+
+
 def requested() -> bool:
     """Whether any rank received a stop signal: every rank agrees (one all-reduce), so all of them stop
-    at the same safe point and none is left waiting in a collective."""
-    return bool(parallel.all_reduce_sum([float(_received is not None)])[0])
+    at the same safe point and none is left waiting in a collective. A rank that was not signalled
+    itself (a signal sent to one rank only) takes the signal's name from the others, for the line."""
+    global _received
+    number = parallel.all_max(signal.Signals[_received].value if _received else 0)
+    if number and _received is None:
+        _received = signal.Signals(number).name
+    return bool(number)
 
 
 def check(where: str) -> None:

@@ -562,7 +562,8 @@ def _cuda_graph(forward, device):
 def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slots: int | None = None,
              max_len: int | None = None, on_overlong: str = "error", progress=None,
              kv_budget_bytes: int | None = None, decode_mode: str = "auto",
-             prompt_keys: list[int] | None = None, decode_steps: int = 1) -> list[list[Completion] | None]:
+             prompt_keys: list[int] | None = None, decode_steps: int = 1,
+             should_stop=None) -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
 
@@ -576,6 +577,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     decode_mode: one of DECODE_MODES.
     decode_steps: decode steps per visit of the host (mtcore/decode_blocks.py); the same tokens. 0: chosen
     (decode_blocks.choose_steps) from the first plain steps' device and host times.
+    should_stop: asked before each step (preempt.stopping); when it says True, generate returns at once,
+    the requests not finished left None in their prompt's list (a rerun draws them again, identically).
     """
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
@@ -611,6 +614,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     batch, queue = SlotBatch.empty(cache.slots, device), deque(range(len(requests)))
     timed = False  # whether this pass through the loop decoded a timed step
     while True:
+        if should_stop is not None and should_stop():
+            return results
         active, free = batch.active(), len(batch.free())
         if queue and free and (not active or free * REFILL_FRACTION >= cache.slots
                                or batch.idle_steps >= REFILL_EVERY):

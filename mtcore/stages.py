@@ -46,7 +46,9 @@ def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None
     cfg.shard_prompts per rank (consecutive, on a fixed grid: the same in a resumed run as in an
     uninterrupted one). Each finished shard is saved in <stage>.shards/<part>/ before the next starts,
     and a rerun reads the saved ones instead of computing them again: a kill loses at most the shard
-    in progress. After each shard, a stop signal stops the run here (preempt.check).
+    in progress. After each shard, a stop signal stops the run here (preempt.check). fn stops early
+    on a stop signal (its loops ask preempt.stopping) and gives None for the items it did not finish:
+    the finished ones are saved, so a shard of thousands of prompts need not end before the run stops.
     progress: the stage's progress.Progress, counting `weight` per item (default: one of this call's
     own); fn updates it as it goes, and each shard's end sets the exact count."""
     directory = shard_dir(run, t, stage) / part
@@ -62,9 +64,10 @@ def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None
                 continue
             for i, r in zip(todo, fn(todo, progress)):
                 results[i] = r
-            computed += len(todo)
+            finished = [i for i in todo if results[i] is not None]  # all of them, unless a signal cut it short
+            computed += len(finished)
             progress.update_to(base + weight * computed)
-            _save_shard(run, t, stage, part, directory, todo, results, min(n, start + size), n)
+            _save_shard(run, t, stage, part, directory, finished, results, n)
     return results
 
 
@@ -72,14 +75,16 @@ def stage_progress(run: Run, t: int, stage: str, total: int, unit: str = "prompt
     return Progress(total, f"iteration {t} {stage}", unit, log_every=run.cfg.log_every, item_tokens=item_tokens)
 
 
-def _save_shard(run: Run, t: int, stage: str, part: str, directory: Path, todo: list[int], results: list,
-                upto: int, n: int) -> None:
-    """A finished shard, saved; then a stop signal stops the run here."""
-    if parallel.is_main():
-        write_text_atomic(directory / f"{todo[0]:07d}-{todo[-1]:07d}.json",
-                          json.dumps({"indices": todo, "results": [results[i] for i in todo]}))
+def _save_shard(run: Run, t: int, stage: str, part: str, directory: Path, finished: list[int], results: list,
+                n: int) -> None:
+    """A shard's finished items, saved (the file named by the first and last: the items of one shard cut
+    short and of its rest never share both); then a stop signal stops the run here."""
+    if parallel.is_main() and finished:
+        write_text_atomic(directory / f"{finished[0]:07d}-{finished[-1]:07d}.json",
+                          json.dumps({"indices": finished, "results": [results[i] for i in finished]}))
     parallel.barrier()
-    preempt.check(f"in iteration {t}'s {stage} stage, with {upto} of {n} items of {part} saved in {directory}")
+    saved = sum(r is not None for r in results)
+    preempt.check(f"in iteration {t}'s {stage} stage, with {saved} of {n} items of {part} saved in {directory}")
 
 
 def _read_shards(directory: Path) -> dict:
@@ -101,14 +106,16 @@ def _answers(run: Run, t: int, stage: str, part: str, sampler: Sampler, prompts:
              progress=None) -> list[str]:
     """One answer per prompt from `sampler`, in shards; prompt i draws from the streams of (seed, i)."""
     return in_shards(run, t, stage, part, len(prompts), lambda idx, bar: sampler.first_answers(
-        [prompts[i] for i in idx], seed, meter, prompt_keys=idx, progress=bar), progress)
+        [prompts[i] for i in idx], seed, meter, prompt_keys=idx, progress=bar, should_stop=preempt.stopping),
+        progress)
 
 
 def _scores(run: Run, t: int, stage: str, part: str, scorer: Scorer, prompts: list, responses: list[list[str]],
             meter, progress=None) -> list[list[float]]:
     """scorer's rewards of every response, in shards of prompts."""
     return in_shards(run, t, stage, part, len(prompts), lambda idx, bar: scorer(
-        [prompts[i] for i in idx], [responses[i] for i in idx], meter, progress=bar), progress)
+        [prompts[i] for i in idx], [responses[i] for i in idx], meter, progress=bar, should_stop=preempt.stopping),
+        progress)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,8 +130,8 @@ def stage_sample(run: Run, t: int, meter) -> dict:
     sampler = Sampler(run.cfg, run.device, run.policy(t - 1))
     with stage_progress(run, t, "sample", m * len(prompts), "responses", run.cfg.max_new_tokens) as bar:
         responses = in_shards(run, t, "sample", "responses", len(prompts),
-                              lambda idx, bar: sampler([prompts[i] for i in idx], m, seed, meter,
-                                                       prompt_keys=idx, progress=bar), bar, weight=m)
+                              lambda idx, bar: sampler([prompts[i] for i in idx], m, seed, meter, prompt_keys=idx,
+                                                       progress=bar, should_stop=preempt.stopping), bar, weight=m)
     if parallel.is_main():
         write_jsonl(run.iter_dir(t) / "samples.jsonl",
                     [{"prompt": p, "responses": r} for p, r in zip(prompts, responses)])
