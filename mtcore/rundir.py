@@ -4,8 +4,9 @@ models have been checked; a run directory holds one run, and a rerun resumes it.
 
   config.toml        the run's identity (config.LoopConfig less its runtime keys)
   splits.json        the prompt splits: selection, rm, policy_1 ... policy_T (the toy world: test too)
-  prompts.sha256     the prompts' content hash, part of the run's identity (their path is not: a renamed
-                     or moved prompts file resumes the run, other prompts at the same path do not)
+  prompts.sha256     the prompts' content hash and count, part of the run's identity (their path is not:
+                     a renamed or moved prompts file resumes the run, other prompts at the same path do
+                     not, except prompts appended to extend it)
   state.json         the stages done, where the run stopped early, a stage that failed
   iter_t/            one iteration's files: samples, pairs, candidates, policy, reward, <stage>.json
 
@@ -42,7 +43,16 @@ SHARD_KEYS = {"policy", "reward", "prompts", "prompts_split", "prompt_field", "s
 STATE_ADVICE = "restore it, or delete it to run every stage again"
 SPLITS_ADVICE = "restore it, or start the run in another --out"
 CONFIG_ADVICE = "restore it, or start the run in another --out"
-PROMPTS_HASH = "prompts.sha256"  # the prompts' content hash (Run.prompts_sha256), written with config.toml
+# "<the prompts' content hash> <count> [<count> ...]": the count the run started from, then the count
+# after each time prompts were appended to extend it (the order its splits are cut from), written with config.toml
+PROMPTS_HASH = "prompts.sha256"
+
+
+def prompts_sha256(prompts: list) -> str:
+    """The hash of prompts as read (each prompt_of, in file order): the same for the same prompts in a
+    renamed, moved, gzipped or Parquet file, other for any prompt changed, added or removed."""
+    text = json.dumps(prompts, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def read_run_file(path: Path, read, advice: str):
@@ -162,7 +172,8 @@ class Run:
         changed = [] if saved is None else [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
         changed += ["prompts"] if other_prompts and "prompts" not in changed else []
         began = self._begun() > 0
-        if other_prompts and began:
+        if other_prompts and began and not (type(saved.get("iters")) is int and self.cfg.iters > saved["iters"]
+                                            and self._appended()):  # appended prompts extend a run
             self._refuse_other_prompts()
         even = self.world is None and self.cfg.policy_split_size == 0  # --iters decides every split
         replace = saved is not None and not began and (
@@ -173,7 +184,7 @@ class Run:
                 if replace:
                     self._replace(changed)
                 write_json(splits_file, self.splits)  # first: a config.toml always has its splits
-                self._write_prompts_hash()
+                self._write_prompts_hash(fresh=True)
                 write_text_atomic(config_file, to_toml(mine))
             return
         saved = self._check_same_config(saved)
@@ -185,10 +196,69 @@ class Run:
         self._check_models()
 
     def prompts_sha256(self) -> str:
-        """The hash of the prompts as read (each prompt_of, in file order): the same for the same prompts
-        in a renamed, moved, gzipped or Parquet file, other for any prompt changed, added or removed."""
-        text = json.dumps(self._prompts(), ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return prompts_sha256(self._prompts())
+
+    def _saved_hash(self) -> tuple[str, list[int]]:
+        """PROMPTS_HASH's (hash, counts); none where it is not written (a run made before it)."""
+        path = self.dir / PROMPTS_HASH
+        fields = path.read_text(encoding="utf-8").split() if path.exists() else []
+        counts = [int(f) for f in fields[1:] if f.isdigit()]
+        return (fields[0] if fields else ""), counts
+
+    def _appended(self) -> bool:
+        """Whether --prompts holds the run's prompts, then more (appended to its file)."""
+        digest, counts = self._saved_hash()
+        prompts = self._prompts()
+        return bool(counts) and len(prompts) > counts[-1] and prompts_sha256(prompts[:counts[-1]]) == digest
+
+    def _counts(self) -> list[int]:
+        """The ends of the prompts' parts: the run's own counts, this file's where it appended prompts;
+        [all of them] for a run on them as they are without a record (made before PROMPTS_HASH)."""
+        digest, counts = self._saved_hash()
+        n = len(self._prompts())
+        if self._appended():
+            return counts + [n]
+        return counts if counts and counts[-1] == n and digest == self.prompts_sha256() else [n]
+
+    def _prompt_order(self) -> list:
+        """The prompts in the order the run's splits are cut from: shuffled by the seed, then each part
+        appended to extend the run after them, shuffled alike."""
+        order, start = [], 0
+        for end in self._counts():
+            part = list(self._prompts()[start:end])
+            random.Random(self.cfg.seed).shuffle(part)
+            order, start = order + part, end
+        return order
+
+    def _extended_splits(self, splits: dict, saved_iters: int) -> dict:
+        """A real run's splits for a larger --iters: its own as they are, then the new iterations' from the
+        prompts it has not used, in _prompt_order: policy_split_size each, or, where fewer are left, an
+        even share of them (a run on 100-127 prompts extends on the same file). The advice where none is
+        left for a new iteration keeps the run's own sizes, which its identity holds."""
+        iters, size, order = self.cfg.iters, self.cfg.policy_split_size, self._prompt_order()
+        names = ["selection", "rm"] + [f"policy_{t}" for t in range(1, saved_iters + 1)]
+        rebuilt, start = {}, 0
+        for name in names:
+            rebuilt[name], start = order[start:start + len(splits[name])], start + len(splits[name])
+        rebuilt = json.loads(json.dumps(rebuilt, sort_keys=True))
+        changed = next((k for k in names if rebuilt[k] != splits[k]), None)
+        if changed:
+            raise MtcoreError(f"--iters {iters}: the prompts ({self.cfg.prompts}) no longer give this run's {changed} "
+                              f"split; extend the run with the prompts it started from, or with more appended to them")
+        left, new = order[start:], iters - saved_iters
+        per = min(size, len(left) // new)
+        if per == 0:
+            raise MtcoreError(f"--iters {iters}: {self.cfg.prompts} has {len(left)} prompts left after this run's "
+                              f"splits, fewer than one for each of the {new} new iterations; append prompts to it "
+                              f"(the run keeps its splits; {size} an iteration at most), or give --iters "
+                              f"{saved_iters + len(left)} or less")
+        if per < size and parallel.is_main():
+            log.warning("%s: %d prompts are left after the run's splits: the new policy splits take %d each "
+                        "(policy_split_size %d); append prompts to %s for full ones", self.dir, len(left), per,
+                        size, self.cfg.prompts)
+        for k in range(new):
+            rebuilt[f"policy_{saved_iters + 1 + k}"] = left[k * per:(k + 1) * per]
+        return json.loads(json.dumps(rebuilt, sort_keys=True))
 
     def _prompts(self) -> list:
         """--prompts' prompts in file order, read once."""
@@ -205,7 +275,7 @@ class Run:
         path = self.dir / PROMPTS_HASH
         if saved is None or self.world is not None or not path.exists():
             return saved, False, False
-        same = path.read_text(encoding="utf-8").strip() == self.prompts_sha256()
+        same = self._saved_hash()[0] == self.prompts_sha256()
         moved = same and saved.get("prompts") != self.cfg.prompts
         if moved and parallel.is_main():
             log.warning("%s: the prompts moved (%r there, %r now; the same content); the run goes on with %r",
@@ -226,9 +296,11 @@ class Run:
         except MtcoreError as e:
             log.warning("%s: the prompts' record is not updated (%s)", self.dir, e)
 
-    def _write_prompts_hash(self) -> None:
+    def _write_prompts_hash(self, fresh: bool = False) -> None:
+        """PROMPTS_HASH for the prompts given; fresh: a new run's (its splits cut from one shuffle)."""
         if self.world is None:
-            write_text_atomic(self.dir / PROMPTS_HASH, self.prompts_sha256() + "\n")
+            counts = [len(self._prompts())] if fresh else self._counts()
+            write_text_atomic(self.dir / PROMPTS_HASH, " ".join([self.prompts_sha256(), *map(str, counts)]) + "\n")
 
     def _replace(self, changed: list[str]) -> None:
         """A directory in which no iteration's stage has finished takes this command's config. The
@@ -289,12 +361,10 @@ class Run:
                 raise MtcoreError(f"--iters {iters}: {self.dir} split its prompts evenly over its {saved_iters} "
                                   f"iterations (policy_split_size = 0), so it cannot be extended; give --iters "
                                   f"{saved_iters}, or start a new run from its last policy")
-            new = self._new_splits()
+            new = self._new_splits() if self.world is not None else self._extended_splits(splits, saved_iters)
             changed = [k for k in splits if new.get(k) != splits[k]]
             if changed:
-                raise MtcoreError(f"--iters {iters}: the prompts ({self.cfg.prompts or 'the toy world'}) no longer "
-                                  f"give this run's {changed[0]} split; extend the run with the prompts it started "
-                                  f"from")
+                raise MtcoreError(f"--iters {iters}: the toy world no longer gives this run's {changed[0]} split")
             if parallel.is_main():
                 log.warning("%s: extending the run from %d to %d iterations (new policy splits policy_%d..policy_%d)",
                             self.dir, saved_iters, iters, saved_iters + 1, iters)
@@ -303,6 +373,7 @@ class Run:
             log.warning("%s: --iters %d ends the run sooner than its config's %d", self.dir, iters, saved_iters)
         if parallel.is_main():
             write_json(splits_file, splits)
+            self._write_prompts_hash()  # prompts appended to extend the run are its prompts now
             write_text_atomic(self.dir / "config.toml", to_toml({**saved, "iters": iters}))
         return splits
 

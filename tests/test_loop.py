@@ -596,3 +596,37 @@ def test_other_prompts_replace_a_run_in_which_no_stage_finished(tmp_path):
     prompts.write_text(prompts.read_text().replace("sort", "order"))
     run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
     assert (tmp_path / "run" / "prompts.sha256").read_text() != digest and "order" in json.dumps(run.splits)
+
+def test_a_small_run_extends_on_its_own_file_and_with_prompts_appended(tmp_path, caplog):
+    """#35's newcomer: 20 prompts, 2 iterations of 4 after a selection set of 4 and an RM split of 6 (18
+    used). --iters 3 extends it on the same file (the 2 prompts left make policy_3); 8 prompts appended
+    extend it to 4 iterations (policy_4: 4 of them) and 5 (the other 4); where none is left for a new
+    iteration the error advises only what is then accepted."""
+    policy, reward, prompts = tiny_world(tmp_path, n_prompts=20)
+    cfg = dict(policy_split_size=4)
+    run_dir = tmp_path / "run"
+    run = Run(run_dir, tiny_config(policy, reward, prompts, **cfg))
+    for key in ("iter_1/sample", "iter_2/sample"):
+        run.mark_done(key)
+    first = json.loads((run_dir / "splits.json").read_text())
+    used = [p[0]["content"] for p in sum(first.values(), [])]  # each a one-message list, as prompt_of gives it
+    with caplog.at_level("WARNING"):
+        third = Run(run_dir, tiny_config(policy, reward, prompts, iters=3, **cfg)).splits
+    assert "2 prompts are left after the run's splits: the new policy splits take 2 each" in caplog.text
+    assert {k: third[k] for k in first} == first
+    everything = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    assert sorted(p[0]["content"] for p in third["policy_3"]) == sorted(set(everything) - set(used))
+    appended = [json.dumps({"prompt": f"sort {i} 7 1"}) for i in range(8)]
+    prompts.write_text(prompts.read_text() + "\n".join(appended) + "\n")
+    with pytest.raises(MtcoreError, match="holds a run on other prompts"):  # appended, but not extending
+        Run(run_dir, tiny_config(policy, reward, prompts, iters=3, **cfg))
+    fourth = Run(run_dir, tiny_config(policy, reward, prompts, iters=4, **cfg)).splits
+    assert {k: fourth[k] for k in third} == third and len(fourth["policy_4"]) == 4
+    assert {p[0]["content"] for p in fourth["policy_4"]} <= {f"sort {i} 7 1" for i in range(8)}
+    assert (run_dir / "prompts.sha256").read_text().split()[1:] == ["20", "28"]
+    Run(run_dir, tiny_config(policy, reward, prompts, iters=4, **cfg))  # resumed on the grown file
+    with pytest.raises(MtcoreError, match=r"4 prompts left after this run's splits, fewer than one for each of the "
+                                          r"5 new iterations; append prompts .* or give --iters 8 or less"):
+        Run(run_dir, tiny_config(policy, reward, prompts, iters=9, **cfg))
+    eighth = Run(run_dir, tiny_config(policy, reward, prompts, iters=8, **cfg)).splits  # the advice holds
+    assert [len(eighth[f"policy_{t}"]) for t in range(5, 9)] == [1, 1, 1, 1]
