@@ -597,6 +597,7 @@ def test_other_prompts_replace_a_run_in_which_no_stage_finished(tmp_path):
     run = Run(tmp_path / "run", tiny_config(policy, reward, prompts))
     assert (tmp_path / "run" / "prompts.sha256").read_text() != digest and "order" in json.dumps(run.splits)
 
+
 def test_a_small_run_extends_on_its_own_file_and_with_prompts_appended(tmp_path, caplog):
     """#35's newcomer: 20 prompts, 2 iterations of 4 after a selection set of 4 and an RM split of 6 (18
     used). --iters 3 extends it on the same file (the 2 prompts left make policy_3); 8 prompts appended
