@@ -447,9 +447,11 @@ def loop_options(fn):
 def train(out, config_file, redo, **options):
     """The Mutual-Taught iteration. With no --policy/--reward/--prompts: the built-in toy world.
 
-    --no-m-step runs the fixed-RM iterative-DPO baseline. Every option is also a config-file key."""
+    --no-m-step runs the fixed-RM iterative-DPO baseline; with --pair-rule mutual, the E-step-only arm
+    (Mutual-Taught less its M-step). Every option is also a config-file key."""
     from mtcore import loop, report, toy
     from mtcore.config import config_file_path, read_config_file, resolve_config
+    from mtcore.mutual_taught import arm
     from mtcore.outputs import one_writer
     from mtcore.rundir import Run
 
@@ -458,7 +460,7 @@ def train(out, config_file, redo, **options):
     with one_writer(out):
         run = Run(out, cfg, world=None if cfg.policy else toy.world(), redo=redo)
         echo(f"run directory {out} ({'toy world' if run.world else cfg.policy}; "
-             f"{'Mutual-Taught' if cfg.m_step else 'fixed-RM baseline'}, {cfg.iters} iterations)")
+             f"{arm(cfg.m_step, cfg.pair_rule)}, {cfg.iters} iterations)")
         metrics = loop.train(run, echo=echo, reporter=reporter)
     echo(loop.ending(run, metrics))
 

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 from mtcore.errors import MtcoreError, check_ranges
+from mtcore.mutual_taught import PAIR_RULES, RM_DATA, pair_rule
 
 # The sampler's decode steps (mtcore/sampler.py), all giving the same tokens.
 DECODE_MODES = ("auto", "eager", "compile", "graphs", "compile-graphs")
@@ -28,6 +29,7 @@ class LoopConfig:
     iters: int = 2
     seed: int = 0
     m_step: bool = True  # False: the fixed-RM iterative-DPO baseline (best vs worst of M)
+    pair_rule: str = ""  # the E-step's pairing rule; "": the M-step's (mutual with it, best-worst without)
     # E-step sampling
     samples: int = 5
     temperature: float = 0.8
@@ -50,6 +52,7 @@ class LoopConfig:
     rm_lr: float = 2e-6
     rm_batch_size: int = 512
     rm_epochs: int = 1
+    rm_data: str = "iteration"  # the RM's pairs: this iteration's (the paper's), or "all" iterations' so far
     policy_split_size: int = 18000  # prompts per E-step split (0: the rest split evenly over iters)
     # toy world only
     eval_samples: int = 4  # test-set samples per prompt for the gold evaluation
@@ -89,7 +92,11 @@ LOOP_HELP = {
                     "falls back to \"messages\").",
     "iters": "Mutual-Taught iterations (E-step + M-step each).",
     "seed": "Seed of the prompt splits and of every stage's sampling and training.",
-    "m_step": "Retrain the RM every iteration; --no-m-step is the fixed-RM iterative-DPO baseline.",
+    "m_step": "Retrain the RM every iteration; --no-m-step is the fixed-RM iterative-DPO baseline (with its "
+              "best-worst pairs unless --pair-rule says otherwise).",
+    "pair_rule": "The E-step's pairs: mutual (the shortest response above the prompt's mean reward against the "
+                 "lowest) or best-worst (the highest against the lowest, RLHFlow's); default: mutual with the "
+                 "M-step, best-worst with --no-m-step. --no-m-step --pair-rule mutual: the E-step-only arm.",
     "samples": "Responses sampled per prompt in the E-step (M).",
     "temperature": "Sampling temperature (0: greedy).",
     "top_p": "Nucleus sampling mass, in (0, 1].",
@@ -108,6 +115,8 @@ LOOP_HELP = {
     "rm_lr": "Reward-model peak learning rate (Bradley-Terry, from the base RM every iteration).",
     "rm_batch_size": "Reward-model pairs per optimizer step.",
     "rm_epochs": "Reward-model epochs over each iteration's pairs.",
+    "rm_data": "The RM's pairs (pseudo-pairs and E-step pairs) at iteration t: iteration (t's own, the paper's) "
+               "or all (iterations 1 to t's), always trained from the base RM.",
     "policy_split_size": "Prompts in each iteration's E-step split, taken after the selection set and the RM split "
                          "(the paper's ~40,000 UltraFeedback prompts over its 2 iterations); fixed, so a larger "
                          "--iters extends a run. 0: the rest split evenly over --iters (no extending).",
@@ -156,6 +165,8 @@ LOOP_RANGES = {
     "eval_samples": _at_least(1), "kv_cache_gb": _at_least(0), "save_state_every": _at_least(0),
     "shard_prompts": _at_least(1), "log_every": _at_least(0), "decode_steps": _at_least(0),
     "decode_mode": (lambda v: v in DECODE_MODES, f"one of {', '.join(DECODE_MODES)}"),
+    "pair_rule": (lambda v: v in ("", *PAIR_RULES), f"one of {', '.join(PAIR_RULES)}"),
+    "rm_data": (lambda v: v in RM_DATA, f"one of {', '.join(RM_DATA)}"),
 }
 
 
@@ -191,6 +202,9 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
         if type(value) is not want:
             raise MtcoreError(f"config key {key}: expected {want.__name__}, got {value!r}")
     cfg = LoopConfig(**values)
+    if cfg.rm_data != "iteration" and not cfg.m_step:
+        raise MtcoreError(f"--rm-data {cfg.rm_data} chooses the M-step's pairs, and --no-m-step trains no reward "
+                          f"model; leave --rm-data out")
     if not real and (cfg.prompts_split or cfg.prompt_field != "prompt"):
         raise MtcoreError("--prompts-split and --prompt-field name what to read in --prompts; the toy world has none")
     from mtcore.device import default_device  # (torch: not imported for --help)
@@ -287,10 +301,13 @@ def to_toml(values: dict) -> str:
 
 
 # Keys added after runs were made: left out of the identity at their default, so those runs resume.
-LATER_KEYS = {"prompts_split": "", "prompt_field": "prompt"}
+LATER_KEYS = {"prompts_split": "", "prompt_field": "prompt", "pair_rule": "", "rm_data": "iteration"}
 
 
 def identity(cfg: LoopConfig) -> dict:
-    """What must match for a run directory to be resumed."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items()
+    """What must match for a run directory to be resumed. The pairing rule is the one the run uses,
+    left out where it is the M-step's default (so --pair-rule mutual with the M-step is the run without it)."""
+    rule = pair_rule(cfg.pair_rule, cfg.m_step)
+    values = {**dataclasses.asdict(cfg), "pair_rule": "" if rule == pair_rule("", cfg.m_step) else rule}
+    return {k: v for k, v in values.items()
             if k not in RUNTIME_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}

@@ -5,7 +5,7 @@ Iteration t turns (pi_{t-1}, r_{t-1}) into (pi_t, r_t), with no new human label:
   E-step: the policy learns from the current reward model
     sample    pi_{t-1} samples M responses to each prompt of this iteration's policy split
     score     r_{t-1} scores every response
-    pairs     one (chosen, rejected) pair per prompt           -> preference_pairs
+    pairs     one (chosen, rejected) pair per prompt           -> pair_rule, preference_pairs
     dpo       DPO from pi_{t-1} (the reference), a candidate every K steps
     select    each candidate answers the selection set against pi_{t-1}; r_{t-1} judges;
               the best candidate is pi_t, or the run stops       -> win_rate, choose_candidate
@@ -13,7 +13,7 @@ Iteration t turns (pi_{t-1}, r_{t-1}) into (pi_t, r_t), with no new human label:
     msample   pi_t and pi_{t-1} answer the RM split: y_new, y_old
               pseudo-pairs y_new > y_old, filtered by r_{t-1}    -> pseudo_pairs
     rm        Bradley-Terry from the BASE reward model r_0 on the pseudo-pairs plus the
-              E-step's pairs                                     -> rm_training_pairs
+              E-step's pairs (this iteration's, or every one's so far) -> rm_training_pairs
 
 Everything here is a pure function of numbers and texts: no file, no model, no process group.
 mtcore/stages.py runs each step on real models and the run directory; mtcore/loop.py runs the
@@ -61,18 +61,38 @@ def best_worst_pair(rewards: list[float], lengths: list[int]) -> tuple[int, int]
     return None if rewards[best] == rewards[worst] else (best, worst)
 
 
-def preference_pairs(rows: list[dict], m_step: bool) -> tuple[list[dict], int]:
+PAIR_RULES = {"mutual": mutual_pair, "best-worst": best_worst_pair}  # by --pair-rule's name
+
+
+def pair_rule(given: str, m_step: bool) -> str:
+    """The E-step's pairing rule: the one given, else the M-step's own (mutual with it; best-worst
+    without, the fixed-RM baseline's). The two are independent: no M-step with the mutual rule is the
+    E-step-only arm, which differs from Mutual-Taught by the M-step alone."""
+    return given or ("mutual" if m_step else "best-worst")
+
+
+ARMS = {(True, "mutual"): "Mutual-Taught", (False, "best-worst"): "fixed-RM baseline",
+        (False, "mutual"): "E-step only: Mutual-Taught's pairs, fixed RM",
+        (True, "best-worst"): "Mutual-Taught with best-worst pairs"}
+
+
+def arm(m_step: bool, given_rule: str = "") -> str:
+    """The arm that the M-step setting and the pairing rule make, as a run names itself."""
+    return ARMS[m_step, pair_rule(given_rule, m_step)]
+
+
+def preference_pairs(rows: list[dict], rule: str) -> tuple[list[dict], int]:
     """The E-step's DPO pairs from scored samples, one per prompt where the rule finds one.
 
-    rows: {"prompt", "responses": [{"text", "token_ids"}], "rewards": [float]} per prompt. The rule is
-    mutual_pair, or best_worst_pair for the fixed-RM baseline; a response's length is its token count.
+    rows: {"prompt", "responses": [{"text", "token_ids"}], "rewards": [float]} per prompt. rule names
+    one of PAIR_RULES (pair_rule); a response's length is its token count.
     Returns (pairs {"prompt", "chosen", "rejected", "chosen_ids", "rejected_ids", "chosen_reward",
     "rejected_reward"}, the number of prompts without a pair)."""
-    rule = mutual_pair if m_step else best_worst_pair
+    pick = PAIR_RULES[rule]
     pairs, no_pair = [], 0
     for row in rows:
         rs = row["responses"]
-        picked = rule(row["rewards"], [len(r["token_ids"]) for r in rs]) if len(rs) >= 2 else None
+        picked = pick(row["rewards"], [len(r["token_ids"]) for r in rs]) if len(rs) >= 2 else None
         if picked is None:
             no_pair += 1
             continue
@@ -134,6 +154,16 @@ def rm_training_pairs(pseudo: list[dict], estep: list[dict]) -> list[dict]:
     was worse in its ablation). The RM trains on them from the base RM r_0 every iteration, not from
     r_{t-1}, so the reused RM split is not fitted twice."""
     return pseudo + estep
+
+
+RM_DATA = ("iteration", "all")  # --rm-data's values
+
+
+def rm_data_iterations(t: int, rm_data: str) -> range:
+    """The iterations whose pairs (rm_training_pairs of each) train r_t. "iteration": t's alone, the
+    paper's as far as its sources say; since r_t starts from r_0, what r_{t-1} learnt is then not
+    carried into r_t. "all": every iteration's so far, 1 to t, so it is."""
+    return range(1, t + 1) if rm_data == "all" else range(t, t + 1)
 
 
 # ------------------------------------------------------------------------------------------------

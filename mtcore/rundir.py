@@ -24,7 +24,7 @@ from typing import Callable
 
 from mtcore import parallel, rmeval
 from mtcore.checkpoint import check_checkpoint, resolve
-from mtcore.config import LoopConfig, identity, read_config_file, to_toml
+from mtcore.config import LATER_KEYS, LoopConfig, identity, read_config_file, to_toml
 from mtcore.data import Source, prompt_of, read_rows
 from mtcore.device import default_device
 from mtcore.errors import MtcoreError
@@ -46,6 +46,12 @@ CONFIG_ADVICE = "restore it, or start the run in another --out"
 # "<the prompts' content hash> <count> [<count> ...]": the count the run started from, then the count
 # after each time prompts were appended to extend it (the order its splits are cut from), written with config.toml
 PROMPTS_HASH = "prompts.sha256"
+
+
+def _shown(key: str, value) -> str:
+    """A config value as a refusal names it: a later key's default as "the default" (for the pairing
+    rule, the M-step's own)."""
+    return "the default" if key in LATER_KEYS and value == LATER_KEYS[key] else repr(value)
 
 
 def prompts_sha256(prompts: list) -> str:
@@ -384,15 +390,17 @@ class Run:
         mine = identity(self.cfg)
         failed = self.state.get("failed")
         retry = RETRY_KEYS[failed.rsplit("/", 1)[1]] if failed else ()
-        diff = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k) and k != "iters"]
-        lacks = [k for k in diff if k not in saved]
-        if lacks and not [k for k in diff if k in saved and k not in retry]:  # what it holds is ours: cut short
+        full, full_mine = {**LATER_KEYS, **saved}, {**LATER_KEYS, **mine}  # a later key left out: its default
+        diff = [k for k in sorted(set(full) | set(full_mine)) if full.get(k) != full_mine.get(k) and k != "iters"]
+        lacks = [k for k in diff if k not in full]
+        if lacks and not [k for k in diff if k in full and k not in retry]:  # what it holds is ours: cut short
             raise MtcoreError(f"{self.dir / 'config.toml'}: lacks {lacks[0]}"
                               + (f" and {len(lacks) - 1} more" if len(lacks) > 1 else "")
                               + f" (cut short, or written by another version of mtcore); {CONFIG_ADVICE}")
         refused = [k for k in diff if k not in retry]
         if refused:
-            listed = "; ".join(f"{k} {saved.get(k)!r} there, {mine.get(k)!r} now" for k in refused)
+            listed = "; ".join(f"{k} {_shown(k, full.get(k))} there, {_shown(k, full_mine.get(k))} now"
+                               for k in refused)
             raise MtcoreError(f"{self.dir} holds a run with another config ({listed}); resume it with its own "
                               f"values (its config.toml: --config {self.dir / 'config.toml'}), extend it with a "
                               f"larger --iters, or give another --out")

@@ -152,8 +152,9 @@ def stage_score(run: Run, t: int, meter) -> dict:
 
 
 def stage_pairs(run: Run, t: int, meter) -> dict:
-    """One DPO pair per prompt (mutual_taught.preference_pairs)."""
-    pairs, no_pair = mutual_taught.preference_pairs(read_jsonl(run.iter_dir(t) / "scored.jsonl"), run.cfg.m_step)
+    """One DPO pair per prompt (mutual_taught.preference_pairs, by the run's pair_rule)."""
+    rule = mutual_taught.pair_rule(run.cfg.pair_rule, run.cfg.m_step)
+    pairs, no_pair = mutual_taught.preference_pairs(read_jsonl(run.iter_dir(t) / "scored.jsonl"), rule)
     if parallel.is_main():
         write_jsonl(run.iter_dir(t) / "pairs.jsonl", pairs)
     return {"pairs": len(pairs), "prompts_without_pair": no_pair}
@@ -335,10 +336,13 @@ def stage_msample(run: Run, t: int, meter) -> dict:
 
 def stage_rm(run: Run, t: int, meter) -> dict:
     """Bradley-Terry from the BASE RM on the filtered pseudo-pairs plus the E-step's pairs (as text,
-    re-tokenised with the RM's tokenizer)."""
+    re-tokenised with the RM's tokenizer): this iteration's, or with --rm-data all every iteration's so
+    far (mutual_taught.rm_data_iterations)."""
     cfg, out = run.cfg, run.iter_dir(t)
     tokenizer = load_tokenizer(run.base_reward, cfg.reward_chat_template or None)
-    rows = mutual_taught.rm_training_pairs(read_jsonl(out / "pseudo_pairs.jsonl"), read_jsonl(out / "pairs.jsonl"))
+    iterations = mutual_taught.rm_data_iterations(t, cfg.rm_data)
+    rows = [row for k in iterations for row in mutual_taught.rm_training_pairs(
+        read_jsonl(run.iter_dir(k) / "pseudo_pairs.jsonl"), read_jsonl(run.iter_dir(k) / "pairs.jsonl"))]
     examples = [encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in rows]
     train_cfg = train_config_for(run, cfg.rm_lr, cfg.rm_batch_size, cfg.rm_epochs, t, "rm")
     examples, report = prepare_examples(examples, f"iteration {t}'s RM pairs", cfg.max_length, train_cfg)
@@ -353,7 +357,7 @@ def stage_rm(run: Run, t: int, meter) -> dict:
     del model
     last = history[-1]
     return {"pairs": report, "steps": len(history), "loss": last["loss"], "accuracy": last["accuracy"],
-            "mean_loss": sum(r["loss"] for r in history) / len(history)}
+            "mean_loss": sum(r["loss"] for r in history) / len(history), "data_iterations": list(iterations)}
 
 
 # ------------------------------------------------------------------------------------------------

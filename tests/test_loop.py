@@ -253,7 +253,7 @@ def test_pair_rule_and_rm_data_are_part_of_a_runs_identity(tmp_path):
     baseline = Run(tmp_path / "baseline", tiny_config(policy, reward, prompts, m_step=False))
     baseline.mark_done("iter_1/sample")
     text = (tmp_path / "baseline" / "config.toml").read_text()
-    assert "pair_rule" not in text and "rm_data" not in text  # as config.toml was before the keys
+    assert "\npair_rule =" not in text and "\nrm_data =" not in text  # as config.toml was before the keys
     with pytest.raises(MtcoreError, match=r"another config \(pair_rule the default there, 'mutual' now\)"):
         Run(tmp_path / "baseline", tiny_config(policy, reward, prompts, m_step=False, pair_rule="mutual"))
     Run(tmp_path / "baseline", tiny_config(policy, reward, prompts, m_step=False, pair_rule="best-worst"))
