@@ -51,12 +51,32 @@ def init() -> None:
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return
     _die_with_launcher()
+    backend = "gloo"
     if default_device().type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # then "cuda" means this rank's GPU
-        dist.init_process_group("cpu:gloo,cuda:nccl")
+        backend = "cpu:gloo,cuda:nccl"
+    store = _attempt_store()
+    if store is None:
+        dist.init_process_group(backend)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     atexit.register(_destroy)
+
+
+def _attempt_store():
+    """Under torchrun's shared store (TORCHELASTIC_USE_AGENT_STORE, the default), the store seen by this
+    attempt only: a prefix per restart (TORCHELASTIC_RESTART_COUNT). torchrun keeps one TCPStore across
+    --max-restarts, unprefixed, so a restarted rank read the killed ranks' addresses from the attempt
+    before: "Gloo connectFullMesh failed ... Connection refused" on a dead rank's port, or a hang, when
+    it looked before its peer had written its new one (docs/scale-out.md#restarts). None elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                           is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"mtcore/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def _die_with_launcher() -> None:
