@@ -3,6 +3,7 @@ the real Llama-3 tokenizer (vocabulary 128,256, Llama-3-Instruct's chat template
 policy, an RM of LlamaForSequenceClassification form whose pad id is <|eot_id|>, and an --rm-eval file."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from test_loop import TINY
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_cpu_path")]
 
 BEGIN, EOT = 128000, 128009
+MOVED = 1e-3  # what "the loss moved" means: a change the summary's 4 decimals and the plot show
 
 
 def _checkpoints(root, tokenizer_dir, names=("policy", "reward"), n_prompts=24, context=128):
@@ -101,5 +103,9 @@ def test_the_readmes_own_model_command_completes_two_iterations(tmp_path, llama3
     assert [e["iteration"] for e in metrics["iterations"]] == [1, 2] and metrics["stopped_at"] is None
     assert all(not e["select"]["stopped"] and len(e["select"]["win_rates"]) == 2 for e in metrics["iterations"])
     assert metrics["final_policy"] == "iter_2/policy"
+    for t in (1, 2):  # the small config shows learning: the DPO loss leaves log 2 (0.6931) visibly
+        losses = [json.loads(line)["loss"] for line in (run / f"iter_{t}" / "dpo_metrics.jsonl").read_text().splitlines()]
+        assert len(losses) == 8 and abs(losses[0] - math.log(2)) < 1e-4, losses
+        assert min(losses) < math.log(2) - MOVED, losses
     assert f"done: 2 iterations\n  final policy  {run.relative_to(tmp_path)}/iter_2/policy" in result.output
     assert AutoModelForCausalLM.from_pretrained(str(run / "iter_2" / "policy")).config.vocab_size == 128256
