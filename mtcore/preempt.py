@@ -10,8 +10,10 @@ Under torchrun the launcher gets the signal and forwards it to every rank (with 
 naming it: SIGUSR1 is not in torchrun's default list). Each rank only notes it (`stopping()`, local);
 the long loops (a sampler's decode steps, a scorer's micro-batches) look at that note and return what
 they finished, and the next safe point asks every rank (`requested()`, one all-reduce), so all stop
-there together. Rank 0 alone prints. torchrun SIGKILLs the ranks after its --shutdown-timeout (30 s by
-default): the safe point must come sooner (docs/scale-out.md#preemption gives the bound).
+there together. Rank 0 alone prints. A rank takes no second signal as "at once": Slurm's scancel signals
+every process of the job and torchrun forwards the same signal, so each rank gets it twice; torchrun
+SIGKILLs the ranks after its --shutdown-timeout (30 s by default) instead, and the safe point comes
+sooner (docs/scale-out.md#preemption gives the bound).
 
 The commands that have safe points call `install()`; the others keep the default action (they write
 their output atomically at the end, so a kill loses nothing written before).
@@ -39,6 +41,8 @@ class Preempted(Exception):
 
 def _handle(signum, frame) -> None:
     global _received
+    if _received is not None and "TORCHELASTIC_RUN_ID" in os.environ:
+        return  # under torchrun a rank gets one stop twice (Slurm signals every process, torchrun forwards)
     if _received is not None:  # the second signal: its default action, now
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
