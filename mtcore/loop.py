@@ -212,7 +212,8 @@ def summary(run: Run, t: int, r: dict) -> str:
                      f"{f(e['gold_score'])}; RM accuracy: current policy {f(e['rm_accuracy_current_policy'])}"
                      + (f" (r_0 on the same pairs {f(e['rm_accuracy_current_policy_base_rm'])})"
                         if run.cfg.m_step and "rm_accuracy_current_policy_base_rm" in e else "")
-                     + f", held-out {f(e['rm_accuracy_heldout'])}")
+                     + f", held-out {f(e['rm_accuracy_heldout'])}"
+                     + (f", shifted {f(e['rm_accuracy_shifted'])}" if "rm_accuracy_shifted" in e else ""))
         if "estep_pairs_gold_accuracy" in e:
             lines.append(f"pairs   gold-right: E-step {f(e['estep_pairs_gold_accuracy'])} "
                          f"({e['estep_pairs_gold_ties']} gold ties), pseudo-pairs "

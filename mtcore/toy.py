@@ -34,7 +34,8 @@ import random
 import re
 from pathlib import Path
 
-from mtcore.data import LLAMA3_CHAT_TEMPLATE
+from mtcore.data import LLAMA3_CHAT_TEMPLATE, read_jsonl, write_jsonl
+from mtcore.errors import MtcoreError
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,6 @@ def asset(name: str) -> Path:
     $MTCORE_TOY_ASSETS if set (read now), else under ASSETS."""
     path = Path(os.environ.get(ASSETS_ENV) or ASSETS) / name
     if not path.exists():
-        from mtcore.errors import MtcoreError
         raise MtcoreError(f"{path}: the toy world's assets are missing; build them with `mtcore build-toy`")
     return path
 
@@ -358,6 +358,8 @@ def build_assets(out_dir=ASSETS, seed: int = ASSET_SEED, overwrite: bool = False
        on it); "onpolicy" from the initial policy's samples;
     4. held-out RM pairs, the same way, on the "heldout_rm" prompts: rm_accuracy_heldout is the RM's
        accuracy on its own training distribution.
+    5. the shifted benchmark (`shifted_pairs`, no training): gold-ordered pairs of near-correct
+       answers on prompts no training split holds: rm_accuracy_shifted.
     Every prompt has min_digits to max_digits digits (the tokenizer is the same for any range).
     length_bias > 0 gives the base RM's annotators real RMs' taste for longer answers: on that share of
     the "rm_base" prompts (off-policy only) one more pair prefers an answer with a duplicated digit to
@@ -398,7 +400,7 @@ def _build_into(out: Path, seed: int, world: dict) -> None:
     from mtcore.checkpoint import save_model
 
     from mtcore.files import write_json
-    from mtcore.data import Example, encode_pair, encode_sequence, load_tokenizer, write_jsonl
+    from mtcore.data import Example, encode_pair, encode_sequence, load_tokenizer
     from mtcore.model import Llama, ModelArgs
     from mtcore.train import SFT, BradleyTerry, TrainConfig, fit
 
@@ -425,6 +427,7 @@ def _build_into(out: Path, seed: int, world: dict) -> None:
         heldout = _gold_pairs(splits["heldout_rm"], _sample_texts(policy, tokenizer, splits["heldout_rm"],
                                                                   BASE_SAMPLES, seed + 1), rng, BASE_PAIRS)
     write_jsonl(out / "heldout_pairs.jsonl", heldout)
+    write_shifted_pairs(out, seed, (world["min_digits"], world["max_digits"]))
     reward = Llama(args, "reward").init_weights(seed)
     reward.model.load_state_dict(policy.model.state_dict())
     examples = [encode_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"]) for row in base_pairs]
@@ -462,6 +465,65 @@ def offpolicy_pairs(base_prompts, heldout_prompts, seed: int, length_bias: float
     return base, heldout
 
 
+# --- the shifted reward benchmark: the RewardBench analogue ---
+
+SHIFTED_PROMPTS = 256  # one pair each
+# Besides the build's splits, the benchmark avoids the training prompts (selection, RM and policy splits) of
+# `mtcore train` at the toy defaults' sizes, seeds 0 to 9 (the study's), up to 10 iterations.
+SHIFTED_AVOIDS = dict(seeds=10, iters=10)
+
+
+def _drop_digit(digits: list[str], rng: random.Random) -> list[str]:
+    i = rng.randrange(len(digits))
+    return digits[:i] + digits[i + 1:] if len(digits) > 1 else digits
+
+
+EDITS = {"swap": _swap_adjacent, "duplicate": _duplicate_digit, "drop": _drop_digit}  # the benchmark's subsets
+
+
+def shifted_pair(prompt: str, rng: random.Random) -> dict:
+    """Two answers such as an improved policy gives: the sorted digits with at most one edit (EDITS:
+    an adjacent swap, a duplicated digit, a dropped digit; none half the time), and the same with one
+    more edit, gold-ordered. Redrawn until gold tells them apart. "subset" names the second edit."""
+    target = sorted(parse_prompt(prompt))
+    while True:
+        base = rng.choice(list(EDITS.values()))(target, rng) if rng.random() < 0.5 else target
+        kind = rng.choice(sorted(EDITS))
+        answers = [(gold_score(prompt, " ".join(x)), " ".join(x)) for x in (base, EDITS[kind](base, rng))]
+        if answers[0][0] != answers[1][0]:
+            (hi, chosen), (lo, rejected) = sorted(answers, reverse=True)
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "subset": kind, "gold": [hi, lo]}
+
+
+def training_prompts(seed: int, digits: tuple[int, int]) -> set[str]:
+    """Every prompt of the build's splits (seed) and of the selection, RM and policy splits of the toy
+    runs of SHIFTED_AVOIDS: the prompts the benchmark leaves out."""
+    from mtcore.config import TOY_DEFAULTS as TOY
+
+    taken = {p for split in make_splits(seed, 0, digits=digits).values() for p in split}
+    sizes = {"policy": TOY["policy_split_size"], "rm": TOY["rm_split_size"], "selection": TOY["selection_size"]}
+    for run_seed in range(SHIFTED_AVOIDS["seeds"]):
+        splits = make_splits(run_seed, SHIFTED_AVOIDS["iters"], sizes, digits)
+        taken |= {p for name, split in splits.items() if name in ("selection", "rm") or name.startswith("policy_")
+                  for p in split}
+    return taken
+
+
+def shifted_pairs(seed: int, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> list[dict]:
+    """The shifted benchmark: one shifted_pair on each of SHIFTED_PROMPTS prompts that no model of the
+    world, nor any run of SHIFTED_AVOIDS, trains on. Its own random stream (seed): no training, so the
+    same rows on any machine. The same pairs judge every RM (rm_accuracy_shifted): the policy's
+    improved answers, which the base RM's held-out pairs (swaps only) do not show."""
+    rng = random.Random(f"mtcore.toy:{seed}:shifted")
+    prompts = _draw_prompts(rng, SHIFTED_PROMPTS, training_prompts(seed, digits), *digits)
+    return [shifted_pair(p, rng) for p in prompts]
+
+
+def write_shifted_pairs(out_dir, seed: int = ASSET_SEED, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)):
+    """out_dir/shifted_pairs.jsonl (build_assets' step 5; the defaults write the committed world's)."""
+    write_jsonl(Path(out_dir) / "shifted_pairs.jsonl", shifted_pairs(seed, digits))
+
+
 # --- evaluation, after every iteration of `mtcore train` on the toy world ---
 
 def _pairwise_accuracy(chosen: list[float], rejected: list[float]) -> float:
@@ -488,22 +550,29 @@ def _test_answers(cfg, device, policy_dir, prompts, seed, meter=None) -> list[li
 
 
 def _metrics(cfg, device, reward_dir, prompts, answers, initial, meter=None, base_reward_dir=None) -> dict:
-    """The four gold-judged numbers (METRIC_KEYS) of a policy's test answers against the initial
-    policy's, and of the RM on gold-ordered pairs of those answers and on the held-out pairs. With
-    base_reward_dir, also that RM's accuracy on the same pairs (rm_accuracy_current_policy_base_rm)."""
-    from mtcore.data import read_jsonl
-
+    """The gold-judged numbers (METRIC_KEYS) of a policy's test answers against the initial policy's,
+    and of the RM on gold-ordered pairs of those answers, on the held-out pairs and on the shifted
+    benchmark. With base_reward_dir, also that RM's accuracy on the same policy pairs
+    (rm_accuracy_current_policy_base_rm)."""
     mine = [gold_score(p, a) for p, ts in zip(prompts, answers) for a in ts]
     theirs = [gold_score(p, a) for p, ts in zip(prompts, initial) for a in ts]
     pairs = _policy_pairs(prompts, answers)
     out = {"gold_win_rate_vs_initial": _pairwise_accuracy(mine, theirs), "gold_score": _mean(mine),
            "rm_accuracy_current_policy": _rm_accuracy(cfg, device, reward_dir, pairs, meter),
-           "rm_accuracy_heldout": _rm_accuracy(cfg, device, reward_dir, read_jsonl(asset("heldout_pairs.jsonl")),
-                                               meter)}
+           "rm_accuracy_heldout": _rm_accuracy(cfg, device, reward_dir, _asset_pairs("heldout_pairs.jsonl"), meter),
+           "rm_accuracy_shifted": _rm_accuracy(cfg, device, reward_dir, _asset_pairs("shifted_pairs.jsonl"), meter)}
     if base_reward_dir is not None:
         out["rm_accuracy_current_policy_base_rm"] = out["rm_accuracy_current_policy"] \
             if base_reward_dir == reward_dir else _rm_accuracy(cfg, device, base_reward_dir, pairs, meter)
     return out
+
+
+def _asset_pairs(name: str) -> list[dict]:
+    """An asset file's pairs; none (an accuracy of NaN) where the asset set predates the file."""
+    try:
+        return read_jsonl(asset(name))
+    except MtcoreError:
+        return []
 
 
 def _policy_pairs(prompts, answers) -> list[dict]:
@@ -535,8 +604,6 @@ def _gold_metrics_initial(run, meter) -> dict:
     """The initial policy's test answers (kept for the win rates; rank 0 writes them) and the base RM's
     accuracies: `mtcore train`'s evaluation at t = 0."""
     from mtcore import parallel
-    from mtcore.data import write_jsonl
-
     prompts = run.splits["test"]
     answers = _test_answers(run.cfg, run.device, run.policy(0), prompts, run.seed(0, "eval"), meter)
     if parallel.is_main():
@@ -554,8 +621,6 @@ def gold_metrics(run, t: int, meter) -> dict:
     (rm_accuracy_current_policy_base_rm): the M-step's gain, paired. Comparing with the fixed-RM
     baseline's own rm_accuracy_current_policy reads two RMs on two policies' pairs, whose difficulty
     differs with the policy."""
-    from mtcore.data import read_jsonl
-
     if t == 0:
         return _gold_metrics_initial(run, meter)
     prompts = run.splits["test"]
@@ -575,8 +640,6 @@ def pair_diagnostics(iter_dir: Path) -> dict:
     prefers y_old (delta <= 0, inside the epsilon filter), with their pseudo-label's gold accuracy. The
     M-step can only teach r_{t-1} something through pseudo-labels more right than r_{t-1} itself; the
     override pairs are the ones that can change its mind, and they need a gold accuracy above 0.5."""
-    from mtcore.data import read_jsonl
-
     out = {}
     for name, file in (("estep_pairs", "pairs.jsonl"), ("pseudo_pairs", "pseudo_pairs.jsonl")):
         rows = read_jsonl(iter_dir / file) if (iter_dir / file).exists() else []
@@ -604,16 +667,18 @@ def _mean(xs) -> float:
     return sum(xs) / max(1, len(xs))
 
 
-METRIC_KEYS = ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout")
+METRIC_KEYS = ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout",
+               "rm_accuracy_shifted")
 METRIC_TITLES = {"gold_win_rate_vs_initial": "policy: gold win rate vs pi_0", "gold_score": "policy: gold score",
                  "rm_accuracy_current_policy": "RM: accuracy on the policy's pairs",
-                 "rm_accuracy_heldout": "RM: accuracy on held-out pairs"}
+                 "rm_accuracy_heldout": "RM: accuracy on held-out pairs",
+                 "rm_accuracy_shifted": "RM: accuracy on the shifted benchmark"}
 METRIC_UNITS = {"gold_win_rate_vs_initial": "win rate (ties 1/2)", "gold_score": "mean gold score",
-                "rm_accuracy_current_policy": "accuracy", "rm_accuracy_heldout": "accuracy"}
+                **{k: "accuracy" for k in METRIC_KEYS if k.startswith("rm_")}}
 
 
 def plot(path, metrics: dict) -> None:
-    """A PNG of the four gold-judged metrics across iterations (iteration 0: the initial models)."""
+    """A PNG of the gold-judged metrics per iteration (0: the initial models; none where a run predates one)."""
     from mtcore.plots import Panel, save_panels
 
     entries = ([metrics["initial"]] if "initial" in metrics else []) + [e for e in metrics["iterations"] if
@@ -621,12 +686,13 @@ def plot(path, metrics: dict) -> None:
     xs = ([0] if "initial" in metrics else []) + [e["iteration"] for e in metrics["iterations"] if "gold_score" in e]
     save_panels(path, "mtcore train on the toy world: gold-judged metrics per iteration"
                 + (f" (stopped at iteration {metrics['stopped_at']})" if metrics.get("stopped_at") else ""),
-                [Panel(METRIC_TITLES[k], METRIC_UNITS[k], xs, [e[k] for e in entries]) for k in METRIC_KEYS],
+                [Panel(METRIC_TITLES[k], METRIC_UNITS[k], xs, [e.get(k, float("nan")) for e in entries])
+                 for k in METRIC_KEYS],
                 xlabel="iteration (0: the initial models)")
 
 
 def gold_metrics_of(cfg, device, policy_dir, reward_dir, seed: int = 0) -> dict:
-    """`mtcore eval` on the toy world: the four gold-judged numbers of any policy and RM, against the
+    """`mtcore eval` on the toy world: the gold-judged numbers of any policy and RM, against the
     built-in initial policy, on the toy test prompts (the same as `mtcore train`'s, seed 0 splits)."""
     prompts = make_splits(ASSET_SEED, 0, digits=world_digits())["test"]
     answers = _test_answers(cfg, device, policy_dir, prompts, seed)

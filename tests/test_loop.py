@@ -494,9 +494,10 @@ def test_toy_world_iterations_give_checkpoints_transformers_loads(tmp_path):
     assert "(r_0 on the same pairs 0." in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["iteration"] for e in metrics["iterations"]] == [1, 2]
+    assert 0.0 <= metrics["initial"]["rm_accuracy_shifted"] <= 1.0  # r_0's, on the same pairs
     for entry in metrics["iterations"]:
         for key in ("gold_win_rate_vs_initial", "gold_score", "rm_accuracy_current_policy", "rm_accuracy_heldout",
-                    "rm_accuracy_current_policy_base_rm"):
+                    "rm_accuracy_shifted", "rm_accuracy_current_policy_base_rm"):
             assert 0.0 <= entry[key] <= 1.0
         d = tmp_path / "run" / f"iter_{entry['iteration']}"
         AutoModelForCausalLM.from_pretrained(str(d / "policy"))
@@ -535,6 +536,8 @@ def test_summary_of_a_finished_stage_read_back_with_null_accuracies():
     assert text.splitlines()[-1] == "files   policy runs/x/iter_1/policy, reward model rm, runs/x/metrics.json"
     r["eval"]["rm_accuracy_current_policy"] = float("nan")  # as a fresh run holds it
     assert "current policy -, held-out" in summary(run, 1, r)
+    r["eval"]["rm_accuracy_shifted"] = 0.8  # the shifted benchmark, where the run has it
+    assert "held-out 0.900, shifted 0.800\n" in summary(run, 1, r)
 
 
 def test_plot_axes_have_no_offset_notation():

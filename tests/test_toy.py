@@ -375,3 +375,65 @@ def test_assets_env_var_is_read_at_call_time(tmp_path, monkeypatch):
     assert toy.asset("policy") == tmp_path / "policy"
     with pytest.raises(MtcoreError, match="build-toy"):
         toy.asset("reward")
+
+
+# --- the shifted reward benchmark ---
+
+def _edit_between(a: list[str], b: list[str]) -> str | None:
+    """Which single edit turns one answer into the other ("swap" of neighbours, "duplicate" or "drop" of
+    a digit, undirected); None when no single edit does."""
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        ok = len(diff) == 2 and diff[1] == diff[0] + 1 and (a[diff[0]], a[diff[1]]) == (b[diff[1]], b[diff[0]])
+        return "swap" if ok else None
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    if len(longer) != len(shorter) + 1:
+        return None
+    cut = [i for i in range(len(longer)) if longer[:i] + longer[i + 1:] == shorter]
+    if not cut:
+        return None
+    doubled = any(longer[i] == longer[j] for i in cut for j in (i - 1, i + 1) if 0 <= j < len(longer))
+    return "duplicate" if doubled else "drop"
+
+
+def test_shifted_benchmark_is_the_same_bytes_from_the_same_seed(tmp_path):
+    """Written twice from seed 0: the same bytes, which are the committed file's; seed 1 gives others."""
+    from mtcore import toy
+
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        (tmp_path / name).mkdir()
+        toy.write_shifted_pairs(tmp_path / name, seed, toy.world_digits())
+    first = (tmp_path / "a" / "shifted_pairs.jsonl").read_bytes()
+    assert first == (tmp_path / "b" / "shifted_pairs.jsonl").read_bytes()
+    assert first == (toy.ASSETS / "shifted_pairs.jsonl").read_bytes()
+    assert first != (tmp_path / "c" / "shifted_pairs.jsonl").read_bytes()
+
+
+def test_shifted_benchmark_pairs_are_gold_ordered_single_edits_on_prompts_never_trained_on():
+    """Every pair: chosen gold-better (gold recomputed), the two answers one edit apart, of the kind its
+    subset names, within two edits of the perfect answer. No prompt is in the build's splits (the SFT
+    and base-RM prompts among them) or in a training split of the toy world's `mtcore train`, seeds 0 to 9,
+    10 iterations, at its default sizes (drawn here through the run's own split maker)."""
+    from mtcore import toy
+    from mtcore.config import resolve_config
+
+    rows = [json.loads(line) for line in (toy.ASSETS / "shifted_pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 256 and len({r["prompt"] for r in rows}) == 256
+    for r in rows:
+        chosen, rejected = gold_score(r["prompt"], r["chosen"]), gold_score(r["prompt"], r["rejected"])
+        assert chosen > rejected and r["gold"] == [chosen, rejected], r
+        found = _edit_between(r["chosen"].split(), r["rejected"].split())
+        # (dropping one of two equal neighbours reads as undoing a duplicate)
+        assert found == r["subset"] or (found, r["subset"]) == ("duplicate", "drop"), r
+        target = solve(r["prompt"]).split()
+        assert any(_edit_between(target, x.split()) or x.split() == target for x in (r["chosen"], r["rejected"])), r
+    assert {r["subset"] for r in rows} == {"swap", "duplicate", "drop"}
+    assert sum(r["chosen"] == solve(r["prompt"]) for r in rows) > 64  # improved-policy answers: many perfect
+    trained = set()
+    for split in make_splits(toy.ASSET_SEED, 0, digits=toy.world_digits()).values():
+        trained |= set(split)
+    for seed in range(10):
+        splits = toy.world().make_splits(resolve_config({}, {"seed": seed, "iters": 10}))
+        trained |= {p for name, split in splits.items() if name in ("selection", "rm") or name.startswith("policy_")
+                    for p in split}  # (a run trains on these; its sft and rm_base splits are the build's, seed 0's)
+    assert not {r["prompt"] for r in rows} & trained
