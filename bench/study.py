@@ -1,19 +1,27 @@
-"""The toy world's study: Mutual-Taught against the fixed-RM iterative-DPO baseline, over seeds.
+"""The toy world's study: Mutual-Taught against the arms that tell its parts apart, over seeds.
 
-The paper's Tables 1 and 2 in miniature. For each method and seed, `mtcore train` runs the built-in
-toy world for --iters iterations in its own run directory (resumable: rerunning reuses finished
-runs); then one table gives, per iteration and method, the mean and spread (standard deviation over
-seeds) of the gold win rate against the initial policy, the gold score, and the RM's accuracy on
-gold-ordered pairs of the current policy's answers and on the fixed held-out pairs. Iteration 0 is
-the initial policy and base RM (shared by both methods).
+The paper's Tables 1 and 2 in miniature. The arms (--arms; default all four):
+  mutual-taught  the method: the mutual pairing rule and the M-step
+  estep-only     --no-m-step --pair-rule mutual: the same pairs, the RM fixed at r_0 (the M-step alone differs)
+  fixed-rm       --no-m-step: RLHFlow's iterative DPO, best-worst pairs, fixed RM (the paper's baseline)
+  rm-data-all    --rm-data all: the M-step trains r_t on every iteration's pairs so far, not t's alone
+For each arm and seed, `mtcore train` runs the built-in toy world for --iters iterations in its own
+run directory (resumable: rerunning reuses finished runs); then one table gives, per iteration and
+arm, the mean and spread (standard deviation over seeds) of the gold win rate against the initial
+policy, the gold score, and the RM's accuracy on gold-ordered pairs of the current policy's answers,
+on the fixed held-out pairs and on the shifted benchmark (the same pairs for every RM). Iteration 0
+is the initial policy and base RM (shared by every arm).
 
-A second table gives the diagnostics of the iterations that ran (stopped ones excluded): the gold
-accuracy of the E-step's pairs and of the kept pseudo-pairs, and the msample stage's eps, kept,
-filtered and identical counts. --assets DIR runs the toy world from another asset set (built with
-`mtcore build-toy --out DIR`), through MTCORE_TOY_ASSETS.
+Paired tables (the seeds pair the runs' prompt splits and initial models) give the differences per
+iteration, mean ± standard error over the seeds and the seeds ahead: Mutual-Taught minus E-step-only
+(the M-step's own effect), Mutual-Taught minus the fixed RM (the paper's comparison), and
+rm-data-all minus Mutual-Taught. A last table gives the diagnostics of the iterations that ran
+(stopped ones excluded): the gold accuracy of the E-step's pairs and of the kept pseudo-pairs, and
+the msample stage's eps, kept, filtered and identical counts. --assets DIR runs the toy world from
+another asset set (built with `mtcore build-toy --out DIR`), through MTCORE_TOY_ASSETS.
 
-    python bench/study.py [--seeds 0 1 2] [--iters 3] [--out runs/study] [--extra "--dpo-lr 1e-4"] [--assets DIR]
-                          [--mt-extra "--rm-lr 3e-5" --fixed-out runs/study_fixed]
+    python bench/study.py [--seeds 0 1 2] [--iters 3] [--out runs/study] [--arms mutual-taught estep-only]
+                          [--extra "--dpo-lr 1e-4"] [--assets DIR] [--mt-extra "--rm-lr 3e-5" --fixed-out DIR]
 """
 
 import argparse
@@ -31,16 +39,25 @@ from common import default_device, header  # noqa: E402
 
 from mtcore.toy import METRIC_KEYS as KEYS  # noqa: E402
 SHORT = {"gold_win_rate_vs_initial": "win vs init", "gold_score": "gold", "rm_accuracy_current_policy": "RM acc (policy)",
-         "rm_accuracy_heldout": "RM acc (held-out)"}
-METHODS = {"mutual-taught": [], "fixed-rm": ["--no-m-step"]}
+         "rm_accuracy_heldout": "RM acc (held-out)", "rm_accuracy_shifted": "RM acc (shifted)"}
+ARMS = {"mutual-taught": [], "estep-only": ["--no-m-step", "--pair-rule", "mutual"], "fixed-rm": ["--no-m-step"],
+        "rm-data-all": ["--rm-data", "all"]}
+# The paired tables: (title, arm, the arm it is compared with).
+COMPARISONS = (("the M-step's own effect", "mutual-taught", "estep-only"),
+               ("the paper's comparison", "mutual-taught", "fixed-rm"),
+               ("the RM on every iteration's pairs", "rm-data-all", "mutual-taught"))
 
 
-def run(method: str, seed: int, args) -> tuple[dict, float]:
-    base = args.fixed_out if method == "fixed-rm" and args.fixed_out else args.out
-    out = Path(base) / f"{method}_seed{seed}"
-    mine = args.mt_extra if method == "mutual-taught" else ""
+def has_m_step(arm: str) -> bool:
+    return "--no-m-step" not in ARMS[arm]
+
+
+def run(arm: str, seed: int, args) -> tuple[dict, float]:
+    base = args.fixed_out if not has_m_step(arm) and args.fixed_out else args.out
+    out = Path(base) / f"{arm}_seed{seed}"
+    mine = args.mt_extra if has_m_step(arm) else ""
     cmd = [sys.executable, "-m", "mtcore", "train", "--iters", str(args.iters), "--seed", str(seed), "--out", str(out),
-           *METHODS[method], *shlex.split(args.extra), *shlex.split(mine)]
+           *ARMS[arm], *shlex.split(args.extra), *shlex.split(mine)]
     start = time.perf_counter()
     env = {**os.environ, "TRITON_INTERPRET": "0", **({"MTCORE_TOY_ASSETS": args.assets} if args.assets else {})}
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
@@ -48,12 +65,13 @@ def run(method: str, seed: int, args) -> tuple[dict, float]:
 
 
 def series(metrics: dict, iters: int) -> list[dict]:
-    """Iteration 0..iters; an iteration after an early stop repeats the kept models' numbers."""
+    """Iteration 0..iters, each KEYS' numbers (NaN for one a run from before it lacks, or for JSON's
+    null); an iteration after an early stop repeats the kept models' numbers."""
     rows = [metrics["initial"]]
     by_t = {e["iteration"]: e for e in metrics["iterations"] if "gold_score" in e}
     for t in range(1, iters + 1):
         rows.append(by_t.get(t, rows[-1]))
-    return rows
+    return [{k: float("nan") if row.get(k) is None else row[k] for k in KEYS} for row in rows]
 
 
 def spread(xs: list[float]) -> str:
@@ -67,45 +85,49 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default="runs/study")
-    parser.add_argument("--extra", default="", help="More `mtcore train` options, for both methods.")
-    parser.add_argument("--mt-extra", default="", help="More options for Mutual-Taught only (M-step settings, "
-                        "which the fixed RM has no use for).")
-    parser.add_argument("--fixed-out", default=None, help="Where the fixed-RM runs live (default: --out): several "
-                        "studies that differ only in --mt-extra share them, finished runs being reused.")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="The arms to run "
+                        "(default: all; a paired table needs both its arms).")
+    parser.add_argument("--extra", default="", help="More `mtcore train` options, for every arm.")
+    parser.add_argument("--mt-extra", default="", help="More options for the arms with the M-step only (M-step "
+                        "settings, which a fixed RM has no use for).")
+    parser.add_argument("--fixed-out", default=None, help="Where the runs of the arms without the M-step live "
+                        "(default: --out): several studies that differ only in --mt-extra share them, finished "
+                        "runs being reused.")
     parser.add_argument("--plot", default=None, help="PNG path (default: OUT/study.png).")
     parser.add_argument("--assets", default=None, help="Toy asset directory (default: the package's).")
     args = parser.parse_args()
     results, seconds, raw = {}, {}, {}
-    for seed in args.seeds:  # seed-major, so a cut-short study still compares the methods
-        for method in METHODS:
-            metrics, took = run(method, seed, args)
-            results.setdefault(method, []).append(series(metrics, args.iters))
-            raw.setdefault(method, []).append(metrics)
-            seconds.setdefault(method, []).append(took)
+    for seed in args.seeds:  # seed-major, so a cut-short study still compares the arms
+        for arm in args.arms:
+            metrics, took = run(arm, seed, args)
+            results.setdefault(arm, []).append(series(metrics, args.iters))
+            raw.setdefault(arm, []).append(metrics)
+            seconds.setdefault(arm, []).append(took)
     device = default_device()  # where `mtcore train` ran
     print(header("toy-world study", device, "fp32" if device == "cpu" else "bf16",
                  f"seeds {args.seeds}, {args.iters} iterations, extra '{args.extra}'"
-                 + (f", Mutual-Taught only '{args.mt_extra}'" if args.mt_extra else "")
+                 + (f", M-step arms only '{args.mt_extra}'" if args.mt_extra else "")
                  + (f", assets {args.assets}" if args.assets else "")))
-    print("| iteration | method | " + " | ".join(SHORT[k] for k in KEYS) + " |")
+    print("| iteration | arm | " + " | ".join(SHORT[k] for k in KEYS) + " |")
     print("|---|---|" + "---:|" * len(KEYS))
     for t in range(args.iters + 1):
-        for method in (METHODS if t else ["mutual-taught"]):
-            cells = [spread([runs[t][k] for runs in results[method]]) for k in KEYS]
-            print(f"| {t} | {method if t else 'initial'} | " + " | ".join(cells) + " |")
+        for arm in (args.arms if t else args.arms[:1]):
+            cells = [spread([runs[t][k] for runs in results[arm]]) for k in KEYS]
+            print(f"| {t} | {arm if t else 'initial'} | " + " | ".join(cells) + " |")
     print("wall time per run (s): " + ", ".join(f"{m} {spread(s)}" for m, s in seconds.items()))
     print("stopped at: " + ", ".join(f"{m} {[r['stopped_at'] for r in rs]}" for m, rs in raw.items()))
-    paired(results, args.iters)
+    for title, arm, other in COMPARISONS:
+        if arm in results and other in results:
+            paired(title, results[arm], results[other], f"{arm} - {other}", args.iters)
     diagnostics(raw, args.iters)
     plot(results, args.iters, Path(args.plot or Path(args.out) / "study.png"))
 
 
-def paired(results: dict, iters: int) -> None:
-    """Per iteration, Mutual-Taught minus the fixed RM on the same seed: mean ± standard error over the
-    seeds, and how many seeds had Mutual-Taught ahead (issue #26's measure; the seeds pair the runs'
-    prompt splits and initial models, so the differences are far less noisy than the two spreads)."""
-    ours, base = results["mutual-taught"], results["fixed-rm"]
-    print(f"paired by seed (mutual-taught - fixed-rm, mean ± standard error over {len(ours)} seeds, seeds ahead):")
+def paired(title: str, ours: list, base: list, label: str, iters: int) -> None:
+    """Per iteration, one arm minus another on the same seed: mean ± standard error over the seeds, and
+    how many seeds had the first ahead (issue #26's measure; the seeds pair the runs' prompt splits and
+    initial models, so the differences are far less noisy than the two spreads)."""
+    print(f"{title}, paired by seed ({label}, mean ± standard error over {len(ours)} seeds, seeds ahead):")
     print("| iteration | " + " | ".join(SHORT[k] for k in KEYS) + " |")
     print("|---|" + "---:|" * len(KEYS))
     for t in range(1, iters + 1):
@@ -134,11 +156,11 @@ def diag_value(entry: dict, key: str):
 
 
 def diagnostics(raw: dict, iters: int) -> None:
-    """Per iteration and method, over the runs that evaluated it: mean ± sd of each DIAG value."""
-    print("| iteration | method | runs | " + " | ".join(DIAG.values()) + " |")
+    """Per iteration and arm, over the runs that evaluated it: mean ± sd of each DIAG value."""
+    print("| iteration | arm | runs | " + " | ".join(DIAG.values()) + " |")
     print("|---|---|---:|" + "---:|" * len(DIAG))
     for t in range(1, iters + 1):
-        for method, runs in raw.items():
+        for arm, runs in raw.items():
             entries = [e for m in runs for e in m["iterations"] if e["iteration"] == t and "gold_score" in e
                        and not e.get("select", {}).get("stopped")]
             if not entries:
@@ -148,7 +170,7 @@ def diagnostics(raw: dict, iters: int) -> None:
                 xs = [diag_value(e, key) for e in entries]
                 xs = [x for x in xs if isinstance(x, (int, float)) and x == x]
                 cells.append(spread(xs) if xs else "-")
-            print(f"| {t} | {method} | {len(entries)} | " + " | ".join(cells) + " |")
+            print(f"| {t} | {arm} | {len(entries)} | " + " | ".join(cells) + " |")
 
 
 def plot(results: dict, iters: int, path: Path) -> None:
@@ -160,10 +182,10 @@ def plot(results: dict, iters: int, path: Path) -> None:
     fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.4), dpi=100)
     xs = list(range(iters + 1))
     for ax, key in zip(axes, KEYS):
-        for method, runs in results.items():
+        for arm, runs in results.items():
             means = [statistics.fmean(r[t][key] for r in runs) for t in xs]
             sds = [statistics.stdev([r[t][key] for r in runs]) if len(runs) > 1 else 0.0 for t in xs]
-            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
+            ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=arm)
         ax.set_title(SHORT[key])
         ax.set_xlabel("iteration")
         ax.set_xticks(xs)
