@@ -48,7 +48,7 @@ class LoopConfig:
     selection_size: int = 2000
     tau: float = 0.6
     # M-step
-    rm_split_size: int = 2000
+    rm_split_size: int = 20000  # a third of ~60,000 prompts (docs/algorithm.md says where each size comes from)
     rm_lr: float = 2e-6
     rm_batch_size: int = 512
     rm_epochs: int = 1
@@ -111,15 +111,16 @@ LOOP_HELP = {
     "save_every": "DPO steps between candidate checkpoints for the selection.",
     "selection_size": "Prompts on which each candidate is judged against pi_{t-1}.",
     "tau": "Stop when the best candidate's win rate against pi_{t-1} is below this, in [0, 1].",
-    "rm_split_size": "Prompts on which pi_t and pi_{t-1} answer to make the M-step's pseudo-pairs.",
+    "rm_split_size": "Prompts on which pi_t and pi_{t-1} answer to make the M-step's pseudo-pairs (the paper's, "
+                     "as its secondary sources give it: a third of ~60,000 UltraFeedback prompts).",
     "rm_lr": "Reward-model peak learning rate (Bradley-Terry, from the base RM every iteration).",
     "rm_batch_size": "Reward-model pairs per optimizer step.",
     "rm_epochs": "Reward-model epochs over each iteration's pairs.",
     "rm_data": "The RM's pairs (pseudo-pairs and E-step pairs) at iteration t: iteration (t's own, the paper's) "
                "or all (iterations 1 to t's), always trained from the base RM.",
     "policy_split_size": "Prompts in each iteration's E-step split, taken after the selection set and the RM split "
-                         "(the paper's ~40,000 UltraFeedback prompts over its 2 iterations); fixed, so a larger "
-                         "--iters extends a run. 0: the rest split evenly over --iters (no extending).",
+                         "(the paper's other two thirds of ~60,000 UltraFeedback prompts, one an iteration); fixed, "
+                         "so a larger --iters extends a run. 0: the rest split evenly over --iters (no extending).",
     "eval_samples": "Toy world only: test answers per prompt in the gold evaluation.",
     "chat_template": "The policy's chat template: a Jinja file, or 'llama3', when its tokenizer has none.",
     "reward_chat_template": "The reward model's chat template, likewise.",
