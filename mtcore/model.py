@@ -232,35 +232,36 @@ def make_layout(x: torch.Tensor, cu_seqlens=None, max_seqlen=None, attention_mas
     return AttnLayout(mask=(causal & keys) | eye)
 
 
-# A bucket takes sequences down to this fraction of its longest: padding costs at most 1 / 0.8^2 =
-# 1.56x the real attention work, and lengths 1..L make at most log(L) / log(1.25) + 1 buckets.
-BUCKET_RATIO = 0.8
+def row_length(n: int) -> int:
+    """The padded length of an n-token sequence: n rounded up to 16 tokens up to 64, then to an eighth of
+    the next power of two (80, 96, 112, 128, 160, 192, ...): past 64 tokens under 1/4 padding, 4 lengths a
+    power of two. A sequence padded to its own row_length computes the same bits beside any others: a
+    kernel's blocking follows the padded length, which then depends on the sequence alone."""
+    step = 16 if n <= 64 else (1 << (n - 1).bit_length()) // 8
+    return max(step, -(-n // step) * step)
 
 
 def _length_buckets(bounds: list[int], device) -> tuple[list, torch.Tensor]:
-    """The SDPA fallback's layout of packed sequences: by length, longest first, into buckets of
-    similar length, each right-padded to its longest. One [B, max_seqlen] padding would make every
-    sequence pay the longest one's attention (and memory) cost. With right padding, a causal mask
-    alone keeps every real query off the padding, so SDPA runs with is_causal=True.
-    bounds: cu_seqlens as a list."""
+    """The SDPA fallback's layout of packed sequences: by row_length, longest first, each bucket's
+    sequences right-padded to that length (at most 1 / 0.8^2 = 1.56x the real attention work past 64
+    tokens). One [B, max_seqlen] padding would make every sequence pay the longest one's attention (and
+    memory) cost, and a bucket padded to its longest member would make a sequence's numbers depend on
+    the others packed with it. With right padding, a causal mask alone keeps every real query off the
+    padding, so SDPA runs with is_causal=True. bounds: cu_seqlens as a list."""
     starts = bounds[:-1]
     lens = [b - a for a, b in zip(bounds, bounds[1:])]
-    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    classes: dict[int, list[int]] = {}
+    for i in range(len(lens)):
+        classes.setdefault(row_length(lens[i]), []).append(i)
     buckets, real = [], []  # real: the packed index of every real token, in the buckets' order
-    i = 0
-    while i < len(order):
-        longest = lens[order[i]]
-        j = i
-        while j < len(order) and lens[order[j]] >= BUCKET_RATIO * longest:
-            j += 1
-        members = order[i:j]
-        offsets = torch.arange(longest)  # [L]
+    for width in sorted(classes, reverse=True):
+        members = classes[width]
+        offsets = torch.arange(width)  # [L]
         member_lens = torch.tensor([lens[m] for m in members])  # [b]
         valid = offsets[None, :] < member_lens[:, None]  # [b, L]
         index = torch.where(valid, torch.tensor([starts[m] for m in members])[:, None] + offsets, 0)
         buckets.append((index.to(device), valid.to(device)))
         real.append(index[valid])
-        i = j
     restore = torch.empty(sum(lens), dtype=torch.long)
     restore[torch.cat(real) - starts[0]] = torch.arange(sum(lens))
     return buckets, restore.to(device)
@@ -597,6 +598,8 @@ class Llama(nn.Module):
     def score_rewards(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., dim] -> rewards [...] from the score head, computed in fp32 even under
         autocast (a bf16 GEMM would round every reward to bf16 before pairing, win rates and the
-        epsilon filter). Differentiable in hidden and the head."""
+        epsilon filter). Differentiable in hidden and the head. A row-wise product and sum, not a GEMV:
+        the GEMV's result for a row follows its position among the rows (the kernels' tail rows reduce in
+        another order), and a reward must not depend on its micro-batch (inference.fixed_bins)."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return F.linear(hidden.float(), self.score.weight.float()).squeeze(-1)
+            return (hidden.float() * self.score.weight.float()[0]).sum(-1)  # [..., dim] -> [...]

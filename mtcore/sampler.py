@@ -64,6 +64,7 @@ MIN_RESERVE_BYTES = 2 * 2**30
 MAX_SLOTS = 256  # the default cap on concurrent sequences on CUDA
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)
 REFILL_EVERY = 8  # decode steps a freed slot may wait for others before a refill
+ROW_MULTIPLE = 16  # on the CPU, a step's rows come in multiples of this (_pad_rows)
 REFILL_FRACTION = 8  # ... or until 1/REFILL_FRACTION of the slots are free
 
 
@@ -200,6 +201,16 @@ def _to_device(values: list[int], device, out: torch.Tensor | None = None) -> to
     return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+def _pad_rows(rows: torch.Tensor) -> torch.Tensor:
+    """On the CPU, rows [R, ...] with row 0 repeated up to a multiple of ROW_MULTIPLE. A CPU GEMM of few rows
+    runs other kernels, and an element-wise op's scalar tails (past its vectors, at its threads' chunk
+    ends) fall where the row count puts them: padded, a row's numbers do not depend on the others."""
+    extra = -len(rows) % ROW_MULTIPLE
+    if rows.device.type != "cpu" or not extra:
+        return rows
+    return torch.cat([rows, rows[:1].expand(extra, *rows.shape[1:])])
+
+
 @torch.no_grad()
 def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
     """Run prompts (packed) through the model, write each prompt's K/V into all of its slots.
@@ -207,7 +218,9 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
     prompts[p]: token ids; slots[p]: the cache slots that sample from prompt p.
     Returns the last-position logits, [len(prompts), V] fp32.
     """
-    device = cache.device
+    device, n_prompts, extra = cache.device, len(prompts), -sum(map(len, prompts)) % ROW_MULTIPLE
+    if device.type == "cpu" and extra:  # a packed sequence more, of padding, written nowhere (_pad_rows)
+        prompts, slots = prompts + [[0] * extra], slots + [[]]
     lens = [len(p) for p in prompts]
     starts = [0]
     for n in lens:
@@ -226,8 +239,8 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
     for i, layer in enumerate(body.layers):
         x, residual = layer(x, residual, cos, sin, _LayerCache(cache.k[i], cache.v[i], dst_slot, dst_pos, src, layout),
                             PREFILL_OPS)
-    last = cu_seqlens[1:].long() - 1  # [P]
-    return model.lm_head(add_norm(x[last], residual[last], body.norm)[1]).float()  # [P, V]
+    last = cu_seqlens[1:n_prompts + 1].long() - 1  # [P]
+    return model.lm_head(_pad_rows(add_norm(x[last], residual[last], body.norm)[1]))[:n_prompts].float()  # [P, V]
 
 
 @torch.no_grad()
@@ -238,15 +251,17 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
     No host sync: shapes depend on R and kv_len only, so with R = every slot and kv_len = max_len the
     step is static. With every slot, attention reads the cache in place (no gather of the rows' slots).
     ops: "torch", or "fused" (the Triton kernels of decode_ops_for)."""
-    body, layer_ops = model.model, DECODE_OPS[ops]
+    body, layer_ops, rows = model.model, DECODE_OPS[ops], len(tokens)
     rope_write = rope_cache if ops == "fused" else rope_cache_ref
+    tokens, slots, pos = (_pad_rows(t) for t in (tokens, slots, pos))  # added rows: row 0's work again
+    all_slots = len(tokens) == cache.slots == rows
     x, residual = body.embed_tokens(tokens), None  # [R, dim]
     cos, sin = rope_cos_sin(cache.inv_freq, pos, x.dtype)  # [R, head_dim]
     for i, layer in enumerate(body.layers):
         c = _LayerCache(cache.k[i], cache.v[i], slots, pos, kv_len=kv_len, attention=attention,
-                        rope_write=rope_write, all_slots=slots.shape[0] == cache.slots)
+                        rope_write=rope_write, all_slots=all_slots)
         x, residual = layer(x, residual, cos, sin, c, layer_ops)  # [R, dim] each
-    return model.lm_head(layer_ops.add_norm(x, residual, body.norm)[1]).float()
+    return model.lm_head(layer_ops.add_norm(x, residual, body.norm)[1])[:rows].float()
 
 
 def slot_len(model: Llama, prompts: list[list[int]], params: SamplingParams) -> int:
@@ -367,7 +382,7 @@ def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
         if on_launch:
             on_launch()
         return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.device),
-                                   max(positions) + 1, attention, ops)
+                                   cache.max_len, attention, ops)
     return step
 
 

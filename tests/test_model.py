@@ -128,15 +128,16 @@ def test_packed_attention_never_crosses_sequences():
 
 
 def test_length_buckets():
-    """The SDPA fallback groups sequences longest first while they are >= BUCKET_RATIO of the bucket's
-    longest; every real token is in exactly one bucket, and `restore` puts them back in packed order."""
-    from mtcore.model import BUCKET_RATIO, _length_buckets
+    """The SDPA fallback groups sequences by row_length, longest first, each padded to that length (so a
+    sequence's numbers do not depend on the others); every real token is in exactly one bucket, and
+    `restore` puts them back in packed order."""
+    from mtcore.model import _length_buckets, row_length
 
-    assert BUCKET_RATIO == 0.8
-    lens = [10, 9, 8, 7, 3, 20, 16]
+    lens = [10, 9, 8, 70, 3, 20, 16, 90]
     cu = torch.tensor([0] + lens).cumsum(0)
     buckets, restore = _length_buckets(cu.tolist(), "cpu")
-    assert [valid.sum(1).tolist() for _, valid in buckets] == [[20, 16], [10, 9, 8], [7], [3]]
+    assert [valid.sum(1).tolist() for _, valid in buckets] == [[90], [70], [20], [10, 9, 8, 3, 16]]
+    assert [valid.shape[1] for _, valid in buckets] == [96, 80, 32, 16] == [row_length(n) for n in (90, 70, 20, 3)]
     real = torch.cat([index[valid] for index, valid in buckets])
     assert torch.equal(real[restore], torch.arange(sum(lens)))
     for index, valid in buckets:  # each row: one sequence's tokens in order, then padding

@@ -241,7 +241,7 @@ def test_tokenizer_round_trip(toy_tokenizer_dir, text):
     tok = load_tokenizer(toy_tokenizer_dir)
     ids = tok.encode(text, add_special_tokens=False, split_special_tokens=True)
     assert tok.decode(ids) == text
-    assert tok.decode(encode_response(tok, text)[:-1]) == text
+    assert tok.decode(encode_response(tok, text)[:-1]) == text.strip()  # as the Llama-3 template renders it
 
 
 def test_tokenizer_with_the_sequence_rule(toy_tokenizer_dir):

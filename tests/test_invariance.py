@@ -1,0 +1,150 @@
+"""Batch invariance on the CPU: a response's reward (inference.Scorer) and a request's tokens and log-probs
+(sampler.generate) are the same bits whichever other sequences share their micro-batch or decode step, so
+a run's numbers do not follow --shard-prompts, the slot count, the ranks or a resume in between."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtcore.config import LoopConfig
+from mtcore.data import Example, make_batch
+from mtcore.inference import Scorer, fixed_bins
+from mtcore.model import row_length
+from mtcore.train import sequence_rewards
+
+
+@pytest.fixture(scope="module")
+def reward_dir():
+    """The toy world's base RM (its own tokenizer and chat template)."""
+    from mtcore import toy
+
+    return toy.ASSETS / "reward"
+
+
+def responses(n_prompts: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    rng = random.Random(seed)
+    prompts = [" ".join(str(rng.randrange(10)) for _ in range(rng.randrange(2, 9))) for _ in range(n_prompts)]
+    answers = [[" ".join(str(rng.randrange(10)) for _ in range(rng.randrange(1, 40))) for _ in range(5)]
+               for _ in prompts]
+    return [f"sort {p}" for p in prompts], answers
+
+
+def test_row_length_rounds_up_by_less_than_a_quarter():
+    lengths = [row_length(n) for n in range(1, 5000)]
+    assert all(n <= t < n + 16 if n <= 64 else n <= t < 1.25 * n for n, t in zip(range(1, 5000), lengths))
+    assert len(set(lengths)) <= 4 + 8 * 4  # 16..64, then four a power of two up to 8192
+    assert row_length(64) == 64 and row_length(65) == 80 and row_length(129) == 160
+
+
+def test_fixed_bins_hold_every_sequence_once_within_the_budget():
+    lens = [random.Random(1).randrange(1, 300) for _ in range(500)]
+    bins = fixed_bins(lens, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    for b in bins:
+        T = min(row_length(max(lens[i] for i in b)), 1024)
+        assert all(min(row_length(lens[i]), 1024) == T for i in b)  # one length class a micro-batch
+        assert len(b) * T <= 1024
+
+
+def test_rewards_do_not_depend_on_the_other_sequences(reward_dir):
+    """The same responses scored all at once, prompt by prompt, in another order, and under a smaller
+    token budget's split into shards: the same bits (==, not approx)."""
+    cfg = LoopConfig(micro_batch_tokens=512)
+    prompts, texts = responses(24)
+    scorer = Scorer(cfg, torch.device("cpu"), reward_dir)
+    together = scorer(prompts, texts)
+    alone = [scorer([p], [t])[0] for p, t in zip(prompts, texts)]
+    order = list(range(len(prompts)))
+    random.Random(2).shuffle(order)
+    shuffled = scorer([prompts[i] for i in order], [texts[i] for i in order])
+    halves = scorer(prompts[:7], texts[:7]) + scorer(prompts[7:], texts[7:])
+    assert together == alone == halves
+    assert [together[i] for i in order] == shuffled
+    assert len({r for row in together for r in row}) > 100  # distinct rewards: the model is not constant
+
+
+def test_fixed_rows_equal_one_sequence_alone_to_float_rounding(reward_dir):
+    """The padded rows read each sequence's reward as one unpadded forward of it does (independent
+    reference: the sequence alone, no padding, packed)."""
+    from mtcore.checkpoint import load_model
+    from mtcore.inference import fixed_batch
+
+    model = load_model(reward_dir, "reward", device=torch.device("cpu")).eval()
+    rng = random.Random(3)
+    examples = [Example((([rng.randrange(3, 60) for _ in range(rng.randrange(2, 90))], 1),)) for _ in range(20)]
+    with torch.no_grad():
+        for b in fixed_bins([ex.n_tokens for ex in examples], 512):
+            got = sequence_rewards(model, fixed_batch(examples, b, 512))[:len(b)]
+            want = torch.cat([sequence_rewards(model, make_batch(examples, [i])) for i in b])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_samples_and_logprobs_do_not_depend_on_the_other_requests():
+    """The toy policy samples 5 responses to each of 40 prompts: all at once, 7 prompts at a time, and
+    through 9 slots. Tokens and every log-prob: the same bits (each request keeps its random stream)."""
+    from mtcore import toy
+    from mtcore.checkpoint import load_model
+    from mtcore.data import encode_prompt, load_tokenizer
+    from mtcore.sampler import SamplingParams, generate
+
+    model = load_model(toy.ASSETS / "policy", "policy", device=torch.device("cpu")).eval()
+    tok = load_tokenizer(toy.ASSETS / "policy")
+    prompts = [encode_prompt(tok, p, "test") for p in toy.make_prompts(40, seed=1)]
+
+    def params():
+        return SamplingParams(n=5, temperature=0.8, top_p=0.95, max_new_tokens=24, seed=7, logprobs=True)
+
+    def flat(results):
+        return [(c.token_ids, c.logprobs) for r in results for c in r]
+
+    together = flat(generate(model, prompts, params(), max_len=64))
+    by_seven = flat([r for k in range(0, 40, 7) for r in generate(
+        model, prompts[k:k + 7], params(), max_len=64, prompt_keys=list(range(k, min(40, k + 7))))])
+    nine_slots = flat(generate(model, prompts, params(), max_len=64, slots=9))
+    assert together == by_seven == nine_slots
+    assert len({tuple(t) for t, _ in together}) > 100  # it samples
+
+
+def without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in ("seconds", "tokens_per_s",
+                                                                          "peak_memory_mib", "profile", "time")}
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+def run_files(run: Path) -> dict:
+    """Every JSONL and safetensors file of a run directory, by path (metrics rows without timing)."""
+    files = {}
+    for f in sorted(run.rglob("*")):
+        if f.suffix == ".safetensors" or f.name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl",
+                                                    "pseudo_pairs.jsonl"):
+            files[str(f.relative_to(run))] = f.read_bytes()
+        elif f.name.endswith("_metrics.jsonl"):
+            files[str(f.relative_to(run))] = [without_timing(json.loads(x)) for x in f.read_text().splitlines()]
+    return files
+
+
+@pytest.mark.slow
+def test_the_toy_run_at_two_shard_sizes_is_the_same_run(tmp_path):
+    """`mtcore train --iters 2` of the toy world with --shard-prompts 256 and 40: metrics.json (without
+    timing), every sample, score, pair and weight file byte for byte."""
+    runs = {}
+    for shard in (256, 40):
+        out = tmp_path / f"shard{shard}"
+        proc = subprocess.run([sys.executable, "-m", "mtcore", "train", "--iters", "2", "--out", str(out),
+                               "--shard-prompts", str(shard)], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[shard] = out
+    a, b = (run_files(runs[s]) for s in (256, 40))
+    assert a.keys() == b.keys() and any(k.endswith("model.safetensors") for k in a)
+    for name in a:
+        assert a[name] == b[name], name
+    ma, mb = (without_timing(json.loads((runs[s] / "metrics.json").read_text())) for s in (256, 40))
+    assert ma == mb
