@@ -223,3 +223,18 @@ def decode_attention_ref(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2),  # [R, Hkv, L, D]
                                          attn_mask=keep[:, None, None, :])  # [R, Hkv, G, D]
     return out.reshape(R, Hq, D)
+
+
+def decode_attention_rows(q, k_cache, v_cache, slots, lens) -> torch.Tensor:
+    """decode_attention_ref as plain matmuls and a masked softmax: each row's numbers the same bits however
+    many rows run (the CPU's SDPA does not promise that: its result for a row followed the batch size at
+    head_dim 64). The batch-invariant sampler's attention (sampler.generate(batch_invariant=True))."""
+    R, Hq, D = q.shape
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if slots is not None:
+        k_cache, v_cache = k_cache[slots], v_cache[slots]  # [R, L, Hkv, D]
+    q = q.to(k_cache.dtype).view(R, Hkv, Hq // Hkv, D)  # [R, Hkv, G, D]
+    scores = torch.matmul(q, k_cache.permute(0, 2, 3, 1)) * D ** -0.5  # [R, Hkv, G, L]
+    keep = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [R, L]
+    probs = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+    return torch.matmul(probs, v_cache.transpose(1, 2)).reshape(R, Hq, D)  # [R, Hkv, G, D] -> [R, Hq, D]

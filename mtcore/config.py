@@ -67,6 +67,7 @@ class LoopConfig:
     save_state_every: int = 25  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
     shard_prompts: int = 256  # prompts per rank between the saves of a sampling or scoring stage
     keep_candidates: bool = False  # keep every DPO candidate after select (default: the chosen one only)
+    batch_invariant: bool = False  # scores and samples the same bits however the work is cut (CPU; slower)
     rm_eval: str = ""  # preference pairs JSONL: each iteration's RM is evaluated on it (RewardBench sections)
     log_every: float = 30.0  # seconds between progress log lines when stderr is not a terminal
     report_to: str = ""  # tensorboard, wandb, or both comma-separated (mtcore/report.py)
@@ -141,6 +142,9 @@ LOOP_HELP = {
                      "one (256 prompts x 5 samples of up to 1024 tokens at the 3,960 tokens/s measured for the "
                      "8B shape on an H100: 2 to 6 minutes, computed).",
     "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
+    "batch_invariant": ("Score and sample each sequence in fixed shapes, so that on the CPU a run's numbers are the "
+                        "same bits whatever --shard-prompts, the ranks or a resume mid-shard (costs 1.5x in "
+                        "scoring and sampling there: bench/invariance.py)."),
     "rm_eval": "Preference pairs (RewardBench's format; JSONL, Parquet, or a dataset with one split): r_0 and each "
                "iteration's RM are evaluated on it.",
     "log_every": LOG_EVERY_HELP,
@@ -172,7 +176,7 @@ LOOP_RANGES = {
 
 
 RUNTIME_KEYS = ("kv_cache_gb", "decode_mode", "decode_steps", "device", "grad_checkpointing", "save_state_every", "shard_prompts",
-                "keep_candidates", "rm_eval", "log_every", "report_to", "run_name", "logging_dir")
+                "keep_candidates", "batch_invariant", "rm_eval", "log_every", "report_to", "run_name", "logging_dir")
 TOY_DEFAULTS = dict(iters=3, samples=5, max_new_tokens=20, beta=0.1, dpo_lr=1e-5,
                     dpo_batch_size=16, dpo_epochs=2, max_length=64, micro_batch_tokens=4096, save_every=10,
                     selection_size=64, rm_split_size=160, rm_lr=1e-5, rm_batch_size=32, rm_epochs=2,

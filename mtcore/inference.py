@@ -12,7 +12,7 @@ import torch
 from mtcore import parallel, profile
 from mtcore.checkpoint import load_model
 from mtcore.config import LoopConfig
-from mtcore.data import Example, encode_prompt, encode_response, load_tokenizer, make_batch, stop_ids
+from mtcore.data import Example, encode_prompt, encode_response, load_tokenizer, make_batch, pack, stop_ids
 from mtcore.device import precision
 from mtcore.errors import MtcoreError
 from mtcore.model import Llama, row_length
@@ -51,6 +51,7 @@ class Sampler:
                                                     kv_budget_bytes=int(cfg.kv_cache_gb * 2**30) or None, leave=False,
                                                     decode_mode=cfg.decode_mode, prompt_keys=prompt_keys,
                                                     decode_steps=cfg.decode_steps, should_stop=should_stop,
+                                                    batch_invariant=cfg.batch_invariant,
                                                     progress=progress, log_every=cfg.log_every)]
         out = [None if None in r else r for r in out]  # stopped before all its responses were done
         if meter is not None:
@@ -124,7 +125,8 @@ class Scorer:
                 if should_stop is not None and should_stop():
                     out.append(None)
                     continue
-                batch = fixed_batch(examples, index, cfg.micro_batch_tokens).to(device)
+                batch = (fixed_batch(examples, index, cfg.micro_batch_tokens) if cfg.batch_invariant
+                         else make_batch(examples, index)).to(device)
                 with precision(device).autocast:
                     out.append(sequence_rewards(model, batch)[:len(index)].tolist())  # the rows past: padding
                 done = len(index) if own else sum(1 / len(responses[owner[k][0]]) for k in index)  # prompts
@@ -135,7 +137,7 @@ class Scorer:
         if longest > cfg.micro_batch_tokens:
             raise MtcoreError(f"a sequence of {longest} tokens does not fit --micro-batch-tokens "
                               f"{cfg.micro_batch_tokens}; raise it to at least {longest}, or lower --max-length")
-        bins = fixed_bins([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
+        bins = (fixed_bins if cfg.batch_invariant else pack)([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
         try:
             scored = parallel.map_shards(score, bins)
         finally:
@@ -151,12 +153,12 @@ class Scorer:
         return [None if None in s else s for s in scores]
 
 
-# Batch-invariant scoring. A reward must not depend on which other sequences share its micro-batch (that
-# follows from --shard-prompts, the ranks, a resume in between), so every micro-batch has one of a fixed set
-# of shapes: [rows, T], T the sequence's length rounded up (row_length), rows as many as --micro-batch-tokens
-# holds, the last micro-batch of a length filled with empty rows. With its shape fixed, each matmul and the
-# attention reduce a row's numbers in the same order whatever the other rows hold (a packed micro-batch of
-# N tokens does not: its GEMMs' blocking follows N). The cost on the CPU: bench/scoring.py.
+# Batch-invariant scoring (--batch-invariant). A reward must not depend on which other sequences share its
+# micro-batch (that follows from --shard-prompts, the ranks, a resume in between), so every micro-batch has
+# one of a fixed set of shapes: [rows, T], T the sequence's row_length, rows as many as --micro-batch-tokens
+# holds, the last micro-batch of a length filled with empty rows. With its shape fixed, each matmul reduces a
+# row's numbers in the same order whatever the other rows hold (a packed micro-batch of N tokens does not:
+# its kernels follow N). The cost on the CPU: bench/invariance.py.
 
 def fixed_bins(lens: list[int], budget: int) -> list[list[int]]:
     """Sequence indices grouped into micro-batches by row_length (capped at the budget), in input order,
@@ -187,7 +189,7 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
                        slots: int | None = None, max_len: int | None = None, on_overlong: str = "error",
                        kv_budget_bytes: int | None = None, leave: bool = True,
                        decode_mode: str = "auto", prompt_keys: list[int] | None = None, progress=None,
-                       decode_steps: int = 1, should_stop=None,
+                       decode_steps: int = 1, should_stop=None, batch_invariant: bool = False,
                        log_every: float = 30.0) -> list[list[dict] | None]:
     """generate, with progress (responses done and tokens/s: the given progress.Progress, counting the
     responses of every rank, or one of its own), as response dicts {"text", "token_ids", "finish_reason"
@@ -209,7 +211,8 @@ def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params
             lambda share: generate(model, [p for _, p in share], params, slots=slots, max_len=max_len,
                                    on_overlong=on_overlong, progress=step, kv_budget_bytes=kv_budget_bytes,
                                    decode_mode=decode_mode, prompt_keys=[k for k, _ in share],
-                                   decode_steps=decode_steps, should_stop=should_stop),
+                                   decode_steps=decode_steps, should_stop=should_stop,
+                                   batch_invariant=batch_invariant),
             keyed)
         if own:
             bar.update_to(len(prompts) * params.n)  # prompts skipped as too long included

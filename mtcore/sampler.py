@@ -37,6 +37,7 @@ stream per request (mtcore/draws.py): for a seed they do not depend on the slot 
 the order either, on one kind of device.
 """
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from mtcore.decode_blocks import FIELDS, SlotState, StepTimer, choose_steps, run
 from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
 from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
+from mtcore.kernels.decode_attention import decode_attention_rows
 from mtcore.kernels.add_rms_norm import add_rms_norm
 from mtcore.kernels.rope_cache import rope_cache, rope_cache_ref
 from mtcore.kernels.silu_mul import silu_mul
@@ -64,7 +66,7 @@ MIN_RESERVE_BYTES = 2 * 2**30
 MAX_SLOTS = 256  # the default cap on concurrent sequences on CUDA
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)
 REFILL_EVERY = 8  # decode steps a freed slot may wait for others before a refill
-ROW_MULTIPLE = 16  # on the CPU, a step's rows come in multiples of this (_pad_rows)
+ROW_MULTIPLE = 16  # batch-invariant on the CPU: a step's rows come in multiples of this (_pad_rows)
 REFILL_FRACTION = 8  # ... or until 1/REFILL_FRACTION of the slots are free
 
 
@@ -106,6 +108,7 @@ class KVCache:
         self.device = p.device
         self.inv_freq = model.model.inv_freq(p.device)  # [head_dim // 2]
         self.slots, self.max_len = slots, max_len
+        self.row_multiple = 1  # ROW_MULTIPLE where generate is batch-invariant
 
     @staticmethod
     def bytes_per_token(model: Llama) -> int:
@@ -201,30 +204,23 @@ def _to_device(values: list[int], device, out: torch.Tensor | None = None) -> to
     return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def _pad_rows(rows: torch.Tensor) -> torch.Tensor:
-    """On the CPU, rows [R, ...] with row 0 repeated up to a multiple of ROW_MULTIPLE. A CPU GEMM of few rows
-    runs other kernels, and an element-wise op's scalar tails (past its vectors, at its threads' chunk
-    ends) fall where the row count puts them: padded, a row's numbers do not depend on the others."""
-    extra = -len(rows) % ROW_MULTIPLE
-    if rows.device.type != "cpu" or not extra:
-        return rows
-    return torch.cat([rows, rows[:1].expand(extra, *rows.shape[1:])])
+def _pad_rows(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """rows [R, ...] with row 0 repeated up to a multiple of `multiple` (KVCache.row_multiple). A CPU GEMM of
+    few rows runs other kernels, and an element-wise op's scalar tails (past its vectors, at its threads'
+    chunk ends) fall where the row count puts them: padded, a row's numbers do not depend on the others."""
+    extra = -len(rows) % multiple
+    return rows if not extra else torch.cat([rows, rows[:1].expand(extra, *rows.shape[1:])])
 
 
 @torch.no_grad()
 def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
-    """Run prompts (packed) through the model, write each prompt's K/V into all of its slots.
-
-    prompts[p]: token ids; slots[p]: the cache slots that sample from prompt p.
-    Returns the last-position logits, [len(prompts), V] fp32.
-    """
-    device, n_prompts, extra = cache.device, len(prompts), -sum(map(len, prompts)) % ROW_MULTIPLE
-    if device.type == "cpu" and extra:  # a packed sequence more, of padding, written nowhere (_pad_rows)
+    """Run prompts (packed) through the model, write each prompt's K/V into all of its slots. prompts[p]: token
+    ids; slots[p]: the cache slots that sample from prompt p. Returns the last logits [len(prompts), V] fp32."""
+    device, n_prompts, extra = cache.device, len(prompts), -sum(map(len, prompts)) % cache.row_multiple
+    if extra:  # a packed sequence more, of padding, written nowhere (_pad_rows)
         prompts, slots = prompts + [[0] * extra], slots + [[]]
     lens = [len(p) for p in prompts]
-    starts = [0]
-    for n in lens:
-        starts.append(starts[-1] + n)
+    starts = [0, *itertools.accumulate(lens)]
     src = [t for p, n in enumerate(lens) for _ in slots[p] for t in range(starts[p], starts[p] + n)]
     dst_slot = [s for p, n in enumerate(lens) for s in slots[p] for _ in range(n)]
     dst_pos = [i for p, n in enumerate(lens) for _ in slots[p] for i in range(n)]
@@ -240,7 +236,8 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
         x, residual = layer(x, residual, cos, sin, _LayerCache(cache.k[i], cache.v[i], dst_slot, dst_pos, src, layout),
                             PREFILL_OPS)
     last = cu_seqlens[1:n_prompts + 1].long() - 1  # [P]
-    return model.lm_head(_pad_rows(add_norm(x[last], residual[last], body.norm)[1]))[:n_prompts].float()  # [P, V]
+    hidden = _pad_rows(add_norm(x[last], residual[last], body.norm)[1], cache.row_multiple)  # [P', dim]
+    return model.lm_head(hidden)[:n_prompts].float()  # [P, V]
 
 
 @torch.no_grad()
@@ -253,8 +250,8 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
     ops: "torch", or "fused" (the Triton kernels of decode_ops_for)."""
     body, layer_ops, rows = model.model, DECODE_OPS[ops], len(tokens)
     rope_write = rope_cache if ops == "fused" else rope_cache_ref
-    tokens, slots, pos = (_pad_rows(t) for t in (tokens, slots, pos))  # added rows: row 0's work again
-    all_slots = len(tokens) == cache.slots == rows
+    tokens, slots, pos = (_pad_rows(t, cache.row_multiple) for t in (tokens, slots, pos))  # row 0's work again
+    all_slots = len(tokens) == cache.slots == rows and cache.row_multiple == 1  # in place: other strides
     x, residual = body.embed_tokens(tokens), None  # [R, dim]
     cos, sin = rope_cos_sin(cache.inv_freq, pos, x.dtype)  # [R, head_dim]
     for i, layer in enumerate(body.layers):
@@ -371,9 +368,12 @@ def take_token(batch: SlotBatch, s: int, token: int, logprob: float | None, job:
 
 
 def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
-    """Decode the active slots only, over the columns up to the longest: shapes change step to step.
-    on_launch(), where given, is called as the step's device work begins (StepTimer.device_start)."""
-    attention, ops = decode_attention_for(cache.device), decode_ops_for(cache.device, "eager")
+    """Decode the active slots only, over the columns up to the longest (batch-invariant: every column, so a
+    slot's attention does not follow the others' lengths): shapes change step to step. on_launch(), where
+    given, is called as the step's device work begins (StepTimer.device_start)."""
+    every_column = cache.row_multiple > 1
+    attention = decode_attention_rows if every_column else decode_attention_for(cache.device)
+    ops = decode_ops_for(cache.device, "eager")
 
     def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
@@ -382,7 +382,7 @@ def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
         if on_launch:
             on_launch()
         return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.device),
-                                   cache.max_len, attention, ops)
+                                   cache.max_len if every_column else max(positions) + 1, attention, ops)
     return step
 
 
@@ -578,7 +578,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
              max_len: int | None = None, on_overlong: str = "error", progress=None,
              kv_budget_bytes: int | None = None, decode_mode: str = "auto",
              prompt_keys: list[int] | None = None, decode_steps: int = 1,
-             should_stop=None) -> list[list[Completion] | None]:
+             should_stop=None, batch_invariant: bool = False) -> list[list[Completion] | None]:
     """Sample params.n completions for each prompt (token ids). Returns, in prompt order, a list of n
     Completions per prompt, or None for a prompt skipped as too long (on_overlong="skip").
 
@@ -586,15 +586,14 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     (default keys: the prompts' indices): it does not depend on the slots, the other prompts, or the
     order they are served in. Give each prompt its index in the whole list when serving a part of it.
 
-    slots: concurrent sequences (default: slot_count, from kv_budget_bytes or the free GPU memory).
-    max_len: tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings).
-    progress: called at each step with (requests finished, tokens sampled), for a progress bar.
-    decode_mode: one of DECODE_MODES.
-    decode_steps: decode steps per visit of the host (mtcore/decode_blocks.py); the same tokens. 0: chosen
-    (decode_blocks.choose_steps) from the first plain steps' device and host times.
-    should_stop: asked before each step (preempt.stopping); when it says True, generate returns at once,
-    the requests not finished left None in their prompt's list (a rerun draws them again, identically).
-    """
+    slots: concurrent sequences (default: slot_count, from kv_budget_bytes or the free GPU memory). max_len:
+    tokens per slot (default: longest prompt + max_new_tokens, within max_position_embeddings). progress:
+    called at each step with (requests finished, tokens sampled). decode_mode: one of DECODE_MODES.
+    decode_steps: decode steps per host visit (mtcore/decode_blocks.py), the same tokens; 0: chosen from
+    the first plain steps' times. should_stop: asked before each step (preempt.stopping); once True,
+    generate returns, the unfinished requests None in their prompt's list (a rerun draws them again).
+    batch_invariant: on the CPU, each request's tokens and log-probs the same bits whatever is served beside
+    it (rows padded to ROW_MULTIPLE, every cache column read)."""
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
     if decode_mode not in DECODE_MODES:
@@ -609,6 +608,7 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         return results
     cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
     device = cache.device
+    cache.row_multiple = ROW_MULTIPLE if batch_invariant and device.type == "cpu" else 1
     prompt_keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
     job = _Job(prompts, requests, params, max_len, results, prompt_keys, set(params.stop_ids))
     if decode_mode == "auto":

@@ -1,4 +1,4 @@
-"""Batch invariance on the CPU: a response's reward (inference.Scorer) and a request's tokens and log-probs
+"""--batch-invariant on the CPU: a response's reward (inference.Scorer) and a request's tokens and log-probs
 (sampler.generate) are the same bits whichever other sequences share their micro-batch or decode step, so
 a run's numbers do not follow --shard-prompts, the slot count, the ranks or a resume in between."""
 
@@ -54,7 +54,7 @@ def test_fixed_bins_hold_every_sequence_once_within_the_budget():
 def test_rewards_do_not_depend_on_the_other_sequences(reward_dir):
     """The same responses scored all at once, prompt by prompt, in another order, and under a smaller
     token budget's split into shards: the same bits (==, not approx)."""
-    cfg = LoopConfig(micro_batch_tokens=512)
+    cfg = LoopConfig(micro_batch_tokens=512, batch_invariant=True)
     prompts, texts = responses(24)
     scorer = Scorer(cfg, torch.device("cpu"), reward_dir)
     together = scorer(prompts, texts)
@@ -102,10 +102,11 @@ def test_samples_and_logprobs_do_not_depend_on_the_other_requests():
     def flat(results):
         return [(c.token_ids, c.logprobs) for r in results for c in r]
 
-    together = flat(generate(model, prompts, params(), max_len=64))
-    by_seven = flat([r for k in range(0, 40, 7) for r in generate(
-        model, prompts[k:k + 7], params(), max_len=64, prompt_keys=list(range(k, min(40, k + 7))))])
-    nine_slots = flat(generate(model, prompts, params(), max_len=64, slots=9))
+    together = flat(generate(model, prompts, params(), max_len=64, batch_invariant=True))
+    by_seven = flat([r for k in range(0, 40, 7) for r in generate(model, prompts[k:k + 7], params(), max_len=64,
+                                                                  prompt_keys=list(range(k, min(40, k + 7))),
+                                                                  batch_invariant=True)])
+    nine_slots = flat(generate(model, prompts, params(), max_len=64, slots=9, batch_invariant=True))
     assert together == by_seven == nine_slots
     assert len({tuple(t) for t, _ in together}) > 100  # it samples
 
@@ -133,13 +134,14 @@ def run_files(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_the_toy_run_at_two_shard_sizes_is_the_same_run(tmp_path):
-    """`mtcore train --iters 2` of the toy world with --shard-prompts 256 and 40: metrics.json (without
-    timing), every sample, score, pair and weight file byte for byte."""
+    """`mtcore train --iters 2 --batch-invariant` of the toy world with --shard-prompts 256 and 40:
+    metrics.json (without timing), every sample, score, pair and weight file byte for byte."""
     runs = {}
     for shard in (256, 40):
         out = tmp_path / f"shard{shard}"
         proc = subprocess.run([sys.executable, "-m", "mtcore", "train", "--iters", "2", "--out", str(out),
-                               "--shard-prompts", str(shard)], capture_output=True, text=True, timeout=900)
+                               "--shard-prompts", str(shard), "--batch-invariant"], capture_output=True, text=True,
+                              timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[shard] = out
     a, b = (run_files(runs[s]) for s in (256, 40))

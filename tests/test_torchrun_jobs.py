@@ -44,7 +44,8 @@ def train_args(world, out) -> list[str]:
             "--dpo-batch-size", "512", "--save-every", "4", "--selection-size", "4", "--rm-split-size", "6",
             "--rm-lr", "1e-3", "--rm-batch-size", "512", "--tau", "0", "--max-length", "64",
             "--micro-batch-tokens", "4096", "--policy-split-size", "0", "--shard-prompts", "4000",
-            "--save-state-every", "0", "--kv-cache-gb", "0.0005", "--log-every", "0.5"]  # ~50 slots: many steps
+            "--save-state-every", "0", "--kv-cache-gb", "0.0005", "--log-every", "0.5",  # ~50 slots: many steps
+            "--batch-invariant"]  # a shard cut short is finished beside other requests: the same bits only so
 
 
 def job_env() -> dict:
