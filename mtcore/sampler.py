@@ -49,8 +49,8 @@ from mtcore.config import DECODE_MODES
 from mtcore.decode_blocks import FIELDS, SlotState, StepTimer, choose_steps, run_block
 from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
-from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
-from mtcore.kernels.decode_attention import decode_attention_rows
+from mtcore.kernels.decode_attention import (decode_attention, decode_attention_for, decode_attention_opaque,
+                                              decode_attention_rows)
 from mtcore.kernels.add_rms_norm import add_rms_norm
 from mtcore.kernels.rope_cache import rope_cache, rope_cache_ref
 from mtcore.kernels.silu_mul import silu_mul
@@ -371,9 +371,8 @@ def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
     """Decode the active slots only, over the columns up to the longest (batch-invariant: every column, so a
     slot's attention does not follow the others' lengths): shapes change step to step. on_launch(), where
     given, is called as the step's device work begins (StepTimer.device_start)."""
-    every_column = cache.row_multiple > 1
+    every_column, ops = cache.row_multiple > 1, decode_ops_for(cache.device, "eager")
     attention = decode_attention_rows if every_column else decode_attention_for(cache.device)
-    ops = decode_ops_for(cache.device, "eager")
 
     def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()

@@ -325,7 +325,7 @@ def test_torchrun_train_iteration_completes(world, tmp_path):
     AutoModelForCausalLM.from_pretrained(str(d / "policy"))
     assert not list(run.rglob("*.tmp-*"))  # no half-written files left behind
     # the RM stage, redone in this process from the stage's files
-    mine = refit_rm(d, reward, Run(run, tiny_config(policy, reward, prompts, iters=1)).seed(1, "rm"))
+    mine = refit_rm([d], reward, Run(run, tiny_config(policy, reward, prompts, iters=1)).seed(1, "rm"))
     theirs = load_model(d / "reward", kind="reward", dtype=torch.float32).state_dict()
     worst = max((p - theirs[k]).abs().max().item() for k, p in mine.state_dict().items())
     assert worst < 1e-5, worst

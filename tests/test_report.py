@@ -109,11 +109,14 @@ def test_dpo_to_tensorboard_holds_every_step_of_metrics_jsonl(world, tmp_path):
     assert not (tmp_path / "dpo.partial").exists()
 
 
+def wandb_offline(monkeypatch):
+    for key, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_DISABLE_GIT", "true")):
+        monkeypatch.setenv(key, value)
+
+
 def test_train_to_tensorboard_and_wandb_offline_one_run(world, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    wandb_offline(monkeypatch)
     out = tmp_path / "run"
     args = ["train", "--policy", world / "policy", "--reward", world / "reward", "--prompts", world / "prompts.jsonl",
             "--iters", "1", "--selection-size", "4", "--rm-split-size", "4", "--policy-split-size", "16", "--samples", "2", "--max-new-tokens", "4",
@@ -180,9 +183,7 @@ def test_train_resumed_and_extended_logs_no_step_twice(world, tmp_path, monkeypa
     pytest.importorskip("wandb")
     from mtcore import report
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    wandb_offline(monkeypatch)
     out = tmp_path / "run"
     args = ["train", "--policy", world / "policy", "--reward", world / "reward", "--prompts", world / "prompts.jsonl",
             "--selection-size", "4", "--rm-split-size", "4", "--policy-split-size", "8", "--samples", "2",
