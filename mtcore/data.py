@@ -142,7 +142,7 @@ def content_rule(tokenizer) -> str:
     return _CONTENT_RULES[template]
 
 
-def encode_response(tokenizer, text: str) -> list[int]:
+def encode_response(tokenizer, text: str, rendered: bool = True) -> list[int]:
     """Response ids: the text as the chat template renders an assistant message's content (Llama-3's
     trims it, so ids equal apply_chat_template's for the whole conversation), without special tokens,
     then the end-of-turn id.
@@ -150,7 +150,7 @@ def encode_response(tokenizer, text: str) -> list[int]:
     Special-token spellings inside the text ("<|eot_id|>") are split into ordinary tokens, so a
     response can end only at the end-of-turn id we append.
     """
-    shown = _STRIPS[content_rule(tokenizer)](text)
+    shown = _STRIPS[content_rule(tokenizer)](text) if rendered else text  # rendered=False: as given (mtcore dpo)
     ids = tokenizer(shown, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids + [end_of_turn_id(tokenizer)]
 
@@ -375,12 +375,13 @@ def cut_to_length(examples: list[Example], max_length: int) -> tuple[list[Exampl
 
 
 def encode_pair(tokenizer, prompt, chosen: str, rejected: str, where: str = "prompt", line: int = 0,
-                margin: float | None = None) -> Example:
-    """A preference pair by the sequence rule: the prompt's ids (encoded once) before each response's."""
+                margin: float | None = None, rendered: bool = True) -> Example:
+    """A preference pair by the sequence rule: the prompt's ids (encoded once) before each response's
+    (rendered: as the chat template shows them, encode_response)."""
     prompt_ids = encode_prompt(tokenizer, prompt, where)
     n = len(prompt_ids)
-    return Example(((prompt_ids + encode_response(tokenizer, chosen), n),
-                    (prompt_ids + encode_response(tokenizer, rejected), n)), line, margin)
+    return Example(((prompt_ids + encode_response(tokenizer, chosen, rendered), n),
+                    (prompt_ids + encode_response(tokenizer, rejected, rendered), n)), line, margin)
 
 
 def read_pair(row: dict, source: Source) -> tuple[list[dict], str, str]:
@@ -391,7 +392,7 @@ def read_pair(row: dict, source: Source) -> tuple[list[dict], str, str]:
             response_of(row, source.rejected, where, prompt, "--rejected-field"))
 
 
-def read_pairs(path, tokenizer) -> list[Example]:
+def read_pairs(path, tokenizer, rendered: bool = True) -> list[Example]:
     """Preference pairs from rows {"prompt": str | messages, "chosen": str | messages, "rejected": str |
     messages, "margin"?: float} (read_rows: JSONL, Parquet or a dataset; read_pair), each tokenised by
     the sequence rule; a malformed row is an error naming where it is."""
@@ -402,7 +403,7 @@ def read_pairs(path, tokenizer) -> list[Example]:
         margin = row.get("margin")
         if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
             raise MtcoreError(f'{where}: "margin" must be a number, got {margin!r}')
-        examples.append(encode_pair(tokenizer, prompt, chosen, rejected, where, row["_line"], margin))
+        examples.append(encode_pair(tokenizer, prompt, chosen, rejected, where, row["_line"], margin, rendered))
     if not examples:
         raise MtcoreError(f"{path}: no pairs")
     return examples

@@ -580,7 +580,8 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     caches = reference_cache_dir(cache_dir)
     out = check_out_dir(out, "dpo", (path, pairs_file, ref_path, chat_template), overwrite)
     tokenizer, model = _load(path, "policy", device, chat_template)
-    examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
+    # the responses as given, as TRL's DPOTrainer tokenizes them (the reward side renders them: rm, score)
+    examples, report = _read(functools.partial(read_pairs, rendered=False), pairs_file, tokenizer, max_length, cfg)
     _check_disk(out, path, examples, cfg, "dpo")
     ref_path = ref_path or path
     reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,

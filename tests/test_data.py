@@ -165,3 +165,18 @@ def test_scores_equal_transformers_with_whitespace_at_either_end(llama3_tokenize
                 want = hf(torch.tensor([ids])).logits[0, 0].item()
             assert score == pytest.approx(want, abs=1e-5), (text, score, want)
     assert got[0][0] == got[0][1] == got[0][2] == got[0][3]  # the template trims: the same sequence
+
+
+def test_dpo_keeps_a_responses_text_as_given_the_reward_side_renders_it(tmp_path):
+    """`mtcore dpo` tokenizes chosen and rejected as given, as TRL's DPOTrainer does; the reward side (rm,
+    score, the loop's RM stage) encodes them as the Llama-3 template renders them, trimmed."""
+    from mtcore import toy
+    from mtcore.data import load_tokenizer, read_pairs
+
+    tok = load_tokenizer(toy.ASSETS / "tokenizer")
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "sort 2 1", "chosen": " 1 2\n", "rejected": "2 1 "}) + "\n")
+    (chosen, n), (rejected, _) = read_pairs(path, tok, rendered=False)[0].seqs
+    assert tok.decode(chosen[n:-1]) == " 1 2\n" and tok.decode(rejected[n:-1]) == "2 1 "
+    (chosen, n), (rejected, _) = read_pairs(path, tok)[0].seqs
+    assert tok.decode(chosen[n:-1]) == "1 2" and tok.decode(rejected[n:-1]) == "2 1"
