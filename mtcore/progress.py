@@ -9,9 +9,9 @@ It shows the count done of the total, the rate, the time left, tokens/s (when to
 the named numbers last given. The rate and the time left wait for the first item done; where an item
 takes at most `item_tokens` tokens (a sampled response, max_new_tokens), the time left is at most what
 the tokens still possible take at the tokens/s so far, so a sampler whose requests all finish together
-near the end is not given hours left after its first short response. When stderr is a terminal it redraws one bar line; otherwise it logs a
-line every `log_every` seconds (as tqdm's mininterval does in cluster logs; 0: at every counted item)
-and one at the end. Under torchrun rank 0 alone shows it.
+near the end is not given hours left after its first short response. When stderr is a terminal it
+redraws one bar line; otherwise it logs a line every `log_every` seconds (as tqdm's mininterval does in
+cluster logs; 0: at every counted item) and one at the end. Under torchrun rank 0 alone shows it.
 """
 
 import logging

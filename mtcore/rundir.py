@@ -202,7 +202,10 @@ class Run:
         self._check_models()
 
     def prompts_sha256(self) -> str:
-        return prompts_sha256(self._prompts())
+        """prompts_sha256 of --prompts' prompts, computed once (a run's start asks several times)."""
+        if not hasattr(self, "_prompts_digest"):
+            self._prompts_digest = prompts_sha256(self._prompts())
+        return self._prompts_digest
 
     def _saved_hash(self) -> tuple[str, list[int]]:
         """PROMPTS_HASH's (hash, counts); none where it is not written (a run made before it)."""
@@ -269,10 +272,12 @@ class Run:
     def _prompts(self) -> list:
         """--prompts' prompts in file order, read once."""
         if not hasattr(self, "_prompt_list"):
-            cfg = self.cfg
-            source = Source(cfg.prompts, cfg.prompts_split or None, "--prompts-split", prompt=cfg.prompt_field)
-            self._prompt_list = [prompt_of(r, r["_where"], cfg.prompt_field) for r in read_rows(source)]
+            self._prompt_list = [prompt_of(r, r["_where"], self.cfg.prompt_field) for r in read_rows(self._source())]
         return self._prompt_list
+
+    def _source(self) -> Source:
+        cfg = self.cfg
+        return Source(cfg.prompts, cfg.prompts_split or None, "--prompts-split", prompt=cfg.prompt_field)
 
     def _saved_prompts(self, saved: dict | None) -> tuple[dict | None, bool, bool]:
         """(config.toml's values with its prompts path as this command's where the content is the same,
@@ -475,10 +480,9 @@ class Run:
         cfg = self.cfg
         if self.world is not None:
             return self.world.make_splits(cfg)
-        source = Source(cfg.prompts, cfg.prompts_split or None, "--prompts-split", prompt=cfg.prompt_field)
         prompts = list(self._prompts())
         random.Random(cfg.seed).shuffle(prompts)
-        sizes = split_sizes(cfg, len(prompts), str(source))
+        sizes = split_sizes(cfg, len(prompts), str(self._source()))
         splits, start = {}, 0
         for name, n in sizes.items():
             splits[name], start = prompts[start:start + n], start + n

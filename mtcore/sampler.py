@@ -66,8 +66,8 @@ MIN_RESERVE_BYTES = 2 * 2**30
 MAX_SLOTS = 256  # the default cap on concurrent sequences on CUDA
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)
 REFILL_EVERY = 8  # decode steps a freed slot may wait for others before a refill
-ROW_MULTIPLE = 16  # batch-invariant on the CPU: a step's rows come in multiples of this (_pad_rows)
 REFILL_FRACTION = 8  # ... or until 1/REFILL_FRACTION of the slots are free
+ROW_MULTIPLE = 16  # batch-invariant on the CPU: a step's rows come in multiples of this (_pad_rows)
 
 
 @dataclass
@@ -251,7 +251,7 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
     body, layer_ops, rows = model.model, DECODE_OPS[ops], len(tokens)
     rope_write = rope_cache if ops == "fused" else rope_cache_ref
     tokens, slots, pos = (_pad_rows(t, cache.row_multiple) for t in (tokens, slots, pos))  # row 0's work again
-    all_slots = len(tokens) == cache.slots == rows and cache.row_multiple == 1  # in place: other strides
+    all_slots = rows == cache.slots and cache.row_multiple == 1  # (batch-invariant: no in-place read)
     x, residual = body.embed_tokens(tokens), None  # [R, dim]
     cos, sin = rope_cos_sin(cache.inv_freq, pos, x.dtype)  # [R, head_dim]
     for i, layer in enumerate(body.layers):

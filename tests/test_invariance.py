@@ -17,6 +17,7 @@ from mtcore.data import Example, make_batch
 from mtcore.inference import Scorer, fixed_bins
 from mtcore.model import row_length
 from mtcore.train import sequence_rewards
+from test_preempt import RUN_TIMING, without_timing
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +113,6 @@ def test_samples_and_logprobs_do_not_depend_on_the_other_requests():
     assert len({tuple(t) for t, _ in together}) > 100  # it samples
 
 
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in ("seconds", "tokens_per_s",
-                                                                          "peak_memory_mib", "profile", "time",
-                                                                          "stage_seconds")}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
-
-
 def run_files(run: Path) -> dict:
     """Every JSONL and safetensors file of a run directory, by path (metrics rows without timing)."""
     files = {}
@@ -130,7 +121,8 @@ def run_files(run: Path) -> dict:
                                                     "pseudo_pairs.jsonl"):
             files[str(f.relative_to(run))] = f.read_bytes()
         elif f.name.endswith("_metrics.jsonl"):
-            files[str(f.relative_to(run))] = [without_timing(json.loads(x)) for x in f.read_text().splitlines()]
+            rows = f.read_text().splitlines()
+            files[str(f.relative_to(run))] = [without_timing(json.loads(x), RUN_TIMING) for x in rows]
     return files
 
 
@@ -150,7 +142,7 @@ def test_the_toy_run_at_two_shard_sizes_is_the_same_run(tmp_path):
     assert a.keys() == b.keys() and any(k.endswith("model.safetensors") for k in a)
     for name in a:
         assert a[name] == b[name], name
-    ma, mb = (without_timing(json.loads((runs[s] / "metrics.json").read_text())) for s in (256, 40))
+    ma, mb = (without_timing(json.loads((runs[s] / "metrics.json").read_text()), RUN_TIMING) for s in (256, 40))
     assert ma == mb
 
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 OUTPUTS = ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "pseudo_pairs.jsonl", "dpo_metrics.jsonl",
            "rm_metrics.jsonl", "policy/model.safetensors", "reward/model.safetensors")
 TIMING = ("seconds", "tokens_per_s", "peak_memory_mib", "profile")
+RUN_TIMING = (*TIMING, "stage_seconds")  # metrics.json's too
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,11 @@ def train_args(world, out, **extra):
     return args
 
 
-def without_timing(obj):
+def without_timing(obj, timing=TIMING):
     if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING}
+        return {k: without_timing(v, timing) for k, v in obj.items() if k not in timing}
     if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
+        return [without_timing(v, timing) for v in obj]
     return obj
 
 

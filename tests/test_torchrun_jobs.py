@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_world
-from test_preempt import TIMING
+from test_preempt import RUN_TIMING, without_timing
 
 pytestmark = [pytest.mark.usefixtures("torch_cpu_path"), pytest.mark.slow]
 
@@ -109,6 +109,18 @@ class Job:
         self.seen_ranks.update(found)
         return found
 
+    def signal_in_sampling(self, sig, to_ranks: bool = False) -> tuple[dict[int, int], float]:
+        """Once both ranks sample: sig to the launcher (and to every rank too, as scancel does). Returns
+        the ranks ({pid: RANK}) and when it was sent."""
+        self.wait_for(SAMPLING, RUN_S)
+        ranks = self.ranks()
+        assert sorted(ranks.values()) == [0, 1]
+        sent = time.monotonic()
+        os.kill(self.proc.pid, sig)
+        for pid in ranks if to_ranks else ():
+            os.kill(pid, sig)
+        return ranks, sent
+
     def finish(self, timeout: float) -> int:
         try:
             return self.proc.wait(timeout)
@@ -161,17 +173,11 @@ def run_job(cmd, timeout=RUN_S) -> Job:
     return job
 
 
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in (*TIMING, "stage_seconds")}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
 
 
 def assert_same_run(a: Path, b: Path):
-    assert without_timing(json.loads((a / "metrics.json").read_text())) == \
-        without_timing(json.loads((b / "metrics.json").read_text()))
+    assert without_timing(json.loads((a / "metrics.json").read_text()), RUN_TIMING) == \
+        without_timing(json.loads((b / "metrics.json").read_text()), RUN_TIMING)
     for name in OUTPUTS:
         assert (a / "iter_1" / name).read_bytes() == (b / "iter_1" / name).read_bytes(), name
     assert not Path(f"{b}.lock").exists() and not Path(f"{b}.stopped").exists()
@@ -209,13 +215,7 @@ def test_sigterm_to_the_launcher_and_its_ranks_stops_within_the_bound_and_the_re
     out = tmp_path / "run"
     job = Job(torchrun_cmd(HANDLE) + train_args(world, out))
     try:
-        job.wait_for(SAMPLING, RUN_S)
-        ranks = job.ranks()
-        assert sorted(ranks.values()) == [0, 1]
-        sent = time.monotonic()
-        os.kill(job.proc.pid, signal.SIGTERM)
-        for pid in ranks:
-            os.kill(pid, signal.SIGTERM)
+        ranks, sent = job.signal_in_sampling(signal.SIGTERM, to_ranks=True)
         assert_stopped_in_the_shard(job, out, "SIGTERM", sent)
         assert job.finish(60) == 1  # torchrun's own status after a signal (its SignalException)
         assert not any(alive(pid) for pid in ranks)
@@ -288,11 +288,7 @@ def test_the_slurm_job_script_requeues_at_the_time_limit_and_the_requeued_job_fi
     script = ["bash", str(ROOT / "docs" / "slurm" / "mtcore-train.sbatch"), *train_args(world, out)[1:]]
     job = Job(script, env)
     try:
-        job.wait_for(SAMPLING, RUN_S)
-        ranks = job.ranks()
-        assert sorted(ranks.values()) == [0, 1]
-        sent = time.monotonic()
-        os.kill(job.proc.pid, signal.SIGUSR1)
+        ranks, sent = job.signal_in_sampling(signal.SIGUSR1)
         assert_stopped_in_the_shard(job, out, "SIGUSR1", sent)
         assert job.finish(60) == 0
         assert not any(alive(pid) for pid in ranks)
