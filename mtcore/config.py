@@ -218,11 +218,23 @@ def resolve_config(file_values: dict, cli_values: dict) -> LoopConfig:
     if "graphs" in cfg.decode_mode and device.type != "cuda":
         raise MtcoreError(f"--decode-mode {cfg.decode_mode} needs a CUDA device, and this run's is {device}; use eager "
                           "or compile")
+    if cfg.batch_invariant:
+        batch_invariant_fits(device, cfg.decode_mode, cfg.decode_steps)
     if cfg.micro_batch_tokens < 2 * cfg.max_length:  # a pair, each side up to max_length, shares a micro-batch
         raise MtcoreError(f"micro_batch_tokens {cfg.micro_batch_tokens} cannot hold a pair of max_length "
                           f"{cfg.max_length}: raise --micro-batch-tokens to at least {2 * cfg.max_length}, or lower "
                           f"--max-length")
     return cfg
+
+
+def batch_invariant_fits(device, decode_mode: str, decode_steps: int) -> None:
+    """--batch-invariant is built for the CPU's eager one-step decode (mtcore/invariant.py): refuse the rest."""
+    if device.type != "cpu":
+        raise MtcoreError(f"--batch-invariant is built for the CPU only, and this run's device is {device} (cuBLAS "
+                          f"picks its kernels by shape there); leave it out")
+    if decode_mode not in ("auto", "eager") or decode_steps != 1:
+        raise MtcoreError(f"--batch-invariant decodes one eager step at a time; leave out --decode-mode "
+                          f"{decode_mode} and --decode-steps {decode_steps}")
 
 
 @dataclass

@@ -45,17 +45,17 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from mtcore.config import DECODE_MODES
+from mtcore.config import DECODE_MODES, batch_invariant_fits
 from mtcore.decode_blocks import FIELDS, SlotState, StepTimer, choose_steps, run_block
 from mtcore.draws import Draws, request_word
 from mtcore.errors import MtcoreError
-from mtcore.kernels.decode_attention import (decode_attention, decode_attention_for, decode_attention_opaque,
-                                              decode_attention_rows)
+from mtcore.invariant import ROW_MULTIPLE, attention_by_width, pad_rows
+from mtcore.kernels.decode_attention import decode_attention, decode_attention_for, decode_attention_opaque
 from mtcore.kernels.add_rms_norm import add_rms_norm
 from mtcore.kernels.rope_cache import rope_cache, rope_cache_ref
 from mtcore.kernels.silu_mul import silu_mul
 from mtcore.model import (LayerOps, Llama, add_norm, apply_rope, attend, make_layout, merge_projections,
-                          packed_positions, rope_cos_sin)
+                          packed_positions, rope_cos_sin, row_length)
 from mtcore.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ MAX_SLOTS = 256  # the default cap on concurrent sequences on CUDA
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activations)
 REFILL_EVERY = 8  # decode steps a freed slot may wait for others before a refill
 REFILL_FRACTION = 8  # ... or until 1/REFILL_FRACTION of the slots are free
-ROW_MULTIPLE = 16  # batch-invariant on the CPU: a step's rows come in multiples of this (_pad_rows)
 
 
 @dataclass
@@ -204,20 +203,12 @@ def _to_device(values: list[int], device, out: torch.Tensor | None = None) -> to
     return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def _pad_rows(rows: torch.Tensor, multiple: int) -> torch.Tensor:
-    """rows [R, ...] with row 0 repeated up to a multiple of `multiple` (KVCache.row_multiple). A CPU GEMM of
-    few rows runs other kernels, and an element-wise op's scalar tails (past its vectors, at its threads'
-    chunk ends) fall where the row count puts them: padded, a row's numbers do not depend on the others."""
-    extra = -len(rows) % multiple
-    return rows if not extra else torch.cat([rows, rows[:1].expand(extra, *rows.shape[1:])])
-
-
 @torch.no_grad()
 def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[list[int]]) -> torch.Tensor:
     """Run prompts (packed) through the model, write each prompt's K/V into all of its slots. prompts[p]: token
     ids; slots[p]: the cache slots that sample from prompt p. Returns the last logits [len(prompts), V] fp32."""
     device, n_prompts, extra = cache.device, len(prompts), -sum(map(len, prompts)) % cache.row_multiple
-    if extra:  # a packed sequence more, of padding, written nowhere (_pad_rows)
+    if extra:  # a packed sequence more, of padding, written nowhere (pad_rows)
         prompts, slots = prompts + [[0] * extra], slots + [[]]
     lens = [len(p) for p in prompts]
     starts = [0, *itertools.accumulate(lens)]
@@ -236,7 +227,7 @@ def prefill(model: Llama, cache: KVCache, prompts: list[list[int]], slots: list[
         x, residual = layer(x, residual, cos, sin, _LayerCache(cache.k[i], cache.v[i], dst_slot, dst_pos, src, layout),
                             PREFILL_OPS)
     last = cu_seqlens[1:n_prompts + 1].long() - 1  # [P]
-    hidden = _pad_rows(add_norm(x[last], residual[last], body.norm)[1], cache.row_multiple)  # [P', dim]
+    hidden = pad_rows(add_norm(x[last], residual[last], body.norm)[1], cache.row_multiple)  # [P', dim]
     return model.lm_head(hidden)[:n_prompts].float()  # [P, V]
 
 
@@ -250,7 +241,7 @@ def decode_step(model: Llama, cache: KVCache, tokens: torch.Tensor, slots: torch
     ops: "torch", or "fused" (the Triton kernels of decode_ops_for)."""
     body, layer_ops, rows = model.model, DECODE_OPS[ops], len(tokens)
     rope_write = rope_cache if ops == "fused" else rope_cache_ref
-    tokens, slots, pos = (_pad_rows(t, cache.row_multiple) for t in (tokens, slots, pos))  # row 0's work again
+    tokens, slots, pos = (pad_rows(t, cache.row_multiple) for t in (tokens, slots, pos))  # row 0's work again
     all_slots = rows == cache.slots and cache.row_multiple == 1  # (batch-invariant: no in-place read)
     x, residual = body.embed_tokens(tokens), None  # [R, dim]
     cos, sin = rope_cos_sin(cache.inv_freq, pos, x.dtype)  # [R, head_dim]
@@ -368,11 +359,11 @@ def take_token(batch: SlotBatch, s: int, token: int, logprob: float | None, job:
 
 
 def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
-    """Decode the active slots only, over the columns up to the longest (batch-invariant: every column, so a
-    slot's attention does not follow the others' lengths): shapes change step to step. on_launch(), where
-    given, is called as the step's device work begins (StepTimer.device_start)."""
-    every_column, ops = cache.row_multiple > 1, decode_ops_for(cache.device, "eager")
-    attention = decode_attention_rows if every_column else decode_attention_for(cache.device)
+    """Decode the active slots only, over the columns up to the longest (batch-invariant: each row over its
+    own row_length, attention_by_width): shapes change step to step. on_launch(), where given, is called as
+    the step's device work begins (StepTimer.device_start)."""
+    invariant, ops = cache.row_multiple > 1, decode_ops_for(cache.device, "eager")
+    attention = attention_by_width if invariant else decode_attention_for(cache.device)
 
     def step(batch: SlotBatch) -> tuple[list[int], torch.Tensor]:
         active = batch.active()
@@ -381,7 +372,7 @@ def eager_decoder(model: Llama, cache: KVCache, on_launch=None):
         if on_launch:
             on_launch()
         return active, decode_step(model, cache, batch.last[slots], slots, _to_device(positions, cache.device),
-                                   cache.max_len if every_column else max(positions) + 1, attention, ops)
+                                   cache.max_len if invariant else max(positions) + 1, attention, ops)
     return step
 
 
@@ -591,12 +582,15 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     decode_steps: decode steps per host visit (mtcore/decode_blocks.py), the same tokens; 0: chosen from
     the first plain steps' times. should_stop: asked before each step (preempt.stopping); once True,
     generate returns, the unfinished requests None in their prompt's list (a rerun draws them again).
-    batch_invariant: on the CPU, each request's tokens and log-probs the same bits whatever is served beside
-    it (rows padded to ROW_MULTIPLE, every cache column read)."""
+    batch_invariant: each request's tokens and log-probs the same bits whatever is served beside it
+    (mtcore/invariant.py: rows padded to ROW_MULTIPLE, each row's attention over its own width); on the CPU,
+    in eager one-step decode only (config.batch_invariant_fits)."""
     if on_overlong not in ("error", "skip"):
         raise ValueError("on_overlong must be 'error' or 'skip'")
     if decode_mode not in DECODE_MODES:
         raise MtcoreError(f"decode mode must be one of {', '.join(DECODE_MODES)}; got {decode_mode!r}")
+    if batch_invariant:
+        batch_invariant_fits(next(model.parameters()).device, decode_mode, decode_steps)
     max_len = max_len or slot_len(model, prompts, params)
     keep = _fitting(prompts, max_len, on_overlong)
     results: list[list[Completion] | None] = [None] * len(prompts)
@@ -605,9 +599,10 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     requests = [(i, j) for i in keep for j in range(params.n)]
     if not requests:
         return results
-    cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes), max_len)
+    cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes),
+                    row_length(max_len) if batch_invariant else max_len)  # (attention_by_width's widths)
     device = cache.device
-    cache.row_multiple = ROW_MULTIPLE if batch_invariant and device.type == "cpu" else 1
+    cache.row_multiple = ROW_MULTIPLE if batch_invariant else 1
     prompt_keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
     job = _Job(prompts, requests, params, max_len, results, prompt_keys, set(params.stop_ids))
     if decode_mode == "auto":

@@ -437,6 +437,10 @@ CASES = [
     ("train-rm-data-no-m-step", "train --out {w}/r --rm-data all --no-m-step", "--rm-data all", ["r"]),
     ("train-graphs-cpu", "train --out {w}/r --decode-mode graphs --device cpu", "needs a CUDA device", ["r"]),
     ("train-micro-small", "train --out {w}/r --micro-batch-tokens 100", "cannot hold a pair", ["r"]),
+    ("train-invariant-compile", "train --out {w}/r --batch-invariant --decode-mode compile",
+     "--batch-invariant decodes one eager step at a time; leave out --decode-mode compile", ["r"]),
+    ("train-invariant-steps", "train --out {w}/r --batch-invariant --decode-steps 4",
+     "leave out --decode-mode auto and --decode-steps 4", ["r"]),
     ("train-device", "train --out {w}/r --device tpu", "not a device", ["r"]),
     ("train-too-few-prompts", "train {P} {R} --prompts {w}/prompts.jsonl --out {w}/r", "too few", ["r"]),
     ("train-reward-is-policy", "train --policy {w}/policy --reward {w}/policy --prompts {w}/prompts.jsonl "

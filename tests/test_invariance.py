@@ -113,6 +113,52 @@ def test_samples_and_logprobs_do_not_depend_on_the_other_requests():
     assert len({tuple(t) for t, _ in together}) > 100  # it samples
 
 
+def test_samples_do_not_depend_on_the_longest_prompt_beside_them():
+    """A random Llama of head_dim 64 (two K/V heads of two query heads each), prompts of 5 to 150 tokens
+    and no max_len: each call's slot length follows its own longest prompt. All at once, by fours, one
+    at a time and through 5 slots: the same tokens and log-probs. Two ways it failed before, each caught
+    here: every row's attention over the call's slot length (35 of 48 requests of a 34M model differed),
+    and a width's rows in a batch of their own count."""
+    from mtcore.model import Llama, ModelArgs
+    from mtcore.sampler import SamplingParams, generate
+
+    args = ModelArgs(vocab_size=2000, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=512,
+                     rope_theta=500000.0, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=0)
+    model = Llama(args, "policy").init_weights(seed=0).eval()
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(5, 151))] for _ in range(12)]
+    params = SamplingParams(n=3, temperature=0.8, top_p=0.95, max_new_tokens=20, seed=5, logprobs=True,
+                            stop_ids=tuple(range(3, 60)))  # ragged stops
+
+    def calls(size: int, **kw):
+        return [(c.token_ids, c.logprobs) for k in range(0, 12, size)
+                for r in generate(model, prompts[k:k + size], params, prompt_keys=list(range(k, min(12, k + size))),
+                                  batch_invariant=True, **kw) for c in r]
+
+    together = calls(12)
+    assert together == calls(4) == calls(1) == calls(12, slots=5)
+    assert len({len(t) for t, _ in together}) > 3  # ragged: rows come and go
+
+
+def test_batch_invariant_refuses_what_it_does_not_cover():
+    """CUDA, the compile modes and blocks of decode steps are not batch-invariant: generate says so."""
+    from mtcore.config import batch_invariant_fits
+    from mtcore.errors import MtcoreError
+    from mtcore.model import Llama, ModelArgs
+    from mtcore.sampler import SamplingParams, generate
+
+    with pytest.raises(MtcoreError, match="built for the CPU only, and this run's device is cuda:0"):
+        batch_invariant_fits(torch.device("cuda:0"), "auto", 1)
+    model = Llama(ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64),
+                  "policy").init_weights(seed=0).eval()
+    for mode, steps in (("compile", 1), ("eager", 4), ("auto", 0)):
+        with pytest.raises(MtcoreError, match=f"leave out --decode-mode {mode} and --decode-steps {steps}"):
+            generate(model, [[3, 4]], SamplingParams(max_new_tokens=2), decode_mode=mode, decode_steps=steps,
+                     batch_invariant=True)
+    assert len(generate(model, [[3, 4]], SamplingParams(max_new_tokens=2), batch_invariant=True)[0]) == 1
+
+
 def run_files(run: Path) -> dict:
     """Every JSONL and safetensors file of a run directory, by path (metrics rows without timing)."""
     files = {}
