@@ -2,16 +2,18 @@
 
     python bench/invariance.py            # a random ~34M-parameter Llama (bench/sampler.py's), fp32
 
-Scoring (inference.Scorer's micro-batches): 512 responses of 64 to 512 tokens, --micro-batch-tokens 8192.
-- packed: the micro-batches as they were before the change, first-fit packed (data.pack), each one packed
-  sequence of at most 8192 tokens; a reward then depends on what else is packed with it;
-- fixed: inference.fixed_bins / fixed_batch, each micro-batch [rows, T] padded to one of a fixed set of shapes.
+Scoring (inference.Scorer's micro-batches): 512 responses of 64 to 512 tokens, --micro-batch-tokens 8192,
+first-fit packed (data.pack), each micro-batch one packed sequence of at most 8192 tokens.
+- unpadded: the forward as it was before (a reward's bits then follow what else is packed with it);
+- padded: train.hidden_states, the default now: a sequence of padding after the packed ones, up to a
+  multiple of 16 tokens (mtcore/invariant.py).
 
 Sampling (sampler.generate, eager, the toy world's settings scaled up): 64 prompts of 40 to 200 tokens,
-4 samples each, T 0.8, top-p 0.95, up to 128 new tokens, ragged stops.
+4 samples each, T 0.8, top-p 0.95, up to 128 new tokens, ragged stops; then few rows: 1, 2 and 8
+requests of 100-token prompts, 128 new tokens.
 - varying: the default (a step runs its active rows over the columns up to the longest);
-- invariant: batch_invariant=True (rows padded to a multiple of 16, every cache column read, plain-matmul
-  attention).
+- invariant: batch_invariant=True (rows padded to a multiple of 16, each row's attention over its own
+  row_length of the cache, plain matmuls: mtcore/invariant.py).
 
 Each provider is timed 3 times, alternating, after a warm-up; the table gives the median, tokens/s, the
 % of an fp32 matmul peak measured in this run (useful FLOPs: profile.matmul_flops, computed), and the
@@ -33,8 +35,7 @@ import common  # noqa: E402
 from mtcore import profile, sampler  # noqa: E402
 from mtcore.config import LoopConfig  # noqa: E402
 from mtcore.data import Example, make_batch, pack  # noqa: E402
-from mtcore.inference import fixed_batch, fixed_bins  # noqa: E402
-from mtcore.train import sequence_rewards  # noqa: E402
+from mtcore.train import reward_index, sequence_rewards  # noqa: E402
 
 
 def random_model(kind: str):
@@ -47,18 +48,20 @@ def random_model(kind: str):
 
 
 @torch.no_grad()
-def score_packed(model, examples, budget):
-    return [sequence_rewards(model, make_batch(examples, b)) for b in pack([e.n_tokens for e in examples], budget)]
+def score(model, examples, budget, padded: bool):
+    out = []
+    for b in pack([e.n_tokens for e in examples], budget):
+        batch = make_batch(examples, b)
+        if padded:
+            out.append(sequence_rewards(model, batch))
+        else:  # train.hidden_states without its padding sequence
+            hidden = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+            out.append(model.score_rewards(hidden[reward_index(batch, model.args.pad_token_id)]))
+    return out
 
 
-@torch.no_grad()
-def score_fixed(model, examples, budget):
-    return [sequence_rewards(model, fixed_batch(examples, b, budget))[:len(b)]
-            for b in fixed_bins([e.n_tokens for e in examples], budget)]
-
-
-def sample(model, prompts, invariant: bool):
-    params = sampler.SamplingParams(n=4, temperature=0.8, top_p=0.95, max_new_tokens=128, seed=3,
+def sample(model, prompts, invariant: bool, n: int = 4):
+    params = sampler.SamplingParams(n=n, temperature=0.8, top_p=0.95, max_new_tokens=128, seed=3,
                                     stop_ids=tuple(range(3, 40)))  # ragged stops: ~1 in 800 tokens a step
     out = sampler.generate(model, prompts, params, decode_mode="eager", batch_invariant=invariant)
     return [len(c.token_ids) for r in out for c in r]
@@ -102,15 +105,14 @@ def main():
     examples = [Example((([rng.randrange(3, 32000) for _ in range(rng.randrange(64, 513))], 20),))
                 for _ in range(512)]
     budget = LoopConfig().micro_batch_tokens
-    results = measure({"packed": lambda: score_packed(reward, examples, budget),
-                       "fixed": lambda: score_fixed(reward, examples, budget)})
+    results = measure({"unpadded": lambda: score(reward, examples, budget, False),
+                       "padded": lambda: score(reward, examples, budget, True)})
     lens = [e.n_tokens for e in examples]
     work = profile.matmul_flops(reward.args, lens, head_tokens=0)
     print("## Scoring: 512 responses of 64 to 512 tokens, --micro-batch-tokens 8192\n")
-    print("\n".join(rows(results, "packed", {k: sum(lens) for k in results}, {k: work for k in results}, peak)))
-    packed = torch.cat(results["packed"][1])
-    print(f"\nrewards: the two providers agree to {float((torch.cat(results['fixed'][1]).sort().values - packed.sort().values).abs().max()):.2e} "
-          f"(max abs difference of the sorted rewards)\n")
+    print("\n".join(rows(results, "unpadded", {k: sum(lens) for k in results}, {k: work for k in results}, peak)))
+    gap = (torch.cat(results["padded"][1]) - torch.cat(results["unpadded"][1])).abs().max()
+    print(f"\nrewards: the two providers agree to {float(gap):.2e} (max abs difference)\n")
 
     policy = random_model("policy")
     prompts = [[rng.randrange(3, 32000) for _ in range(rng.randrange(40, 201))] for _ in range(64)]
@@ -122,7 +124,14 @@ def main():
     print("## Sampling: 64 prompts of 40 to 200 tokens, 4 samples, up to 128 new tokens (eager)\n")
     print("\n".join(rows(results, "varying", new, work, peak)))
     print(f"\nnew tokens: {new['varying']:,} (varying) and {new['invariant']:,} (invariant); % of peak counts the "
-          "projections, MLP and head per token (computed), not the attention to the prefix")
+          "projections, MLP and head per token (computed), not the attention to the prefix\n")
+    print("## Sampling few rows: 100-token prompts, up to 128 new tokens (eager)\n")
+    print("| requests | varying s | invariant s | time vs varying |\n|---|---:|---:|---:|")
+    for n_prompts, n in ((1, 1), (2, 1), (8, 1)):
+        few = [[rng.randrange(3, 32000) for _ in range(100)] for _ in range(n_prompts)]
+        r = measure({"varying": lambda: sample(policy, few, False, n), "invariant": lambda: sample(policy, few, True, n)})
+        print(f"| {n_prompts * n} | {r['varying'][0]:.3f} | {r['invariant'][0]:.3f} | "
+              f"{r['invariant'][0] / r['varying'][0]:.3f}x |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from mtcore.config import LoopConfig
 from mtcore.data import Example, encode_prompt, encode_response, load_tokenizer, make_batch, pack, stop_ids
 from mtcore.device import precision
 from mtcore.errors import MtcoreError
-from mtcore.model import Llama, row_length
+from mtcore.model import Llama
 from mtcore.progress import Progress
 from mtcore.sampler import SamplingParams, generate, response_text, slot_len
 from mtcore.train import sequence_rewards
@@ -125,10 +125,9 @@ class Scorer:
                 if should_stop is not None and should_stop():
                     out.append(None)
                     continue
-                batch = (fixed_batch(examples, index, cfg.micro_batch_tokens) if cfg.batch_invariant
-                         else make_batch(examples, index)).to(device)
+                batch = make_batch(examples, index).to(device)
                 with precision(device).autocast:
-                    out.append(sequence_rewards(model, batch)[:len(index)].tolist())  # the rows past: padding
+                    out.append(sequence_rewards(model, batch).tolist())
                 done = len(index) if own else sum(1 / len(responses[owner[k][0]]) for k in index)  # prompts
                 bar.update(done * ranks, tokens=sum(examples[k].n_tokens for k in index) * ranks)
             return out
@@ -137,7 +136,8 @@ class Scorer:
         if longest > cfg.micro_batch_tokens:
             raise MtcoreError(f"a sequence of {longest} tokens does not fit --micro-batch-tokens "
                               f"{cfg.micro_batch_tokens}; raise it to at least {longest}, or lower --max-length")
-        bins = (fixed_bins if cfg.batch_invariant else pack)([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
+        bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)  # (a reward's bits do not follow the
+        # others packed with it: train.hidden_states)
         try:
             scored = parallel.map_shards(score, bins)
         finally:
@@ -151,38 +151,6 @@ class Scorer:
             lens = [ex.n_tokens for ex in examples]
             meter.add(sum(lens), profile.matmul_flops(model.args, lens, head_tokens=0))
         return [None if None in s else s for s in scores]
-
-
-# Batch-invariant scoring (--batch-invariant). A reward must not depend on which other sequences share its
-# micro-batch (that follows from --shard-prompts, the ranks, a resume in between), so every micro-batch has
-# one of a fixed set of shapes: [rows, T], T the sequence's row_length, rows as many as --micro-batch-tokens
-# holds, the last micro-batch of a length filled with empty rows. With its shape fixed, each matmul reduces a
-# row's numbers in the same order whatever the other rows hold (a packed micro-batch of N tokens does not:
-# its kernels follow N). The cost on the CPU: bench/invariance.py.
-
-def fixed_bins(lens: list[int], budget: int) -> list[list[int]]:
-    """Sequence indices grouped into micro-batches by row_length (capped at the budget), in input order,
-    micro_rows(T, budget) rows each (the last of a length may have fewer: fixed_batch pads it)."""
-    groups: dict[int, list[int]] = {}
-    for i, n in enumerate(lens):
-        groups.setdefault(min(row_length(n), budget), []).append(i)
-    bins = []
-    for T in sorted(groups, reverse=True):
-        rows = micro_rows(T, budget)
-        bins += [groups[T][k:k + rows] for k in range(0, len(groups[T]), rows)]
-    return bins
-
-
-def micro_rows(T: int, budget: int) -> int:
-    return max(1, budget // T)
-
-
-def fixed_batch(examples: list[Example], index: list[int], budget: int):
-    """The padded micro-batch [rows, T] of fixed_bins' bin `index`: its sequences, then empty rows."""
-    T = min(row_length(max(examples[i].n_tokens for i in index)), budget)
-    empty = Example((([0], 1),))  # one token, all prompt
-    rows = [examples[i] for i in index] + [empty] * (micro_rows(T, budget) - len(index))
-    return make_batch(rows, list(range(len(rows))), padded=True, width=T)
 
 
 def generate_responses(model: Llama, tokenizer, prompts: list[list[int]], params: SamplingParams,

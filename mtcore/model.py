@@ -600,6 +600,6 @@ class Llama(nn.Module):
         autocast (a bf16 GEMM would round every reward to bf16 before pairing, win rates and the
         epsilon filter). Differentiable in hidden and the head. A row-wise product and sum, not a GEMV:
         the GEMV's result for a row follows its position among the rows (the kernels' tail rows reduce in
-        another order), and a reward must not depend on its micro-batch (inference.fixed_bins)."""
+        another order), and a reward must not depend on its micro-batch (train.hidden_states)."""
         with torch.autocast(hidden.device.type, enabled=False):
             return (hidden.float() * self.score.weight.float()[0]).sum(-1)  # [..., dim] -> [...]

@@ -40,6 +40,7 @@ from mtcore.data import (Batch, Example, cut_to_length, load_tokenizer, make_bat
                          read_pairs)
 from mtcore.device import default_device, precision
 from mtcore.files import check_free_space, default_file_mode, remove_quietly, write_json, write_text_atomic
+from mtcore.invariant import ROW_MULTIPLE
 from mtcore.config import TrainConfig
 from mtcore.errors import MtcoreError
 from mtcore.kernels import bt_loss, bt_loss_ref, dpo_loss, dpo_loss_ref, fused_logprobs, fused_logprobs_ref
@@ -62,10 +63,20 @@ class NonFiniteLoss(MtcoreError):
 
 
 def hidden_states(model: Llama, batch: Batch) -> torch.Tensor:
-    """Flat hidden states [N', dim], in the order of batch.labels."""
-    if batch.attention_mask is None:
+    """Flat hidden states [N', dim], in the order of batch.labels. On the CPU a packed batch runs with a
+    sequence of padding after it, up to a multiple of ROW_MULTIPLE tokens (mtcore/invariant.py): a
+    sequence's hidden states are then the same bits whichever others are packed with it, so a reward
+    does not follow --shard-prompts, the ranks or a resume in between."""
+    if batch.attention_mask is not None:
+        return model(batch.tokens, attention_mask=batch.attention_mask).flatten(0, 1)  # [S, T, dim] -> [S*T, dim]
+    n = batch.tokens.numel()
+    extra = -n % ROW_MULTIPLE if batch.tokens.device.type == "cpu" else 0
+    if not extra:
         return model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)  # [N, dim]
-    return model(batch.tokens, attention_mask=batch.attention_mask).flatten(0, 1)  # [S, T, dim] -> [S*T, dim]
+    tokens = torch.cat([batch.tokens, batch.tokens.new_zeros(extra)])
+    positions = torch.cat([batch.positions, torch.arange(extra, device=tokens.device)])
+    cu_seqlens = torch.cat([batch.cu_seqlens, batch.cu_seqlens.new_tensor([n + extra])])
+    return model(tokens, positions, cu_seqlens, max(batch.max_seqlen, extra))[:n]  # [N, dim]
 
 
 def response_logps(model: Llama, batch: Batch, reference_ops: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
