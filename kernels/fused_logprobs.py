@@ -45,6 +45,11 @@ MAX_BLOCK_V = 4096
 # measured: no GPU yet): GEMMs of [4096, H] @ [H, 16384], a 128 MiB bf16 logits tile and a 256 MiB
 # fp32 partial weight gradient at H=4096.
 CHUNKS = {"cpu": (256, 8192), "cuda": (4096, 16384)}
+# The torch CPU path pads a chunk of fewer tokens (the last) to a multiple of this many rows: a CPU GEMM's
+# and a reduction's result for a row then does not follow the chunk's row count, so a sequence's log-probs
+# are the same bits whichever others are packed with it (mtcore/invariant.py; train.hidden_states pads the
+# model's tokens alike).
+CPU_ROW_MULTIPLE = 16
 
 
 @triton.jit
@@ -242,16 +247,20 @@ def fused_logprobs_forward(hidden, weight, labels, chunk_tokens=None, vocab_tile
     logps = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(scored.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, scored.numel(), C):
-        h_c = hidden[scored[s:s + C]].to(dtype)  # [c, H]
-        y_c = y[s:s + C]
+        rows, y_c = scored[s:s + C], y[s:s + C]
+        n = len(rows)
+        if cpu_torch and n % CPU_ROW_MULTIPLE:  # the chunk's first row again, up to a multiple of 16 rows
+            extra = -n % CPU_ROW_MULTIPLE
+            rows, y_c = torch.cat([rows, rows[:1].expand(extra)]), torch.cat([y_c, y_c[:1].expand(extra)])
+        h_c = hidden[rows].to(dtype)  # [c, H]
         run_max = torch.full((h_c.shape[0],), float("-inf"), device=hidden.device)
         run_sum = torch.zeros(h_c.shape[0], device=hidden.device)
         label_logit = torch.zeros(h_c.shape[0], device=hidden.device)
         for v in range(0, V, VT):
             z = _logits_tile(h_c, weight[v:v + VT].to(dtype), cpu_torch)  # [c, vt]: the one live tile
             update(z, y_c, run_max, run_sum, label_logit, v)
-        lse[s:s + C] = run_max + run_sum.log()
-        logps[scored[s:s + C]] = label_logit - lse[s:s + C]
+        lse[s:s + C] = (run_max + run_sum.log())[:n]
+        logps[scored[s:s + C]] = label_logit[:n] - lse[s:s + C]
     return logps, lse, scored
 
 

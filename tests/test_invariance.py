@@ -81,6 +81,40 @@ def test_padded_packing_equals_one_sequence_alone_to_float_rounding(reward_dir):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_training_logps_do_not_depend_on_the_other_sequences(torch_cpu_path):
+    """DPO's forward (train.response_logps, the fused log-probs' CPU path) on the toy policy: 60 pairs
+    packed under budgets of 1024, 512 and 200 tokens, and in thirds: each sequence's sum the same bits.
+    (Without the padding of the fused log-probs' last chunk, 2 and 1 of the 60 pairs differed.) Training
+    across rank counts then differs by the gradients' sums only (bench/ranks.py)."""
+    from mtcore import toy
+    from mtcore.checkpoint import load_model
+    from mtcore.data import pack
+    from mtcore.train import response_logps
+
+    model = load_model(toy.ASSETS / "policy", "policy", device=torch.device("cpu")).eval()
+    rng = random.Random(0)
+
+    def sequence():
+        n = rng.randrange(3, 20)
+        return [rng.randrange(3, model.args.vocab_size) for _ in range(n + rng.randrange(1, 40))], n
+
+    examples = [Example((sequence(), sequence())) for _ in range(60)]
+
+    @torch.no_grad()
+    def sums(index: list[int], budget: int) -> dict:
+        out = {}
+        for b in pack([examples[i].n_tokens for i in index], budget):
+            held = [index[k] for k in b]
+            logps, _ = response_logps(model, make_batch(examples, held))
+            out.update({i: logps[2 * k:2 * k + 2].tolist() for k, i in enumerate(held)})
+        return out
+
+    every = list(range(60))
+    together = sums(every, 1024)
+    assert together == sums(every, 512) == sums(every, 200) == {**sums(every[:20], 1024), **sums(every[20:], 1024)}
+    assert len({v for pair in together.values() for v in pair}) == 120
+
+
 def test_samples_and_logprobs_do_not_depend_on_the_other_requests():
     """The toy policy samples 5 responses to each of 40 prompts: all at once, 7 prompts at a time, and
     through 9 slots. Tokens and every log-prob: the same bits (each request keeps its random stream)."""
