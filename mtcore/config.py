@@ -67,7 +67,7 @@ class LoopConfig:
     save_state_every: int = 25  # DPO/RM steps between sharded state saves, so a killed stage resumes mid-way
     shard_prompts: int = 256  # prompts per rank between the saves of a sampling or scoring stage
     keep_candidates: bool = False  # keep every DPO candidate after select (default: the chosen one only)
-    batch_invariant: bool = False  # scores and samples the same bits however the work is cut (CPU; slower)
+    batch_invariant: bool = False  # samples the same bits however the work is cut (CPU; mtcore/invariant.py)
     rm_eval: str = ""  # preference pairs JSONL: each iteration's RM is evaluated on it (RewardBench sections)
     log_every: float = 30.0  # seconds between progress log lines when stderr is not a terminal
     report_to: str = ""  # tensorboard, wandb, or both comma-separated (mtcore/report.py)
@@ -142,9 +142,11 @@ LOOP_HELP = {
                      "one (256 prompts x 5 samples of up to 1024 tokens at the 3,960 tokens/s measured for the "
                      "8B shape on an H100: 2 to 6 minutes, computed).",
     "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
-    "batch_invariant": ("Score and sample each sequence in fixed shapes, so that on the CPU a run's numbers are the "
-                        "same bits whatever --shard-prompts, the ranks or a resume mid-shard (costs 1.5x in "
-                        "scoring and sampling there: bench/invariance.py)."),
+    "batch_invariant": ("Sample each request in shapes of its own (rows padded to 16, each row's attention over "
+                        "its own length), so that on the CPU a run's numbers are the same bits whatever "
+                        "--shard-prompts, the slot count, the ranks or a resume mid-shard; scoring and training's "
+                        "forward pass are so always. Sampling costs 1.3x to 2.1x at 1 to 8 requests, 0.82x at 256 "
+                        "(bench/invariance.py). CPU and eager one-step decode only."),
     "rm_eval": "Preference pairs (RewardBench's format; JSONL, Parquet, or a dataset with one split): r_0 and each "
                "iteration's RM are evaluated on it.",
     "log_every": LOG_EVERY_HELP,
