@@ -45,10 +45,10 @@ MAX_BLOCK_V = 4096
 # measured: no GPU yet): GEMMs of [4096, H] @ [H, 16384], a 128 MiB bf16 logits tile and a 256 MiB
 # fp32 partial weight gradient at H=4096.
 CHUNKS = {"cpu": (256, 8192), "cuda": (4096, 16384)}
-# The torch CPU path pads a chunk of fewer tokens (the last) to a multiple of this many rows: a CPU GEMM's
-# and a reduction's result for a row then does not follow the chunk's row count, so a sequence's log-probs
-# are the same bits whichever others are packed with it (mtcore/invariant.py; train.hidden_states pads the
-# model's tokens alike).
+# The torch CPU path pads a chunk of fewer tokens (the last) to a multiple of this many rows, or to the
+# chunk size where that is smaller: a CPU GEMM's and a reduction's result for a row then does not follow
+# the chunk's row count, so a sequence's log-probs are the same bits whichever others are packed with it
+# (mtcore/invariant.py; train.hidden_states pads the model's tokens alike).
 CPU_ROW_MULTIPLE = 16
 
 
@@ -249,8 +249,8 @@ def fused_logprobs_forward(hidden, weight, labels, chunk_tokens=None, vocab_tile
     for s in range(0, scored.numel(), C):
         rows, y_c = scored[s:s + C], y[s:s + C]
         n = len(rows)
-        if cpu_torch and n % CPU_ROW_MULTIPLE:  # the chunk's first row again, up to a multiple of 16 rows
-            extra = -n % CPU_ROW_MULTIPLE
+        extra = min(-(-n // CPU_ROW_MULTIPLE) * CPU_ROW_MULTIPLE, C) - n if cpu_torch else 0
+        if extra > 0:  # the chunk's first row again, up to a multiple of 16 rows (within the chunk size)
             rows, y_c = torch.cat([rows, rows[:1].expand(extra)]), torch.cat([y_c, y_c[:1].expand(extra)])
         h_c = hidden[rows].to(dtype)  # [c, H]
         run_max = torch.full((h_c.shape[0],), float("-inf"), device=hidden.device)
