@@ -129,7 +129,8 @@ def main():
     print("| requests | varying s | invariant s | time vs varying |\n|---|---:|---:|---:|")
     for n_prompts, n in ((1, 1), (2, 1), (8, 1)):
         few = [[rng.randrange(3, 32000) for _ in range(100)] for _ in range(n_prompts)]
-        r = measure({"varying": lambda: sample(policy, few, False, n), "invariant": lambda: sample(policy, few, True, n)})
+        r = measure({"varying": lambda: sample(policy, few, False, n),
+                     "invariant": lambda: sample(policy, few, True, n)})
         print(f"| {n_prompts * n} | {r['varying'][0]:.3f} | {r['invariant'][0]:.3f} | "
               f"{r['invariant'][0] / r['varying'][0]:.3f}x |")
 

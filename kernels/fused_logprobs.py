@@ -26,7 +26,9 @@ and written once (backward).
 
 The fused passes are `_lse_update_kernel` and `_logit_grad_kernel` (Triton) and
 `_lse_update_torch` / `_logit_grad_torch` (the same pass in torch for CPU tensors). Both paths share
-the chunking, the GEMMs and the fp32 accumulators.
+the chunking, the GEMMs and the fp32 accumulators; the torch CPU path alone computes a short last
+chunk's logits over rows padded to a multiple of 16 (`_padded`), in both passes, so that a token's
+log-prob does not follow how many others are scored with it.
 """
 
 import functools
@@ -46,9 +48,8 @@ MAX_BLOCK_V = 4096
 # fp32 partial weight gradient at H=4096.
 CHUNKS = {"cpu": (256, 8192), "cuda": (4096, 16384)}
 # The torch CPU path pads a chunk of fewer tokens (the last) to a multiple of this many rows, or to the
-# chunk size where that is smaller: a CPU GEMM's and a reduction's result for a row then does not follow
-# the chunk's row count, so a sequence's log-probs are the same bits whichever others are packed with it
-# (mtcore/invariant.py; train.hidden_states pads the model's tokens alike).
+# chunk size where that is smaller (_padded): a CPU GEMM's and a reduction's result for a row then does
+# not follow the chunk's row count (mtcore/invariant.py).
 CPU_ROW_MULTIPLE = 16
 
 
@@ -211,6 +212,13 @@ def _chunks(device, chunk_tokens, vocab_tile):
     return chunk_tokens or c, vocab_tile or v
 
 
+def _padded(rows, C, cpu_torch):
+    """A chunk's scored rows [c]; on the torch CPU path with its first row again up to a multiple of
+    CPU_ROW_MULTIPLE rows (within the chunk size C): its logits are then the first c rows of [c', vt]."""
+    extra = min(-(-len(rows) // CPU_ROW_MULTIPLE) * CPU_ROW_MULTIPLE, C) - len(rows) if cpu_torch else 0
+    return torch.cat([rows, rows[:1].expand(extra)]) if extra > 0 else rows
+
+
 def _gemm_dtype(hidden, cpu_torch):
     return torch.float32 if cpu_torch else hidden.dtype
 
@@ -247,12 +255,9 @@ def fused_logprobs_forward(hidden, weight, labels, chunk_tokens=None, vocab_tile
     logps = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(scored.numel(), dtype=torch.float32, device=hidden.device)
     for s in range(0, scored.numel(), C):
-        rows, y_c = scored[s:s + C], y[s:s + C]
-        n = len(rows)
-        extra = min(-(-n // CPU_ROW_MULTIPLE) * CPU_ROW_MULTIPLE, C) - n if cpu_torch else 0
-        if extra > 0:  # the chunk's first row again, up to a multiple of 16 rows (within the chunk size)
-            rows, y_c = torch.cat([rows, rows[:1].expand(extra)]), torch.cat([y_c, y_c[:1].expand(extra)])
-        h_c = hidden[rows].to(dtype)  # [c, H]
+        rows = _padded(scored[s:s + C], C, cpu_torch)
+        n, y_c = min(C, scored.numel() - s), labels[rows].long()
+        h_c = hidden[rows].to(dtype)  # [c', H]
         run_max = torch.full((h_c.shape[0],), float("-inf"), device=hidden.device)
         run_sum = torch.zeros(h_c.shape[0], device=hidden.device)
         label_logit = torch.zeros(h_c.shape[0], device=hidden.device)
@@ -288,13 +293,14 @@ def fused_logprobs_backward(grad_logps, hidden, weight, labels, lse, scored, chu
             acc_w = grad_weight[v:v + VT] if weight.dtype == torch.float32 else torch.zeros(
                 w_t.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, scored.numel(), C):
-            h_c = hidden[scored[s:s + C]].to(dtype)  # [c, H]
-            z = _logits_tile(h_c, w_t, cpu_torch)  # [c, vt], recomputed
+            n = min(C, scored.numel() - s)
+            h_c = hidden[_padded(scored[s:s + C], C, cpu_torch)].to(dtype)  # [c', H]
+            z = _logits_tile(h_c, w_t, cpu_torch)[:n]  # [c, vt], recomputed as the forward computed them
             grad_pass(z, y[s:s + C], lse[s:s + C], g[s:s + C], v)  # z := dz
             if need_hidden:
                 _add_mm(grad_scored[s:s + C], z, w_t)
             if need_weight:
-                _add_mm(acc_w, z.T, h_c)
+                _add_mm(acc_w, z.T, h_c[:n])
         if need_weight and acc_w.data_ptr() != grad_weight[v:v + VT].data_ptr():
             grad_weight[v:v + VT] = acc_w
     grad_hidden = None

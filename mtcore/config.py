@@ -143,10 +143,11 @@ LOOP_HELP = {
                      "8B shape on an H100: 2 to 6 minutes, computed).",
     "keep_candidates": "Keep every DPO candidate after the selection (default: only the chosen one stays).",
     "batch_invariant": ("Sample each request in shapes of its own (rows padded to 16, each row's attention over "
-                        "its own length), so that on the CPU a run's numbers are the same bits whatever "
-                        "--shard-prompts, the slot count, the ranks or a resume mid-shard; scoring and training's "
-                        "forward pass are so always. Sampling costs 1.3x to 2.1x at 1 to 8 requests, 0.82x at 256 "
-                        "(bench/invariance.py). CPU and eager one-step decode only."),
+                        "its own length), so that on the CPU samples and scores are the same bits whatever "
+                        "--shard-prompts, the slot count, the ranks or a resume mid-shard (scoring is so always; "
+                        "training on other rank counts differs in its last bits: bench/ranks.py). Sampling costs "
+                        "1.3x to 2.1x at 1 to 8 requests, 0.82x at 256 (bench/invariance.py). CPU and eager "
+                        "one-step decode only."),
     "rm_eval": "Preference pairs (RewardBench's format; JSONL, Parquet, or a dataset with one split): r_0 and each "
                "iteration's RM are evaluated on it.",
     "log_every": LOG_EVERY_HELP,
@@ -233,10 +234,11 @@ def batch_invariant_fits(device, decode_mode: str, decode_steps: int) -> None:
     """--batch-invariant is built for the CPU's eager one-step decode (mtcore/invariant.py): refuse the rest."""
     if device.type != "cpu":
         raise MtcoreError(f"--batch-invariant is built for the CPU only, and this run's device is {device} (cuBLAS "
-                          f"picks its kernels by shape there); leave it out")
-    if decode_mode not in ("auto", "eager") or decode_steps != 1:
-        raise MtcoreError(f"--batch-invariant decodes one eager step at a time; leave out --decode-mode "
-                          f"{decode_mode} and --decode-steps {decode_steps}")
+                          "picks its kernels by shape there); leave it out")
+    wrong = ([f"--decode-mode {decode_mode}"] if decode_mode not in ("auto", "eager") else []) + (
+        [f"--decode-steps {decode_steps}"] if decode_steps != 1 else [])
+    if wrong:
+        raise MtcoreError(f"--batch-invariant decodes one eager step at a time; leave out {' and '.join(wrong)}")
 
 
 @dataclass

@@ -475,9 +475,9 @@ def _labels(ids: list[int], n_prompt: int) -> list[int]:
     return [IGNORE_INDEX] * (n_prompt - 1) + ids[n_prompt:] + [IGNORE_INDEX]
 
 
-def make_batch(examples: list[Example], index: list[int], padded: bool = False, width: int = 0) -> Batch:
+def make_batch(examples: list[Example], index: list[int], padded: bool = False) -> Batch:
     """Build the tensors of the micro-batch holding examples[i] for i in index; padded: [S, T], T the
-    longest sequence, or `width` where given (at least that)."""
+    longest sequence."""
     seqs = [s for i in index for s in examples[i].seqs]
     lens = [len(ids) for ids, _ in seqs]
     margins = None
@@ -490,7 +490,7 @@ def make_batch(examples: list[Example], index: list[int], padded: bool = False, 
                      labels=torch.tensor([t for ids, n in seqs for t in _labels(ids, n)]),
                      seq_bounds=cu, last_index=cu[1:] - 1, cu_seqlens=cu.to(torch.int32),
                      positions=torch.cat([torch.arange(n) for n in lens]), max_seqlen=max(lens), **common)
-    T = max(width, *lens)
+    T = max(lens)
     tokens = torch.zeros(len(seqs), T, dtype=torch.long)
     labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(len(seqs), T, dtype=torch.long)

@@ -136,8 +136,8 @@ class Scorer:
         if longest > cfg.micro_batch_tokens:
             raise MtcoreError(f"a sequence of {longest} tokens does not fit --micro-batch-tokens "
                               f"{cfg.micro_batch_tokens}; raise it to at least {longest}, or lower --max-length")
-        bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)  # (a reward's bits do not follow the
-        # others packed with it: train.hidden_states)
+        # a reward's bits do not follow the others packed with it (train.hidden_states)
+        bins = pack([ex.n_tokens for ex in examples], cfg.micro_batch_tokens)
         try:
             scored = parallel.map_shards(score, bins)
         finally:

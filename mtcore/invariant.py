@@ -1,22 +1,33 @@
-"""What makes a sampled sequence's numbers independent of the others served beside it, on the CPU
-(sampler.generate(batch_invariant=True), the runs' --batch-invariant; scoring's part is inference.fixed_bins).
+"""What makes a sequence's numbers on the CPU independent of the others computed beside it, so that a run's
+samples and scores do not follow --shard-prompts, the slot count, the ranks or a resume mid-shard.
 
-Three things made a request's log-probs follow its neighbours, each measured on a random 34M Llama:
-- a CPU GEMM of 11 rows or fewer runs other kernels, and an element-wise op's scalar tails (past its
-  vectors, at its threads' chunk ends) fall where the row count puts them: every step's rows, and every
-  prefill's tokens, are padded to a multiple of ROW_MULTIPLE (pad_rows);
+Always, in every packed forward (scoring, training, the DPO reference): train.hidden_states runs a packed
+micro-batch with a sequence of padding after it, up to a multiple of ROW_MULTIPLE tokens, and the fused
+log-probs' torch CPU path pads a short last chunk alike (kernels/fused_logprobs.py, _padded). A CPU GEMM
+of 11 rows or fewer runs other kernels, and an element-wise op's scalar tails (past its vectors, at its
+threads' chunk ends) fall where the row count puts them. (Also always: the reward head is a row-wise
+product and sum, model.score_rewards; the SDPA fallback pads each packed sequence to its row_length.)
+
+With batch_invariant (sampler.generate, the runs' --batch-invariant; the CPU's eager one-step decode only,
+config.batch_invariant_fits), the sampler too, where three things made a request's log-probs follow its
+neighbours, each measured on a random 34M Llama:
+- the row count, as above: every step's rows, and every prefill's tokens, are padded to a multiple of
+  ROW_MULTIPLE (pad_rows);
 - the CPU's SDPA gave a row other bits at another batch size (at head_dim 64): decode_attention_rows,
   plain matmuls and a masked softmax, instead;
 - attention's sums over the cache columns ran over the longest prompt's slot length, which follows the
   prompts in the same call (a shard's): each row reads row_length(its own length) columns
-  (attention_by_width), so a sum's length depends on the row alone."""
+  (attention_by_width), so a sum's length depends on the row alone.
+
+The cost: bench/invariance.py. Training across rank counts still differs by its gradients' sums:
+bench/ranks.py."""
 
 import torch
 
 from mtcore.kernels.decode_attention import decode_attention_rows
 from mtcore.model import row_length
 
-ROW_MULTIPLE = 16  # a batch-invariant step's rows come in multiples of this (pad_rows)
+ROW_MULTIPLE = 16  # rows (tokens) of a forward come in multiples of this
 
 
 def pad_rows(rows: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The KV-cache batch sampler: continuous batching over a fixed set of cache slots.
 
-- KVCache: per layer K and V of [slots, max_len, n_kv_heads, head_dim], preallocated. On CUDA the slot
-  count comes from the memory left after the weights (cache_budget); each slot holds one sequence.
+- KVCache: per layer K and V of [slots, max_len, n_kv_heads, head_dim], preallocated (batch-invariant:
+  row_length(max_len) columns, mtcore/invariant.py). On CUDA the slot count comes from the memory left
+  after the weights (cache_budget); each slot holds one sequence.
 - prefill: the prompts of newly admitted requests, packed (cu_seqlens) through the model's own blocks;
   each prompt's K/V are written once into every slot that samples from it (n samples of a prompt share
   one prefill). Refills are batched: freed slots wait until enough of them have freed (or a few steps)
@@ -589,6 +590,8 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
         raise ValueError("on_overlong must be 'error' or 'skip'")
     if decode_mode not in DECODE_MODES:
         raise MtcoreError(f"decode mode must be one of {', '.join(DECODE_MODES)}; got {decode_mode!r}")
+    if decode_steps < 0:
+        raise MtcoreError(f"decode steps per host visit must be >= 1 (0: automatic); got {decode_steps}")
     if batch_invariant:
         batch_invariant_fits(next(model.parameters()).device, decode_mode, decode_steps)
     max_len = max_len or slot_len(model, prompts, params)
@@ -599,16 +602,14 @@ def generate(model: Llama, prompts: list[list[int]], params: SamplingParams, slo
     requests = [(i, j) for i in keep for j in range(params.n)]
     if not requests:
         return results
-    cache = KVCache(model, slot_count(model, max_len, len(requests), slots, kv_budget_bytes),
-                    row_length(max_len) if batch_invariant else max_len)  # (attention_by_width's widths)
+    width = row_length(max_len) if batch_invariant else max_len  # (attention_by_width's widths)
+    cache = KVCache(model, slot_count(model, width, len(requests), slots, kv_budget_bytes), width)
     device = cache.device
     cache.row_multiple = ROW_MULTIPLE if batch_invariant else 1
     prompt_keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
     job = _Job(prompts, requests, params, max_len, results, prompt_keys, set(params.stop_ids))
     if decode_mode == "auto":
         decode_mode = "graphs" if device.type == "cuda" else "eager"
-    if decode_steps < 0:
-        raise MtcoreError(f"decode steps per host visit must be >= 1 (0: automatic); got {decode_steps}")
     if "graphs" in decode_mode and device.type != "cuda":
         raise MtcoreError(f"decode mode '{decode_mode}' needs a CUDA device; use 'eager' or 'compile'")
     merge_projections(model)  # q/k/v and gate/up as one GEMM each (the parameters become views: no copy)

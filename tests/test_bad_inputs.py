@@ -440,7 +440,7 @@ CASES = [
     ("train-invariant-compile", "train --out {w}/r --batch-invariant --decode-mode compile",
      "--batch-invariant decodes one eager step at a time; leave out --decode-mode compile", ["r"]),
     ("train-invariant-steps", "train --out {w}/r --batch-invariant --decode-steps 4",
-     "leave out --decode-mode auto and --decode-steps 4", ["r"]),
+     "eager step at a time; leave out --decode-steps 4", ["r"]),
     ("train-device", "train --out {w}/r --device tpu", "not a device", ["r"]),
     ("train-too-few-prompts", "train {P} {R} --prompts {w}/prompts.jsonl --out {w}/r", "too few", ["r"]),
     ("train-reward-is-policy", "train --policy {w}/policy --reward {w}/policy --prompts {w}/prompts.jsonl "

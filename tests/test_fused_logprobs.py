@@ -159,10 +159,10 @@ def test_never_more_than_one_tile_of_logits(kernel_path, monkeypatch):
     run(lambda h, w, y: fused_logprobs(h, w, y, 8, 256), hidden, weight, labels, grad, torch.float32)
     logit_tiles = [s.numel() for s in sizes if 12 not in s]  # outputs that are not [*, H]
     assert logit_tiles and max(logit_tiles) <= 8 * 256
-    # forward + backward recompute of the 20 scored tokens, V = 1000; the torch CPU path's forward pads its
-    # last chunk (4 tokens) to the chunk size here, 8 (CPU_ROW_MULTIPLE: batch invariance)
-    forward_rows = 24 if kernel_path == "torch" else 20
-    assert sum(logit_tiles) == (forward_rows + 20) * 1000
+    # forward + backward recompute of the 20 scored tokens, V = 1000; the torch CPU path pads its last
+    # chunk (4 tokens) to the chunk size here, 8, in both (CPU_ROW_MULTIPLE: batch invariance)
+    rows = 24 if kernel_path == "torch" else 20
+    assert sum(logit_tiles) == 2 * rows * 1000
 
 
 def test_autocast_forward_and_backward_agree(kernel_path):

@@ -45,9 +45,8 @@ def test_row_length_rounds_up_by_less_than_a_quarter():
 
 def test_rewards_do_not_depend_on_the_other_sequences(reward_dir):
     """The same responses scored all at once, prompt by prompt, one by one, in another order, and split
-    in two: the same bits (==, not approx), with or without --batch-invariant (scoring is invariant
-    always: train.hidden_states). Without the padding to a multiple of 16 tokens, 11, 18 and 3 of these
-    120 rewards differed."""
+    7 and 17 prompts: the same bits (==, not approx), by default (train.hidden_states). Without the
+    padding to a multiple of 16 tokens, 11, 18 and 3 of these 120 rewards differed."""
     cfg = LoopConfig(micro_batch_tokens=512)
     prompts, texts = responses(24)
     scorer = Scorer(cfg, torch.device("cpu"), reward_dir)
@@ -61,6 +60,50 @@ def test_rewards_do_not_depend_on_the_other_sequences(reward_dir):
     assert together == alone == one_by_one == halves
     assert [together[i] for i in order] == shuffled
     assert len({r for row in together for r in row}) > 100  # distinct rewards: the model is not constant
+
+
+def test_rewards_at_head_dim_64_do_not_depend_on_the_other_sequences():
+    """A random reward model of head_dim 64 (the toy's is 32), 80 sequences of 17 to 32 tokens (one
+    length bucket of the packed attention, so its batch grows with the others) and 40 of 33 to 200:
+    packed under three budgets, alone, and split 13 and 107, the same rewards."""
+    from mtcore.data import pack
+    from mtcore.model import Llama, ModelArgs
+
+    args = ModelArgs(vocab_size=2000, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=512,
+                     max_position_embeddings=512, pad_token_id=0)
+    model = Llama(args, "reward").init_weights(seed=0).eval()
+    rng = random.Random(0)
+    examples = [Example((([rng.randrange(3, 2000) for _ in range(rng.randrange(lo, hi))], 1),))
+                for lo, hi in [(17, 33)] * 80 + [(33, 201)] * 40]
+
+    @torch.no_grad()
+    def rewards(index: list[int], budget: int) -> dict:
+        out = {}
+        for b in pack([examples[i].n_tokens for i in index], budget):
+            held = [index[k] for k in b]
+            out.update(zip(held, sequence_rewards(model, make_batch(examples, held)).tolist()))
+        return out
+
+    every = list(range(120))
+    together = rewards(every, 4096)
+    alone = {i: rewards([i], 4096)[i] for i in every}
+    assert together == rewards(every, 1024) == rewards(every, 300) == alone == {**rewards(every[:13], 4096),
+                                                                                 **rewards(every[13:], 4096)}
+    assert len(set(together.values())) == 120
+
+
+def test_attention_by_width_equals_the_reference():
+    """attention_by_width against decode_attention_ref (SDPA with a length mask over every column), rows
+    of mixed lengths reading other slots: equal to float rounding."""
+    from mtcore.invariant import attention_by_width
+    from mtcore.kernels.decode_attention import decode_attention_ref
+
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(6, 160, 2, 64, generator=gen) for _ in range(2))  # [S, L, Hkv, D]
+    q = torch.randn(5, 4, 64, generator=gen)  # [R, Hq, D]
+    slots, lens = torch.tensor([4, 0, 2, 5, 1]), torch.tensor([1, 17, 64, 65, 150])
+    got = attention_by_width(q, k_cache, v_cache, slots, lens)
+    torch.testing.assert_close(got, decode_attention_ref(q, k_cache, v_cache, slots, lens), rtol=1e-5, atol=1e-5)
 
 
 def test_padded_packing_equals_one_sequence_alone_to_float_rounding(reward_dir):
@@ -83,7 +126,7 @@ def test_padded_packing_equals_one_sequence_alone_to_float_rounding(reward_dir):
 
 def test_training_logps_do_not_depend_on_the_other_sequences(torch_cpu_path):
     """DPO's forward (train.response_logps, the fused log-probs' CPU path) on the toy policy: 60 pairs
-    packed under budgets of 1024, 512 and 200 tokens, and in thirds: each sequence's sum the same bits.
+    packed under budgets of 1024, 512 and 200 tokens, and split 20 and 40: each sequence's sum the same bits.
     (Without the padding of the fused log-probs' last chunk, 2 and 1 of the 60 pairs differed.) Training
     across rank counts then differs by the gradients' sums only (bench/ranks.py)."""
     from mtcore import toy
@@ -181,8 +224,9 @@ def test_batch_invariant_refuses_what_it_does_not_cover():
         batch_invariant_fits(torch.device("cuda:0"), "auto", 1)
     model = Llama(ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64),
                   "policy").init_weights(seed=0).eval()
-    for mode, steps in (("compile", 1), ("eager", 4), ("auto", 0)):
-        with pytest.raises(MtcoreError, match=f"leave out --decode-mode {mode} and --decode-steps {steps}"):
+    for mode, steps, named in (("compile", 1, "--decode-mode compile$"), ("eager", 4, "out --decode-steps 4$"),
+                               ("compile", 0, "--decode-mode compile and --decode-steps 0$")):
+        with pytest.raises(MtcoreError, match=named):
             generate(model, [[3, 4]], SamplingParams(max_new_tokens=2), decode_mode=mode, decode_steps=steps,
                      batch_invariant=True)
     assert len(generate(model, [[3, 4]], SamplingParams(max_new_tokens=2), batch_invariant=True)[0]) == 1
