@@ -94,7 +94,20 @@ class Scorer:
         self.cfg, self.device, self.reward_dir = cfg, device, reward_dir
         self.tokenizer = load_tokenizer(reward_dir, cfg.reward_chat_template or None)
         self.model = None
-        self.truncated = 0  # sequences cut to cfg.max_length, over every call
+
+    def encode(self, prompts: list, responses: list[list[str]]) -> tuple[list[Example], list[tuple[int, int]], int]:
+        """(one Example per response, cut to cfg.max_length; its (prompt, response) index; how many were
+        cut)."""
+        examples, owner, truncated = [], [], 0
+        for i, (p, texts) in enumerate(zip(prompts, responses)):
+            prompt_ids = encode_prompt(self.tokenizer, p, f"prompt {i}") if texts else []  # once per prompt
+            n = len(prompt_ids)
+            for j, text in enumerate(texts):
+                ids = prompt_ids + encode_response(self.tokenizer, text)  # the sequence rule (data.encode_sequence)
+                truncated += len(ids) > self.cfg.max_length
+                examples.append(Example(((ids[:self.cfg.max_length], min(n, self.cfg.max_length - 1)),)))
+                owner.append((i, j))
+        return examples, owner, truncated
 
     @torch.no_grad()
     def __call__(self, prompts: list, responses: list[list[str]], meter=None, progress=None,
@@ -104,16 +117,8 @@ class Scorer:
         says True no more are scored, and a prompt with a response left unscored is None."""
         if self.model is None:
             self.model = load_model(self.reward_dir, "reward", device=self.device).eval()
-        cfg, device, tokenizer, model = self.cfg, self.device, self.tokenizer, self.model
-        examples, owner = [], []
-        for i, (p, texts) in enumerate(zip(prompts, responses)):
-            prompt_ids = encode_prompt(tokenizer, p, f"prompt {i}") if texts else []  # once per prompt
-            n = len(prompt_ids)
-            for j, text in enumerate(texts):
-                ids = prompt_ids + encode_response(tokenizer, text)  # the sequence rule (data.encode_sequence)
-                self.truncated += len(ids) > cfg.max_length
-                examples.append(Example(((ids[:cfg.max_length], min(n, cfg.max_length - 1)),)))
-                owner.append((i, j))
+        cfg, device, model = self.cfg, self.device, self.model
+        examples, owner, _ = self.encode(prompts, responses)
         scores = [[0.0] * len(texts) for texts in responses]
         own = progress is None
         bar = Progress(len(examples), "score", "sequences", log_every=cfg.log_every) if own else progress

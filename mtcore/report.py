@@ -20,6 +20,7 @@ events are flushed.
 
 import hashlib
 import math
+import time
 from pathlib import Path
 
 from mtcore.errors import MtcoreError
@@ -55,6 +56,17 @@ def _import(name: str):
     import wandb
 
     return wandb
+
+
+def _after_earlier_files(directory: Path) -> None:
+    """Wait, if need be, until a new event file in directory sorts after those there. TensorBoard reads
+    a directory's files in name order, and a name is events.out.tfevents.<second>.<host>.<pid>.<counter>:
+    a file opened in the same second as an earlier one may sort before it (pid and counter compare as
+    text), and the earlier file's purge_step would then drop the new file's steps. Only a rerun within
+    a second of the last (tests) waits, under a second."""
+    seconds = [int(part) for f in directory.glob("events.out.tfevents.*") if (part := f.name.split(".")[3]).isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
 
 
 def _scalars(row: dict, prefix: str) -> dict[str, float]:
@@ -123,6 +135,7 @@ class Reporter:
         """The prefix's SummaryWriter, opened at its first step in this process with that step as its
         purge_step: what an earlier process logged there from that step on is dropped by TensorBoard."""
         if prefix not in self.writers:
+            _after_earlier_files(self.directory / prefix)
             self.writers[prefix] = _import("tensorboard")(log_dir=str(self.directory / prefix), purge_step=step)
         return self.writers[prefix]
 

@@ -130,14 +130,15 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def rm_accuracy(cfg: LoopConfig, device, reward_dir: Path, pairs_file, meter=None) -> dict:
+def rm_accuracy(cfg: LoopConfig, device, reward_dir: Path, pairs_file, meter=None, score=None) -> dict:
     """RM accuracy on preference pairs the RewardBench way: every chosen and rejected
     response scored by Scorer (sharded under torchrun), ties counting half. Sequences over
-    cfg.max_length are cut to it (counted in "truncated")."""
+    cfg.max_length are cut to it (counted in "truncated"). score(scorer, prompts, responses): the
+    rewards (default: the scorer's, in one call; the loop's stage scores in saved shards)."""
     prompts, chosen, rejected, subsets = read_eval_pairs(pairs_file)
-    scorer = Scorer(cfg, device, Path(reward_dir))
-    scores = scorer(prompts, [[c, r] for c, r in zip(chosen, rejected)], meter)
+    scorer, pairs = Scorer(cfg, device, Path(reward_dir)), [[c, r] for c, r in zip(chosen, rejected)]
+    scores = score(scorer, prompts, pairs) if score else scorer(prompts, pairs, meter)
     result = summarize(subsets, [s[0] for s in scores], [s[1] for s in scores])
-    result["truncated"] = scorer.truncated
+    result["truncated"] = scorer.encode(prompts, pairs)[2]  # counted apart: saved shards were not encoded here
     result["reward"], result["pairs_file"] = str(reward_dir), str(pairs_file)
     return result

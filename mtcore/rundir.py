@@ -322,8 +322,11 @@ class Run:
         if set(changed) & SHARD_KEYS:
             for d in self.dir.glob("iter_*"):
                 shutil.rmtree(d, ignore_errors=True)
-        for f in self.dir.glob("initial*"):
-            f.unlink()
+        for f in self.dir.glob("initial*"):  # results, and the saved shards of one in progress
+            if f.is_dir():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
         self.state = {"done": [], "stopped_at": None, "failed": None}
         write_json(self.dir / "state.json", self.state)
 

@@ -11,6 +11,7 @@ gathered); rank 0 alone writes the run's files.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------
 
 def shard_dir(run: Run, t: int, stage: str) -> Path:
-    """Where a stage keeps its finished shards until it is done (loop.run_stage removes it then)."""
-    return run.iter_dir(t) / f"{stage}.shards"
+    """Where a stage keeps its finished shards until it is done (loop.run_stage removes it then); the
+    initial evaluations' (t = 0) beside their results, in the run's directory."""
+    return run.dir / f"initial_{stage}.shards" if t == 0 else run.iter_dir(t) / f"{stage}.shards"
 
 
 def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None, weight: int = 1) -> list:
@@ -72,7 +74,8 @@ def in_shards(run: Run, t: int, stage: str, part: str, n: int, fn, progress=None
 
 
 def stage_progress(run: Run, t: int, stage: str, total: int, unit: str = "prompts", item_tokens: int = 0) -> Progress:
-    return Progress(total, f"iteration {t} {stage}", unit, log_every=run.cfg.log_every, item_tokens=item_tokens)
+    return Progress(total, f"iteration {t} {stage}" if t else f"initial {stage}", unit, log_every=run.cfg.log_every,
+                    item_tokens=item_tokens)
 
 
 def _save_shard(run: Run, t: int, stage: str, part: str, directory: Path, finished: list[int], results: list,
@@ -84,7 +87,8 @@ def _save_shard(run: Run, t: int, stage: str, part: str, directory: Path, finish
                           json.dumps({"indices": finished, "results": [results[i] for i in finished]}))
     parallel.barrier()
     saved = sum(r is not None for r in results)
-    preempt.check(f"in iteration {t}'s {stage} stage, with {saved} of {n} items of {part} saved in {directory}")
+    where = f"iteration {t}" if t else "the initial evaluation"
+    preempt.check(f"in {where}'s {stage} stage, with {saved} of {n} items of {part} saved in {directory}")
 
 
 def _read_shards(directory: Path) -> dict:
@@ -371,7 +375,12 @@ def stage_eval(run: Run, t: int, meter) -> dict:
 
 def stage_rmeval(run: Run, t: int, meter) -> dict:
     """r_t's accuracy on the --rm-eval pairs, per subset and per RewardBench section (t = 0: the base RM)."""
-    return rmeval.rm_accuracy(run.cfg, run.device, run.reward(t), run.cfg.rm_eval, meter)
+    def in_saved_shards(scorer, prompts, pairs):  # a stop signal stops it at a micro-batch
+        # --rm-eval may change between runs: the shards of other pairs are in another part
+        digest = hashlib.sha256(json.dumps([prompts, pairs], ensure_ascii=False).encode()).hexdigest()[:16]
+        return _scores(run, t, "rmeval", f"rewards-{digest}", scorer, prompts, pairs, meter)
+
+    return rmeval.rm_accuracy(run.cfg, run.device, run.reward(t), run.cfg.rm_eval, meter, score=in_saved_shards)
 
 
 STAGES = {"sample": stage_sample, "score": stage_score, "pairs": stage_pairs, "dpo": stage_dpo,

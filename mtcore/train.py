@@ -389,23 +389,33 @@ def write_history(path, rows: list[dict]) -> None:
 
 @torch.no_grad()
 def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: int, padded: bool = False,
-                    desc: str = "reference log-probs", reference_ops: bool = False,
-                    log_every: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    desc: str = "reference log-probs", reference_ops: bool = False, log_every: float = 30.0,
+                    finished: torch.Tensor | None = None, should_stop=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One no-grad pass: (sums [n, k] fp32, counts [n, k]) of every example's sequences' response log-probs.
 
     With several ranks, each computes every world_size-th micro-batch (as many passes as the busiest
-    rank, for a sharded model's collectives) and the rows are summed over ranks (the others' are 0)."""
+    rank, for a sharded model's collectives) and the rows are summed over ranks (the others' are 0).
+    finished: bool [n], updated in place. On entry, the examples already computed: a micro-batch made
+    only of them is skipped (their rows are left 0), and the micro-batches are those of the whole
+    pass, so a resumed pass computes the same ones as an uninterrupted pass. On return, the examples
+    computed, which is all of them unless should_stop (a collective check, every rank the same answer:
+    preempt.requested) said stop before a micro-batch."""
     device = next(model.parameters()).device
     k = len(examples[0].seqs)
     sums = torch.zeros(len(examples), k)
     counts = torch.zeros(len(examples), k, dtype=torch.long)
+    finished = torch.zeros(len(examples), dtype=torch.bool) if finished is None else finished
+    computed = torch.zeros(len(examples), dtype=torch.long)
     was_training = model.training
     model.eval()
-    bins = pack([ex.n_tokens for ex in examples], micro_batch_tokens)
+    bins = [b for b in pack([ex.n_tokens for ex in examples], micro_batch_tokens) if not finished[b].all()]
     mine = bins[parallel.rank()::parallel.world_size()]
     n_passes = parallel.all_max(len(mine))
     with Progress(len(examples), desc, "examples", log_every=log_every) as bar:  # rank 0's share, times the ranks
+        bar.resume(int(finished.sum()))
         for p in range(n_passes):
+            if should_stop is not None and should_stop():
+                break
             index = mine[p] if p < len(mine) else bins[0]  # a repeat only keeps the ranks in step
             batch = make_batch(examples, index, padded=padded).to(device)
             with precision(device).autocast:
@@ -413,8 +423,10 @@ def reference_logps(model: Llama, examples: list[Example], micro_batch_tokens: i
             if p < len(mine):
                 sums[index] = s.view(-1, k).float().cpu()
                 counts[index] = c.view(-1, k).cpu()
+                computed[index] = 1
                 bar.update(len(index) * parallel.world_size(), tokens=batch.n_tokens * parallel.world_size())
     model.train(was_training)
+    finished |= parallel.all_reduce_(computed) > 0
     return parallel.all_reduce_(sums), parallel.all_reduce_(counts)
 
 
@@ -445,40 +457,84 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
     reference: the reference model, or a function that loads it (called only when the cache misses).
     A cache that cannot be written (a read-only or full disk) is a warning, not an error: training goes
-    on without it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
-    cached = None
-    if cache_file is not None and cache_file.exists():
-        try:
-            cached = load_file(str(cache_file))
-            if cached["sums"].shape[0] != len(examples):
-                cached = None
-        except Exception as e:  # a damaged cache is recomputed, never trusted
-            log.warning("%s: unreadable reference cache (%s); recomputing", cache_file, e)
-            cached = None
-    # every rank reads the cache or none does (reference_logps is collective; a cache directory may be
-    # per node, or missing on one)
-    if parallel.all_reduce_sum([float(cached is not None)])[0] == parallel.world_size():
+    on without it. The pass has a safe point before each micro-batch: a stop signal saves the examples
+    computed so far beside the cache (partial_cache), and the rerun computes only the rest."""
+    n = len(examples)
+    cached = _agreed(_read_tensors(cache_file, n))
+    if cached is not None:
         log.info("reference log-probs from %s", cache_file)
         return cached["sums"], cached["counts"]
+    partial = _agreed(_read_tensors(partial_cache(cache_file), n))
+    finished = partial["finished"].bool().clone() if partial is not None else torch.zeros(n, dtype=torch.bool)
+    if partial is not None:
+        log.info("%s: %d of %d examples' reference log-probs saved by an earlier run", partial_cache(cache_file),
+                 int(finished.sum()), n)
     model = reference if isinstance(reference, torch.nn.Module) else reference()
+    done = finished.clone()
     sums, counts = reference_logps(model, examples, micro_batch_tokens, reference_ops=reference_ops,
-                                   log_every=log_every)
+                                   log_every=log_every, finished=finished, should_stop=preempt.requested)
     del model
-    if cache_file is None or not parallel.is_main():
-        return sums, counts
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    if partial is not None:  # the rows saved earlier (0 in this pass's)
+        sums = torch.where(done[:, None], partial["sums"], sums)
+        counts = torch.where(done[:, None], partial["counts"], counts)
+    if not finished.all():  # stopped by a signal
+        path = partial_cache(cache_file)
+        saved = path is not None and _write_tensors(path, {"sums": sums, "counts": counts, "finished": finished})
+        parallel.barrier()
+        raise preempt.Preempted(f"in the reference log-probs, with {int(finished.sum())} of {n} examples "
+                                + (f"saved in {path}" if saved else "computed, none of them saved"))
+    if cache_file is not None and _write_tensors(cache_file, {"sums": sums, "counts": counts}) \
+            and parallel.is_main():
+        remove_quietly(partial_cache(cache_file))
+    return sums, counts
+
+
+def partial_cache(cache_file: Path | None) -> Path | None:
+    """Where a reference pass stopped by a signal keeps the examples it computed (beside cache_file)."""
+    return None if cache_file is None else cache_file.with_name(f"{cache_file.stem}.partial{cache_file.suffix}")
+
+
+def _read_tensors(path: Path | None, n: int) -> dict | None:
+    """A cache file's tensors, or None when absent, damaged (recomputed, never trusted) or of another
+    number of examples."""
+    from safetensors.torch import load_file
+
+    if path is None or not path.exists():
+        return None
     try:
-        save_file({"sums": sums.contiguous(), "counts": counts.contiguous()}, str(tmp))
+        tensors = load_file(str(path))
+        return tensors if tensors["sums"].shape[0] == n else None
+    except Exception as e:
+        log.warning("%s: unreadable reference cache (%s); recomputing", path, e)
+        return None
+
+
+def _agreed(tensors: dict | None) -> dict | None:
+    """tensors where every rank read them, else None on every rank (reference_logps is collective; a
+    cache directory may be per node, or missing on one)."""
+    every = parallel.all_reduce_sum([float(tensors is not None)])[0] == parallel.world_size()
+    return tensors if every else None
+
+
+def _write_tensors(path: Path, tensors: dict) -> bool:
+    """tensors saved to path atomically by rank 0 (the others: True). A file that cannot be written (a
+    read-only or full disk) is a warning: False."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    if not parallel.is_main():
+        return True
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.chmod(tmp, default_file_mode())  # safetensors writes 0600 whatever the umask
-        os.replace(tmp, cache_file)
+        os.replace(tmp, path)
+        return True
     except (OSError, SafetensorError) as e:  # safetensors wraps the disk's error in its own
         remove_quietly(tmp)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        log.warning("%s: cannot cache the reference log-probs (%s)", cache_file, reason)
-    return sums, counts
+        log.warning("%s: cannot cache the reference log-probs (%s)", path, reason)
+        return False
 
 
 def _load(path: Path, kind, device, chat_template):

@@ -192,6 +192,43 @@ def _resume_run(tmp, tag):
         (tmp / f"history_{tag}.json").write_text(json.dumps(history))
 
 
+def _stopped_reference_worker(tmp):
+    """The reference pass with a stop signal on rank 1 only, after its first micro-batch: every rank
+    stops before the same micro-batch (preempt.requested), and the rest, computed apart, completes the
+    pass exactly as the pass run whole."""
+    from mtcore import load_model, preempt
+    from mtcore.train import reference_logps
+    from test_train import random_pairs
+
+    pairs, model = random_pairs(13, seed=11), load_model(tmp / "policy", kind="policy", dtype=torch.float32)
+    whole = reference_logps(model, pairs, 48)
+    asked = []
+
+    def signalled_on_rank_1():
+        asked.append(1)
+        if parallel.rank() == 1 and len(asked) == 2:
+            preempt._received = "SIGTERM"
+        return preempt.requested()
+
+    finished = torch.zeros(len(pairs), dtype=torch.bool)
+    first = reference_logps(model, pairs, 48, finished=finished, should_stop=signalled_on_rank_1)
+    preempt._received = None
+    assert 0 < int(finished.sum()) < len(pairs)
+    assert parallel.all_gather_object(finished.tolist()) == [finished.tolist()] * WORLD
+    done = finished.clone()
+    rest = reference_logps(model, pairs, 48, finished=finished)
+    assert bool(finished.all())
+    for a, b, w in zip(first, rest, whole):
+        assert torch.equal(torch.where(done[:, None], a, b), w)
+        assert not torch.where(done[:, None], b, a).any()  # each pass left the other's rows 0
+
+
+@pytest.mark.slow
+def test_a_reference_pass_stopped_on_one_rank_stops_every_rank_and_its_rest_completes_it(tmp_path):
+    save_hf(make_hf_model("policy", seed=0), tmp_path / "policy")
+    spawn(_stopped_reference_worker, tmp_path)
+
+
 def test_resume_from_saved_state_one_process(tmp_path):
     save_hf(make_hf_model("reward", seed=1), tmp_path / "reward")
     _resume_run(tmp_path, "1")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import tiny_world
@@ -121,6 +122,90 @@ def test_sigterm_stops_at_a_safe_point_and_the_rerun_equals_an_uninterrupted_run
     assert result.exit_code == 0, result.output
     assert_same_run(uninterrupted, out)
     assert not list((out / "iter_1").glob("*.shards"))  # a done stage keeps its output, not its shards
+
+
+def stop_line(result) -> str:
+    assert result.exit_code == 143, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM") and last.endswith("rerun the same command to resume"), last
+    return last
+
+
+def test_sigterm_in_the_reference_pass_saves_what_it_computed_and_the_rerun_is_equal(world, uninterrupted, tmp_path,
+                                                                                    monkeypatch):
+    """DPO's reference log-probs stop at the next micro-batch (not at the pass's end): the examples done
+    are saved beside the cache, and the rerun computes only the rest."""
+    from mtcore import train
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        sigterm_on_call(patch, train, "response_logps", 1)  # the reference pass's first micro-batch
+        last = stop_line(CliRunner().invoke(main, train_args(world, out)))
+    partial = out / "iter_1" / "ref_logps.partial.safetensors"
+    assert "in the reference log-probs, with " in last and f"saved in {partial}" in last, last
+    done, n = (int(w) for w in last.split("with ")[1].split(" examples")[0].split(" of "))
+    assert 0 < done < n
+    assert not (out / "iter_1" / "ref_logps.safetensors").exists()
+    computed = []
+    real = train.response_logps
+
+    def counting(model, batch, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the reference pass (training's passes take gradients)
+            computed.append(len(batch.index))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(train, "response_logps", counting)
+    result = CliRunner().invoke(main, train_args(world, out), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert sum(computed) == n - done  # only the examples not saved
+    assert not partial.exists() and (out / "iter_1" / "ref_logps.safetensors").exists()
+    assert_same_run(uninterrupted, out)
+
+
+def test_sigterm_in_the_rm_eval_saves_its_shards_and_the_rerun_is_equal(world, tmp_path, monkeypatch):
+    """--rm-eval scores in saved shards like the scoring stage: a stop signal stops it at a micro-batch,
+    the initial evaluation's shards are kept beside its result, and the rerun's accuracies (and its
+    count of sequences cut to --max-length) equal an uninterrupted run's. --rm-eval is not part of a
+    run's identity: a rerun with other pairs does not take the shards of the first ones."""
+    from mtcore import inference
+
+    long = " ".join(["7"] * 80)  # over --max-length 64: cut, and counted in "truncated"
+    rows = [{"prompt": f"sort {i} 3 1", "chosen": f"1 3 {i}", "rejected": long if i == 5 else f"{i} 3 1",
+             "subset": "hep-go"} for i in range(8)]
+    pairs, swapped = tmp_path / "rm_eval.jsonl", tmp_path / "swapped.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows))
+
+    def run(out, pairs_file, stop=False, **extra):
+        with monkeypatch.context() as patch:
+            if stop:
+                sigterm_on_call(patch, inference.Scorer, "__call__", 1)  # the initial RM eval's first shard
+            result = CliRunner().invoke(main, train_args(world, out, rm_eval=pairs_file, **extra))
+        return stop_line(result) if stop else result.exit_code == 0 or pytest.fail(result.output)
+
+    def results(out, name):  # "reward" and "pairs_file": the run's own r_t, the file given
+        return without_timing(json.loads((out / name).read_text()), (*TIMING, "reward", "pairs_file"))
+
+    for pairs_file in (pairs, swapped):
+        run(tmp_path / pairs_file.stem, pairs_file)
+    for rerun_with in (pairs, swapped):
+        out = tmp_path / f"stopped_{rerun_with.stem}"
+        last = run(out, pairs, stop=True)
+        shards, = (out / "initial_rmeval.shards").iterdir()  # rewards-<the pairs' hash>
+        assert f"in the initial evaluation's rmeval stage, with 3 of 8 items of {shards.name} saved in {shards}" in last
+        assert len(list(shards.glob("*.json"))) == 1
+        run(out, rerun_with)
+        whole = tmp_path / rerun_with.stem
+        for name in ("initial_rmeval.json", "iter_1/rmeval.json"):
+            assert results(out, name) == results(whole, name) and results(out, name)["truncated"] == 1, name
+        assert not (out / "initial_rmeval.shards").exists() and not (out / "iter_0").exists()
+    assert results(tmp_path / "rm_eval", "initial_rmeval.json") != results(tmp_path / "swapped", "initial_rmeval.json")
+    # a key of the run's identity changed before any stage finished: the run starts over, shards and all
+    out = tmp_path / "changed"
+    run(out, pairs, stop=True)
+    run(out, pairs, beta=0.25)
+    assert results(out, "initial_rmeval.json") == results(tmp_path / "rm_eval", "initial_rmeval.json")
+    assert not (out / "initial_rmeval.shards").exists()
 
 
 class Killed(BaseException):

@@ -2,6 +2,7 @@
 stage's metrics JSONL has them, and wandb (WANDB_MODE=offline) writes its run with the same keys."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,18 @@ def test_train_resumed_and_extended_logs_no_step_twice(world, tmp_path, monkeypa
     for key, steps in logged.items():
         assert len(steps) == len(set(steps)), (key, sorted(steps))
     assert sorted(logged["iter_1/rm/step"]) == [r["step"] for r in rm]
+
+
+def test_a_new_event_file_sorts_after_the_earlier_ones(tmp_path):
+    """TensorBoard reads event files in name order, the name starting with the second it was opened: a
+    writer opened in the same second as an earlier file waits for the next second, or its file could
+    sort first ("...<pid>.10" before "...<pid>.9") and the earlier file's purge_step drop its steps."""
+    from mtcore.report import _after_earlier_files
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now:010d}.host.123.9").write_bytes(b"")
+    _after_earlier_files(tmp_path)
+    assert int(time.time()) > now
+    started = time.monotonic()
+    _after_earlier_files(tmp_path / "empty")  # nothing there (or only older files): no wait
+    assert time.monotonic() - started < 0.05
