@@ -1,7 +1,8 @@
 """Preemption: SIGTERM (a scheduler's, before its SIGKILL) or SIGUSR1 (Slurm's early warning, with
 `--signal=USR1@120`) asks a long command to stop at its next safe point, where everything done so far
-is saved: a saved shard of a sampling or scoring stage (`mtcore train`), or a training step followed by
-a save of the resumable state (`train`, `dpo`, `rm`, `sft`). The command then prints one line saying
+is saved: a saved shard of a sampling or scoring stage (`mtcore train`), a micro-batch of DPO's
+reference log-probs (those done kept beside their cache: `train`, `dpo`), or a training step followed
+by a save of the resumable state (`train`, `dpo`, `rm`, `sft`). The command then prints one line saying
 where it stopped, and exits 143 (128 + SIGTERM, as a process killed by it would). A second signal stops
 it at once (the signal's default action); the directory is resumable either way, since every file is
 written atomically. Rerunning the same command resumes.
@@ -9,8 +10,8 @@ written atomically. Rerunning the same command resumes.
 Under torchrun the launcher gets the signal and forwards it to every rank (with `--signals-to-handle`
 naming it: SIGUSR1 is not in torchrun's default list). Each rank only notes it (`stopping()`, local);
 the long loops (a sampler's decode steps, a scorer's micro-batches) look at that note and return what
-they finished, and the next safe point asks every rank (`requested()`, one all-reduce), so all stop
-there together. Rank 0 alone prints. A rank takes no second signal as "at once": Slurm's scancel signals
+they finished, and the next safe point asks every rank (`requested()`, one all-reduce: the reference
+pass asks before each micro-batch), so all stop there together. Rank 0 alone prints. A rank takes no second signal as "at once": Slurm's scancel signals
 every process of the job and torchrun forwards the same signal, so each rank gets it twice; torchrun
 SIGKILLs the ranks after its --shutdown-timeout (30 s by default) instead, and the safe point comes
 sooner (docs/scale-out.md#preemption gives the bound).
@@ -49,8 +50,8 @@ def _handle(signum, frame) -> None:
         return
     _received = signal.Signals(signum).name
     if os.environ.get("RANK", "0") == "0":  # torchrun signals every rank: one line, rank 0's
-        sys.stderr.write(f"{_received} received: stopping at the next safe point (a saved shard or training "
-                         f"step); send it again to stop at once\n")
+        sys.stderr.write(f"{_received} received: stopping at the next safe point (a saved shard, reference "
+                         f"micro-batch or training step); send it again to stop at once\n")
         sys.stderr.flush()
 
 

@@ -63,9 +63,11 @@ def _after_earlier_files(directory: Path) -> None:
     a directory's files in name order, and a name is events.out.tfevents.<second>.<host>.<pid>.<counter>:
     a file opened in the same second as an earlier one may sort before it (pid and counter compare as
     text), and the earlier file's purge_step would then drop the new file's steps. Only a rerun within
-    a second of the last (tests) waits, under a second."""
+    a second of the last (tests) waits, under a second; a file dated later than that (another host's
+    clock) is not waited for."""
     seconds = [int(part) for f in directory.glob("events.out.tfevents.*") if (part := f.name.split(".")[3]).isdigit()]
-    while seconds and int(time.time()) <= max(seconds):
+    latest = max(seconds, default=0)
+    while int(time.time()) == latest:
         time.sleep(0.05)
 
 

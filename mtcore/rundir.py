@@ -435,6 +435,9 @@ class Run:
         if key not in done:
             raise MtcoreError(f"--redo {key}: not a finished stage of {self.dir} (finished: {', '.join(done) or 'none'})")
         self.state["done"] = done[:done.index(key)]
+        for shards in self.dir.glob("iter_*/*.shards"):  # a stage in progress: its inputs may be redone
+            if not self.is_done(f"{shards.parent.name}/{shards.name.removesuffix('.shards')}"):
+                shutil.rmtree(shards, ignore_errors=True)
         stopped = self.state["stopped_at"]
         if stopped is not None and f"iter_{stopped}/select" not in self.state["done"]:
             self.state["stopped_at"] = None

@@ -453,21 +453,27 @@ def model_digest(src: Path, dtype: torch.dtype, device: torch.device) -> str:
 
 
 def cached_reference_logps(reference, examples: list[Example], cache_file: Path, micro_batch_tokens: int,
-                           reference_ops: bool = False, log_every: float = 30.0):
+                           reference_ops: bool = False, log_every: float = 30.0, key: str = "", where: str = ""):
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
     reference: the reference model, or a function that loads it (called only when the cache misses).
-    A cache that cannot be written (a read-only or full disk) is a warning, not an error: training goes
-    on without it. The pass has a safe point before each micro-batch: a stop signal saves the examples
-    computed so far beside the cache (partial_cache), and the rerun computes only the rest."""
-    n = len(examples)
-    cached = _agreed(_read_tensors(cache_file, n))
+    key: what decides the log-probs (examples_digest and model_digest), kept in the file's metadata; a
+    file of another key is not used. A cache that cannot be written (a read-only or full disk) is a
+    warning, not an error: training goes on without it. The pass has a safe point before each
+    micro-batch: a stop signal saves the examples computed so far beside the cache (partial_cache; only
+    a rerun with the same micro_batch_tokens, whose micro-batches are the same, takes them), and the
+    rerun computes the rest. where: the stop line's start ("in iteration 1's dpo stage")."""
+    n, partial_file = len(examples), partial_cache(cache_file)
+    partial_key = {"key": key, "micro_batch_tokens": str(micro_batch_tokens)}
+    cached = _agreed(_read_tensors(cache_file, n, {"key": key}))
     if cached is not None:
         log.info("reference log-probs from %s", cache_file)
+        if parallel.is_main() and partial_file is not None:  # another job finished the pass
+            remove_quietly(partial_file)
         return cached["sums"], cached["counts"]
-    partial = _agreed(_read_tensors(partial_cache(cache_file), n))
+    partial = _agreed(_read_tensors(partial_file, n, partial_key))
     finished = partial["finished"].bool().clone() if partial is not None else torch.zeros(n, dtype=torch.bool)
     if partial is not None:
-        log.info("%s: %d of %d examples' reference log-probs saved by an earlier run", partial_cache(cache_file),
+        log.info("%s: %d of %d examples' reference log-probs saved by an earlier run", partial_file,
                  int(finished.sum()), n)
     model = reference if isinstance(reference, torch.nn.Module) else reference()
     done = finished.clone()
@@ -477,15 +483,16 @@ def cached_reference_logps(reference, examples: list[Example], cache_file: Path,
     if partial is not None:  # the rows saved earlier (0 in this pass's)
         sums = torch.where(done[:, None], partial["sums"], sums)
         counts = torch.where(done[:, None], partial["counts"], counts)
-    if not finished.all():  # stopped by a signal
-        path = partial_cache(cache_file)
-        saved = path is not None and _write_tensors(path, {"sums": sums, "counts": counts, "finished": finished})
+    if not finished.all():  # stopped by a signal (finished is all-reduced: every rank takes this branch)
+        saved = partial_file is not None and _write_tensors(
+            partial_file, {"sums": sums, "counts": counts, "finished": finished}, partial_key)
         parallel.barrier()
-        raise preempt.Preempted(f"in the reference log-probs, with {int(finished.sum())} of {n} examples "
-                                + (f"saved in {path}" if saved else "computed, none of them saved"))
-    if cache_file is not None and _write_tensors(cache_file, {"sums": sums, "counts": counts}) \
+        raise preempt.Preempted(f"{where + ', ' if where else ''}in the reference log-probs, with "
+                                f"{int(finished.sum())} of {n} examples "
+                                + (f"saved in {partial_file}" if saved else "computed, none of them saved"))
+    if cache_file is not None and _write_tensors(cache_file, {"sums": sums, "counts": counts}, {"key": key}) \
             and parallel.is_main():
-        remove_quietly(partial_cache(cache_file))
+        remove_quietly(partial_file)
     return sums, counts
 
 
@@ -494,15 +501,18 @@ def partial_cache(cache_file: Path | None) -> Path | None:
     return None if cache_file is None else cache_file.with_name(f"{cache_file.stem}.partial{cache_file.suffix}")
 
 
-def _read_tensors(path: Path | None, n: int) -> dict | None:
-    """A cache file's tensors, or None when absent, damaged (recomputed, never trusted) or of another
-    number of examples."""
-    from safetensors.torch import load_file
+def _read_tensors(path: Path | None, n: int, metadata: dict[str, str]) -> dict | None:
+    """A cache file's tensors, or None when absent, damaged (recomputed, never trusted), of another
+    number of examples or of other metadata (another key: other examples or another reference)."""
+    from safetensors import safe_open
 
     if path is None or not path.exists():
         return None
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            if {k: (f.metadata() or {}).get(k) for k in metadata} != metadata:
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         return tensors if tensors["sums"].shape[0] == n else None
     except Exception as e:
         log.warning("%s: unreadable reference cache (%s); recomputing", path, e)
@@ -510,15 +520,22 @@ def _read_tensors(path: Path | None, n: int) -> dict | None:
 
 
 def _agreed(tensors: dict | None) -> dict | None:
-    """tensors where every rank read them, else None on every rank (reference_logps is collective; a
-    cache directory may be per node, or missing on one)."""
-    every = parallel.all_reduce_sum([float(tensors is not None)])[0] == parallel.world_size()
-    return tensors if every else None
+    """tensors where every rank read the same ones, else None on every rank (reference_logps is
+    collective, and the ranks must skip the same examples; a cache directory may be per node, missing
+    on one, or hold another run's file there)."""
+    digest = None
+    if tensors is not None:
+        h = hashlib.sha256()
+        for k in sorted(tensors):
+            h.update(k.encode() + tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        digest = h.hexdigest()
+    digests = parallel.all_gather_object(digest)
+    return tensors if digest is not None and digests == [digest] * len(digests) else None
 
 
-def _write_tensors(path: Path, tensors: dict) -> bool:
-    """tensors saved to path atomically by rank 0 (the others: True). A file that cannot be written (a
-    read-only or full disk) is a warning: False."""
+def _write_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> bool:
+    """tensors (and metadata) saved to path atomically by rank 0 (the others: True). A file that cannot
+    be written (a read-only or full disk) is a warning: False."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -526,7 +543,7 @@ def _write_tensors(path: Path, tensors: dict) -> bool:
         return True
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.chmod(tmp, default_file_mode())  # safetensors writes 0600 whatever the umask
         os.replace(tmp, path)
         return True
@@ -656,7 +673,7 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
     cache = caches / f"{key.hexdigest()[:32]}.safetensors" if caches else None
     ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens,
-                                                  cfg.reference_ops, cfg.log_every)
+                                                  cfg.reference_ops, cfg.log_every, key=key.hexdigest())
     objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                     length_normalize=length_normalize)
     summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),

@@ -341,8 +341,12 @@ def test_redo_marks_the_stage_and_every_later_one_not_done(world, tmp_path):
     done = json.loads((run / "state.json").read_text())["done"]
     cfg = resolve_config({}, {"policy": str(world / "policy"), "reward": str(world / "reward"),
                               "prompts": str(world / "prompts.jsonl"), **TINY_CFG})
+    for stage in ("rm", "score"):  # saved shards: of a stage in progress (rm), of one that stays done (score)
+        (run / "iter_1" / f"{stage}.shards" / "part").mkdir(parents=True)
     opened = Run(run, cfg, redo="iter_1/select")
     assert opened.state["done"] == done[:done.index("iter_1/select")]
+    assert not (run / "iter_1" / "rm.shards").exists()  # its inputs are redone
+    assert (run / "iter_1" / "score.shards" / "part").is_dir()
     assert json.loads((run / "state.json").read_text())["done"] == opened.state["done"]
     with pytest.raises(MtcoreError, match="--redo iter_1/rm: not a finished stage"):
         Run(run, cfg, redo="iter_1/rm")

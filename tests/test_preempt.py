@@ -142,7 +142,7 @@ def test_sigterm_in_the_reference_pass_saves_what_it_computed_and_the_rerun_is_e
         sigterm_on_call(patch, train, "response_logps", 1)  # the reference pass's first micro-batch
         last = stop_line(CliRunner().invoke(main, train_args(world, out)))
     partial = out / "iter_1" / "ref_logps.partial.safetensors"
-    assert "in the reference log-probs, with " in last and f"saved in {partial}" in last, last
+    assert "in iteration 1's dpo stage, in the reference log-probs, with " in last and f"saved in {partial}" in last
     done, n = (int(w) for w in last.split("with ")[1].split(" examples")[0].split(" of "))
     assert 0 < done < n
     assert not (out / "iter_1" / "ref_logps.safetensors").exists()
@@ -160,6 +160,53 @@ def test_sigterm_in_the_reference_pass_saves_what_it_computed_and_the_rerun_is_e
     assert sum(computed) == n - done  # only the examples not saved
     assert not partial.exists() and (out / "iter_1" / "ref_logps.safetensors").exists()
     assert_same_run(uninterrupted, out)
+
+
+def test_mtcore_dpo_keeps_a_stopped_reference_pass_for_the_same_micro_batches_only(world, tmp_path, monkeypatch):
+    """`mtcore dpo` stopped in its reference pass keeps the examples done beside its cache; a rerun with
+    another --micro-batch-tokens (other micro-batches) computes every example again, and one with the
+    same computes the rest, ending with the log-probs of an uninterrupted pass."""
+    from mtcore import train
+    from safetensors.torch import load_file
+
+    policy, _, _ = world
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"sort {i % 10} 3 1", "chosen": "1 3 " * (1 + i % 4),
+                                         "rejected": "3 1"}) + "\n" for i in range(24)))
+    computed = []
+    real = train.response_logps
+
+    def counting(model, batch, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the reference pass
+            computed.append(len(batch.index))
+        return real(model, batch, *args, **kwargs)
+
+    def dpo(out, cache, tokens, stop=False):
+        computed.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "response_logps", counting)
+            if stop:
+                sigterm_on_call(patch, train, "response_logps", 1)
+            result = CliRunner().invoke(main, ["dpo", "--policy", str(policy), "--pairs", str(pairs), "--out", str(out),
+                                               "--cache-dir", str(cache), "--micro-batch-tokens", str(tokens),
+                                               "--batch-size", "8", "--epochs", "1"])
+        return stop_line(result) if stop else result.exit_code == 0 or pytest.fail(result.output)
+
+    dpo(tmp_path / "whole", tmp_path / "cache_whole", 256)
+    want, = (tmp_path / "cache_whole" / "ref_logps").glob("*.safetensors")
+    for tokens, reused in ((256, True), (512, False)):
+        cache = tmp_path / f"cache_{tokens}"
+        last = dpo(tmp_path / f"out_{tokens}", cache, 256, stop=True)
+        partial, = (cache / "ref_logps").glob("*.partial.safetensors")
+        assert last.startswith("stopped by SIGTERM in the reference log-probs, with ") and str(partial) in last
+        done = int(last.split("with ")[1].split(" of ")[0])
+        assert 0 < done < 24 and sum(computed) == done
+        dpo(tmp_path / f"out_{tokens}", cache, tokens)
+        assert sum(computed) == (24 - done if reused else 24)
+        got, = (cache / "ref_logps").glob("*.safetensors")  # the partial is gone
+        assert got.name == want.name
+        if reused:  # the same bits as the uninterrupted pass
+            assert all(torch.equal(a, b) for a, b in zip(load_file(got).values(), load_file(want).values()))
 
 
 def test_sigterm_in_the_rm_eval_saves_its_shards_and_the_rerun_is_equal(world, tmp_path, monkeypatch):

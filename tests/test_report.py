@@ -236,6 +236,11 @@ def test_a_new_event_file_sorts_after_the_earlier_ones(tmp_path):
     (tmp_path / f"events.out.tfevents.{now:010d}.host.123.9").write_bytes(b"")
     _after_earlier_files(tmp_path)
     assert int(time.time()) > now
+    for f in tmp_path.iterdir():
+        f.unlink()
+    (tmp_path / f"events.out.tfevents.{now - 5:010d}.host.123.9").write_bytes(b"")
+    (tmp_path / f"events.out.tfevents.{now + 3600:010d}.other.45.1").write_bytes(b"")  # another host's clock
     started = time.monotonic()
-    _after_earlier_files(tmp_path / "empty")  # nothing there (or only older files): no wait
+    _after_earlier_files(tmp_path)  # only older files, and one dated later than the next second: no wait
+    _after_earlier_files(tmp_path / "none")
     assert time.monotonic() - started < 0.05

@@ -280,3 +280,28 @@ def test_weight_decay_groups_equal_the_trainers(tmp_path):
         assert groups[0.0] == set(name_of.values()) - want
         assert any("bias" in n for n in groups[0.0]) and any("norm" in n for n in groups[0.0])
         assert len(groups[0.1]) > 0 and not any("bias" in n or "norm" in n for n in groups[0.1])
+
+
+def test_a_reference_cache_of_another_key_is_computed_again(tmp_path, monkeypatch):
+    """The cache's key (the pairs' and the reference's digests) is in its metadata: the same key reads
+    it back without a pass, another key (a redone earlier stage: other pairs of the same count, or
+    another reference) computes the log-probs again and replaces it; a file without the key (an
+    earlier version's) too."""
+    from safetensors.torch import save_file
+
+    from mtcore import train
+
+    model = load_model(save_hf(make_hf_model("policy", seed=0), tmp_path / "p"), dtype=torch.float32)
+    pairs, cache = random_pairs(6, seed=3), tmp_path / "ref.safetensors"
+    want = reference_logps(model, pairs, 64)
+    passes = []
+    real = train.response_logps
+    monkeypatch.setattr(train, "response_logps", lambda *a, **k: passes.append(1) or real(*a, **k))
+    for key, computed in (("a", True), ("a", False), ("b", True), ("b", False)):
+        passes.clear()
+        got = train.cached_reference_logps(model, pairs, cache, 64, key=key)
+        assert bool(passes) == computed, key
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    save_file({"sums": torch.zeros_like(want[0]), "counts": want[1]}, str(cache))  # no key in its metadata
+    passes.clear()
+    assert torch.equal(train.cached_reference_logps(model, pairs, cache, 64, key="b")[0], want[0]) and passes
