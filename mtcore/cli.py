@@ -363,7 +363,7 @@ def _report(out, history):
 def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normalize, cache_dir, **kw):
     """DPO of a policy on preference pairs, with reference log-probs computed once (cached in --cache-dir)."""
     from mtcore.outputs import one_writer
-    from mtcore.train import run_dpo
+    from mtcore.commands import run_dpo
 
     cfg, reporter = _train_config(kw), _reporter(kw)
     with one_writer(kw["out"]):
@@ -388,7 +388,7 @@ def dpo(policy, pairs_file, ref, beta, loss_type, label_smoothing, length_normal
 def rm(reward, pairs_file, center_coef, **kw):
     """Bradley-Terry training of a reward model on preference pairs."""
     from mtcore.outputs import one_writer
-    from mtcore.train import run_rm
+    from mtcore.commands import run_rm
 
     cfg, reporter = _train_config(kw), _reporter(kw)
     with one_writer(kw["out"]):
@@ -409,7 +409,7 @@ def rm(reward, pairs_file, center_coef, **kw):
 def sft(policy, data_file, **kw):
     """Supervised fine-tuning: the mean NLL of the response tokens."""
     from mtcore.outputs import one_writer
-    from mtcore.train import run_sft
+    from mtcore.commands import run_sft
 
     cfg, reporter = _train_config(kw), _reporter(kw)
     with one_writer(kw["out"]):

@@ -185,7 +185,7 @@ def test_the_reference_cache_lives_in_mtcores_cache_directory(tmp_path, monkeypa
     """--cache-dir, else MTCORE_CACHE, else XDG_CACHE_HOME/mtcore, else ~/.cache/mtcore; a --cache-dir
     that cannot be made is an error, the default one a warning (no cache)."""
     from mtcore.errors import MtcoreError
-    from mtcore.train import cache_root, reference_cache_dir
+    from mtcore.commands import cache_root, reference_cache_dir
 
     assert reference_cache_dir(tmp_path / "mine") == tmp_path / "mine" / "ref_logps"
     assert (tmp_path / "mine" / "ref_logps").is_dir()

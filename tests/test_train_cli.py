@@ -63,15 +63,15 @@ def test_dpo_writes_a_loadable_model_metrics_and_a_reference_cache(world, tmp_pa
 def test_dpo_with_a_separate_reference_loads_it_only_when_the_cache_misses(world, tmp_path, monkeypatch):
     """--ref: another checkpoint (here the trained output of a first run) gives the reference log-probs,
     so the first step's loss is not ln 2; a rerun reads the cache and never loads the reference."""
-    from mtcore import train
+    from mtcore import commands
 
     policy, _, pairs = world
     common = ["dpo", "--policy", policy, "--pairs", pairs, "--batch-size", 4, "--micro-batch-tokens", 256,
               "--lr", 1e-3, "--beta", 0.5]
     assert invoke(*common, "--out", tmp_path / "ref").exit_code == 0
     loads = []
-    real_load = train.load_model
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    real_load = commands.load_model
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     runs = []
     for name in ("first", "again"):
         result = invoke(*common, "--ref", tmp_path / "ref", "--out", tmp_path / name)
