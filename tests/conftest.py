@@ -70,6 +70,17 @@ def reference_caches() -> list:
     return sorted((Path(os.environ["MTCORE_CACHE"]) / "ref_logps").glob("*.safetensors"))
 
 
+def output_bytes(f: Path) -> bytes:
+    """A run file's bytes, for comparing two runs. A reference log-prob cache's are its tensors': its
+    metadata's key holds the reference checkpoint's file times (train.model_digest), another in each run."""
+    if not f.name.startswith("ref_logps"):
+        return f.read_bytes()
+    from safetensors.torch import load_file
+
+    return b"".join(k.encode() + t.contiguous().view(torch.uint8).numpy().tobytes()
+                    for k, t in sorted(load_file(str(f)).items()))
+
+
 @pytest.fixture(autouse=True)
 def _not_under_torchrun(monkeypatch):
     for name in DISTRIBUTED_ENV:

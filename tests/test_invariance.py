@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import output_bytes
 from mtcore.config import LoopConfig
 from mtcore.data import Example, make_batch
 from mtcore.inference import Scorer
@@ -238,7 +239,7 @@ def run_files(run: Path) -> dict:
     for f in sorted(run.rglob("*")):
         if f.suffix == ".safetensors" or f.name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl",
                                                     "pseudo_pairs.jsonl"):
-            files[str(f.relative_to(run))] = f.read_bytes()
+            files[str(f.relative_to(run))] = output_bytes(f)
         elif f.name.endswith("_metrics.jsonl"):
             rows = f.read_text().splitlines()
             files[str(f.relative_to(run))] = [without_timing(json.loads(x), RUN_TIMING) for x in rows]

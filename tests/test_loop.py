@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_world
+from conftest import output_bytes, tiny_world
 from mtcore import MtcoreError, stages
 from mtcore.config import resolve_config
 from mtcore.loop import ending, train
@@ -444,7 +444,7 @@ def _outputs(run_dir: Path) -> dict:
     for f in sorted(run_dir.rglob("*")):
         rel = str(f.relative_to(run_dir))
         if f.suffix == ".safetensors" or f.name.endswith(".jsonl") and "metrics" not in f.name:
-            out[rel] = f.read_bytes()
+            out[rel] = output_bytes(f)
         elif f.name.endswith("metrics.jsonl"):
             out[rel] = [(r["loss"], r["grad_norm"]) for r in read_jsonl(f)]
     return out
