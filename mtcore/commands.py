@@ -193,26 +193,28 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
 def run_rm(reward, pairs_file, out, cfg: TrainConfig, center_coef=0.0, max_length=2048, chat_template=None,
            device=None, overwrite=False, reporter=None):
     """`mtcore rm`: Bradley-Terry training of a reward model on preference pairs, from `reward`."""
-    device = default_device(device)
-    path = resolve(reward)
-    out = check_out_dir(out, "rm", (path, pairs_file, chat_template), overwrite)
-    tokenizer, model = _load(path, "reward", device, chat_template)
-    examples, report = _read(read_pairs, pairs_file, tokenizer, max_length, cfg)
-    _check_disk(out, path, examples, cfg, "rm")
-    summary = {"command": "rm", "reward": str(path), "pairs": str(pairs_file), "data": report,
-               "center_coef": center_coef, "max_length": max_length}
-    return _train_and_commit(model, tokenizer, examples, BradleyTerry(center_coef), cfg, out, summary, reporter)
+    return _fit_command("rm", ("reward", reward), ("pairs", pairs_file), read_pairs, BradleyTerry(center_coef), out,
+                        cfg, max_length, chat_template, device, overwrite, reporter, center_coef=center_coef)
 
 
 def run_sft(policy, data_file, out, cfg: TrainConfig, max_length=2048, chat_template=None, device=None,
             overwrite=False, reporter=None):
     """`mtcore sft`: supervised fine-tuning on {"prompt", "response"} demonstrations."""
+    return _fit_command("sft", ("policy", policy), ("data_file", data_file), read_demonstrations, SFT(), out, cfg,
+                        max_length, chat_template, device, overwrite, reporter)
+
+
+def _fit_command(command, model_arg, data_arg, read_fn, objective, out, cfg: TrainConfig, max_length, chat_template,
+                 device, overwrite, reporter, **settings):
+    """`mtcore rm` and `sft`: OUT checked, the model (model_arg: its kind and where it is) and the data
+    (data_arg: summary.json's name for it, and the file) read, then trained and committed."""
+    (kind, src), (data_key, data_file) = model_arg, data_arg
     device = default_device(device)
-    path = resolve(policy)
-    out = check_out_dir(out, "sft", (path, data_file, chat_template), overwrite)
-    tokenizer, model = _load(path, "policy", device, chat_template)
-    examples, report = _read(read_demonstrations, data_file, tokenizer, max_length, cfg)
-    _check_disk(out, path, examples, cfg, "sft")
-    summary = {"command": "sft", "policy": str(path), "data_file": str(data_file), "data": report,
+    path = resolve(src)
+    out = check_out_dir(out, command, (path, data_file, chat_template), overwrite)
+    tokenizer, model = _load(path, kind, device, chat_template)
+    examples, report = _read(read_fn, data_file, tokenizer, max_length, cfg)
+    _check_disk(out, path, examples, cfg, command)
+    summary = {"command": command, kind: str(path), data_key: str(data_file), "data": report, **settings,
                "max_length": max_length}
-    return _train_and_commit(model, tokenizer, examples, SFT(), cfg, out, summary, reporter)
+    return _train_and_commit(model, tokenizer, examples, objective, cfg, out, summary, reporter)
