@@ -3,7 +3,6 @@
 output in), `score` and `eval`."""
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -22,8 +21,8 @@ from mtcore.files import write_json, write_text_atomic
 from mtcore.inference import first_answers, score_responses
 from mtcore.outputs import check_out_dir, commit_dir, open_partial, partial_dir, write_json_file
 from mtcore.rmeval import rm_accuracy
-from mtcore.train import (DPO, SFT, BradleyTerry, NonFiniteLoss, cached_reference_logps, check_training_disk,
-                          examples_digest, fit, model_digest, prepare_examples, write_history)
+from mtcore.train import (DPO, SFT, BradleyTerry, NonFiniteLoss, cached_reference_logps, check_training_disk, fit,
+                          prepare_examples, reference_key, write_history)
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +177,10 @@ def run_dpo(policy, pairs_file, out, cfg: TrainConfig, ref=None, beta=0.01, loss
     ref_path = ref_path or path
     reference = model if ref is None else functools.partial(load_model, ref_path, kind="policy", dtype=torch.float32,
                                                             device=device)  # loaded only if the cache misses
-    key = hashlib.sha256((examples_digest(examples) + model_digest(ref_path, torch.float32, device)).encode())
-    cache = caches / f"{key.hexdigest()[:32]}.safetensors" if caches else None
+    key = reference_key(examples, ref_path, device)
+    cache = caches / f"{key[:32]}.safetensors" if caches else None
     ref_sums, ref_counts = cached_reference_logps(reference, examples, cache, cfg.micro_batch_tokens,
-                                                  cfg.reference_ops, cfg.log_every, key=key.hexdigest())
+                                                  cfg.reference_ops, cfg.log_every, key=key)
     objective = DPO(ref_sums, ref_counts, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                     length_normalize=length_normalize)
     summary = {"command": "dpo", "policy": str(path), "ref": str(ref_path), "pairs": str(pairs_file),

@@ -29,8 +29,7 @@ from mtcore.inference import Sampler, Scorer
 from mtcore.progress import Progress
 from mtcore.rundir import Run
 from mtcore.train import DPO, BradleyTerry, NonFiniteLoss, TrainConfig, cached_reference_logps, fit
-from mtcore.train import check_training_disk, examples_digest, forward_flops, global_batches, model_digest
-from mtcore.train import prepare_examples
+from mtcore.train import check_training_disk, forward_flops, global_batches, prepare_examples, reference_key
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +213,10 @@ def stage_dpo(run: Run, t: int, meter) -> dict:
     check_training_disk(out, policy_dir, examples, train_cfg, n_candidates, f"iteration {t}'s dpo stage "
                         f"({n_candidates} candidates and the resumable state)", _state_saved(out / "dpo_state"))
     model = load_model(policy_dir, "policy", dtype=torch.float32, device=run.device)
-    # the pairs and pi_{t-1} as they are now (a redone sample or dpo stage gives others)
-    key = hashlib.sha256((examples_digest(examples) + model_digest(policy_dir, torch.float32, run.device)).encode())
-    ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors", cfg.micro_batch_tokens,
-                                                  log_every=cfg.log_every, key=key.hexdigest(), where=f"in iteration {t}'s dpo stage")
+    key = reference_key(examples, policy_dir, run.device)  # the pairs and pi_{t-1} now (a redone stage: others)
+    ref_sums, ref_counts = cached_reference_logps(model, examples, out / "ref_logps.safetensors",
+                                                  cfg.micro_batch_tokens, log_every=cfg.log_every, key=key,
+                                                  where=f"in iteration {t}'s dpo stage")
     candidates = out / "candidates"
     dtype = stored_dtype(run.base_policy)  # candidates as the base policy is kept (bf16 for Llama-3-8B)
 

@@ -449,11 +449,18 @@ def model_digest(src: Path, dtype: torch.dtype, device: torch.device) -> str:
     return h.hexdigest()
 
 
+def reference_key(examples: list[Example], reference_dir: Path, device: torch.device) -> str:
+    """A reference pass's key: its examples' token ids and the reference checkpoint, loaded in fp32
+    (examples_digest, model_digest)."""
+    return hashlib.sha256((examples_digest(examples) + model_digest(reference_dir, torch.float32, device)).encode()
+                          ).hexdigest()
+
+
 def cached_reference_logps(reference, examples: list[Example], cache_file: Path, micro_batch_tokens: int,
                            reference_ops: bool = False, log_every: float = 30.0, key: str = "", where: str = ""):
     """reference_logps, read from cache_file when present, else computed and written there (atomically).
     reference: the reference model, or a function that loads it (called only when the cache misses).
-    key: what decides the log-probs (examples_digest and model_digest), kept in the file's metadata; a
+    key: what decides the log-probs (reference_key), kept in the file's metadata; a
     file of another key is not used. A cache that cannot be written (a read-only or full disk) is a
     warning, not an error: training goes on without it. The pass has a safe point before each
     micro-batch: a stop signal saves the examples computed so far beside the cache (partial_cache; only
